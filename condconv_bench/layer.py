@@ -1,0 +1,127 @@
+"""The implementation contract: one parameter layout and one routing function for every strategy.
+
+`CondConvBase` owns the parameters in the canonical layout (expert weights `(E, *expert_shape)`,
+optional expert bias `(E, C_out)`, routing `Linear(C_in, E)`), so one `state_dict` loads into
+every implementation and outputs are comparable by construction. Subclasses implement only
+`conditional_forward`, the part in which the strategies differ.
+"""
+
+from __future__ import annotations
+
+import math
+from abc import ABC, abstractmethod
+from typing import ClassVar
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from condconv_bench.flops import AnalyticMacs, conv_macs, mixing_macs, routing_macs
+from condconv_bench.spec import LayerSpec, Pair
+
+
+def initial_parameters(spec: LayerSpec, generator: torch.Generator | None = None) -> dict[str, torch.Tensor]:
+    """A state dict in the canonical layout, drawn from `generator` (the global RNG if None).
+
+    Each expert is initialised like a standalone `nn.Conv2d`/`nn.Linear` (uniform ±1/√fan_in,
+    which is PyTorch's kaiming_uniform with a=√5), as timm does. Initialising the 5-D tensor at
+    once computes fan-in over experts and output channels and starts every expert far too small
+    (FIELD_NOTES §1). The runner draws one state per layer from a seeded generator and loads it
+    into every implementation, so their outputs are comparable.
+    """
+
+    def uniform(shape: tuple[int, ...], fan_in: int) -> torch.Tensor:
+        return (torch.rand(shape, generator=generator) * 2 - 1) / math.sqrt(fan_in)
+
+    fan_in = spec.kernel_numel // spec.out_channels
+    state = {"weight": uniform((spec.num_experts, *spec.expert_shape), fan_in)}
+    if spec.bias:
+        state["bias"] = uniform((spec.num_experts, spec.out_channels), fan_in)
+    state["routing.weight"] = uniform((spec.num_experts, spec.in_channels), spec.in_channels)
+    state["routing.bias"] = uniform((spec.num_experts,), spec.in_channels)
+    return state
+
+
+class CondConvBase(nn.Module, ABC):
+    """Shared parameters and routing; subclasses decide how the conditional op is computed."""
+
+    key: ClassVar[str] = ""  # set by the registry
+    is_baseline: ClassVar[bool] = False  # a floor to compare against, not a CondConv (no equivalence)
+    materialises_kernels: ClassVar[bool] = True  # builds B per-sample kernels (memory B·P)
+
+    def __init__(self, spec: LayerSpec) -> None:
+        super().__init__()
+        self.spec = spec
+        self.temperature = float(spec.temperature)  # mutable: DynamicConv anneals it during training
+        self.weight = nn.Parameter(torch.empty(spec.num_experts, *spec.expert_shape))
+        self.bias = nn.Parameter(torch.empty(spec.num_experts, spec.out_channels)) if spec.bias else None
+        self.routing = nn.Linear(spec.in_channels, spec.num_experts)
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        with torch.no_grad():
+            for name, value in initial_parameters(self.spec).items():
+                self.get_parameter(name).copy_(value)
+
+    @classmethod
+    def description(cls) -> str:
+        """One line for `condconv-bench list`: the first line of the class docstring."""
+        return (cls.__doc__ or cls.__name__).strip().splitlines()[0]
+
+    @classmethod
+    def unavailable_reason(cls) -> str | None:
+        """Why this implementation cannot run on this machine at all (e.g. no compiler), or None."""
+        return None
+
+    @classmethod
+    def unsupported_reason(cls, spec: LayerSpec, device: torch.device, dtype: torch.dtype) -> str | None:
+        """Why this implementation cannot run this layer on this device and dtype, or None."""
+        return None
+
+    @classmethod
+    def analytic_macs(cls, spec: LayerSpec, batch_size: int, input_size: Pair) -> AnalyticMacs:
+        """This strategy's cost model: route, mix B kernels, run one conv's worth of MACs."""
+        return AnalyticMacs(routing_macs(spec, batch_size), mixing_macs(spec, batch_size), conv_macs(spec, batch_size, input_size))
+
+    def eager_module(self) -> CondConvBase:
+        """The module the FLOP counters trace; a compiled implementation returns its eager source."""
+        return self
+
+    def compute_routing(self, x: torch.Tensor) -> torch.Tensor:
+        """Per-example expert weights `(B, E)` from the globally pooled input."""
+        pooled = x.mean(dim=(2, 3)) if self.spec.kind == "conv2d" else x
+        logits = self.routing(pooled)
+        if self.spec.routing == "softmax":
+            return torch.softmax(logits / self.temperature, dim=1)
+        return torch.sigmoid(logits)
+
+    def forward(self, x: torch.Tensor, routing_weights: torch.Tensor | None = None) -> torch.Tensor:
+        """Apply the layer; `routing_weights` `(B, E)` is accepted from outside when a block shares it."""
+        if routing_weights is None:
+            routing_weights = self.compute_routing(x)
+        return self.conditional_forward(x, routing_weights)
+
+    @abstractmethod
+    def conditional_forward(self, x: torch.Tensor, routing_weights: torch.Tensor) -> torch.Tensor:
+        """The layer's output given routing weights `(B, E)`: where the strategies differ."""
+
+    def prepare(self, x: torch.Tensor) -> None:
+        """Work done once per input shape before timing (compilation); the runner times it apart."""
+
+    def mixed_kernels(self, routing_weights: torch.Tensor) -> torch.Tensor:
+        """Per-example kernels `(B, *expert_shape)` as one `(B, E) @ (E, P)` product."""
+        flat = routing_weights @ self.weight.reshape(self.spec.num_experts, -1)
+        return flat.view(-1, *self.spec.expert_shape)
+
+    def mixed_bias(self, routing_weights: torch.Tensor) -> torch.Tensor | None:
+        """Per-example bias `(B, C_out)`, mixed like the kernels (the TF original's convention)."""
+        return None if self.bias is None else routing_weights @ self.bias
+
+    def static_op(self, x: torch.Tensor, kernel: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+        """The layer's plain op with one kernel: `F.conv2d` or `F.linear` as the spec says."""
+        if self.spec.kind == "linear":
+            return F.linear(x, kernel, bias)
+        return F.conv2d(x, kernel, bias, **self.spec.conv_kwargs())
+
+    def extra_repr(self) -> str:
+        return self.spec.describe() + f", routing={self.spec.routing}, bias={self.spec.bias}"

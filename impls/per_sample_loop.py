@@ -1,0 +1,31 @@
+"""Per-sample loop: mix one example's kernel, run one ordinary conv, repeat for every example.
+
+Source: the TF original (`condconv_layers.py`, a graph-time loop over the batch) and
+nibuiro/CondConv-pytorch. Only one mixed kernel exists at a time (memory P, not B·P), and each
+conv is the library's regular fast path. Cost: B kernel mixes and B conv launches, so it loses
+where launches dominate (small layers, large batches on GPU).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from condconv_bench.layer import CondConvBase
+from condconv_bench.registry import register_impl
+
+
+@register_impl("per_sample_loop")
+class PerSampleLoop(CondConvBase):
+    """Loop over the batch: mix one example's kernel, run one conv (TF original)."""
+
+    materialises_kernels = False
+
+    def conditional_forward(self, x: torch.Tensor, routing_weights: torch.Tensor) -> torch.Tensor:
+        experts = self.weight.reshape(self.spec.num_experts, -1)
+        outputs = []
+        for index in range(x.shape[0]):
+            alpha = routing_weights[index : index + 1]
+            kernel = (alpha @ experts).view(self.spec.expert_shape)
+            bias = None if self.bias is None else (alpha @ self.bias).view(-1)
+            outputs.append(self.static_op(x[index : index + 1], kernel, bias))
+        return torch.cat(outputs)

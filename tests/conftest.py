@@ -1,0 +1,61 @@
+"""Shared fixtures: small layer scenarios that cover the shapes CondConv meets in real networks."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import pytest
+import torch
+
+from condconv_bench import LayerSpec
+
+
+@dataclass(frozen=True)
+class Scenario:
+    """A layer, an input and the options that change how an implementation must handle it."""
+
+    name: str
+    spec: LayerSpec
+    input_size: tuple[int, int] = (1, 1)
+    batch_size: int = 2
+    routing_given: bool = False
+    channels_last: bool = False
+
+    def inputs(self, dtype: torch.dtype = torch.float32, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor | None]:
+        generator = torch.Generator().manual_seed(seed)
+        x = torch.randn(self.spec.input_shape(self.batch_size, self.input_size), generator=generator)
+        if self.channels_last:
+            x = x.to(memory_format=torch.channels_last)
+        routing = None
+        if self.routing_given:
+            routing = torch.rand(self.batch_size, self.spec.num_experts, generator=generator) + 0.05
+        return x.to(dtype), None if routing is None else routing.to(dtype)
+
+
+def conv(cin: int, cout: int, **kwargs) -> LayerSpec:
+    kwargs.setdefault("num_experts", 4)
+    return LayerSpec("conv2d", cin, cout, **kwargs)
+
+
+SCENARIOS = [
+    Scenario("pointwise", conv(8, 16), (7, 7), batch_size=3),
+    Scenario("pointwise_b1", conv(8, 16, bias=True), (7, 7), batch_size=1),
+    Scenario("pointwise_stride2", conv(8, 8, stride=2), (9, 9)),
+    Scenario("k3_bias_odd", conv(8, 12, kernel_size=3, padding=1, bias=True), (9, 7), batch_size=3),
+    Scenario("k3_routing_given", conv(8, 12, kernel_size=3, padding=1), (6, 6), routing_given=True),
+    Scenario("dw5_stride2", conv(12, 12, kernel_size=5, stride=2, padding=2, groups=12), (11, 11)),
+    Scenario("dw5_stride2_b1_bias", conv(12, 12, kernel_size=5, stride=2, padding=2, groups=12, bias=True), (11, 11), batch_size=1),
+    Scenario("dilated", conv(6, 8, kernel_size=3, padding=2, dilation=2), (10, 10)),
+    Scenario("grouped", conv(8, 12, kernel_size=3, padding=1, groups=4), (6, 5), batch_size=3),
+    Scenario("softmax_routing", conv(8, 8, kernel_size=3, padding=1, routing="softmax", temperature=30.0), (5, 5)),
+    Scenario("channels_last", conv(8, 16, kernel_size=3, padding=1, bias=True), (6, 6), channels_last=True),
+    Scenario("channels_last_pointwise", conv(8, 16), (6, 6), batch_size=3, channels_last=True),
+    Scenario("linear", LayerSpec("linear", 32, 10, num_experts=4, bias=True), batch_size=3),
+    Scenario("linear_b1_softmax", LayerSpec("linear", 32, 10, num_experts=8, routing="softmax"), batch_size=1),
+    Scenario("linear_routing_given", LayerSpec("linear", 16, 24, num_experts=4), routing_given=True),
+]
+
+
+@pytest.fixture(params=SCENARIOS, ids=lambda s: s.name)
+def scenario(request) -> Scenario:
+    return request.param

@@ -1,0 +1,62 @@
+"""Test-only implementations, named as `fake_impls:Class` (the registry's module:Class form).
+
+Each plants one defect that a probe or the gate must catch; none is shipped or registered.
+"""
+
+from __future__ import annotations
+
+import time
+
+import torch
+
+from condconv_bench.impls.grouped_conv import GroupedConv
+
+HUNDRED_MB = 100 * 2**20
+
+
+class AllocatesHundredMB(GroupedConv):
+    """grouped_conv plus a 100 MiB temporary that is written and freed inside forward."""
+
+    def conditional_forward(self, x: torch.Tensor, routing_weights: torch.Tensor) -> torch.Tensor:
+        scratch = torch.ones(HUNDRED_MB, dtype=torch.uint8, device=x.device)
+        out = super().conditional_forward(x, routing_weights)
+        del scratch
+        return out
+
+
+class SlowerByHalf(GroupedConv):
+    """grouped_conv, then a busy wait of half its own duration: a planted 1.5× slowdown."""
+
+    def conditional_forward(self, x: torch.Tensor, routing_weights: torch.Tensor) -> torch.Tensor:
+        start = time.perf_counter()
+        out = super().conditional_forward(x, routing_weights)
+        deadline = time.perf_counter() + 0.5 * (time.perf_counter() - start)
+        while time.perf_counter() < deadline:
+            pass
+        return out
+
+
+class ExtraMatmul(GroupedConv):
+    """grouped_conv plus a redundant mixing product: a planted FLOP increase, same output."""
+
+    def conditional_forward(self, x: torch.Tensor, routing_weights: torch.Tensor) -> torch.Tensor:
+        self.mixed_kernels(routing_weights)
+        return super().conditional_forward(x, routing_weights)
+
+
+class WrongExpertOrder(GroupedConv):
+    """grouped_conv with the experts reversed: a planted numerical error."""
+
+    def mixed_kernels(self, routing_weights: torch.Tensor) -> torch.Tensor:
+        return super().mixed_kernels(routing_weights.flip(1))
+
+
+class Crashes(GroupedConv):
+    """Raises on every call: a case that newly errors."""
+
+    def conditional_forward(self, x: torch.Tensor, routing_weights: torch.Tensor) -> torch.Tensor:
+        raise RuntimeError("planted failure")
+
+
+class NotAnImplementation:
+    """Not a CondConvBase subclass: the registry must refuse it."""

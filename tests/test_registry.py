@@ -1,0 +1,80 @@
+from __future__ import annotations
+
+import importlib.metadata
+
+import pytest
+
+from condconv_bench import LayerSpec, create_impl, get_impl, list_impls, register_impl
+from condconv_bench import registry
+from condconv_bench.errors import DuplicateImplError, UnknownImplError
+from condconv_bench.impls.grouped_conv import GroupedConv
+
+BUILTINS = {"per_sample_loop", "grouped_conv", "batched_matmul", "naive_moe", "compiled", "static"}
+
+
+@pytest.fixture
+def isolated_registry(monkeypatch):
+    """Let a test register keys without leaking them into other tests."""
+    registry._load_sources()
+    monkeypatch.setattr(registry, "_registry", dict(registry._registry))
+
+
+def test_builtins_are_listed_with_descriptions() -> None:
+    infos = {info.key: info for info in list_impls()}
+    assert BUILTINS <= set(infos)
+    assert all(info.description and "\n" not in info.description for info in infos.values())
+    assert infos["static"].is_baseline
+    assert "static" not in {info.key for info in list_impls(include_baselines=False)}
+
+
+def test_unknown_key_suggests_the_closest() -> None:
+    with pytest.raises(UnknownImplError, match="did you mean 'grouped_conv'"):
+        get_impl("grouped_cnv")
+
+
+def test_duplicate_key_is_an_error(isolated_registry) -> None:
+    with pytest.raises(DuplicateImplError, match="'grouped_conv' registered twice"):
+
+        @register_impl("grouped_conv")
+        class Impostor(GroupedConv):
+            """Claims a taken key."""
+
+
+def test_module_class_names_resolve() -> None:
+    cls = get_impl("fake_impls:WrongExpertOrder")
+    assert cls.__name__ == "WrongExpertOrder"
+    module = create_impl("fake_impls:WrongExpertOrder", LayerSpec("conv2d", 4, 4))
+    assert isinstance(module, GroupedConv)
+
+
+@pytest.mark.parametrize(
+    ("name", "fragment"),
+    [
+        ("no_such_module_xyz:Impl", "cannot import module"),
+        ("fake_impls:Missing", "is not a CondConvBase subclass"),
+        ("fake_impls:NotAnImplementation", "is not a CondConvBase subclass"),
+    ],
+)
+def test_bad_module_class_names(name: str, fragment: str) -> None:
+    with pytest.raises(UnknownImplError, match=fragment):
+        get_impl(name)
+
+
+def _entry_points(*points: importlib.metadata.EntryPoint):
+    return lambda group: [p for p in points if p.group == group]
+
+
+def test_entry_point_registers_third_party_impl(monkeypatch, isolated_registry) -> None:
+    point = importlib.metadata.EntryPoint("plugin_loop", "fake_impls:SlowerByHalf", registry.ENTRY_POINT_GROUP)
+    monkeypatch.setattr(registry.importlib.metadata, "entry_points", _entry_points(point))
+    monkeypatch.setattr(registry, "_loaded", False)
+    assert get_impl("plugin_loop").__name__ == "SlowerByHalf"
+    assert "plugin_loop" in {info.key for info in list_impls()}
+
+
+def test_entry_point_cannot_override_a_builtin(monkeypatch, isolated_registry) -> None:
+    point = importlib.metadata.EntryPoint("static", "fake_impls:SlowerByHalf", registry.ENTRY_POINT_GROUP)
+    monkeypatch.setattr(registry.importlib.metadata, "entry_points", _entry_points(point))
+    monkeypatch.setattr(registry, "_loaded", False)
+    with pytest.raises(DuplicateImplError, match="'static' registered twice"):
+        list_impls()
