@@ -1,0 +1,181 @@
+"""The `condconv-bench` command: a thin click shell over the library.
+
+Every command parses options, calls one library function and renders what it returns. Errors of
+the `CondConvBenchError` family become `error: …` lines on stderr and the error's exit code
+(0 ok, 1 equivalence failure or regression, 2 bad input), never a traceback.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+from typing import Any
+
+import click
+import pandas as pd
+
+from condconv_bench.errors import EXIT_FAILURE, CondConvBenchError
+from condconv_bench.registry import list_impls
+from condconv_bench.report import tables
+from condconv_bench.results import merge_runs
+from condconv_bench.runner import CaseFilter, Shard, run_suite
+from condconv_bench.suite import Case, load_suite, shipped_suites
+
+
+class _Group(click.Group):
+    def invoke(self, ctx: click.Context) -> Any:
+        try:
+            return super().invoke(ctx)
+        except CondConvBenchError as exc:
+            for line in str(exc).splitlines():
+                click.echo(f"error: {line}", err=True)
+            ctx.exit(exc.exit_code)
+
+
+def format_seconds(seconds: float) -> str:
+    if pd.isna(seconds):
+        return "-"
+    for unit, scale in (("s", 1.0), ("ms", 1e-3), ("µs", 1e-6)):
+        if seconds >= scale:
+            return f"{seconds / scale:.3g} {unit}"
+    return f"{seconds / 1e-9:.3g} ns"
+
+
+def format_ratio(ratio: float) -> str:
+    return "-" if pd.isna(ratio) else f"{ratio:.2f}×"
+
+
+class _ProgressBar:
+    """Runner listener that draws `n/N`, the current case and an ETA on stderr."""
+
+    def __init__(self, label: str) -> None:
+        self.label = label
+        self.bar: Any = None
+
+    def _ensure(self, total: int) -> Any:
+        if self.bar is None:
+            self.bar = click.progressbar(
+                length=total, label=self.label, show_pos=True, show_eta=True, file=sys.stderr,
+                item_show_func=lambda case: case.id if case else None,
+            )
+            self.bar.__enter__()
+        return self.bar
+
+    def case_started(self, index: int, total: int, case: Case) -> None:
+        bar = self._ensure(total)
+        bar.update(index - 1 - bar.pos, case)
+
+    def case_finished(self, index: int, total: int, case: Case, row: dict[str, Any]) -> None:
+        bar = self._ensure(total)
+        bar.update(index - bar.pos, case)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.__exit__(None, None, None)
+
+
+def summary_table(frame: pd.DataFrame) -> str:
+    """Per layer and batch size: the fastest implementation and its ratios, as plain text."""
+    best = tables.headline(frame)
+    if best.empty:
+        return "no implementation produced a verified latency"
+    context = tables.varying(best, ["device", "dtype", "mode", "threads", "memory_format"])
+    shown = pd.DataFrame(
+        {
+            "layer": best["layer"],
+            **{column: best[column] for column in context},
+            "batch": best["batch_size"],
+            "fastest": best["fastest"],
+            "latency": best["latency_median_s"].map(format_seconds),
+            "vs static": best["vs_static"].map(format_ratio),
+            "vs grouped_conv": best["vs_grouped_conv"].map(format_ratio),
+        }
+    )
+    return shown.to_string(index=False)
+
+
+@click.group(cls=_Group, context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(package_name="condconv-bench")
+def main() -> None:
+    """Benchmark, verify and compare CondConv implementations.
+
+    Exit codes: 0 ok; 1 an equivalence failure, a regression, or (run --strict) an error row;
+    2 bad input (malformed suite or results, unknown implementation, unavailable device).
+    """
+
+
+@main.command()
+@click.argument("suite")
+@click.option("-o", "--output", type=click.Path(file_okay=False, path_type=Path), help="Run directory [default: reports/<suite>-<timestamp>].")
+@click.option("--resume", is_flag=True, help="Continue the run in --output, skipping finished cases.")
+@click.option("--shard", help="Run only slice i of N (e.g. 2/4); merge shards with `merge`.")
+@click.option("--impl", "impls", multiple=True, help="Only this implementation (repeatable).")
+@click.option("--device", "devices", multiple=True, help="Only this device (repeatable).")
+@click.option("--batch-size", "batch_sizes", multiple=True, type=int, help="Only this batch size (repeatable).")
+@click.option("--layer", "layers", multiple=True, help="Only this layer (repeatable).")
+@click.option("--strict", is_flag=True, help="Exit 1 if any case ended in an error.")
+@click.option("-q", "--quiet", is_flag=True, help="No progress bar (for CI logs).")
+def run(suite: str, output: Path | None, resume: bool, shard: str | None, impls: tuple[str, ...],
+        devices: tuple[str, ...], batch_sizes: tuple[int, ...], layers: tuple[str, ...], strict: bool, quiet: bool) -> None:
+    """Run SUITE (a YAML file, or the name of a shipped suite) and write a run directory."""
+    if resume and output is None:
+        raise CondConvBenchError("--resume needs -o/--output: the run directory to continue")
+    loaded = load_suite(suite)
+    progress = None if quiet else _ProgressBar(loaded.name)
+    try:
+        outcome = run_suite(
+            loaded, output, resume=resume, shard=Shard.parse(shard) if shard else None,
+            case_filter=CaseFilter(impls, devices, batch_sizes, layers), listener=progress,
+        )
+    finally:
+        if progress is not None:
+            progress.close()
+    counts = outcome.counts
+    frame = outcome.run.results()
+    click.echo(summary_table(frame))
+    click.echo(
+        f"\n{outcome.total} cases: {counts['ok']} ok, {counts['skipped']} skipped, {counts['error']} errors"
+        + (f", {outcome.already_done} already done" if outcome.already_done else "")
+        + f"; results in {outcome.run.path}"
+    )
+    for _, row in frame[frame["status"] == "error"].iterrows():
+        click.echo(f"error row: {row['case_id']}: {row['reason']}", err=True)
+    for case_id in outcome.equivalence_failures:
+        click.echo(f"equivalence failure: {case_id}", err=True)
+    if outcome.equivalence_failures or (strict and counts["error"]):
+        sys.exit(EXIT_FAILURE)
+
+
+@main.command()
+@click.argument("suite")
+def validate(suite: str) -> None:
+    """Check SUITE without running it."""
+    loaded = load_suite(suite)
+    cases = loaded.cases()
+    click.echo(
+        f"{loaded.path}: ok — {len(cases)} cases: {len(loaded.layers)} layers, "
+        f"{len({c.impl for c in cases})} implementations, devices {', '.join(sorted({c.device for c in cases}))}"
+    )
+
+
+@main.command("list")
+def list_command() -> None:
+    """Show implementations (with availability) and shipped suites."""
+    click.echo("Implementations:")
+    for info in list_impls():
+        status = "available" if info.available else f"unavailable: {info.unavailable_reason}"
+        role = " (baseline)" if info.is_baseline else ""
+        click.echo(f"  {info.key:<18} {info.description}{role}  [{status}]")
+    click.echo("\nShipped suites (run by name or path):")
+    for name, path in sorted(shipped_suites().items()):
+        suite = load_suite(path)
+        click.echo(f"  {name:<18} {len(suite.cases()):>4} cases  {suite.model.description.strip().splitlines()[0] if suite.model.description else ''}")
+
+
+@main.command()
+@click.argument("run_dirs", nargs=-1, required=True, type=click.Path(path_type=Path))
+@click.option("-o", "--output", required=True, type=click.Path(file_okay=False, path_type=Path), help="Merged run directory.")
+def merge(run_dirs: tuple[Path, ...], output: Path) -> None:
+    """Merge the run directories of a suite's shards into one."""
+    merged = merge_runs(list(run_dirs), output)
+    click.echo(f"merged {len(run_dirs)} runs, {len(merged.results())} cases, into {merged.path}")

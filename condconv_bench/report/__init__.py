@@ -1,0 +1,1 @@
+"""Reports from run directories: tables (data), then one renderer per output format."""

@@ -1,0 +1,241 @@
+"""The run directory: one row per case, appended the moment the case finishes.
+
+Layout: `run.json` (schema version, suite and its hash, environment), `results.csv` (one row per
+case, columns in `COLUMNS` order), `samples.jsonl` (raw timing samples per case) and, when
+profiled, `traces/`. Each row is written with one `write` and fsynced, so a crash or `kill -9`
+loses at most the case in progress, and a half-written last line is dropped on resume and load.
+The schema version is checked on every read: results written by another format are refused, not
+misread (pyperf keeps its format history the same way).
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+
+from condconv_bench.errors import ResultsError
+from condconv_bench.timing import Timing
+
+SCHEMA_VERSION = 1
+RUN_FILE = "run.json"
+RESULTS_FILE = "results.csv"
+SAMPLES_FILE = "samples.jsonl"
+TRACES_DIR = "traces"
+
+# name → pandas dtype; the order is the CSV's column order.
+COLUMNS: dict[str, str] = {
+    "case_id": "string",
+    "impl": "string",
+    "layer": "string",
+    "layer_desc": "string",
+    "kind": "string",
+    "input_size": "string",
+    "routing_given": "boolean",
+    "batch_size": "Int64",
+    "device": "string",
+    "dtype": "string",
+    "mode": "string",
+    "threads": "Int64",
+    "memory_format": "string",
+    "status": "string",  # ok | skipped | error
+    "reason": "string",  # why skipped, or the error's message
+    "latency_median_s": "float64",
+    "latency_iqr_s": "float64",
+    "latency_p10_s": "float64",
+    "latency_p90_s": "float64",
+    "latency_mean_s": "float64",
+    "n_measurements": "Int64",
+    "number_per_run": "Int64",
+    "noisy": "boolean",
+    "throughput_per_s": "float64",  # examples per second at the median latency
+    "first_call_s": "float64",  # the cold first call: compile time for compiled implementations
+    "compiled_graphs": "Int64",  # graphs torch.compile built during the first call (0 when eager)
+    "macs_fvcore": "Int64",  # MAC (multiply-accumulate), forward
+    "flops_torch": "Int64",  # FLOP = 2 × MAC, forward
+    "macs_analytic": "Int64",  # MAC, forward, this strategy's cost model
+    "macs_analytic_routing": "Int64",
+    "macs_analytic_mixing": "Int64",
+    "macs_analytic_conv": "Int64",
+    "flops_agree": "boolean",
+    "flops_problems": "string",
+    "fvcore_uncounted_ops": "string",
+    "peak_memory_bytes": "Int64",  # allocated during one step (forward, or forward+backward)
+    "param_bytes": "Int64",
+    "input_bytes": "Int64",
+    "output_bytes": "Int64",
+    "kernel_bytes": "Int64",  # per-sample kernels the strategy materialises (B·P), 0 if none
+    "max_rel_error": "float64",  # worst norm-wise relative error vs the float64 oracle
+    "max_abs_error": "float64",
+    "worst_tensor": "string",
+    "tolerance": "float64",
+    "equivalent": "boolean",  # empty for the static floor, which is not CondConv
+    "wall_s": "float64",  # everything the runner spent on the case
+    "timed_s": "float64",  # of which inside timed blocks
+}
+
+
+def _format_row(row: dict[str, Any]) -> str:
+    unknown = set(row) - set(COLUMNS)
+    if unknown:
+        raise ValueError(f"result row has columns outside the schema: {sorted(unknown)}")
+    buffer = io.StringIO()
+    csv.writer(buffer, lineterminator="\n").writerow(["" if row.get(c) is None else row[c] for c in COLUMNS])
+    return buffer.getvalue()
+
+
+def _append_durably(path: Path, text: str) -> None:
+    fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+    try:
+        os.write(fd, text.encode())
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _complete_text(path: Path) -> str:
+    """The file's text without a trailing half-written line."""
+    text = path.read_text()
+    return text if text.endswith("\n") or not text else text[: text.rfind("\n") + 1]
+
+
+class RunDirectory:
+    """A run's folder on disk; every method reads or writes the files directly, nothing is cached."""
+
+    def __init__(self, path: str | Path) -> None:
+        self.path = Path(path)
+
+    @property
+    def results_file(self) -> Path:
+        return self.path / RESULTS_FILE
+
+    @property
+    def samples_file(self) -> Path:
+        return self.path / SAMPLES_FILE
+
+    @property
+    def traces_dir(self) -> Path:
+        return self.path / TRACES_DIR
+
+    @classmethod
+    def create(cls, path: str | Path, metadata: dict[str, Any]) -> RunDirectory:
+        """A new run directory; refuses one that already holds results (use resume)."""
+        run = cls(path)
+        if run.results_file.exists():
+            raise ResultsError(f"{run.results_file}: a run is already here; pass --resume to continue it or choose another -o")
+        run.path.mkdir(parents=True, exist_ok=True)
+        run.write_metadata({"schema_version": SCHEMA_VERSION, **metadata})
+        _append_durably(run.results_file, ",".join(COLUMNS) + "\n")
+        return run
+
+    @classmethod
+    def open(cls, path: str | Path) -> RunDirectory:
+        """An existing run directory, with its schema version checked."""
+        run = cls(path)
+        run.metadata()
+        if not run.results_file.exists():
+            raise ResultsError(f"{run.results_file}: missing; is {run.path} a condconv-bench run directory?")
+        header = run.results_file.open().readline().strip()
+        if header != ",".join(COLUMNS):
+            raise ResultsError(f"{run.results_file}: header does not match schema version {SCHEMA_VERSION}")
+        return run
+
+    def metadata(self) -> dict[str, Any]:
+        file = self.path / RUN_FILE
+        try:
+            data = json.loads(file.read_text())
+        except FileNotFoundError:
+            raise ResultsError(f"{file}: missing; is {self.path} a condconv-bench run directory?") from None
+        except (OSError, json.JSONDecodeError) as exc:
+            raise ResultsError(f"{file}: not valid JSON ({exc})") from None
+        if not isinstance(data, dict) or data.get("schema_version") != SCHEMA_VERSION:
+            found = data.get("schema_version") if isinstance(data, dict) else None
+            raise ResultsError(f"{file}: schema_version is {found!r}, this condconv-bench reads {SCHEMA_VERSION}")
+        return data
+
+    def write_metadata(self, metadata: dict[str, Any]) -> None:
+        temporary = self.path / (RUN_FILE + ".tmp")
+        temporary.write_text(json.dumps(metadata, indent=2, sort_keys=True) + "\n")
+        temporary.replace(self.path / RUN_FILE)
+
+    def update_metadata(self, **changes: Any) -> None:
+        self.write_metadata({**self.metadata(), **changes})
+
+    def drop_partial_row(self) -> None:
+        """Remove a half-written last line left by a crash, before appending again."""
+        for file in (self.results_file, self.samples_file):
+            if file.exists():
+                complete = _complete_text(file)
+                if len(complete) != file.stat().st_size:
+                    with file.open("r+") as handle:
+                        handle.truncate(len(complete.encode()))
+
+    def append(self, row: dict[str, Any], timing: Timing | None = None) -> None:
+        """Persist one finished case: its raw samples first, then the row that marks it done."""
+        if timing is not None:
+            record = {"case_id": row["case_id"], "number_per_run": timing.number_per_run, "times_s": list(timing.times_s)}
+            _append_durably(self.samples_file, json.dumps(record) + "\n")
+        _append_durably(self.results_file, _format_row(row))
+
+    def results(self) -> pd.DataFrame:
+        """All finished rows with the schema's dtypes."""
+        try:
+            frame = pd.read_csv(io.StringIO(_complete_text(self.results_file)), dtype=COLUMNS, keep_default_na=False, na_values=[""])
+        except (OSError, ValueError, pd.errors.ParserError) as exc:
+            raise ResultsError(f"{self.results_file}: cannot be read as results ({str(exc).splitlines()[0]})") from None
+        if list(frame.columns) != list(COLUMNS):
+            raise ResultsError(f"{self.results_file}: header does not match schema version {SCHEMA_VERSION}")
+        return frame
+
+    def completed_case_ids(self) -> set[str]:
+        return set(self.results()["case_id"])
+
+    def samples(self) -> dict[str, Timing]:
+        """Raw per-call times by case id."""
+        if not self.samples_file.exists():
+            return {}
+        samples = {}
+        for line in _complete_text(self.samples_file).splitlines():
+            try:
+                record = json.loads(line)
+                samples[record["case_id"]] = Timing(tuple(record["times_s"]), int(record["number_per_run"]))
+            except (json.JSONDecodeError, KeyError, TypeError, ValueError):
+                raise ResultsError(f"{self.samples_file}: corrupt line {line[:60]!r}") from None
+        return samples
+
+
+def load_results(path: str | Path) -> pd.DataFrame:
+    """The results of one run directory as a DataFrame (for notebooks)."""
+    return RunDirectory.open(path).results()
+
+
+def merge_runs(sources: list[str | Path], output: str | Path) -> RunDirectory:
+    """Join shard directories of one suite into one run directory; refuses mixed suites or duplicates."""
+    runs = [RunDirectory.open(source) for source in sources]
+    metadata = [run.metadata() for run in runs]
+    hashes = {m["suite"]["sha256"] for m in metadata}
+    if len(hashes) != 1:
+        raise ResultsError(f"cannot merge runs of different suites ({', '.join(str(r.path) for r in runs)})")
+    frames = [run.results() for run in runs]
+    seen: dict[str, Path] = {}
+    for run, frame in zip(runs, frames):
+        for case_id in frame["case_id"]:
+            if case_id in seen:
+                raise ResultsError(f"case {case_id} is in both {seen[case_id]} and {run.path}; shards must not overlap")
+            seen[case_id] = run.path
+    merged_meta = {
+        **{k: v for k, v in metadata[0].items() if k not in ("shard", "schema_version")},
+        "shard": None,
+        "merged_from": [{"path": str(r.path), "shard": m.get("shard"), "environment": m.get("environment")} for r, m in zip(runs, metadata)],
+    }
+    target = RunDirectory.create(output, merged_meta)
+    for run, frame in zip(runs, frames):
+        samples = run.samples()
+        for row in frame.astype(object).where(frame.notna(), None).to_dict("records"):
+            target.append(row, samples.get(row["case_id"]))
+    return target

@@ -1,0 +1,373 @@
+"""YAML suite → validated `Suite` → the grid of frozen `Case`s it names.
+
+The schema is pydantic (unknown keys, wrong types, empty lists), followed by the checks only this
+project can make: impossible layers (via `LayerSpec`), input sizes smaller than the kernel, and
+implementation names the registry does not know. Every problem becomes one line naming the file
+and the key path, e.g. `suites/x.yaml: layers[3].groups: 5 does not divide in_channels 64`.
+
+Axes resolve per layer, then per device, then for the suite (the first that sets one wins).
+Cases are ordered so that one group — a layer, device, dtype, mode, batch size, memory format and
+thread count — runs all its implementations back to back: ratios to the `static` floor are then
+measured minutes apart at most, and the float64 oracle is computed once per group.
+"""
+
+from __future__ import annotations
+
+import difflib
+import hashlib
+import importlib.resources
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+import torch
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictFloat, StrictInt, StrictStr, ValidationError
+
+from condconv_bench.errors import CondConvBenchError, SpecError, SuiteError
+from condconv_bench.registry import get_impl
+from condconv_bench.spec import LayerSpec, Pair
+
+DType = Literal["float32", "bfloat16", "float16"]
+Mode = Literal["inference", "training"]
+MemoryFormat = Literal["contiguous", "channels_last"]
+PositiveInt = Annotated[StrictInt, Field(ge=1)]
+Number = StrictInt | StrictFloat
+IntOrPair = StrictInt | list[StrictInt]
+DEVICE_PATTERN = re.compile(r"^(cpu|mps|cuda(:\d+)?)$")
+TORCH_DTYPES: dict[str, torch.dtype] = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+class _Model(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class TimingSettings(_Model):
+    """How long to measure each case (torch.utils.benchmark blocked autorange)."""
+
+    min_run_time: Annotated[Number, Field(gt=0)] = 0.2
+    warmup: Annotated[StrictInt, Field(ge=0)] = 2
+
+
+class AxisOverrides(_Model):
+    batch_sizes: list[PositiveInt] | None = Field(default=None, min_length=1)
+    dtypes: list[DType] | None = Field(default=None, min_length=1)
+    modes: list[Mode] | None = Field(default=None, min_length=1)
+
+
+class LayerFields(_Model):
+    """The layer keys that `layer_defaults` may set for every layer."""
+
+    kind: Literal["conv2d", "linear"] = "conv2d"
+    kernel_size: IntOrPair = 1
+    stride: IntOrPair = 1
+    padding: IntOrPair | None = None  # None: dilation·(k−1)/2, the "same" padding of MobileNet/EfficientNet
+    dilation: IntOrPair = 1
+    groups: PositiveInt = 1
+    experts: PositiveInt = 8
+    bias: StrictBool = False
+    routing: Literal["sigmoid", "softmax"] = "sigmoid"
+    temperature: Annotated[Number, Field(gt=0)] = 1.0
+    routing_weights: Literal["computed", "given"] = "computed"
+    input_size: IntOrPair | None = None
+
+
+class LayerEntry(LayerFields, AxisOverrides):
+    name: Annotated[StrictStr, Field(pattern=r"^[A-Za-z0-9_.\-]+$")]
+    in_channels: StrictInt
+    out_channels: StrictInt
+    count: PositiveInt = 1  # occurrences in the network it comes from (for network-level totals)
+    impls: list[StrictStr] | None = Field(default=None, min_length=1)
+
+
+class DeviceEntry(AxisOverrides):
+    name: StrictStr
+
+
+class SuiteModel(_Model):
+    name: Annotated[StrictStr, Field(min_length=1)]
+    description: StrictStr = ""
+    layer_defaults: dict[StrictStr, Any] = {}  # any LayerFields key; validated by LayerFields
+    layers: list[dict[str, Any]] = Field(min_length=1)  # validated one by one after defaults merge
+    impls: list[StrictStr] = Field(min_length=1)
+    batch_sizes: list[PositiveInt] = Field(min_length=1)
+    devices: list[StrictStr | DeviceEntry] = Field(default=["cpu"], min_length=1)
+    dtypes: list[DType] = Field(default=["float32"], min_length=1)
+    modes: list[Mode] = Field(default=["inference"], min_length=1)
+    threads: list[PositiveInt] | None = Field(default=None, min_length=1)
+    memory_formats: list[MemoryFormat] = Field(default=["contiguous"], min_length=1)
+    timing: TimingSettings = TimingSettings()
+    seed: StrictInt = 0
+
+
+_ALL_KEYS = sorted(
+    {name for model in (SuiteModel, LayerEntry, DeviceEntry, TimingSettings) for name in model.model_fields}
+)
+
+
+@dataclass(frozen=True)
+class Layer:
+    """A named layer of a suite: its spec, input size and axis overrides."""
+
+    name: str
+    spec: LayerSpec
+    input_size: Pair
+    routing_given: bool
+    count: int
+    entry: LayerEntry
+
+
+@dataclass(frozen=True)
+class Case:
+    """One measurement: the frozen identity of a result row (what was measured, not what was seen)."""
+
+    layer: str
+    spec: LayerSpec
+    input_size: Pair
+    routing_given: bool
+    impl: str
+    batch_size: int
+    device: str
+    dtype: str
+    mode: str
+    threads: int
+    memory_format: str
+
+    @property
+    def group(self) -> tuple[Any, ...]:
+        """Everything but the implementation: cases in one group share parameters, input and oracle."""
+        return (self.layer, self.device, self.dtype, self.mode, self.batch_size, self.memory_format, self.threads)
+
+    @property
+    def id(self) -> str:
+        return (
+            f"{self.layer}/{self.impl}/b{self.batch_size}/{self.device}/{self.dtype}/{self.mode}"
+            f"/t{self.threads}/{self.memory_format}"
+        )
+
+    @property
+    def torch_dtype(self) -> torch.dtype:
+        return TORCH_DTYPES[self.dtype]
+
+
+@dataclass(frozen=True)
+class Suite:
+    """A validated suite: the model as written, its layers, and where it came from."""
+
+    path: Path
+    model: SuiteModel
+    layers: tuple[Layer, ...]
+    sha256: str
+
+    @property
+    def name(self) -> str:
+        return self.model.name
+
+    def cases(self) -> list[Case]:
+        """The full grid, in run order (see the module docstring)."""
+        cases = []
+        for layer in self.layers:
+            for device_entry in self.model.devices:
+                device, device_overrides = _device_entry(device_entry)
+                threads = self.model.threads or [torch.get_num_threads()]
+                if device != "cpu":
+                    threads = threads[:1]  # host threads barely matter when the device computes
+                axes = {
+                    axis: getattr(layer.entry, axis) or getattr(device_overrides, axis, None) or getattr(self.model, axis)
+                    for axis in ("batch_sizes", "dtypes", "modes")
+                }
+                formats = self.model.memory_formats if layer.spec.kind == "conv2d" else ["contiguous"]
+                impls = layer.entry.impls or self.model.impls
+                for dtype in axes["dtypes"]:
+                    for mode in axes["modes"]:
+                        for batch_size in axes["batch_sizes"]:
+                            for memory_format in dict.fromkeys(formats):
+                                for thread_count in threads:
+                                    for impl in impls:
+                                        cases.append(
+                                            Case(
+                                                layer.name, layer.spec, layer.input_size, layer.routing_given, impl,
+                                                batch_size, device, dtype, mode, thread_count, memory_format,
+                                            )
+                                        )
+        return cases
+
+
+def _device_entry(entry: str | DeviceEntry) -> tuple[str, AxisOverrides | None]:
+    return (entry, None) if isinstance(entry, str) else (entry.name, entry)
+
+
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """SafeLoader that refuses duplicate keys, which plain YAML loading silently overrides."""
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
+        seen: set[Any] = set()
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=deep)
+            if key in seen:
+                mark = key_node.start_mark
+                raise yaml.MarkedYAMLError(problem=f"duplicate key {key!r}", problem_mark=mark)
+            seen.add(key)
+        return super().construct_mapping(node, deep=deep)
+
+
+def _path_of(loc: tuple[Any, ...], data: Any) -> str:
+    """`layers[3].groups` from a pydantic location, skipping union tags that are not keys."""
+    path = ""
+    for part in loc:
+        if isinstance(data, list) and isinstance(part, int) and part < len(data):
+            path += f"[{part}]"
+            data = data[part]
+        elif isinstance(data, dict) and part in data:
+            path += f".{part}" if path else str(part)
+            data = data[part]
+        elif not isinstance(data, (dict, list)):
+            break  # a union tag such as 'int' or 'list[int]' under a scalar
+        else:
+            path += f".{part}" if path else str(part)  # a missing key
+            data = None
+    return path or "(top level)"
+
+
+def _describe(error: dict[str, Any]) -> str:
+    if error["type"] == "extra_forbidden":
+        key = str(error["loc"][-1])
+        close = difflib.get_close_matches(key, _ALL_KEYS, n=1)
+        return "unknown key" + (f" (did you mean {close[0]!r}?)" if close else "")
+    if error["type"] == "missing":
+        return "required key is missing"
+    if error["type"] == "string_pattern_mismatch":
+        return f"may only contain letters, digits, '_', '.' and '-', got {error['input']!r}"
+    message = error["msg"]
+    if "input" in error and error["type"] not in ("too_short",):
+        message += f", got {error['input']!r}"
+    return message
+
+
+def _schema_problems(exc: ValidationError, data: Any, prefix: str = "") -> list[str]:
+    merged: dict[str, list[str]] = {}
+    for error in exc.errors():
+        path = _path_of(error["loc"], data)
+        text = _describe(error)
+        if text not in merged.setdefault(prefix + path, []):
+            merged[prefix + path].append(text)
+    return [f"{path}: {' or '.join(texts)}" for path, texts in merged.items()]
+
+
+def _layer(entry: LayerEntry, path: str) -> Layer:
+    def pair(value: int | list[int]) -> Pair:
+        return (value, value) if isinstance(value, int) else tuple(value)  # type: ignore[return-value]
+
+    kernel, dilation = pair(entry.kernel_size), pair(entry.dilation)
+    same_padding = tuple(d * (k - 1) // 2 for k, d in zip(kernel, dilation)) if entry.kind == "conv2d" else (0, 0)
+    try:
+        spec = LayerSpec(
+            entry.kind, entry.in_channels, entry.out_channels, num_experts=entry.experts, kernel_size=kernel,
+            stride=pair(entry.stride), padding=same_padding if entry.padding is None else pair(entry.padding),
+            dilation=dilation, groups=entry.groups, bias=entry.bias, routing=entry.routing,
+            temperature=float(entry.temperature),
+        )
+        if entry.kind == "linear":
+            if entry.input_size is not None:
+                raise SpecError("input_size", "a linear layer takes (batch, in_channels) inputs, not an image size")
+            input_size: Pair = (1, 1)
+        elif entry.input_size is None:
+            raise SpecError("input_size", "a conv2d layer needs input_size (an integer or [height, width])")
+        else:
+            input_size = pair(entry.input_size)
+            spec.output_size(input_size)
+    except SpecError as exc:
+        field = {"num_experts": "experts"}.get(exc.field, exc.field)
+        raise SuiteError([f"{path}.{field}: {exc.message}"]) from None
+    return Layer(entry.name, spec, input_size, entry.routing_weights == "given", entry.count, entry)
+
+
+def _check_impls(names: list[str], path: str) -> list[str]:
+    problems = []
+    for index, name in enumerate(names):
+        try:
+            get_impl(name)
+        except CondConvBenchError as exc:
+            problems.append(f"{path}[{index}]: {exc}")
+    return problems
+
+
+def parse_suite(data: Any, source: Path) -> Suite:
+    """Validate already-loaded YAML data; `source` names the file in every message."""
+    label = str(source)
+    if not isinstance(data, dict):
+        raise SuiteError([f"{label}: (top level): expected a mapping of suite keys, got {type(data).__name__}"])
+    try:
+        model = SuiteModel.model_validate(data)
+    except ValidationError as exc:
+        raise SuiteError([f"{label}: {p}" for p in _schema_problems(exc, data)]) from None
+    try:
+        LayerFields.model_validate(model.layer_defaults)
+    except ValidationError as exc:
+        raise SuiteError([f"{label}: {p}" for p in _schema_problems(exc, model.layer_defaults, "layer_defaults.")]) from None
+    problems: list[str] = []
+    layers: list[Layer] = []
+    defaults = model.layer_defaults
+    for index, raw in enumerate(model.layers):
+        path = f"layers[{index}]"
+        if not isinstance(raw, dict):
+            problems.append(f"{label}: {path}: expected a mapping of layer keys, got {raw!r}")
+            continue
+        try:
+            entry = LayerEntry.model_validate({**defaults, **raw})
+        except ValidationError as exc:
+            problems += [f"{label}: {p}" for p in _schema_problems(exc, {**defaults, **raw}, path + ".")]
+            continue
+        try:
+            layers.append(_layer(entry, path))
+        except SuiteError as exc:
+            problems += [f"{label}: {p}" for p in exc.problems]
+            continue
+        if entry.impls:
+            problems += [f"{label}: {p}" for p in _check_impls(entry.impls, f"{path}.impls")]
+    names = [layer.name for layer in layers]
+    for name in sorted({n for n in names if names.count(n) > 1}):
+        problems.append(f"{label}: layers: the name {name!r} is used by more than one layer")
+    problems += [f"{label}: {p}" for p in _check_impls(model.impls, "impls")]
+    for index, entry in enumerate(model.devices):
+        device, _ = _device_entry(entry)
+        if not DEVICE_PATTERN.match(device):
+            where = f"devices[{index}]" + ("" if isinstance(entry, str) else ".name")
+            problems.append(f"{label}: {where}: {device!r} is not a device (expected cpu, cuda, cuda:N or mps)")
+    if problems:
+        raise SuiteError(problems)
+    digest = hashlib.sha256(yaml.safe_dump(data, sort_keys=True).encode()).hexdigest()
+    return Suite(source, model, tuple(layers), digest)
+
+
+def shipped_suites() -> dict[str, Path]:
+    """The suites installed with the package, by name (`smoke`, `mobile`, …)."""
+    folder = importlib.resources.files("condconv_bench.suites")
+    return {Path(str(p)).stem: Path(str(p)) for p in folder.iterdir() if str(p).endswith(".yaml")}
+
+
+def resolve_suite_path(name_or_path: str | Path) -> Path:
+    """A path as given if it exists, else a shipped suite's name (`mobile` → its YAML file)."""
+    path = Path(name_or_path)
+    if path.exists() or path.suffix in (".yaml", ".yml"):
+        return path
+    return shipped_suites().get(str(name_or_path), path)
+
+
+def load_suite(name_or_path: str | Path) -> Suite:
+    """Read, parse and validate a suite file (or a shipped suite by name)."""
+    path = resolve_suite_path(name_or_path)
+    try:
+        text = path.read_text()
+    except OSError as exc:
+        raise SuiteError([f"{path}: cannot read suite file ({exc.strerror or exc})"]) from None
+    try:
+        data = yaml.load(text, Loader=_UniqueKeyLoader)
+    except yaml.MarkedYAMLError as exc:
+        mark = exc.problem_mark
+        where = f":{mark.line + 1}:{mark.column + 1}" if mark else ""
+        raise SuiteError([f"{path}{where}: YAML error: {exc.problem}"]) from None
+    except yaml.YAMLError as exc:
+        raise SuiteError([f"{path}: YAML error: {exc}"]) from None
+    return parse_suite(data, path)

@@ -1,0 +1,1 @@
+"""Shipped benchmark suites (YAML), installed as `condconv_bench.suites` so `condconv-bench run mobile` works anywhere."""

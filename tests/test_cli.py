@@ -1,0 +1,83 @@
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import yaml
+from click.testing import CliRunner
+
+from condconv_bench.cli import main
+
+DATA = Path(__file__).parent / "data"
+TINY = DATA / "valid" / "tiny.yaml"
+
+
+def invoke(*args: str):
+    return CliRunner().invoke(main, list(args))
+
+
+def test_list_shows_the_six_builtins_and_suites() -> None:
+    result = invoke("list")
+    assert result.exit_code == 0
+    for key in ("per_sample_loop", "grouped_conv", "batched_matmul", "naive_moe", "compiled", "static"):
+        assert f"  {key} " in result.output
+    assert "[available]" in result.output
+    assert "smoke" in result.output and "mobile" in result.output
+
+
+def test_run_writes_results_and_prints_a_summary(tmp_path: Path) -> None:
+    out = tmp_path / "run"
+    result = invoke("run", str(TINY), "-o", str(out), "--device", "cpu", "--quiet")
+    assert result.exit_code == 0, result.output
+    assert (out / "results.csv").exists() and (out / "run.json").exists()
+    assert "fastest" in result.stdout and "vs static" in result.stdout
+    assert "cases:" in result.stdout
+
+
+def test_equivalence_failure_exits_1(tmp_path: Path) -> None:
+    data = yaml.safe_load(TINY.read_text())
+    data["impls"] = ["static", "fake_impls:WrongExpertOrder"]
+    path = tmp_path / "s.yaml"
+    path.write_text(yaml.safe_dump(data))
+    result = invoke("run", str(path), "-o", str(tmp_path / "run"), "--device", "cpu", "-q", "--layer", "pw")
+    assert result.exit_code == 1
+    assert "equivalence failure: pw/fake_impls:WrongExpertOrder" in result.stderr
+
+
+def test_error_rows_exit_1_only_with_strict(tmp_path: Path) -> None:
+    data = yaml.safe_load(TINY.read_text())
+    data["impls"] = ["static", "fake_impls:Crashes"]
+    path = tmp_path / "s.yaml"
+    path.write_text(yaml.safe_dump(data))
+    lenient = invoke("run", str(path), "-o", str(tmp_path / "a"), "--device", "cpu", "-q", "--layer", "fc")
+    assert lenient.exit_code == 0 and "error row:" in lenient.stderr
+    strict = invoke("run", str(path), "-o", str(tmp_path / "b"), "--device", "cpu", "-q", "--layer", "fc", "--strict")
+    assert strict.exit_code == 1
+
+
+@pytest.mark.parametrize(
+    ("args", "fragment"),
+    [
+        (["run", "no/such/suite.yaml"], "no/such/suite.yaml: cannot read suite file"),
+        (["run", str(TINY), "--impl", "nope", "-q"], "--impl nope: not in"),
+        (["run", str(TINY), "--shard", "3/2", "-q"], "--shard '3/2'"),
+        (["run", str(TINY), "--resume", "-q"], "--resume needs -o/--output"),
+        (["merge", "/nonexistent/run", "-o", "/tmp/x"], "run.json: missing"),
+    ],
+)
+def test_bad_input_is_one_line_and_exit_2(args: list[str], fragment: str) -> None:
+    result = invoke(*args)
+    assert result.exit_code == 2, result.output
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and fragment in lines[0], lines
+    assert "Traceback" not in result.output
+
+
+def test_unavailable_device_on_the_command_line_exits_2() -> None:
+    import torch
+
+    if torch.cuda.is_available():
+        pytest.skip("this machine has CUDA")
+    result = invoke("run", str(TINY), "--device", "cuda", "-q")
+    assert result.exit_code == 2
+    assert result.stderr.strip() == "error: --device cuda: CUDA is not available on this machine"

@@ -1,0 +1,119 @@
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import yaml
+from click.testing import CliRunner
+
+from condconv_bench.cli import main
+from condconv_bench.errors import SuiteError
+from condconv_bench.suite import load_suite, parse_suite, shipped_suites
+
+DATA = Path(__file__).parent / "data"
+INVALID = sorted((DATA / "invalid").glob("*.yaml"))
+
+
+def expected_fragment(path: Path) -> str:
+    first = path.read_text().splitlines()[0]
+    assert first.startswith("# expect: "), f"{path.name} must start with '# expect: <fragment>'"
+    return first.removeprefix("# expect: ")
+
+
+def test_there_are_at_least_fifteen_kinds_of_malformed_suite() -> None:
+    assert len(INVALID) >= 15
+
+
+@pytest.mark.parametrize("path", INVALID, ids=lambda p: p.stem)
+def test_malformed_suite_gives_one_line_and_exit_2(path: Path) -> None:
+    result = CliRunner().invoke(main, ["validate", str(path)])
+    assert result.exit_code == 2, result.output
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1, lines
+    assert lines[0].startswith(f"error: {path}"), lines[0]
+    assert expected_fragment(path) in lines[0]
+    assert "Traceback" not in result.output
+
+
+def test_shipped_suites_are_valid_and_named() -> None:
+    suites = shipped_suites()
+    assert {"smoke", "mobile", "server"} <= set(suites)
+    for path in suites.values():
+        assert load_suite(path).cases()
+
+
+def test_mobile_suite_has_the_b0_shapes_and_classifier() -> None:
+    suite = load_suite("mobile")
+    assert len(suite.layers) == 14
+    assert sum(layer.count for layer in suite.layers if layer.spec.kind == "conv2d") == 24
+    assert {layer.spec.num_experts for layer in suite.layers} == {8}
+    cpu = [c for c in suite.cases() if c.device == "cpu"]
+    assert {c.batch_size for c in cpu} == {1, 8, 32} and {c.dtype for c in cpu} == {"float32"}
+    cuda = [c for c in suite.cases() if c.device == "cuda"]
+    assert {c.dtype for c in cuda} == {"float32", "bfloat16"}
+    assert len({c.impl for c in cpu}) == 6
+
+
+def minimal(**changes) -> dict:
+    data = {
+        "name": "t",
+        "impls": ["static", "grouped_conv"],
+        "batch_sizes": [1, 4],
+        "devices": ["cpu", {"name": "cuda", "batch_sizes": [64], "dtypes": ["bfloat16"]}],
+        "threads": [1, 2],
+        "memory_formats": ["contiguous", "channels_last"],
+        "layers": [
+            {"name": "a", "in_channels": 8, "out_channels": 8, "kernel_size": 3, "input_size": 8},
+            {"name": "b", "in_channels": 8, "out_channels": 8, "input_size": 8, "batch_sizes": [2], "impls": ["static"]},
+            {"name": "fc", "kind": "linear", "in_channels": 8, "out_channels": 4},
+        ],
+    }
+    data.update(changes)
+    return data
+
+
+def test_axes_resolve_layer_then_device_then_suite() -> None:
+    cases = parse_suite(minimal(), Path("t.yaml")).cases()
+    a_cpu = [c for c in cases if c.layer == "a" and c.device == "cpu"]
+    assert {c.batch_size for c in a_cpu} == {1, 4}
+    assert {c.threads for c in a_cpu} == {1, 2}
+    assert {c.memory_format for c in a_cpu} == {"contiguous", "channels_last"}
+    a_cuda = [c for c in cases if c.layer == "a" and c.device == "cuda"]
+    assert {c.batch_size for c in a_cuda} == {64} and {c.dtype for c in a_cuda} == {"bfloat16"}
+    assert {c.threads for c in a_cuda} == {1}  # host threads are not swept for a device
+    b = [c for c in cases if c.layer == "b"]
+    assert {c.batch_size for c in b} == {2} and {c.impl for c in b} == {"static"}
+    fc = [c for c in cases if c.layer == "fc"]
+    assert {c.memory_format for c in fc} == {"contiguous"}  # channels_last means nothing for linear
+
+
+def test_same_padding_is_the_default() -> None:
+    suite = parse_suite(minimal(), Path("t.yaml"))
+    assert suite.layers[0].spec.padding == (1, 1)
+    assert suite.layers[0].spec.output_size(suite.layers[0].input_size) == (8, 8)
+
+
+def test_group_members_are_adjacent_and_ids_unique() -> None:
+    cases = parse_suite(minimal(), Path("t.yaml")).cases()
+    assert len({c.id for c in cases}) == len(cases)
+    order = [c.group for c in cases]
+    for group in set(order):
+        positions = [i for i, g in enumerate(order) if g == group]
+        assert positions == list(range(positions[0], positions[-1] + 1))
+
+
+def test_hash_ignores_formatting_but_not_content(tmp_path: Path) -> None:
+    data = minimal()
+    one = tmp_path / "one.yaml"
+    one.write_text(yaml.safe_dump(data))
+    two = tmp_path / "two.yaml"
+    two.write_text("# a comment\n" + yaml.safe_dump(data, default_flow_style=True))
+    assert load_suite(one).sha256 == load_suite(two).sha256
+    assert parse_suite(minimal(batch_sizes=[1]), one).sha256 != load_suite(one).sha256
+
+
+def test_several_problems_are_all_reported() -> None:
+    data = minimal(impls=["nope"], devices=["gpu"])
+    with pytest.raises(SuiteError) as info:
+        parse_suite(data, Path("t.yaml"))
+    assert len(info.value.problems) == 2
