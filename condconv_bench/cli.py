@@ -16,7 +16,7 @@ import pandas as pd
 
 from condconv_bench.errors import EXIT_FAILURE, CondConvBenchError
 from condconv_bench.registry import list_impls
-from condconv_bench.report import tables
+from condconv_bench.report import tables, write_report
 from condconv_bench.results import merge_runs
 from condconv_bench.runner import CaseFilter, Shard, run_suite
 from condconv_bench.suite import Case, load_suite, shipped_suites
@@ -30,19 +30,6 @@ class _Group(click.Group):
             for line in str(exc).splitlines():
                 click.echo(f"error: {line}", err=True)
             ctx.exit(exc.exit_code)
-
-
-def format_seconds(seconds: float) -> str:
-    if pd.isna(seconds):
-        return "-"
-    for unit, scale in (("s", 1.0), ("ms", 1e-3), ("µs", 1e-6)):
-        if seconds >= scale:
-            return f"{seconds / scale:.3g} {unit}"
-    return f"{seconds / 1e-9:.3g} ns"
-
-
-def format_ratio(ratio: float) -> str:
-    return "-" if pd.isna(ratio) else f"{ratio:.2f}×"
 
 
 class _ProgressBar:
@@ -76,22 +63,8 @@ class _ProgressBar:
 
 def summary_table(frame: pd.DataFrame) -> str:
     """Per layer and batch size: the fastest implementation and its ratios, as plain text."""
-    best = tables.headline(frame)
-    if best.empty:
-        return "no implementation produced a verified latency"
-    context = tables.varying(best, ["device", "dtype", "mode", "threads", "memory_format"])
-    shown = pd.DataFrame(
-        {
-            "layer": best["layer"],
-            **{column: best[column] for column in context},
-            "batch": best["batch_size"],
-            "fastest": best["fastest"],
-            "latency": best["latency_median_s"].map(format_seconds),
-            "vs static": best["vs_static"].map(format_ratio),
-            "vs grouped_conv": best["vs_grouped_conv"].map(format_ratio),
-        }
-    )
-    return shown.to_string(index=False)
+    shown = tables.headline_display(frame)
+    return shown.to_string(index=False) if not shown.empty else "no implementation produced a verified latency"
 
 
 @click.group(cls=_Group, context_settings={"help_option_names": ["-h", "--help"]})
@@ -114,9 +87,12 @@ def main() -> None:
 @click.option("--batch-size", "batch_sizes", multiple=True, type=int, help="Only this batch size (repeatable).")
 @click.option("--layer", "layers", multiple=True, help="Only this layer (repeatable).")
 @click.option("--strict", is_flag=True, help="Exit 1 if any case ended in an error.")
+@click.option("--profile", is_flag=True, help="Also record torch.profiler traces per case into RUN_DIR/traces.")
+@click.option("--no-report", is_flag=True, help="Do not write RUN_DIR/report.html at the end.")
 @click.option("-q", "--quiet", is_flag=True, help="No progress bar (for CI logs).")
 def run(suite: str, output: Path | None, resume: bool, shard: str | None, impls: tuple[str, ...],
-        devices: tuple[str, ...], batch_sizes: tuple[int, ...], layers: tuple[str, ...], strict: bool, quiet: bool) -> None:
+        devices: tuple[str, ...], batch_sizes: tuple[int, ...], layers: tuple[str, ...], strict: bool,
+        profile: bool, no_report: bool, quiet: bool) -> None:
     """Run SUITE (a YAML file, or the name of a shipped suite) and write a run directory."""
     if resume and output is None:
         raise CondConvBenchError("--resume needs -o/--output: the run directory to continue")
@@ -125,7 +101,7 @@ def run(suite: str, output: Path | None, resume: bool, shard: str | None, impls:
     try:
         outcome = run_suite(
             loaded, output, resume=resume, shard=Shard.parse(shard) if shard else None,
-            case_filter=CaseFilter(impls, devices, batch_sizes, layers), listener=progress,
+            case_filter=CaseFilter(impls, devices, batch_sizes, layers), listener=progress, profile=profile,
         )
     finally:
         if progress is not None:
@@ -138,12 +114,27 @@ def run(suite: str, output: Path | None, resume: bool, shard: str | None, impls:
         + (f", {outcome.already_done} already done" if outcome.already_done else "")
         + f"; results in {outcome.run.path}"
     )
+    if not no_report:
+        click.echo(f"report: {write_report([outcome.run.path], None, 'html')}")
     for _, row in frame[frame["status"] == "error"].iterrows():
         click.echo(f"error row: {row['case_id']}: {row['reason']}", err=True)
     for case_id in outcome.equivalence_failures:
         click.echo(f"equivalence failure: {case_id}", err=True)
     if outcome.equivalence_failures or (strict and counts["error"]):
         sys.exit(EXIT_FAILURE)
+
+
+@main.command()
+@click.argument("run_dirs", nargs=-1, required=True, type=click.Path(path_type=Path))
+@click.option("-o", "--output", type=click.Path(dir_okay=False, path_type=Path),
+              help="File to write [default: RUN_DIR/report.html for html; stdout for markdown and csv].")
+@click.option("--format", "fmt", type=click.Choice(["html", "markdown", "csv"]), default="html", show_default=True)
+def report(run_dirs: tuple[Path, ...], output: Path | None, fmt: str) -> None:
+    """Report one or more run directories; several are compared side by side."""
+    if fmt == "html" and output is None and len(run_dirs) > 1:
+        raise CondConvBenchError("-o/--output is required to report several runs as html")
+    written = write_report(list(run_dirs), output, fmt)  # type: ignore[arg-type]
+    click.echo(f"wrote {written}" if isinstance(written, Path) else written, nl=isinstance(written, Path))
 
 
 @main.command()

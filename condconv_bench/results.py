@@ -14,6 +14,7 @@ import csv
 import io
 import json
 import os
+import shutil
 from pathlib import Path
 from typing import Any
 
@@ -26,6 +27,7 @@ SCHEMA_VERSION = 1
 RUN_FILE = "run.json"
 RESULTS_FILE = "results.csv"
 SAMPLES_FILE = "samples.jsonl"
+PROFILES_FILE = "profiles.jsonl"
 TRACES_DIR = "traces"
 
 # name → pandas dtype; the order is the CSV's column order.
@@ -119,6 +121,10 @@ class RunDirectory:
         return self.path / SAMPLES_FILE
 
     @property
+    def profiles_file(self) -> Path:
+        return self.path / PROFILES_FILE
+
+    @property
     def traces_dir(self) -> Path:
         return self.path / TRACES_DIR
 
@@ -168,7 +174,7 @@ class RunDirectory:
 
     def drop_partial_row(self) -> None:
         """Remove a half-written last line left by a crash, before appending again."""
-        for file in (self.results_file, self.samples_file):
+        for file in (self.results_file, self.samples_file, self.profiles_file):
             if file.exists():
                 complete = _complete_text(file)
                 if len(complete) != file.stat().st_size:
@@ -181,6 +187,18 @@ class RunDirectory:
             record = {"case_id": row["case_id"], "number_per_run": timing.number_per_run, "times_s": list(timing.times_s)}
             _append_durably(self.samples_file, json.dumps(record) + "\n")
         _append_durably(self.results_file, _format_row(row))
+
+    def append_profile(self, record: dict[str, Any]) -> None:
+        """Persist one case's profile summary (trace file name and top operators)."""
+        _append_durably(self.profiles_file, json.dumps(record) + "\n")
+
+    def profiles(self) -> list[dict[str, Any]]:
+        if not self.profiles_file.exists():
+            return []
+        try:
+            return [json.loads(line) for line in _complete_text(self.profiles_file).splitlines()]
+        except json.JSONDecodeError as exc:
+            raise ResultsError(f"{self.profiles_file}: corrupt ({exc})") from None
 
     def results(self) -> pd.DataFrame:
         """All finished rows with the schema's dtypes."""
@@ -228,9 +246,11 @@ def merge_runs(sources: list[str | Path], output: str | Path) -> RunDirectory:
             if case_id in seen:
                 raise ResultsError(f"case {case_id} is in both {seen[case_id]} and {run.path}; shards must not overlap")
             seen[case_id] = run.path
+    peaks = [peak for m in metadata for peak in m.get("matmul_peaks", [])]
     merged_meta = {
         **{k: v for k, v in metadata[0].items() if k not in ("shard", "schema_version")},
         "shard": None,
+        "matmul_peaks": [dict(p) for p in dict.fromkeys(tuple(sorted(p.items())) for p in peaks)],
         "merged_from": [{"path": str(r.path), "shard": m.get("shard"), "environment": m.get("environment")} for r, m in zip(runs, metadata)],
     }
     target = RunDirectory.create(output, merged_meta)
@@ -238,4 +258,8 @@ def merge_runs(sources: list[str | Path], output: str | Path) -> RunDirectory:
         samples = run.samples()
         for row in frame.astype(object).where(frame.notna(), None).to_dict("records"):
             target.append(row, samples.get(row["case_id"]))
+        for record in run.profiles():
+            target.append_profile(record)
+        if run.traces_dir.is_dir():
+            shutil.copytree(run.traces_dir, target.traces_dir, dirs_exist_ok=True)
     return target

@@ -27,7 +27,9 @@ from condconv_bench.errors import CondConvBenchError, DeviceUnavailableError, Im
 from condconv_bench.layer import CondConvBase, initial_parameters
 from condconv_bench.registry import get_impl
 from condconv_bench.results import RunDirectory
-from condconv_bench.suite import Case, Suite, load_suite
+from condconv_bench.machine_peak import matmul_peak_flops
+from condconv_bench.profile import record_profile
+from condconv_bench.suite import TORCH_DTYPES, Case, Suite, load_suite
 
 
 class CaseListener(Protocol):
@@ -234,7 +236,7 @@ def _identity(case: Case) -> dict[str, Any]:
 
 
 def _measure(case: Case, cls: type[CondConvBase], device: torch.device, ctx: _CaseContext, suite: Suite,
-             row: dict[str, Any], profiler: Callable[[Case, Callable[[], object]], None] | None) -> timing.Timing:
+             row: dict[str, Any], traces_dir: Path | None) -> tuple[timing.Timing, dict[str, Any] | None]:
     """Fill `row` with every probe's figures as they arrive, so an error keeps what was measured."""
     module = cls(case.spec)
     module.load_state_dict(ctx.parameters(case))
@@ -287,20 +289,24 @@ def _measure(case: Case, cls: type[CondConvBase], device: torch.device, ctx: _Ca
         number_per_run=measured.number_per_run, noisy=measured.noisy,
         throughput_per_s=case.batch_size / measured.median_s, timed_s=measured.total_timed_s,
     )
-    if profiler is not None:
+    profile_record = None
+    if traces_dir is not None:
         with grad_mode:
-            profiler(case, step)
-    return measured
+            profile_record = record_profile(case.id, step, traces_dir, device)
+    return measured, profile_record
 
 
 def run_case(case: Case, ctx: _CaseContext, suite: Suite,
-             profiler: Callable[[Case, Callable[[], object]], None] | None = None) -> tuple[dict[str, Any], timing.Timing | None]:
-    """Measure one case; never raises for a failing implementation (the row says what happened)."""
+             traces_dir: Path | None = None) -> tuple[dict[str, Any], timing.Timing | None, dict[str, Any] | None]:
+    """Measure one case; never raises for a failing implementation (the row says what happened).
+
+    Returns the row, the raw timing and, when `traces_dir` is given, the profile record.
+    """
     row = _identity(case)
     started = time.perf_counter()
     device = torch.device(case.device)
     cls = get_impl(case.impl)
-    measured = None
+    measured = profile_record = None
     reason = _skip_reason(cls, case, device)
     if reason:
         row.update(status="skipped", reason=reason)
@@ -308,7 +314,7 @@ def run_case(case: Case, ctx: _CaseContext, suite: Suite,
         previous_threads = torch.get_num_threads()
         torch.set_num_threads(case.threads)
         try:
-            measured = _measure(case, cls, device, ctx, suite, row, profiler)
+            measured, profile_record = _measure(case, cls, device, ctx, suite, row, traces_dir)
             row["status"] = "ok"
         except ImplUnavailableError as exc:
             row.update(status="skipped", reason=str(exc))
@@ -319,7 +325,7 @@ def run_case(case: Case, ctx: _CaseContext, suite: Suite,
         finally:
             torch.set_num_threads(previous_threads)
     row["wall_s"] = time.perf_counter() - started
-    return row, measured
+    return row, measured, profile_record
 
 
 def default_output(suite: Suite) -> Path:
@@ -328,7 +334,17 @@ def default_output(suite: Suite) -> Path:
     return Path("reports") / f"{slug}-{stamp}"
 
 
-def _open_run(suite: Suite, output: Path, resume: bool, shard: Shard | None, cases_total: int) -> RunDirectory:
+def _matmul_peaks(cases: list[Case]) -> list[dict[str, Any]]:
+    """The machine's matmul FLOP/s for each device, dtype and thread count the cases use."""
+    peaks = []
+    for device, dtype, threads in dict.fromkeys((c.device, c.dtype, c.threads) for c in cases):
+        if device_unavailable_reason(torch.device(device)) is None:
+            flops_per_s = matmul_peak_flops(torch.device(device), TORCH_DTYPES[dtype], threads)
+            peaks.append({"device": device, "dtype": dtype, "threads": threads, "flops_per_s": flops_per_s})
+    return peaks
+
+
+def _open_run(suite: Suite, output: Path, resume: bool, shard: Shard | None, cases: list[Case]) -> RunDirectory:
     if resume and (output / "results.csv").exists():
         run = RunDirectory.open(output)
         metadata = run.metadata()
@@ -346,7 +362,8 @@ def _open_run(suite: Suite, output: Path, resume: bool, shard: Shard | None, cas
         "environment": describe_environment(),
         "started_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "shard": str(shard) if shard else None,
-        "cases_total": cases_total,
+        "cases_total": len(cases),
+        "matmul_peaks": _matmul_peaks(cases),
     }
     return RunDirectory.create(output, metadata)
 
@@ -359,9 +376,12 @@ def run_suite(
     shard: Shard | None = None,
     case_filter: CaseFilter | None = None,
     listener: CaseListener | None = None,
-    profiler: Callable[[Case, Callable[[], object]], None] | None = None,
+    profile: bool = False,
 ) -> RunOutcome:
-    """Run a suite (or its filtered shard) into a run directory and return what happened."""
+    """Run a suite (or its filtered shard) into a run directory and return what happened.
+
+    With `profile`, each measured case is also profiled into `RUN_DIR/traces/` after its timing.
+    """
     if not isinstance(suite, Suite):
         suite = load_suite(suite)
     cases = suite.cases()
@@ -371,7 +391,7 @@ def run_suite(
         cases = shard.select(cases)
     if not cases:
         raise CondConvBenchError(f"{suite.path}: no cases to run after filters and sharding")
-    run = _open_run(suite, Path(output) if output else default_output(suite), resume, shard, len(cases))
+    run = _open_run(suite, Path(output) if output else default_output(suite), resume, shard, cases)
     done = run.completed_case_ids()
     outcome = RunOutcome(run, len(cases), len(done & {case.id for case in cases}))
     ctx = _CaseContext(suite.model.seed)
@@ -380,8 +400,10 @@ def run_suite(
             continue
         if listener:
             listener.case_started(index, len(cases), case)
-        row, measured = run_case(case, ctx, suite, profiler)
+        row, measured, profile_record = run_case(case, ctx, suite, run.traces_dir if profile else None)
         run.append(row, measured)
+        if profile_record is not None:
+            run.append_profile(profile_record)
         outcome.counts[row["status"]] += 1
         if row.get("equivalent") is False:
             outcome.equivalence_failures.append(case.id)

@@ -11,6 +11,8 @@ from __future__ import annotations
 import numpy as np
 import pandas as pd
 
+from condconv_bench.report import formatting
+
 FLOOR_IMPL = "static"  # the plain conv every strategy is measured against
 COMMON_IMPL = "grouped_conv"  # what timm and most open-source ports do
 GROUP_COLUMNS = ["layer", "device", "dtype", "mode", "threads", "memory_format", "batch_size"]
@@ -64,3 +66,102 @@ def geomean_by_impl(frame: pd.DataFrame) -> pd.DataFrame:
 def varying(frame: pd.DataFrame, columns: list[str]) -> list[str]:
     """The columns that take more than one value: the ones a compact table must show."""
     return [c for c in columns if frame[c].nunique(dropna=False) > 1]
+
+
+CONTEXT_COLUMNS = ["device", "dtype", "mode", "threads", "memory_format"]
+
+
+def contexts(frame: pd.DataFrame) -> list[tuple[str, pd.DataFrame]]:
+    """Measured rows split by the context columns that vary (device, dtype, …), with labels."""
+    rows = measured(frame)
+    if rows.empty:
+        return []
+    shown = varying(rows, CONTEXT_COLUMNS)
+    if not shown:
+        return [("", rows)]
+    labelled = []
+    for key, group in rows.groupby(shown, sort=False):
+        label = " · ".join(f"{v} threads" if c == "threads" else str(v) for c, v in zip(shown, key))
+        labelled.append((label, group))
+    return labelled
+
+
+def macs_per_example(frame: pd.DataFrame) -> pd.DataFrame:
+    """Analytic MACs per example (millions), layer × implementation: the cost models side by side."""
+    rows = frame[frame["macs_analytic"].notna()].copy()
+    rows["mmac_per_example"] = rows["macs_analytic"] / rows["batch_size"] / 1e6
+    return rows.pivot_table(index="layer", columns="impl", values="mmac_per_example", aggfunc="first", sort=False)
+
+
+def flops_disagreements(frame: pd.DataFrame) -> pd.DataFrame:
+    """Cases where fvcore, FlopCounterMode and the analytic count do not agree, with the reason."""
+    rows = frame[frame["flops_agree"].fillna(True).astype(bool).eq(False)]
+    return rows[["case_id", "macs_fvcore", "flops_torch", "macs_analytic", "flops_problems"]]
+
+
+def equivalence_summary(frame: pd.DataFrame) -> pd.DataFrame:
+    """Per implementation: cases checked, passed, and the worst errors against the float64 oracle."""
+    rows = frame[frame["equivalent"].notna()]
+    if rows.empty:
+        return pd.DataFrame(columns=["impl", "checked", "passed", "worst_rel_error", "worst_abs_error", "worst_case"])
+    worst = rows.loc[rows.groupby("impl", sort=False)["max_rel_error"].idxmax()].set_index("impl")
+    summary = rows.groupby("impl", sort=False).agg(
+        checked=("equivalent", "size"), passed=("equivalent", "sum"), worst_abs_error=("max_abs_error", "max")
+    )
+    summary["worst_rel_error"] = worst["max_rel_error"]
+    summary["worst_case"] = worst["case_id"] + " (" + worst["worst_tensor"].fillna("") + ")"
+    summary["tolerance"] = worst["tolerance"]
+    return summary.reset_index()[["impl", "checked", "passed", "worst_rel_error", "tolerance", "worst_abs_error", "worst_case"]]
+
+
+def equivalence_failures(frame: pd.DataFrame) -> pd.DataFrame:
+    rows = frame[frame["equivalent"].fillna(True).astype(bool).eq(False)]
+    return rows[["case_id", "max_rel_error", "tolerance", "worst_tensor", "max_abs_error"]]
+
+
+def noisy_cases(frame: pd.DataFrame) -> pd.DataFrame:
+    """Measurements whose IQR exceeds 10% of the median: compare them with care."""
+    rows = measured(frame)
+    rows = rows[rows["noisy"].fillna(False).astype(bool)].copy()
+    rows["iqr_over_median"] = rows["latency_iqr_s"] / rows["latency_median_s"]
+    return rows[["case_id", "latency_median_s", "latency_iqr_s", "iqr_over_median", "n_measurements"]]
+
+
+def not_measured(frame: pd.DataFrame) -> pd.DataFrame:
+    """Skipped and errored cases, grouped by implementation, device and reason, with counts."""
+    rows = frame[frame["status"] != "ok"]
+    grouped = rows.groupby(["status", "impl", "device", "reason"], dropna=False, sort=False).size()
+    return grouped.rename("cases").reset_index()
+
+
+def compile_times(frame: pd.DataFrame) -> pd.DataFrame:
+    """Cold first calls that compiled graphs: compile time per layer and batch size."""
+    rows = measured(frame)
+    rows = rows[rows["compiled_graphs"].fillna(0) > 0]
+    return rows[["impl", "layer", "batch_size", "dtype", "mode", "first_call_s", "compiled_graphs", "latency_median_s"]]
+
+
+def achieved_flops(frame: pd.DataFrame) -> pd.DataFrame:
+    """Inference rows with `achieved_gflops`: analytic FLOPs (2 × MAC) over the median latency.
+
+    FLOPs are counted for the forward pass only, so a training step's rate would be meaningless.
+    """
+    rows = measured(frame)
+    rows = rows[(rows["mode"] == "inference") & rows["macs_analytic"].notna()].copy()
+    rows["achieved_gflops"] = 2 * rows["macs_analytic"].astype(float) / rows["latency_median_s"] / 1e9
+    return rows
+
+
+def headline_display(frame: pd.DataFrame) -> pd.DataFrame:
+    """`headline` as formatted text columns for terminals and markdown; context columns only if they vary."""
+    best = headline(frame)
+    context = varying(best, CONTEXT_COLUMNS) if not best.empty else []
+    return pd.DataFrame({
+        "layer": best["layer"],
+        **{column: best[column] for column in context},
+        "batch": best["batch_size"],
+        "fastest": best["fastest"],
+        "latency": best["latency_median_s"].map(formatting.seconds),
+        "vs static": best["vs_static"].map(formatting.ratio),
+        "vs grouped_conv": best["vs_grouped_conv"].map(formatting.ratio),
+    })

@@ -1,0 +1,54 @@
+"""How figures read in every output format: durations with units, ratios with ×, bytes in IEC units."""
+
+from __future__ import annotations
+
+import math
+
+
+def _missing(value: object) -> bool:
+    try:
+        return value is None or math.isnan(float(value))  # type: ignore[arg-type]
+    except (TypeError, ValueError):
+        return True
+
+
+def seconds(value: float | None) -> str:
+    """`43.5 µs`, `2.03 ms`, `1.2 s`; `-` for a missing value."""
+    if _missing(value):
+        return "-"
+    value = float(value)  # type: ignore[arg-type]
+    for unit, scale in (("s", 1.0), ("ms", 1e-3), ("µs", 1e-6)):
+        if value >= scale:
+            return f"{value / scale:.3g} {unit}"
+    return f"{value / 1e-9:.3g} ns"
+
+
+def ratio(value: float | None) -> str:
+    return "-" if _missing(value) else f"{float(value):.2f}×"  # type: ignore[arg-type]
+
+
+def size(value: float | None) -> str:
+    """Bytes as `12.3 MiB`."""
+    if _missing(value):
+        return "-"
+    value = float(value)  # type: ignore[arg-type]
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if abs(value) < 1024 or unit == "GiB":
+            return f"{value:.3g} {unit}" if unit != "B" else f"{int(value)} B"
+        value /= 1024
+    return f"{value:.3g} GiB"
+
+
+def count(value: float | None, unit: str = "") -> str:
+    """Large counts as `1.23 G` (with a unit such as `MAC`)."""
+    if _missing(value):
+        return "-"
+    value = float(value)  # type: ignore[arg-type]
+    for prefix, scale in (("G", 1e9), ("M", 1e6), ("k", 1e3)):
+        if abs(value) >= scale:
+            return f"{value / scale:.3g} {prefix}{unit}"
+    return f"{value:.3g} {unit}".strip()
+
+
+def scientific(value: float | None) -> str:
+    return "-" if _missing(value) else f"{float(value):.2e}"  # type: ignore[arg-type]

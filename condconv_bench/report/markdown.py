@@ -1,0 +1,53 @@
+"""A compact markdown summary of one or more runs, for a pull-request comment or a README."""
+
+from __future__ import annotations
+
+import pandas as pd
+
+from condconv_bench.environment import hardware_label
+from condconv_bench.report import formatting, tables
+from condconv_bench.report.runs import LoadedRun, comparison_summary, cross_run
+
+
+def _table(frame: pd.DataFrame) -> str:
+    header = "| " + " | ".join(map(str, frame.columns)) + " |"
+    rule = "|" + "|".join("---" for _ in frame.columns) + "|"
+    body = ["| " + " | ".join(str(v).replace("|", "\\|") for v in row) + " |" for row in frame.itertuples(index=False)]
+    return "\n".join([header, rule, *body])
+
+
+def render_markdown(runs: list[LoadedRun]) -> str:
+    """Headline and per-implementation summary of each run, then the cross-run ratios."""
+    parts = []
+    for run in runs:
+        frame = run.results
+        parts.append(f"## {run.suite_name} — {hardware_label(run.environment)}")
+        counts = frame["status"].value_counts()
+        parts.append(
+            f"{len(frame)} cases: {counts.get('ok', 0)} measured, {counts.get('skipped', 0)} skipped, "
+            f"{counts.get('error', 0)} errors; torch {run.environment.get('torch')}, commit {run.environment.get('git_commit') or 'unknown'}."
+        )
+        best = tables.headline_display(frame)
+        if best.empty:
+            parts.append("No implementation produced a verified latency.")
+            continue
+        parts.append(_table(best))
+        summary = tables.geomean_by_impl(frame)
+        parts.append(_table(pd.DataFrame({
+            "implementation": summary["impl"],
+            "cases": summary["cases"],
+            "fastest in": summary["wins"],
+            "geomean vs static": summary["geomean_vs_static"].map(formatting.ratio),
+            "geomean vs grouped_conv": summary["geomean_vs_grouped_conv"].map(formatting.ratio),
+        })))
+        failures = tables.equivalence_failures(frame)
+        if not failures.empty:
+            parts.append("**Equivalence failures:** " + ", ".join(f"`{c}`" for c in failures["case_id"]))
+    comparison, variants = cross_run(runs)
+    if not comparison.empty:
+        parts.append("## Side by side")
+        summary = comparison_summary(comparison, variants)
+        ratios = summary.drop(columns=["impl", "cases"]).map(formatting.ratio)
+        ratios.columns = [f"{v} / {variants[0]}" for v in variants[1:]]
+        parts.append(_table(pd.concat([summary[["impl", "cases"]].rename(columns={"impl": "implementation"}), ratios], axis=1)))
+    return "\n\n".join(parts) + "\n"
