@@ -13,13 +13,17 @@ from typing import Any
 
 import click
 import pandas as pd
+from pydantic import ValidationError
 
+from condconv_bench.baseline import load_snapshot, save_baseline
+from condconv_bench.compare import CaseComparison, Comparison, compare_snapshots
 from condconv_bench.errors import EXIT_FAILURE, CondConvBenchError
+from condconv_bench.gate import run_gate
 from condconv_bench.registry import list_impls
-from condconv_bench.report import tables, write_report
-from condconv_bench.results import merge_runs
+from condconv_bench.report import tables, verdicts, write_report
+from condconv_bench.results import RunDirectory, merge_runs
 from condconv_bench.runner import CaseFilter, Shard, run_suite
-from condconv_bench.suite import Case, load_suite, shipped_suites
+from condconv_bench.suite import Case, GateSettings, load_suite, shipped_suites
 
 
 class _Group(click.Group):
@@ -170,3 +174,73 @@ def merge(run_dirs: tuple[Path, ...], output: Path) -> None:
     """Merge the run directories of a suite's shards into one."""
     merged = merge_runs(list(run_dirs), output)
     click.echo(f"merged {len(run_dirs)} runs, {len(merged.results())} cases, into {merged.path}")
+
+
+def _gate_settings(run_dir: Path, overrides: dict[str, Any]) -> GateSettings:
+    """The current run's suite settings, overridden by the options given on the command line."""
+    suite_settings = RunDirectory.open(run_dir).metadata()["suite"].get("gate", {}) if run_dir.is_dir() else {}
+    given = {key: value for key, value in overrides.items() if value is not None}
+    try:
+        return GateSettings.model_validate({**suite_settings, **given})
+    except ValidationError as exc:
+        error = exc.errors()[0]
+        raise CondConvBenchError(f"--{str(error['loc'][0]).replace('_', '-')}: {error['msg']}") from None
+
+
+def _threshold_options(command: Any) -> Any:
+    for option in reversed([
+        click.option("--time-threshold", type=float, help="Relative slowdown that counts [suite's gate, else 0.10]."),
+        click.option("--memory-threshold", type=float, help="Relative peak-memory growth that counts [0.10]."),
+        click.option("--alpha", type=float, help="Significance level of the Mann-Whitney U test [0.002]."),
+        click.option("--comparison", type=click.Choice(["auto", "absolute", "floor"]),
+                     help="Raw latencies, or latencies over the static floor of their own run [auto]."),
+    ]):
+        command = option(command)
+    return command
+
+
+def _render(comparison: Comparison, fmt: str, everything: bool, failures: list[CaseComparison] | None = None) -> str:
+    if fmt == "markdown":
+        return verdicts.render_markdown(comparison, everything, failures)
+    if fmt == "json":
+        return verdicts.render_json(comparison, failures)
+    return verdicts.render_text(comparison, everything, failures)
+
+
+@main.group()
+def baseline() -> None:
+    """Baseline files for the regression gate."""
+
+
+@baseline.command("save")
+@click.argument("run_dir", type=click.Path(path_type=Path))
+@click.option("-o", "--output", required=True, type=click.Path(dir_okay=False, path_type=Path), help="Baseline file, e.g. baselines/smoke-cpu.json.")
+def baseline_save(run_dir: Path, output: Path) -> None:
+    """Save the figures of RUN_DIR as a small, reviewable baseline file."""
+    written = save_baseline(run_dir, output)
+    click.echo(f"wrote {written} ({len(load_snapshot(written).cases)} cases)")
+
+
+@main.command()
+@click.argument("base", type=click.Path(path_type=Path))
+@click.argument("current", type=click.Path(path_type=Path))
+@click.option("--format", "fmt", type=click.Choice(["text", "markdown", "json"]), default="text", show_default=True)
+@_threshold_options
+def compare(base: Path, current: Path, fmt: str, **overrides: Any) -> None:
+    """Compare CURRENT with BASE (each a run directory or a baseline file), case by case."""
+    comparison = compare_snapshots(load_snapshot(base), load_snapshot(current), _gate_settings(current, overrides))
+    click.echo(_render(comparison, fmt, everything=True))
+
+
+@main.command()
+@click.argument("run_dir", type=click.Path(path_type=Path))
+@click.option("--baseline", "baseline_path", required=True, type=click.Path(path_type=Path), help="Baseline file or run directory.")
+@click.option("--fail-on-improvement", is_flag=True, help="Also fail when a case got faster (or smaller) beyond the thresholds.")
+@click.option("--format", "fmt", type=click.Choice(["text", "markdown", "json"]), default="text", show_default=True)
+@click.option("--all", "everything", is_flag=True, help="List every case, not only those that changed.")
+@_threshold_options
+def gate(run_dir: Path, baseline_path: Path, fail_on_improvement: bool, fmt: str, everything: bool, **overrides: Any) -> None:
+    """Pass (exit 0) or fail (exit 1) RUN_DIR against a baseline; exit 2 for bad input."""
+    result = run_gate(run_dir, baseline_path, _gate_settings(run_dir, overrides), fail_on_improvement)
+    click.echo(_render(result.comparison, fmt, everything, list(result.failures)))
+    sys.exit(result.exit_code)

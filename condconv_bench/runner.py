@@ -357,7 +357,8 @@ def _open_run(suite: Suite, output: Path, resume: bool, shard: Shard | None, cas
     metadata = {
         "suite": {
             "name": suite.name, "path": str(suite.path), "sha256": suite.sha256,
-            "description": suite.model.description, "timing": suite.model.timing.model_dump(), "seed": suite.model.seed,
+            "description": suite.model.description, "timing": suite.model.timing.model_dump(),
+            "gate": suite.model.gate.model_dump(), "seed": suite.model.seed,
         },
         "environment": describe_environment(),
         "started_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),

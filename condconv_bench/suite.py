@@ -28,6 +28,7 @@ from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictFloat, Stri
 from condconv_bench.errors import CondConvBenchError, SpecError, SuiteError
 from condconv_bench.registry import get_impl
 from condconv_bench.spec import LayerSpec, Pair
+from condconv_bench.statistics import DEFAULT_ALPHA
 
 DType = Literal["float32", "bfloat16", "float16"]
 Mode = Literal["inference", "training"]
@@ -48,6 +49,16 @@ class TimingSettings(_Model):
 
     min_run_time: Annotated[Number, Field(gt=0)] = 0.2
     warmup: Annotated[StrictInt, Field(ge=0)] = 2
+
+
+class GateSettings(_Model):
+    """Regression-gate tolerances, per suite (`gate:`) or from the command line (`condconv_bench.compare`)."""
+
+    time_threshold: Annotated[Number, Field(gt=0)] = 0.10  # relative slowdown that counts
+    memory_threshold: Annotated[Number, Field(gt=0)] = 0.10  # relative peak-memory growth that counts
+    memory_min_bytes: Annotated[StrictInt, Field(ge=0)] = 16 * 1024  # and the growth must exceed this
+    alpha: Annotated[Number, Field(gt=0, lt=1)] = DEFAULT_ALPHA  # significance level of the rank test
+    comparison: Literal["auto", "absolute", "floor"] = "auto"
 
 
 class AxisOverrides(_Model):
@@ -98,11 +109,12 @@ class SuiteModel(_Model):
     threads: list[PositiveInt] | None = Field(default=None, min_length=1)
     memory_formats: list[MemoryFormat] = Field(default=["contiguous"], min_length=1)
     timing: TimingSettings = TimingSettings()
+    gate: GateSettings = GateSettings()
     seed: StrictInt = 0
 
 
 _ALL_KEYS = sorted(
-    {name for model in (SuiteModel, LayerEntry, DeviceEntry, TimingSettings) for name in model.model_fields}
+    {name for model in (SuiteModel, LayerEntry, DeviceEntry, TimingSettings, GateSettings) for name in model.model_fields}
 )
 
 

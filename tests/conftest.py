@@ -7,7 +7,7 @@ from dataclasses import dataclass
 import pytest
 import torch
 
-from condconv_bench import LayerSpec
+from condconv_bench import LayerSpec, registry
 
 
 @dataclass(frozen=True)
@@ -59,3 +59,12 @@ SCENARIOS = [
 @pytest.fixture(params=SCENARIOS, ids=lambda s: s.name)
 def scenario(request) -> Scenario:
     return request.param
+
+
+@pytest.fixture
+def isolated_registry(monkeypatch) -> dict:
+    """A registry copy a test may change (the returned dict) without leaking keys into other tests."""
+    registry._load_sources()
+    copy = dict(registry._registry)
+    monkeypatch.setattr(registry, "_registry", copy)
+    return copy

@@ -27,9 +27,9 @@ class AllocatesHundredMB(GroupedConv):
 class SlowerByHalf(GroupedConv):
     """grouped_conv, then a busy wait of half its own duration: a planted 1.5× slowdown."""
 
-    def conditional_forward(self, x: torch.Tensor, routing_weights: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, routing_weights: torch.Tensor | None = None) -> torch.Tensor:
         start = time.perf_counter()
-        out = super().conditional_forward(x, routing_weights)
+        out = super().forward(x, routing_weights)
         deadline = time.perf_counter() + 0.5 * (time.perf_counter() - start)
         while time.perf_counter() < deadline:
             pass

@@ -12,13 +12,6 @@ from condconv_bench.impls.grouped_conv import GroupedConv
 BUILTINS = {"per_sample_loop", "grouped_conv", "batched_matmul", "naive_moe", "compiled", "static"}
 
 
-@pytest.fixture
-def isolated_registry(monkeypatch):
-    """Let a test register keys without leaking them into other tests."""
-    registry._load_sources()
-    monkeypatch.setattr(registry, "_registry", dict(registry._registry))
-
-
 def test_builtins_are_listed_with_descriptions() -> None:
     infos = {info.key: info for info in list_impls()}
     assert BUILTINS <= set(infos)

@@ -1,0 +1,187 @@
+"""Baseline vs current, case by case: what changed, by how much, and whether it is a regression.
+
+Timing verdicts follow `statistics` (threshold and rank test). Two comparisons are possible:
+
+- `absolute`: raw latencies, when both snapshots come from the same machine running at the
+  same speed;
+- `floor`: each latency divided by the `static` floor's median from its own run, which cancels
+  the machine's speed, for different machines or a machine whose speed drifted.
+
+`auto` (the default) picks `floor` when the environments differ or when the static floor itself
+moved by more than half the threshold (the machine got faster or slower as a whole), and says
+why. The floor is the reference, not code under test, so `static` cases get verdicts but never
+fail a gate. Deterministic figures are compared exactly: any FLOP increase, any equivalence
+failure, any case that newly errors, is skipped or disappears. Peak memory fails beyond its own
+threshold (and a small absolute margin, so a few hundred bytes on a tiny layer do not count).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Literal
+
+import numpy as np
+
+from condconv_bench.baseline import CaseFigures, Snapshot
+from condconv_bench.errors import ResultsError
+from condconv_bench.report.formatting import count, size
+from condconv_bench.report.tables import FLOOR_IMPL
+from condconv_bench.statistics import compare_samples
+from condconv_bench.suite import GateSettings
+
+# Environment keys that identify the machine and software a latency belongs to.
+MACHINE_KEYS = ("hostname", "cpu_model", "cpu_count", "gpus", "torch", "cuda", "cudnn")
+
+
+@dataclass(frozen=True)
+class CaseComparison:
+    """One case before and after; `problems` fail a gate, `improvements` ask for a new baseline."""
+
+    case_id: str
+    impl: str
+    verdict: str  # slower | faster | unchanged | new | missing | errors | skipped | fixed | not measured
+    before_s: float | None = None
+    after_s: float | None = None
+    ratio: float | None = None  # in the comparison's mode
+    p_value: float | None = None
+    flops_before: int | None = None
+    flops_after: int | None = None
+    memory_before: int | None = None
+    memory_after: int | None = None
+    equivalent: bool | None = None
+    problems: tuple[str, ...] = ()
+    improvements: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
+class Comparison:
+    mode: Literal["absolute", "floor"]
+    mode_reason: str
+    environment_notes: tuple[str, ...]
+    thresholds: GateSettings
+    cases: tuple[CaseComparison, ...]
+    baseline: str
+    current: str
+
+    @property
+    def regressions(self) -> list[CaseComparison]:
+        return [c for c in self.cases if c.problems]
+
+    @property
+    def improvements(self) -> list[CaseComparison]:
+        return [c for c in self.cases if c.improvements]
+
+
+def environment_notes(base: Snapshot, current: Snapshot) -> list[str]:
+    """Differences that make latencies incomparable in absolute terms, said up front."""
+    notes = []
+    for key in MACHINE_KEYS:
+        before, after = base.environment.get(key), current.environment.get(key)
+        if before != after:
+            notes.append(f"{key} differs: baseline {before!r}, current {after!r}")
+    if base.suite_sha256 != current.suite_sha256:
+        notes.append("the suite file changed since the baseline (cases may be new or missing)")
+    threads_before = {cid.split("/")[6] for cid in base.cases if cid.count("/") >= 7}
+    threads_after = {cid.split("/")[6] for cid in current.cases if cid.count("/") >= 7}
+    if threads_before != threads_after:
+        notes.append(f"thread counts differ: baseline {sorted(threads_before)}, current {sorted(threads_after)}")
+    return notes
+
+
+def floor_drift(base: Snapshot, current: Snapshot) -> float | None:
+    """Geometric mean of current/baseline latency of the static floor over the common cases."""
+    ratios = [
+        current.cases[cid].latency_median_s / figures.latency_median_s
+        for cid, figures in base.cases.items()
+        if cid.split("/")[1] == FLOOR_IMPL and figures.latency_median_s and cid in current.cases
+        and current.cases[cid].latency_median_s
+    ]
+    return float(np.exp(np.mean(np.log(ratios)))) if ratios else None
+
+
+def _choose_mode(base: Snapshot, current: Snapshot, thresholds: GateSettings, notes: list[str]) -> tuple[str, str]:
+    if thresholds.comparison != "auto":
+        return thresholds.comparison, "requested"
+    machine_notes = [n for n in notes if n.split(" ")[0] in MACHINE_KEYS]
+    if machine_notes:
+        return "floor", f"baseline and current come from different environments ({machine_notes[0]})"
+    drift = floor_drift(base, current)
+    if drift is not None and abs(math.log(drift)) > math.log(1 + thresholds.time_threshold / 2):
+        return "floor", f"the static floor moved by {drift - 1:+.0%} between the runs, so the machine's speed changed"
+    return "absolute", "same environment and the static floor moved by " + ("an unknown amount" if drift is None else f"{drift - 1:+.1%}")
+
+
+def _samples(snapshot: Snapshot, figures: CaseFigures, mode: str) -> np.ndarray | None:
+    samples = np.asarray(figures.samples_s, dtype=float)
+    if mode == "absolute":
+        return samples
+    floor = snapshot.cases.get(figures.floor_case) if figures.floor_case else None
+    return samples / floor.latency_median_s if floor is not None and floor.latency_median_s else None
+
+
+def _deterministic(before: CaseFigures, after: CaseFigures, t: GateSettings) -> tuple[list[str], list[str]]:
+    problems, improvements = [], []
+    for name, unit in (("macs_fvcore", "MAC (fvcore)"), ("flops_torch", "FLOP (FlopCounterMode)"), ("macs_analytic", "MAC (analytic)")):
+        old, new = getattr(before, name), getattr(after, name)
+        if old is not None and new is not None and new != old:
+            text = f"{count(old)} → {count(new)} {unit}"
+            (problems if new > old else improvements).append(("FLOPs increased: " if new > old else "FLOPs decreased: ") + text)
+    if after.equivalent is False:
+        problems.append(f"equivalence failed (relative error {after.max_rel_error:.2e})")
+    old, new = before.peak_memory_bytes, after.peak_memory_bytes
+    if old is not None and new is not None and abs(new - old) > t.memory_min_bytes:
+        if new > old * (1 + t.memory_threshold):
+            problems.append(f"peak memory grew {new / old - 1:+.0%}: {size(old)} → {size(new)}")
+        elif new < old / (1 + t.memory_threshold):
+            improvements.append(f"peak memory shrank {new / old - 1:+.0%}: {size(old)} → {size(new)}")
+    return problems, improvements
+
+
+def _compare_case(case_id: str, base: Snapshot, current: Snapshot, mode: str, t: GateSettings) -> CaseComparison:
+    impl = case_id.split("/")[1]
+    before, after = base.cases.get(case_id), current.cases.get(case_id)
+    if before is None:
+        return CaseComparison(case_id, impl, "new", after_s=after.latency_median_s if after else None)
+    if after is None:
+        return CaseComparison(case_id, impl, "missing", before_s=before.latency_median_s,
+                              problems=("missing: the case is no longer in the run",) if before.status == "ok" else ())
+    common = dict(
+        before_s=before.latency_median_s, after_s=after.latency_median_s, flops_before=before.flops_torch,
+        flops_after=after.flops_torch, memory_before=before.peak_memory_bytes, memory_after=after.peak_memory_bytes,
+        equivalent=after.equivalent,
+    )
+    if after.status != "ok":
+        if before.status == "ok":
+            verdict = "errors" if after.status == "error" else "skipped"
+            return CaseComparison(case_id, impl, verdict, problems=(f"now {after.status}: {after.reason}",), **common)
+        return CaseComparison(case_id, impl, "not measured", **common)
+    if before.status != "ok":
+        return CaseComparison(case_id, impl, "fixed", improvements=(f"was {before.status}, now measured",), **common)
+    problems, improvements = _deterministic(before, after, t)
+    before_samples, after_samples = _samples(base, before, mode), _samples(current, after, mode)
+    if before_samples is None or after_samples is None or not len(before_samples) or not len(after_samples):
+        return CaseComparison(case_id, impl, "not measured", problems=tuple(problems), improvements=tuple(improvements), **common)
+    change = compare_samples(before_samples, after_samples)
+    verdict = change.direction(t.time_threshold, t.alpha)
+    if impl != FLOOR_IMPL:
+        if verdict == "slower":
+            problems.append(f"slower: {change.ratio:.2f}× ({mode}, p={change.p_value:.1e})")
+        elif verdict == "faster":
+            improvements.append(f"faster: {change.ratio:.2f}× ({mode}, p={change.p_value:.1e})")
+    return CaseComparison(case_id, impl, verdict, ratio=change.ratio, p_value=change.p_value,
+                          problems=tuple(problems), improvements=tuple(improvements), **common)
+
+
+def compare_snapshots(base: Snapshot, current: Snapshot, thresholds: GateSettings = GateSettings()) -> Comparison:
+    """Compare every case of either snapshot; refuses snapshots of different suites."""
+    if base.suite_name != current.suite_name:
+        raise ResultsError(
+            f"{current.source}: suite {current.suite_name!r} cannot be compared with baseline {base.source} "
+            f"of suite {base.suite_name!r}"
+        )
+    notes = environment_notes(base, current)
+    mode, reason = _choose_mode(base, current, thresholds, notes)
+    case_ids = list(dict.fromkeys([*base.cases, *current.cases]))
+    cases = tuple(_compare_case(case_id, base, current, mode, thresholds) for case_id in case_ids)
+    return Comparison(mode, reason, tuple(notes), thresholds, cases, base.source, current.source)  # type: ignore[arg-type]

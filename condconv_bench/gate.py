@@ -1,0 +1,38 @@
+"""The regression gate: a comparison's verdicts turned into pass or fail and an exit code.
+
+Fails (exit 1) on any regression the comparison found; with `fail_on_improvement`, also on
+improvements beyond the thresholds, as PyTorch's CI does, so that a faster path forces the
+baseline to be updated instead of silently widening the margin for the next regression.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+from condconv_bench.baseline import load_snapshot
+from condconv_bench.compare import CaseComparison, Comparison, compare_snapshots
+from condconv_bench.errors import EXIT_FAILURE, EXIT_OK
+from condconv_bench.suite import GateSettings
+
+
+@dataclass(frozen=True)
+class GateResult:
+    comparison: Comparison
+    failures: tuple[CaseComparison, ...]
+    fail_on_improvement: bool
+
+    @property
+    def passed(self) -> bool:
+        return not self.failures
+
+    @property
+    def exit_code(self) -> int:
+        return EXIT_OK if self.passed else EXIT_FAILURE
+
+
+def run_gate(run_dir: Path, baseline: Path, thresholds: GateSettings, fail_on_improvement: bool = False) -> GateResult:
+    """Compare `run_dir` with `baseline` (a baseline file or another run directory) and decide."""
+    comparison = compare_snapshots(load_snapshot(baseline), load_snapshot(run_dir), thresholds)
+    failures = [c for c in comparison.cases if c.problems or (fail_on_improvement and c.improvements)]
+    return GateResult(comparison, tuple(failures), fail_on_improvement)

@@ -1,0 +1,190 @@
+"""The gate against planted defects, each planted through a test-only implementation."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import yaml
+from click.testing import CliRunner
+
+from condconv_bench.baseline import load_snapshot, save_baseline
+from condconv_bench.cli import main
+from condconv_bench.compare import compare_snapshots
+from condconv_bench.gate import run_gate
+from condconv_bench.impls.grouped_conv import GroupedConv
+from condconv_bench.runner import run_suite
+from condconv_bench.suite import GateSettings
+
+import fake_impls
+
+PLANTED = "planted"
+SUITE = {
+    "name": "gate-test",
+    "impls": ["static", "grouped_conv", PLANTED],
+    "batch_sizes": [4],
+    "devices": ["cpu"],
+    "threads": [1],
+    "timing": {"min_run_time": 0.3, "warmup": 2},
+    "layers": [{"name": "pw", "in_channels": 32, "out_channels": 64, "input_size": 12, "experts": 4}],
+}
+
+
+def run_with(tmp: Path, name: str, planted: type, registry: dict) -> Path:
+    registry[PLANTED] = planted
+    suite = tmp / "suite.yaml"
+    suite.write_text(yaml.safe_dump(SUITE))
+    out = tmp / name
+    run_suite(suite, out)
+    return out
+
+
+@pytest.fixture(scope="module")
+def baseline_file(tmp_path_factory) -> Path:
+    tmp = tmp_path_factory.mktemp("gate")
+    registry = _module_registry()
+    try:
+        run = run_with(tmp, "baseline-run", GroupedConv, registry)
+    finally:
+        registry.pop(PLANTED, None)
+    return save_baseline(run, tmp / "baselines" / "gate-test.json")
+
+
+def _module_registry() -> dict:
+    from condconv_bench import registry
+
+    registry._load_sources()
+    return registry._registry
+
+
+def planted_case(result) -> str:
+    return f"pw/{PLANTED}/b4/cpu/float32/inference/t1/contiguous"
+
+
+@pytest.mark.parametrize(
+    ("planted", "verdict", "reason"),
+    [
+        (fake_impls.SlowerByHalf, "slower", "slower: "),
+        (fake_impls.ExtraMatmul, None, "FLOPs increased: "),
+        (fake_impls.WrongExpertOrder, None, "equivalence failed"),
+        (fake_impls.Crashes, "errors", "now error: RuntimeError: planted failure"),
+        (fake_impls.AllocatesHundredMB, None, "peak memory grew"),
+    ],
+    ids=["slowdown", "flops", "numerics", "errors", "memory"],
+)
+def test_planted_defect_fails_the_gate_naming_case_and_reason(tmp_path, baseline_file, isolated_registry, planted, verdict, reason) -> None:
+    run = run_with(tmp_path, "current", planted, isolated_registry)
+    result = run_gate(run, baseline_file, GateSettings())
+    assert not result.passed and result.exit_code == 1
+    failed = {c.case_id: c for c in result.failures}
+    case = failed[planted_case(result)]
+    assert any(problem.startswith(reason) for problem in case.problems), case.problems
+    if verdict:
+        assert case.verdict == verdict
+    if planted is fake_impls.SlowerByHalf:
+        assert 1.35 < case.ratio < 1.8
+
+
+def test_gate_cli_names_the_regression_and_exits_1(tmp_path, baseline_file, isolated_registry) -> None:
+    run = run_with(tmp_path, "current", fake_impls.WrongExpertOrder, isolated_registry)
+    result = CliRunner().invoke(main, ["gate", str(run), "--baseline", str(baseline_file)])
+    assert result.exit_code == 1
+    assert f"pw/{PLANTED}/b4" in result.stdout and "equivalence failed" in result.stdout
+    assert "FAIL:" in result.stdout.strip().splitlines()[-1]
+
+
+def test_improvement_passes_unless_asked_to_fail(tmp_path, isolated_registry) -> None:
+    slow = run_with(tmp_path, "slow", fake_impls.SlowerByHalf, isolated_registry)
+    fast = run_with(tmp_path, "fast", GroupedConv, isolated_registry)
+    lenient = run_gate(fast, slow, GateSettings())
+    planted = [c for c in lenient.comparison.cases if c.case_id == planted_case(lenient)][0]
+    assert planted.verdict == "faster" and planted.improvements, (lenient.comparison.mode, lenient.comparison.mode_reason, planted)
+    assert planted not in lenient.failures
+    strict = run_gate(fast, slow, GateSettings(), fail_on_improvement=True)
+    assert planted.case_id in {c.case_id for c in strict.failures}
+
+
+def test_floor_comparison_cancels_a_machine_twice_as_slow(tmp_path, baseline_file) -> None:
+    document = json.loads(baseline_file.read_text())
+    for figures in document["cases"].values():  # the same run, on a machine half as fast
+        figures["samples_s"] = [2 * s for s in figures["samples_s"]]
+        figures["latency_median_s"] *= 2
+    document["environment"]["cpu_model"] = "a slower CPU"
+    slower_machine = tmp_path / "slower-machine.json"
+    slower_machine.write_text(json.dumps(document))
+    comparison = compare_snapshots(load_snapshot(baseline_file), load_snapshot(slower_machine))
+    assert comparison.mode == "floor" and "cpu_model differs" in comparison.mode_reason
+    assert not comparison.regressions
+    absolute = compare_snapshots(load_snapshot(baseline_file), load_snapshot(slower_machine), GateSettings(comparison="absolute"))
+    assert {c.impl for c in absolute.regressions} == {"grouped_conv", PLANTED}  # static is the floor: reported, never failed
+
+
+def test_missing_case_fails(tmp_path, baseline_file) -> None:
+    document = json.loads(baseline_file.read_text())
+    document["cases"]["pw/grouped_conv/b64/cpu/float32/inference/t1/contiguous"] = dict(
+        next(iter(document["cases"].values()))
+    )
+    path = tmp_path / "extra.json"
+    path.write_text(json.dumps(document))
+    comparison = compare_snapshots(load_snapshot(path), load_snapshot(baseline_file))
+    missing = [c for c in comparison.regressions if c.verdict == "missing"]
+    assert [c.case_id for c in missing] == ["pw/grouped_conv/b64/cpu/float32/inference/t1/contiguous"]
+
+
+def test_baseline_is_small_sorted_and_reads_well_in_a_diff(baseline_file) -> None:
+    text = baseline_file.read_text()
+    document = json.loads(text)
+    assert list(document["cases"]) == sorted(document["cases"])
+    assert document["environment"]["torch"] and document["suite"]["name"] == "gate-test"
+    case = document["cases"][f"pw/{PLANTED}/b4/cpu/float32/inference/t1/contiguous"]
+    for key in ("latency_median_s", "latency_iqr_s", "samples_s", "ratio_to_static", "macs_fvcore", "flops_torch",
+                "macs_analytic", "peak_memory_bytes", "equivalent"):
+        assert key in case
+    assert 2 <= len(case["samples_s"]) <= 64
+    sample_lines = [line for line in text.splitlines() if '"samples_s"' in line]
+    assert len(sample_lines) == len(document["cases"]) and all(line.rstrip().endswith(("],", "]")) for line in sample_lines)
+    snapshot = load_snapshot(baseline_file)
+    assert snapshot.cases[f"pw/{PLANTED}/b4/cpu/float32/inference/t1/contiguous"].equivalent is True
+
+
+@pytest.mark.parametrize(
+    ("content", "fragment"),
+    [
+        ("{not json", "not a valid baseline (invalid JSON"),
+        ('{"format": "something-else"}', "not a condconv-bench baseline"),
+        ('{"format": "condconv-bench-baseline", "version": 99}', "baseline version 99"),
+        ('{"format": "condconv-bench-baseline", "version": 1, "suite": {}, "cases": {}}', "corrupt baseline"),
+    ],
+    ids=["invalid-json", "wrong-format", "future-version", "missing-fields"],
+)
+def test_corrupt_baseline_is_exit_2_and_one_line(tmp_path, baseline_file, content, fragment) -> None:
+    bad = tmp_path / "bad.json"
+    bad.write_text(content)
+    result = CliRunner().invoke(main, ["gate", str(baseline_file.parent.parent / "baseline-run"), "--baseline", str(bad)])
+    assert result.exit_code == 2, result.output
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and fragment in lines[0] and str(bad) in lines[0]
+
+
+def test_mismatched_suite_and_missing_baseline_are_exit_2(tmp_path, baseline_file) -> None:
+    document = json.loads(baseline_file.read_text())
+    document["suite"]["name"] = "another-suite"
+    other = tmp_path / "other.json"
+    other.write_text(json.dumps(document))
+    run_dir = str(baseline_file.parent.parent / "baseline-run")
+    mismatched = CliRunner().invoke(main, ["gate", run_dir, "--baseline", str(other)])
+    assert mismatched.exit_code == 2 and "cannot be compared with baseline" in mismatched.stderr
+    missing = CliRunner().invoke(main, ["gate", run_dir, "--baseline", str(tmp_path / "nope.json")])
+    assert missing.exit_code == 2 and "baseline file not found" in missing.stderr
+    bad_option = CliRunner().invoke(main, ["gate", run_dir, "--baseline", str(baseline_file), "--time-threshold", "-1"])
+    assert bad_option.exit_code == 2 and bad_option.stderr.startswith("error: --time-threshold:")
+
+
+def test_compare_formats(baseline_file) -> None:
+    run_dir = str(baseline_file.parent.parent / "baseline-run")
+    for fmt, probe in (("text", "comparison: absolute"), ("markdown", "| case |"), ("json", '"mode": "absolute"')):
+        result = CliRunner().invoke(main, ["compare", str(baseline_file), run_dir, "--format", fmt])
+        assert result.exit_code == 0 and probe in result.stdout, result.output
+    document = json.loads(CliRunner().invoke(main, ["compare", str(baseline_file), run_dir, "--format", "json"]).stdout)
+    assert document["passed"] and {c["verdict"] for c in document["cases"]} <= {"unchanged", "slower", "faster"}
