@@ -24,6 +24,7 @@ import pandas as pd
 from condconv_bench.errors import ResultsError
 from condconv_bench.report.tables import FLOOR_IMPL, GROUP_COLUMNS
 from condconv_bench.results import RunDirectory
+from condconv_bench.timing import Timing
 
 BASELINE_FORMAT = "condconv-bench-baseline"
 BASELINE_VERSION = 1
@@ -77,37 +78,65 @@ def _optional(value: Any, kind: type) -> Any:
     return None if value is None or pd.isna(value) else kind(value)
 
 
-def snapshot_of_run(path: Path) -> Snapshot:
-    """The figures of a run directory, with the raw samples of each measured case."""
-    run = RunDirectory.open(path)
-    metadata = run.metadata()
-    frame = run.results()
-    samples = run.samples()
-    floors = frame[(frame["impl"] == FLOOR_IMPL) & (frame["status"] == "ok")].set_index(GROUP_COLUMNS)
+_STATUS_RANK = {"error": 0, "skipped": 1, "ok": 2}
+
+
+def _pooled_case(rows: list[dict[str, Any]], timings: list[Timing]) -> dict[str, Any]:
+    """One case's figures over several runs: the worst status, pooled samples, the largest peak."""
+    worst = min(rows, key=lambda row: _STATUS_RANK.get(row["status"], 0))
+    pooled = np.concatenate([t.times_s for t in timings]) if timings and worst["status"] == "ok" else np.array([])
+    peaks = [int(row["peak_memory_bytes"]) for row in rows if not pd.isna(row["peak_memory_bytes"])]
+    verdicts = [bool(row["equivalent"]) for row in rows if not pd.isna(row["equivalent"])]
+    errors = [float(row["max_rel_error"]) for row in rows if not pd.isna(row["max_rel_error"])]
+    return {
+        "status": worst["status"],
+        "reason": _optional(worst["reason"], str),
+        "samples_s": _thin(tuple(map(float, pooled))),
+        "latency_median_s": float(np.median(pooled)) if len(pooled) else None,
+        "latency_iqr_s": float(np.subtract(*np.percentile(pooled, [75, 25]))) if len(pooled) else None,
+        "macs_fvcore": _optional(worst["macs_fvcore"], int),
+        "flops_torch": _optional(worst["flops_torch"], int),
+        "macs_analytic": _optional(worst["macs_analytic"], int),
+        "peak_memory_bytes": max(peaks) if peaks else None,
+        "equivalent": all(verdicts) if verdicts else None,
+        "max_rel_error": max(errors) if errors else None,
+    }
+
+
+def snapshot_of_runs(paths: list[Path]) -> Snapshot:
+    """The figures of one or more run directories of a suite, samples pooled per case.
+
+    Several runs (separate processes) capture what one run cannot: process-level variation
+    such as memory placement, which moves small kernels by 10–50% from one process to the next
+    on shared machines (pyperf spawns many worker processes for the same reason).
+    """
+    runs = [RunDirectory.open(path) for path in paths]
+    metadata = [run.metadata() for run in runs]
+    names = {m["suite"]["name"] for m in metadata}
+    if len(names) != 1:
+        raise ResultsError(f"cannot pool runs of different suites ({', '.join(sorted(names))}): {', '.join(map(str, paths))}")
+    rows: dict[str, list[dict[str, Any]]] = {}
+    timings: dict[str, list[Timing]] = {}
+    groups: dict[str, tuple[Any, ...]] = {}
+    for run in runs:
+        samples = run.samples()
+        for row in run.results().to_dict("records"):
+            rows.setdefault(row["case_id"], []).append(row)
+            groups[row["case_id"]] = tuple(row[c] for c in GROUP_COLUMNS) + (row["impl"],)
+            if row["case_id"] in samples and row["status"] == "ok":
+                timings.setdefault(row["case_id"], []).append(samples[row["case_id"]])
+    pooled = {case_id: _pooled_case(case_rows, timings.get(case_id, [])) for case_id, case_rows in rows.items()}
+    floors = {key[:-1]: case_id for case_id, key in groups.items() if key[-1] == FLOOR_IMPL and pooled[case_id]["latency_median_s"]}
     cases = {}
-    for row in frame.to_dict("records"):
-        key = tuple(row[c] for c in GROUP_COLUMNS)
-        floor = floors.loc[key] if key in floors.index else None
-        timing = samples.get(row["case_id"]) if row["status"] == "ok" else None
-        median = _optional(row["latency_median_s"], float)
-        floor_median = None if floor is None else float(floor["latency_median_s"])
-        cases[row["case_id"]] = CaseFigures(
-            status=row["status"],
-            reason=_optional(row["reason"], str),
-            samples_s=_thin(timing.times_s) if timing else (),
-            latency_median_s=median,
-            latency_iqr_s=_optional(row["latency_iqr_s"], float),
-            floor_case=None if floor is None else str(floor["case_id"]),
-            ratio_to_static=None if median is None or not floor_median else median / floor_median,
-            macs_fvcore=_optional(row["macs_fvcore"], int),
-            flops_torch=_optional(row["flops_torch"], int),
-            macs_analytic=_optional(row["macs_analytic"], int),
-            peak_memory_bytes=_optional(row["peak_memory_bytes"], int),
-            equivalent=_optional(row["equivalent"], bool),
-            max_rel_error=_optional(row["max_rel_error"], float),
+    for case_id, figures in pooled.items():
+        floor = floors.get(groups[case_id][:-1])
+        median, floor_median = figures["latency_median_s"], pooled[floor]["latency_median_s"] if floor else None
+        cases[case_id] = CaseFigures(
+            **figures, floor_case=floor, ratio_to_static=median / floor_median if median and floor_median else None
         )
-    suite = metadata["suite"]
-    return Snapshot(str(path), suite["name"], suite["sha256"], metadata.get("environment", {}), cases)
+    suite = metadata[0]["suite"]
+    source = ", ".join(str(p) for p in paths)
+    return Snapshot(source, suite["name"], suite["sha256"], metadata[0].get("environment", {}), cases)
 
 
 def _dumps(document: dict[str, Any]) -> str:
@@ -116,14 +145,14 @@ def _dumps(document: dict[str, Any]) -> str:
     return re.sub(r"\[\s+([^\[\]{}]*?)\s+\]", lambda m: "[" + re.sub(r"\s*\n\s*", " ", m.group(1)) + "]", text) + "\n"
 
 
-def save_baseline(run_dir: Path, output: Path) -> Path:
-    """Write the baseline of `run_dir` to `output` (folders created as needed)."""
-    snapshot = snapshot_of_run(run_dir)
+def save_baseline(run_dirs: list[Path], output: Path) -> Path:
+    """Write the baseline of one or more runs of a suite to `output` (folders created as needed)."""
+    snapshot = snapshot_of_runs(run_dirs)
     document = {
         "format": BASELINE_FORMAT,
         "version": BASELINE_VERSION,
         "created_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-        "source_run": str(run_dir),
+        "source_runs": [str(path) for path in run_dirs],
         "suite": {"name": snapshot.suite_name, "sha256": snapshot.suite_sha256},
         "environment": snapshot.environment,
         "cases": {
@@ -158,7 +187,9 @@ def _load_baseline_file(path: Path) -> Snapshot:
         raise ResultsError(f"{path}: corrupt baseline ({type(exc).__name__}: {exc})") from None
 
 
-def load_snapshot(path: str | Path) -> Snapshot:
-    """A run directory or a baseline file, read the same way."""
-    path = Path(path)
-    return snapshot_of_run(path) if path.is_dir() else _load_baseline_file(path)
+def load_snapshot(paths: str | Path | list[Path]) -> Snapshot:
+    """A baseline file, or one or more run directories (pooled), read the same way."""
+    paths = [Path(p) for p in paths] if isinstance(paths, list) else [Path(paths)]
+    if len(paths) == 1 and not paths[0].is_dir():
+        return _load_baseline_file(paths[0])
+    return snapshot_of_runs(paths)

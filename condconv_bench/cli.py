@@ -213,11 +213,11 @@ def baseline() -> None:
 
 
 @baseline.command("save")
-@click.argument("run_dir", type=click.Path(path_type=Path))
+@click.argument("run_dirs", nargs=-1, required=True, type=click.Path(path_type=Path))
 @click.option("-o", "--output", required=True, type=click.Path(dir_okay=False, path_type=Path), help="Baseline file, e.g. baselines/smoke-cpu.json.")
-def baseline_save(run_dir: Path, output: Path) -> None:
-    """Save the figures of RUN_DIR as a small, reviewable baseline file."""
-    written = save_baseline(run_dir, output)
+def baseline_save(run_dirs: tuple[Path, ...], output: Path) -> None:
+    """Save the figures of RUN_DIRS (samples pooled over several runs) as a small, reviewable baseline."""
+    written = save_baseline(list(run_dirs), output)
     click.echo(f"wrote {written} ({len(load_snapshot(written).cases)} cases)")
 
 
@@ -233,14 +233,14 @@ def compare(base: Path, current: Path, fmt: str, **overrides: Any) -> None:
 
 
 @main.command()
-@click.argument("run_dir", type=click.Path(path_type=Path))
+@click.argument("run_dirs", nargs=-1, required=True, type=click.Path(path_type=Path))
 @click.option("--baseline", "baseline_path", required=True, type=click.Path(path_type=Path), help="Baseline file or run directory.")
 @click.option("--fail-on-improvement", is_flag=True, help="Also fail when a case got faster (or smaller) beyond the thresholds.")
 @click.option("--format", "fmt", type=click.Choice(["text", "markdown", "json"]), default="text", show_default=True)
 @click.option("--all", "everything", is_flag=True, help="List every case, not only those that changed.")
 @_threshold_options
-def gate(run_dir: Path, baseline_path: Path, fail_on_improvement: bool, fmt: str, everything: bool, **overrides: Any) -> None:
-    """Pass (exit 0) or fail (exit 1) RUN_DIR against a baseline; exit 2 for bad input."""
-    result = run_gate(run_dir, baseline_path, _gate_settings(run_dir, overrides), fail_on_improvement)
+def gate(run_dirs: tuple[Path, ...], baseline_path: Path, fail_on_improvement: bool, fmt: str, everything: bool, **overrides: Any) -> None:
+    """Pass (exit 0) or fail (exit 1) RUN_DIRS (pooled) against a baseline; exit 2 for bad input."""
+    result = run_gate(list(run_dirs), baseline_path, _gate_settings(run_dirs[0], overrides), fail_on_improvement)
     click.echo(_render(result.comparison, fmt, everything, list(result.failures)))
     sys.exit(result.exit_code)

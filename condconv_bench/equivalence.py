@@ -171,36 +171,43 @@ def compare(name: str, actual: torch.Tensor | None, expected: torch.Tensor) -> T
     return TensorComparison(name, rel, max_abs, not finite)
 
 
+def compute_module_reference(
+    reference: torch.nn.Module, x: torch.Tensor, grad_output: torch.Tensor | None = None
+) -> Reference:
+    """Output, and with `grad_output` the gradients, of a float64 `reference` module on `x`.
+
+    Used where the reference is a whole module (a stack of blocks) rather than one formula;
+    gradient names follow `implementation_tensors` (`grad_input`, `grad_<parameter name>`).
+    """
+    return Reference({k: v for k, v in implementation_tensors(reference, x, None, grad_output).items() if v is not None})
+
+
 def implementation_tensors(
-    module: CondConvBase,
+    module: torch.nn.Module,
     x: torch.Tensor,
     routing_weights: torch.Tensor | None = None,
     grad_output: torch.Tensor | None = None,
 ) -> dict[str, torch.Tensor | None]:
-    """The implementation's output and, when `grad_output` is given, the same gradients as the oracle."""
+    """A module's output and, with `grad_output`, the gradients of its input, routing weights
+    (when given) and every parameter, named like the oracle's (`grad_weight`, `grad_routing.bias`…)."""
     track = grad_output is not None
     x = x.detach().requires_grad_(track)
     given = None if routing_weights is None else routing_weights.detach().requires_grad_(track)
     module.zero_grad(set_to_none=True)
     with torch.enable_grad() if track else torch.inference_mode():
-        out = module(x, given)
-    tensors = {"output": out.detach()}
+        out = module(x) if given is None else module(x, given)
+    tensors: dict[str, torch.Tensor | None] = {"output": out.detach()}
     if track:
-        out.backward(grad_output)
+        out.backward(grad_output.to(out.dtype))
         tensors["grad_input"] = x.grad
-        tensors["grad_weight"] = module.weight.grad
-        if module.bias is not None:
-            tensors["grad_bias"] = module.bias.grad
-        if given is None:
-            tensors["grad_routing.weight"] = module.routing.weight.grad
-            tensors["grad_routing.bias"] = module.routing.bias.grad
-        else:
+        if given is not None:
             tensors["grad_routing_weights"] = given.grad
+        tensors.update({f"grad_{name}": p.grad for name, p in module.named_parameters()})
     return tensors
 
 
 def check_equivalence(
-    module: CondConvBase,
+    module: torch.nn.Module,
     x: torch.Tensor,
     routing_weights: torch.Tensor | None = None,
     grad_output: torch.Tensor | None = None,

@@ -65,10 +65,19 @@ class FlopCounts:
         return not self.problems
 
 
+# fvcore also counts these by default; they are not contractions, and FlopCounterMode and the
+# analytic counts leave them out, so fvcore is told to skip them too.
+_FVCORE_NON_CONTRACTIONS = (
+    "aten::batch_norm", "aten::group_norm", "aten::layer_norm", "aten::instance_norm",
+    "aten::upsample_nearest2d", "aten::upsample_bilinear2d", "aten::adaptive_avg_pool2d", "aten::grid_sampler",
+)
+
+
 def _fvcore_macs(module: torch.nn.Module, inputs: tuple[torch.Tensor, ...]) -> tuple[int, Counter[str]]:
     from fvcore.nn import FlopCountAnalysis
 
     analysis = FlopCountAnalysis(module, inputs)
+    analysis.set_op_handle(**{op: None for op in _FVCORE_NON_CONTRACTIONS})
     analysis.unsupported_ops_warnings(False)
     analysis.uncalled_modules_warnings(False)
     analysis.tracer_warnings("none")

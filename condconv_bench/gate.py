@@ -31,8 +31,8 @@ class GateResult:
         return EXIT_OK if self.passed else EXIT_FAILURE
 
 
-def run_gate(run_dir: Path, baseline: Path, thresholds: GateSettings, fail_on_improvement: bool = False) -> GateResult:
-    """Compare `run_dir` with `baseline` (a baseline file or another run directory) and decide."""
-    comparison = compare_snapshots(load_snapshot(baseline), load_snapshot(run_dir), thresholds)
+def run_gate(run_dirs: list[Path], baseline: Path, thresholds: GateSettings, fail_on_improvement: bool = False) -> GateResult:
+    """Compare the runs (pooled) with `baseline` (a baseline file or a run directory) and decide."""
+    comparison = compare_snapshots(load_snapshot(baseline), load_snapshot(list(run_dirs)), thresholds)
     failures = [c for c in comparison.cases if c.problems or (fail_on_improvement and c.improvements)]
     return GateResult(comparison, tuple(failures), fail_on_improvement)

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import math
 from abc import ABC, abstractmethod
+from collections.abc import Callable
 from typing import ClassVar
 
 import torch
@@ -56,6 +57,7 @@ class CondConvBase(nn.Module, ABC):
         self.weight = nn.Parameter(torch.empty(spec.num_experts, *spec.expert_shape))
         self.bias = nn.Parameter(torch.empty(spec.num_experts, spec.out_channels)) if spec.bias else None
         self.routing = nn.Linear(spec.in_channels, spec.num_experts)
+        self._layouts: dict[str, tuple[tuple[object, ...], torch.Tensor]] = {}
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
@@ -105,13 +107,27 @@ class CondConvBase(nn.Module, ABC):
     def conditional_forward(self, x: torch.Tensor, routing_weights: torch.Tensor) -> torch.Tensor:
         """The layer's output given routing weights `(B, E)`: where the strategies differ."""
 
-    def prepare(self, x: torch.Tensor) -> None:
-        """Work done once per input shape before timing (compilation); the runner times it apart."""
-
     def mixed_kernels(self, routing_weights: torch.Tensor) -> torch.Tensor:
         """Per-example kernels `(B, *expert_shape)` as one `(B, E) @ (E, P)` product."""
         flat = routing_weights @ self.weight.reshape(self.spec.num_experts, -1)
         return flat.view(-1, *self.spec.expert_shape)
+
+    def expert_layout(self, name: str, build: Callable[[torch.Tensor], torch.Tensor]) -> torch.Tensor:
+        """The expert weights re-laid out by `build` (e.g. concatenated), rebuilt only when they change.
+
+        While autograd records, the layout is rebuilt on every call so gradients reach `weight`.
+        Otherwise it is cached until the weights change in place, are loaded or are moved, which
+        the tensor's version counter and storage pointer reveal — like a prepacked weight.
+        """
+        weight = self.weight
+        if (torch.is_grad_enabled() and weight.requires_grad) or torch.compiler.is_compiling():
+            return build(weight)
+        key = (weight.data_ptr(), weight._version, weight.dtype, weight.device)
+        cached = self._layouts.get(name)
+        if cached is None or cached[0] != key:
+            cached = (key, build(weight.detach()))
+            self._layouts[name] = cached
+        return cached[1]
 
     def mixed_bias(self, routing_weights: torch.Tensor) -> torch.Tensor | None:
         """Per-example bias `(B, C_out)`, mixed like the kernels (the TF original's convention)."""

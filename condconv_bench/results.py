@@ -23,7 +23,8 @@ import pandas as pd
 from condconv_bench.errors import ResultsError
 from condconv_bench.timing import Timing
 
-SCHEMA_VERSION = 1
+# Schema history: 1 — first release; 2 — `dispatched` column (what `auto` ran).
+SCHEMA_VERSION = 2
 RUN_FILE = "run.json"
 RESULTS_FILE = "results.csv"
 SAMPLES_FILE = "samples.jsonl"
@@ -58,6 +59,7 @@ COLUMNS: dict[str, str] = {
     "throughput_per_s": "float64",  # examples per second at the median latency
     "first_call_s": "float64",  # the cold first call: compile time for compiled implementations
     "compiled_graphs": "Int64",  # graphs torch.compile built during the first call (0 when eager)
+    "dispatched": "string",  # what a dispatching implementation (auto) ran
     "macs_fvcore": "Int64",  # MAC (multiply-accumulate), forward
     "flops_torch": "Int64",  # FLOP = 2 × MAC, forward
     "macs_analytic": "Int64",  # MAC, forward, this strategy's cost model

@@ -10,9 +10,11 @@ goes to an optional listener, which the CLI turns into a progress bar.
 
 from __future__ import annotations
 
+import math
 import re
 import time
 import zlib
+from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
@@ -20,16 +22,18 @@ from pathlib import Path
 from typing import Any, Protocol
 
 import torch
+from torch import nn
 
 from condconv_bench import equivalence, flops, memory, timing
 from condconv_bench.environment import describe_environment
 from condconv_bench.errors import CondConvBenchError, DeviceUnavailableError, ImplUnavailableError, ResultsError
-from condconv_bench.layer import CondConvBase, initial_parameters
+from condconv_bench.layer import CondConvBase
 from condconv_bench.registry import get_impl
 from condconv_bench.results import RunDirectory
 from condconv_bench.machine_peak import matmul_peak_flops
 from condconv_bench.profile import record_profile
 from condconv_bench.suite import TORCH_DTYPES, Case, Suite, load_suite
+from condconv_bench.workload import Workload
 
 
 class CaseListener(Protocol):
@@ -160,22 +164,20 @@ class _CaseContext:
         self._reference: equivalence.Reference | None = None
 
     def parameters(self, case: Case) -> dict[str, torch.Tensor]:
-        key = (case.layer, case.spec)
+        key = (case.layer, case.workload)
         if key not in self._states:
             generator = torch.Generator().manual_seed(_seed(self.seed, case.layer))
-            self._states = {key: initial_parameters(case.spec, generator)}  # one layer at a time
+            self._states = {key: case.workload.initial_state(generator)}  # one layer at a time
         return self._states[key]
 
     def inputs(self, case: Case, device: torch.device) -> _Inputs:
-        key = (case.layer, case.spec, case.device, case.dtype, case.mode, case.batch_size)
+        key = (case.layer, case.workload, case.device, case.dtype, case.mode, case.batch_size)
         if key != self._group_key:
-            generator = torch.Generator().manual_seed(_seed(self.seed, case.layer, case.batch_size))
-            x = torch.randn(case.spec.input_shape(case.batch_size, case.input_size), generator=generator)
-            routing = torch.rand(case.batch_size, case.spec.num_experts, generator=generator) if case.routing_given else None
-            grad_output = None
-            if case.mode == "training":
-                out_shape = (case.batch_size, case.spec.out_channels, *case.spec.output_size(case.input_size))
-                grad_output = torch.randn(out_shape if case.spec.kind == "conv2d" else out_shape[:2], generator=generator)
+            workload, batch = case.workload, case.batch_size
+            generator = torch.Generator().manual_seed(_seed(self.seed, case.layer, batch))
+            x = torch.randn(workload.input_shape(batch), generator=generator)
+            routing = torch.rand(batch, workload.num_experts, generator=generator) if workload.routing_given else None
+            grad_output = torch.randn(workload.output_shape(batch), generator=generator) if case.mode == "training" else None
 
             def place(t: torch.Tensor | None) -> torch.Tensor | None:
                 return None if t is None else t.to(device=device, dtype=case.torch_dtype)
@@ -186,35 +188,42 @@ class _CaseContext:
         assert self._inputs is not None
         return self._inputs
 
-    def reference(self, module: CondConvBase, inputs: _Inputs) -> equivalence.Reference:
+    def reference(self, workload: Workload, module: nn.Module, inputs: _Inputs) -> equivalence.Reference:
         if self._reference is None:
-            self._reference = equivalence.compute_reference(module, inputs.x, inputs.routing_weights, inputs.grad_output)
+            self._reference = workload.reference(module, inputs.x, inputs.routing_weights, inputs.grad_output)
         return self._reference
 
 
-def _step_function(module: CondConvBase, x: torch.Tensor, inputs: _Inputs, case: Case) -> Callable[[], object]:
+def _step_function(module: nn.Module, x: torch.Tensor, inputs: _Inputs, case: Case) -> Callable[[], object]:
     """One timed step: a forward (inference) or a forward and backward (training)."""
     routing = inputs.routing_weights
     if case.mode == "inference":
-        return lambda: module(x, routing)
+        return (lambda: module(x)) if routing is None else (lambda: module(x, routing))
     x = x.detach().requires_grad_(True)
     routing = None if routing is None else routing.detach().requires_grad_(True)
     wrt = [x, *module.parameters(), *([routing] if routing is not None else [])]
     grad_output = inputs.grad_output
 
     def train_step() -> object:
-        out = module(x, routing)
+        out = module(x) if routing is None else module(x, routing)
         return torch.autograd.grad(out, wrt, grad_output, allow_unused=True)
 
     return train_step
 
 
 def _skip_reason(cls: type[CondConvBase], case: Case, device: torch.device) -> str | None:
-    return (
-        device_unavailable_reason(device)
-        or cls.unavailable_reason()
-        or cls.unsupported_reason(case.spec, device, case.torch_dtype)
-    )
+    unsupported = (cls.unsupported_reason(spec, device, case.torch_dtype) for spec in case.workload.layer_specs())
+    return device_unavailable_reason(device) or cls.unavailable_reason() or next(filter(None, unsupported), None)
+
+
+def _dispatched(module: nn.Module) -> str | None:
+    """What a dispatching implementation (`auto`) ran, e.g. `batched_matmul` or `grouped_conv×8 stacked_moe×16`."""
+    chosen = Counter(m.last_strategy for m in module.modules() if getattr(m, "last_strategy", None))
+    if not chosen:
+        return None
+    if len(chosen) == 1 and sum(chosen.values()) == 1:
+        return next(iter(chosen))
+    return " ".join(f"{key}×{n}" for key, n in sorted(chosen.items()))
 
 
 def _identity(case: Case) -> dict[str, Any]:
@@ -222,10 +231,10 @@ def _identity(case: Case) -> dict[str, Any]:
         "case_id": case.id,
         "impl": case.impl,
         "layer": case.layer,
-        "layer_desc": case.spec.describe(),
-        "kind": case.spec.kind,
-        "input_size": "x".join(map(str, case.input_size)) if case.spec.kind == "conv2d" else "",
-        "routing_given": case.routing_given,
+        "layer_desc": case.workload.describe(),
+        "kind": case.workload.kind,
+        "input_size": "x".join(map(str, case.workload.input_shape(1)[2:])),
+        "routing_given": case.workload.routing_given,
         "batch_size": case.batch_size,
         "device": case.device,
         "dtype": case.dtype,
@@ -238,7 +247,8 @@ def _identity(case: Case) -> dict[str, Any]:
 def _measure(case: Case, cls: type[CondConvBase], device: torch.device, ctx: _CaseContext, suite: Suite,
              row: dict[str, Any], traces_dir: Path | None) -> tuple[timing.Timing, dict[str, Any] | None]:
     """Fill `row` with every probe's figures as they arrive, so an error keeps what was measured."""
-    module = cls(case.spec)
+    workload = case.workload
+    module = workload.build(cls)
     module.load_state_dict(ctx.parameters(case))
     module = module.to(device=device, dtype=case.torch_dtype).train(case.mode == "training")
     inputs = ctx.inputs(case, device)
@@ -254,23 +264,23 @@ def _measure(case: Case, cls: type[CondConvBase], device: torch.device, ctx: _Ca
         _synchronize(device)
         row["first_call_s"] = time.perf_counter() - started
         row["compiled_graphs"] = _compiled_graph_count() - graphs_before
+        row["dispatched"] = _dispatched(module)
 
-    output_size = case.spec.output_size(case.input_size)
-    row["output_bytes"] = case.batch_size * case.spec.out_channels * output_size[0] * output_size[1] * element
+    row["output_bytes"] = math.prod(workload.output_shape(case.batch_size)) * element
     row["param_bytes"] = sum(p.numel() * p.element_size() for p in module.parameters())
     row["input_bytes"] = inputs.x.numel() * element
-    row["kernel_bytes"] = case.batch_size * case.spec.kernel_numel * element if cls.materialises_kernels else 0
+    row["kernel_bytes"] = workload.kernel_bytes(cls, case.batch_size, element)
 
     if not cls.is_baseline:
         report = equivalence.check_equivalence(
-            module, x, inputs.routing_weights, inputs.grad_output, ctx.reference(module, inputs)
+            module, x, inputs.routing_weights, inputs.grad_output, ctx.reference(workload, module, inputs)
         )
         row.update(
             max_rel_error=report.max_rel_error, max_abs_error=report.max_abs_error, worst_tensor=report.worst,
             tolerance=report.tolerance, equivalent=report.passed,
         )
 
-    analytic = cls.analytic_macs(case.spec, case.batch_size, case.input_size)
+    analytic = workload.analytic_macs(cls, case.batch_size)
     counts = flops.count_flops(module.eager_module(), x, inputs.routing_weights, analytic)
     row.update(
         macs_fvcore=counts.macs_fvcore, flops_torch=counts.flops_torch, macs_analytic=analytic.total,

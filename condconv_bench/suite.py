@@ -27,8 +27,10 @@ from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictFloat, Stri
 
 from condconv_bench.errors import CondConvBenchError, SpecError, SuiteError
 from condconv_bench.registry import get_impl
+from condconv_bench.blocks import StackSpec, StageSpec
 from condconv_bench.spec import LayerSpec, Pair
 from condconv_bench.statistics import DEFAULT_ALPHA
+from condconv_bench.workload import LayerWorkload, StackWorkload, Workload
 
 DType = Literal["float32", "bfloat16", "float16"]
 Mode = Literal["inference", "training"]
@@ -67,10 +69,21 @@ class AxisOverrides(_Model):
     modes: list[Mode] | None = Field(default=None, min_length=1)
 
 
+class StageEntry(_Model):
+    """One stage of inverted-residual blocks (EfficientNet block arguments)."""
+
+    out_channels: PositiveInt
+    kernel_size: PositiveInt
+    stride: PositiveInt = 1
+    expand_ratio: PositiveInt = 6
+    se_ratio: Annotated[Number, Field(gt=0, le=1)] = 0.25
+    repeats: PositiveInt = 1
+
+
 class LayerFields(_Model):
     """The layer keys that `layer_defaults` may set for every layer."""
 
-    kind: Literal["conv2d", "linear"] = "conv2d"
+    kind: Literal["conv2d", "linear", "stack"] = "conv2d"
     kernel_size: IntOrPair = 1
     stride: IntOrPair = 1
     padding: IntOrPair | None = None  # None: dilation·(k−1)/2, the "same" padding of MobileNet/EfficientNet
@@ -87,7 +100,8 @@ class LayerFields(_Model):
 class LayerEntry(LayerFields, AxisOverrides):
     name: Annotated[StrictStr, Field(pattern=r"^[A-Za-z0-9_.\-]+$")]
     in_channels: StrictInt
-    out_channels: StrictInt
+    out_channels: StrictInt | None = None  # every kind but stack
+    stages: list[StageEntry] | None = Field(default=None, min_length=1)  # kind stack only
     count: PositiveInt = 1  # occurrences in the network it comes from (for network-level totals)
     impls: list[StrictStr] | None = Field(default=None, min_length=1)
 
@@ -114,18 +128,16 @@ class SuiteModel(_Model):
 
 
 _ALL_KEYS = sorted(
-    {name for model in (SuiteModel, LayerEntry, DeviceEntry, TimingSettings, GateSettings) for name in model.model_fields}
+    {name for model in (SuiteModel, LayerEntry, DeviceEntry, TimingSettings, GateSettings, StageEntry) for name in model.model_fields}
 )
 
 
 @dataclass(frozen=True)
 class Layer:
-    """A named layer of a suite: its spec, input size and axis overrides."""
+    """A named entry of a suite: what it runs (a layer or a stack of blocks) and its axis overrides."""
 
     name: str
-    spec: LayerSpec
-    input_size: Pair
-    routing_given: bool
+    workload: Workload
     count: int
     entry: LayerEntry
 
@@ -135,9 +147,7 @@ class Case:
     """One measurement: the frozen identity of a result row (what was measured, not what was seen)."""
 
     layer: str
-    spec: LayerSpec
-    input_size: Pair
-    routing_given: bool
+    workload: Workload
     impl: str
     batch_size: int
     device: str
@@ -189,7 +199,7 @@ class Suite:
                     axis: getattr(layer.entry, axis) or getattr(device_overrides, axis, None) or getattr(self.model, axis)
                     for axis in ("batch_sizes", "dtypes", "modes")
                 }
-                formats = self.model.memory_formats if layer.spec.kind == "conv2d" else ["contiguous"]
+                formats = self.model.memory_formats if layer.workload.has_spatial_input else ["contiguous"]
                 impls = layer.entry.impls or self.model.impls
                 for dtype in axes["dtypes"]:
                     for mode in axes["modes"]:
@@ -199,7 +209,7 @@ class Suite:
                                     for impl in impls:
                                         cases.append(
                                             Case(
-                                                layer.name, layer.spec, layer.input_size, layer.routing_given, impl,
+                                                layer.name, layer.workload, impl,
                                                 batch_size, device, dtype, mode, thread_count, memory_format,
                                             )
                                         )
@@ -267,32 +277,57 @@ def _schema_problems(exc: ValidationError, data: Any, prefix: str = "") -> list[
     return [f"{path}: {' or '.join(texts)}" for path, texts in merged.items()]
 
 
-def _layer(entry: LayerEntry, path: str) -> Layer:
-    def pair(value: int | list[int]) -> Pair:
-        return (value, value) if isinstance(value, int) else tuple(value)  # type: ignore[return-value]
+def _pair(value: int | list[int]) -> Pair:
+    return (value, value) if isinstance(value, int) else tuple(value)  # type: ignore[return-value]
 
-    kernel, dilation = pair(entry.kernel_size), pair(entry.dilation)
+
+def _stack(entry: LayerEntry) -> StackWorkload:
+    if entry.stages is None:
+        raise SpecError("stages", "a stack needs stages (out_channels, kernel_size, stride, expand_ratio, se_ratio, repeats)")
+    if entry.input_size is None:
+        raise SpecError("input_size", "a stack needs input_size (an integer or [height, width])")
+    for name in ("out_channels", "kernel_size", "stride", "padding", "dilation", "groups", "bias"):
+        if name in entry.model_fields_set:
+            raise SpecError(name, "a stack takes its shapes from stages; set them there")
+    stages = tuple(StageSpec(**{**stage.model_dump(), "se_ratio": float(stage.se_ratio)}) for stage in entry.stages)
+    spec = StackSpec(entry.in_channels, _pair(entry.input_size), entry.experts, stages)
+    for block in spec.blocks():
+        for _, layer, size in block.layers():
+            layer.output_size(size)
+    return StackWorkload(spec)
+
+
+def _layer_workload(entry: LayerEntry) -> LayerWorkload:
+    if entry.out_channels is None:
+        raise SpecError("out_channels", "required for conv2d and linear layers")
+    if entry.stages is not None:
+        raise SpecError("stages", "only a stack has stages")
+    kernel, dilation = _pair(entry.kernel_size), _pair(entry.dilation)
     same_padding = tuple(d * (k - 1) // 2 for k, d in zip(kernel, dilation)) if entry.kind == "conv2d" else (0, 0)
+    spec = LayerSpec(
+        entry.kind, entry.in_channels, entry.out_channels, num_experts=entry.experts, kernel_size=kernel,
+        stride=_pair(entry.stride), padding=same_padding if entry.padding is None else _pair(entry.padding),
+        dilation=dilation, groups=entry.groups, bias=entry.bias, routing=entry.routing,
+        temperature=float(entry.temperature),
+    )
+    if entry.kind == "linear":
+        if entry.input_size is not None:
+            raise SpecError("input_size", "a linear layer takes (batch, in_channels) inputs, not an image size")
+        return LayerWorkload(spec, (1, 1), entry.routing_weights == "given")
+    if entry.input_size is None:
+        raise SpecError("input_size", "a conv2d layer needs input_size (an integer or [height, width])")
+    input_size = _pair(entry.input_size)
+    spec.output_size(input_size)
+    return LayerWorkload(spec, input_size, entry.routing_weights == "given")
+
+
+def _layer(entry: LayerEntry, path: str) -> Layer:
     try:
-        spec = LayerSpec(
-            entry.kind, entry.in_channels, entry.out_channels, num_experts=entry.experts, kernel_size=kernel,
-            stride=pair(entry.stride), padding=same_padding if entry.padding is None else pair(entry.padding),
-            dilation=dilation, groups=entry.groups, bias=entry.bias, routing=entry.routing,
-            temperature=float(entry.temperature),
-        )
-        if entry.kind == "linear":
-            if entry.input_size is not None:
-                raise SpecError("input_size", "a linear layer takes (batch, in_channels) inputs, not an image size")
-            input_size: Pair = (1, 1)
-        elif entry.input_size is None:
-            raise SpecError("input_size", "a conv2d layer needs input_size (an integer or [height, width])")
-        else:
-            input_size = pair(entry.input_size)
-            spec.output_size(input_size)
+        workload = _stack(entry) if entry.kind == "stack" else _layer_workload(entry)
     except SpecError as exc:
         field = {"num_experts": "experts"}.get(exc.field, exc.field)
         raise SuiteError([f"{path}.{field}: {exc.message}"]) from None
-    return Layer(entry.name, spec, input_size, entry.routing_weights == "given", entry.count, entry)
+    return Layer(entry.name, workload, entry.count, entry)
 
 
 def _check_impls(names: list[str], path: str) -> list[str]:

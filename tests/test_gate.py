@@ -48,7 +48,7 @@ def baseline_file(tmp_path_factory) -> Path:
         run = run_with(tmp, "baseline-run", GroupedConv, registry)
     finally:
         registry.pop(PLANTED, None)
-    return save_baseline(run, tmp / "baselines" / "gate-test.json")
+    return save_baseline([run], tmp / "baselines" / "gate-test.json")
 
 
 def _module_registry() -> dict:
@@ -75,7 +75,7 @@ def planted_case(result) -> str:
 )
 def test_planted_defect_fails_the_gate_naming_case_and_reason(tmp_path, baseline_file, isolated_registry, planted, verdict, reason) -> None:
     run = run_with(tmp_path, "current", planted, isolated_registry)
-    result = run_gate(run, baseline_file, GateSettings())
+    result = run_gate([run], baseline_file, GateSettings())
     assert not result.passed and result.exit_code == 1
     failed = {c.case_id: c for c in result.failures}
     case = failed[planted_case(result)]
@@ -97,11 +97,11 @@ def test_gate_cli_names_the_regression_and_exits_1(tmp_path, baseline_file, isol
 def test_improvement_passes_unless_asked_to_fail(tmp_path, isolated_registry) -> None:
     slow = run_with(tmp_path, "slow", fake_impls.SlowerByHalf, isolated_registry)
     fast = run_with(tmp_path, "fast", GroupedConv, isolated_registry)
-    lenient = run_gate(fast, slow, GateSettings())
+    lenient = run_gate([fast], slow, GateSettings())
     planted = [c for c in lenient.comparison.cases if c.case_id == planted_case(lenient)][0]
     assert planted.verdict == "faster" and planted.improvements, (lenient.comparison.mode, lenient.comparison.mode_reason, planted)
     assert planted not in lenient.failures
-    strict = run_gate(fast, slow, GateSettings(), fail_on_improvement=True)
+    strict = run_gate([fast], slow, GateSettings(), fail_on_improvement=True)
     assert planted.case_id in {c.case_id for c in strict.failures}
 
 
@@ -137,6 +137,7 @@ def test_baseline_is_small_sorted_and_reads_well_in_a_diff(baseline_file) -> Non
     document = json.loads(text)
     assert list(document["cases"]) == sorted(document["cases"])
     assert document["environment"]["torch"] and document["suite"]["name"] == "gate-test"
+    assert document["source_runs"] and document["format"] == "condconv-bench-baseline"
     case = document["cases"][f"pw/{PLANTED}/b4/cpu/float32/inference/t1/contiguous"]
     for key in ("latency_median_s", "latency_iqr_s", "samples_s", "ratio_to_static", "macs_fvcore", "flops_torch",
                 "macs_analytic", "peak_memory_bytes", "equivalent"):
@@ -188,3 +189,15 @@ def test_compare_formats(baseline_file) -> None:
         assert result.exit_code == 0 and probe in result.stdout, result.output
     document = json.loads(CliRunner().invoke(main, ["compare", str(baseline_file), run_dir, "--format", "json"]).stdout)
     assert document["passed"] and {c["verdict"] for c in document["cases"]} <= {"unchanged", "slower", "faster"}
+
+
+def test_runs_pool_into_one_snapshot(tmp_path, baseline_file, isolated_registry) -> None:
+    second = run_with(tmp_path, "second", GroupedConv, isolated_registry)
+    first = baseline_file.parent.parent / "baseline-run"
+    single = load_snapshot(first)
+    pooled = load_snapshot([first, second])
+    case = f"pw/{PLANTED}/b4/cpu/float32/inference/t1/contiguous"
+    assert len(pooled.cases[case].samples_s) >= len(single.cases[case].samples_s)
+    assert pooled.cases[case].floor_case == f"pw/static/b4/cpu/float32/inference/t1/contiguous"
+    both = save_baseline([first, second], tmp_path / "pooled.json")
+    assert json.loads(both.read_text())["source_runs"] == [str(first), str(second)]

@@ -13,7 +13,7 @@ import pytest
 import yaml
 
 from condconv_bench.errors import CondConvBenchError, ResultsError
-from condconv_bench.results import COLUMNS, RunDirectory, load_results, merge_runs
+from condconv_bench.results import COLUMNS, SCHEMA_VERSION, RunDirectory, load_results, merge_runs
 from condconv_bench.runner import CaseFilter, Shard, run_suite
 from condconv_bench.suite import load_suite, parse_suite
 
@@ -79,7 +79,7 @@ def test_run_json_describes_the_environment(tmp_path: Path) -> None:
     out = tmp_path / "run"
     run_suite(TINY, out, case_filter=CaseFilter(layers=("fc",)))
     meta = json.loads((out / "run.json").read_text())
-    assert meta["schema_version"] == 1
+    assert meta["schema_version"] == SCHEMA_VERSION
     assert meta["suite"]["sha256"] == load_suite(TINY).sha256
     env = meta["environment"]
     for key in ("torch", "cuda", "cudnn", "cpu_model", "gpus", "torch_threads", "git_commit", "python"):

@@ -45,8 +45,8 @@ def test_shipped_suites_are_valid_and_named() -> None:
 def test_mobile_suite_has_the_b0_shapes_and_classifier() -> None:
     suite = load_suite("mobile")
     assert len(suite.layers) == 14
-    assert sum(layer.count for layer in suite.layers if layer.spec.kind == "conv2d") == 24
-    assert {layer.spec.num_experts for layer in suite.layers} == {8}
+    assert sum(layer.count for layer in suite.layers if layer.workload.kind == "conv2d") == 24
+    assert {layer.workload.num_experts for layer in suite.layers} == {8}
     cpu = [c for c in suite.cases() if c.device == "cpu"]
     assert {c.batch_size for c in cpu} == {1, 8, 32} and {c.dtype for c in cpu} == {"float32"}
     cuda = [c for c in suite.cases() if c.device == "cuda"]
@@ -88,9 +88,9 @@ def test_axes_resolve_layer_then_device_then_suite() -> None:
 
 
 def test_same_padding_is_the_default() -> None:
-    suite = parse_suite(minimal(), Path("t.yaml"))
-    assert suite.layers[0].spec.padding == (1, 1)
-    assert suite.layers[0].spec.output_size(suite.layers[0].input_size) == (8, 8)
+    workload = parse_suite(minimal(), Path("t.yaml")).layers[0].workload
+    assert workload.spec.padding == (1, 1)
+    assert workload.output_shape(1) == (1, 8, 8, 8)
 
 
 def test_group_members_are_adjacent_and_ids_unique() -> None:

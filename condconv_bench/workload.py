@@ -1,0 +1,171 @@
+"""What a benchmark case runs: one CondConv layer, or a stack of blocks built from CondConv layers.
+
+The runner measures any `Workload` the same way: it builds the module for an implementation,
+loads the workload's one shared parameter set, feeds seeded inputs, and asks the workload for
+its analytic cost and its float64 reference. A layer's reference is the defining formula
+(`equivalence.compute_reference`); a stack's is the same stack in float64 with every CondConv
+computed by the mixture-of-experts formula.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from condconv_bench import equivalence
+from condconv_bench.blocks import StackSpec, build_stack, stack_analytic_macs
+from condconv_bench.flops import AnalyticMacs
+from condconv_bench.layer import CondConvBase, initial_parameters
+from condconv_bench.registry import get_impl
+from condconv_bench.spec import LayerSpec, Pair
+
+REFERENCE_IMPL = "naive_moe"  # Σ_e α_e (W_e ∗ x): the defining formula, used as a stack's reference
+
+
+class Workload(ABC):
+    """The identity of what a case measures, independent of the implementation."""
+
+    kind: str
+    routing_given: bool = False
+
+    @abstractmethod
+    def describe(self) -> str: ...
+
+    @property
+    @abstractmethod
+    def num_experts(self) -> int: ...
+
+    @abstractmethod
+    def input_shape(self, batch_size: int) -> tuple[int, ...]: ...
+
+    @abstractmethod
+    def output_shape(self, batch_size: int) -> tuple[int, ...]: ...
+
+    @abstractmethod
+    def build(self, impl: type[CondConvBase]) -> nn.Module:
+        """A freshly initialised module computing this workload with `impl`."""
+
+    @abstractmethod
+    def initial_state(self, generator: torch.Generator) -> dict[str, torch.Tensor]:
+        """The shared parameter set every implementation loads."""
+
+    @abstractmethod
+    def analytic_macs(self, impl: type[CondConvBase], batch_size: int) -> AnalyticMacs: ...
+
+    @abstractmethod
+    def kernel_bytes(self, impl: type[CondConvBase], batch_size: int, element_size: int) -> int:
+        """Bytes of per-example kernels `impl` materialises (0 if it builds none)."""
+
+    @abstractmethod
+    def reference(self, module: nn.Module, x: torch.Tensor, routing_weights: torch.Tensor | None,
+                  grad_output: torch.Tensor | None) -> equivalence.Reference: ...
+
+    @abstractmethod
+    def layer_specs(self) -> list[LayerSpec]:
+        """The CondConv layers an implementation must support to run this workload."""
+
+    @property
+    def has_spatial_input(self) -> bool:
+        return len(self.input_shape(1)) == 4
+
+
+@dataclass(frozen=True)
+class LayerWorkload(Workload):
+    """One CondConv layer on an input of `input_size`."""
+
+    spec: LayerSpec
+    input_size: Pair
+    routing_given: bool = False
+
+    @property
+    def kind(self) -> str:  # type: ignore[override]
+        return self.spec.kind
+
+    def describe(self) -> str:
+        return self.spec.describe()
+
+    @property
+    def num_experts(self) -> int:
+        return self.spec.num_experts
+
+    def input_shape(self, batch_size: int) -> tuple[int, ...]:
+        return self.spec.input_shape(batch_size, self.input_size)
+
+    def output_shape(self, batch_size: int) -> tuple[int, ...]:
+        if self.spec.kind == "linear":
+            return (batch_size, self.spec.out_channels)
+        return (batch_size, self.spec.out_channels, *self.spec.output_size(self.input_size))
+
+    def build(self, impl: type[CondConvBase]) -> nn.Module:
+        return impl(self.spec)
+
+    def layer_specs(self) -> list[LayerSpec]:
+        return [self.spec]
+
+    def initial_state(self, generator: torch.Generator) -> dict[str, torch.Tensor]:
+        return initial_parameters(self.spec, generator)
+
+    def analytic_macs(self, impl: type[CondConvBase], batch_size: int) -> AnalyticMacs:
+        return impl.analytic_macs(self.spec, batch_size, self.input_size)
+
+    def kernel_bytes(self, impl: type[CondConvBase], batch_size: int, element_size: int) -> int:
+        return batch_size * self.spec.kernel_numel * element_size if impl.materialises_kernels else 0
+
+    def reference(self, module: nn.Module, x: torch.Tensor, routing_weights: torch.Tensor | None,
+                  grad_output: torch.Tensor | None) -> equivalence.Reference:
+        return equivalence.compute_reference(module, x, routing_weights, grad_output)
+
+
+@dataclass(frozen=True)
+class StackWorkload(Workload):
+    """A stack of CondConv inverted-residual blocks (EfficientNet-CondConv), routing shared per block."""
+
+    spec: StackSpec
+
+    @property
+    def kind(self) -> str:  # type: ignore[override]
+        return "stack"
+
+    def describe(self) -> str:
+        return self.spec.describe()
+
+    @property
+    def num_experts(self) -> int:
+        return self.spec.num_experts
+
+    def input_shape(self, batch_size: int) -> tuple[int, ...]:
+        return (batch_size, self.spec.in_channels, *self.spec.input_size)
+
+    def output_shape(self, batch_size: int) -> tuple[int, ...]:
+        return (batch_size, self.spec.out_channels, *self.spec.output_size)
+
+    def build(self, impl: type[CondConvBase]) -> nn.Module:
+        return build_stack(self.spec, impl)
+
+    def layer_specs(self) -> list[LayerSpec]:
+        return self.spec.condconv_layers()
+
+    def initial_state(self, generator: torch.Generator) -> dict[str, torch.Tensor]:
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(int(torch.randint(0, 2**31 - 1, (1,), generator=generator)))
+            return build_stack(self.spec, get_impl(REFERENCE_IMPL)).state_dict()
+
+    def analytic_macs(self, impl: type[CondConvBase], batch_size: int) -> AnalyticMacs:
+        return stack_analytic_macs(self.spec, impl, batch_size)
+
+    def kernel_bytes(self, impl: type[CondConvBase], batch_size: int, element_size: int) -> int:
+        if not impl.materialises_kernels:
+            return 0
+        return batch_size * element_size * sum(layer.spec.kernel_numel for layer in self.spec.condconv_layers())
+
+    def reference(self, module: nn.Module, x: torch.Tensor, routing_weights: torch.Tensor | None,
+                  grad_output: torch.Tensor | None) -> equivalence.Reference:
+        device = torch.device("cpu") if x.device.type == "mps" else x.device
+        reference = build_stack(self.spec, get_impl(REFERENCE_IMPL)).to(device=device, dtype=torch.float64)
+        reference.load_state_dict(module.state_dict())
+        reference.train(module.training)
+        return equivalence.compute_module_reference(reference, x.to(device=device, dtype=torch.float64), grad_output)
+
