@@ -155,14 +155,16 @@ def build_stack(spec: StackSpec, impl: type[CondConvBase]) -> CondConvStack:
     return CondConvStack(spec, impl)
 
 
-def stack_analytic_macs(spec: StackSpec, impl: type[CondConvBase], batch_size: int) -> AnalyticMacs:
-    """Block routing, the layers' mixing and convs (routing given, so none of their own), and SE."""
+def stack_analytic_macs(stack: CondConvStack, batch_size: int) -> AnalyticMacs:
+    """Block routing, each layer's mixing and conv as its module reports them (routing is given,
+    so the layers compute none of their own), and the squeeze-and-excite convs."""
     routing = mixing = conv = 0
-    for block in spec.blocks():
-        if not impl.is_baseline:
+    for module in stack:
+        block = module.block
+        if module.routes:
             routing += batch_size * block.in_channels * block.num_experts
-        for _, layer, input_size in block.layers():
-            macs = impl.analytic_macs(layer, batch_size, input_size)
+        for (name, _, input_size) in block.layers():
+            macs = getattr(module, name).cost(batch_size, input_size)
             mixing += macs.mixing
             conv += macs.conv
         squeeze = LayerSpec("conv2d", block.mid_channels, block.se_channels, 1)

@@ -22,8 +22,9 @@ from condconv_bench.gate import run_gate
 from condconv_bench.registry import list_impls
 from condconv_bench.report import tables, verdicts, write_report
 from condconv_bench.results import RunDirectory, merge_runs
-from condconv_bench.runner import CaseFilter, Shard, run_suite
+from condconv_bench.runner import CaseFilter, Shard, default_output, run_suite
 from condconv_bench.suite import Case, GateSettings, load_suite, shipped_suites
+from condconv_bench.tune import tune
 
 
 class _Group(click.Group):
@@ -244,3 +245,33 @@ def gate(run_dirs: tuple[Path, ...], baseline_path: Path, fail_on_improvement: b
     result = run_gate(list(run_dirs), baseline_path, _gate_settings(run_dirs[0], overrides), fail_on_improvement)
     click.echo(_render(result.comparison, fmt, everything, list(result.failures)))
     sys.exit(result.exit_code)
+
+
+@main.command("tune")
+@click.argument("suite")
+@click.option("-o", "--output", required=True, type=click.Path(dir_okay=False, path_type=Path), help="Dispatch table to write (JSON).")
+@click.option("--run-dir", type=click.Path(file_okay=False, path_type=Path), help="Where the measurements go [default: reports/tune-<suite>-<timestamp>].")
+@click.option("--from-run", type=click.Path(file_okay=False, path_type=Path), help="Build the table from this earlier run of SUITE instead of measuring.")
+@click.option("--device", "devices", multiple=True, help="Only this device (repeatable).")
+@click.option("--batch-size", "batch_sizes", multiple=True, type=int, help="Only this batch size (repeatable).")
+@click.option("--layer", "layers", multiple=True, help="Only this layer (repeatable).")
+@click.option("-q", "--quiet", is_flag=True, help="No progress bar.")
+def tune_command(suite: str, output: Path, run_dir: Path | None, from_run: Path | None, devices: tuple[str, ...],
+                 batch_sizes: tuple[int, ...], layers: tuple[str, ...], quiet: bool) -> None:
+    """Build a dispatch table for `auto` from SUITE's measurements on this machine.
+
+    Use it with CondConv2d(..., dispatch_table=FILE) or CONDCONV_BENCH_DISPATCH=FILE.
+    """
+    loaded = load_suite(suite)
+    default = default_output(loaded)
+    target = from_run or run_dir or default.with_name("tune-" + default.name)
+    progress = None if quiet or from_run else _ProgressBar(f"tune {loaded.name}")
+    try:
+        table = tune(loaded, output, target, reuse_run=from_run is not None,
+                     case_filter=CaseFilter((), devices, batch_sizes, layers), listener=progress)
+    finally:
+        if progress is not None:
+            progress.close()
+    chosen = pd.Series([e.strategy for e in table.entries]).value_counts()
+    click.echo(f"wrote {output}: {len(table.entries)} entries from {target} ("
+               + ", ".join(f"{key} {n}" for key, n in chosen.items()) + ")")

@@ -31,8 +31,11 @@ from condconv_bench.report.tables import FLOOR_IMPL
 from condconv_bench.statistics import compare_samples
 from condconv_bench.suite import GateSettings
 
-# Environment keys that identify the machine and software a latency belongs to.
-MACHINE_KEYS = ("hostname", "cpu_model", "cpu_count", "gpus", "torch", "cuda", "cudnn")
+# Environment keys that identify the hardware and software a latency belongs to; a difference in
+# any of them makes `auto` compare ratios to the floor. The host name is only reported: two hosts
+# of one machine type are comparable in absolute terms.
+MACHINE_KEYS = ("cpu_model", "cpu_count", "gpus", "torch", "cuda", "cudnn")
+REPORTED_KEYS = ("hostname", *MACHINE_KEYS)
 
 
 @dataclass(frozen=True)
@@ -77,7 +80,7 @@ class Comparison:
 def environment_notes(base: Snapshot, current: Snapshot) -> list[str]:
     """Differences that make latencies incomparable in absolute terms, said up front."""
     notes = []
-    for key in MACHINE_KEYS:
+    for key in REPORTED_KEYS:
         before, after = base.environment.get(key), current.environment.get(key)
         if before != after:
             notes.append(f"{key} differs: baseline {before!r}, current {after!r}")

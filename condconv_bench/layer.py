@@ -49,6 +49,10 @@ class CondConvBase(nn.Module, ABC):
     key: ClassVar[str] = ""  # set by the registry
     is_baseline: ClassVar[bool] = False  # a floor to compare against, not a CondConv (no equivalence)
     materialises_kernels: ClassVar[bool] = True  # builds B per-sample kernels (memory B·P)
+    # Its conditional_forward uses only the shared parameters and this base's helpers, so the
+    # dispatching layer (`auto`) may run it on its own parameters. Only a class's own declaration
+    # counts (see `registry.dispatchable_impls`): a subclass may override the helpers it calls.
+    dispatchable: ClassVar[bool] = False
 
     def __init__(self, spec: LayerSpec) -> None:
         super().__init__()
@@ -84,6 +88,40 @@ class CondConvBase(nn.Module, ABC):
     def analytic_macs(cls, spec: LayerSpec, batch_size: int, input_size: Pair) -> AnalyticMacs:
         """This strategy's cost model: route, mix B kernels, run one conv's worth of MACs."""
         return AnalyticMacs(routing_macs(spec, batch_size), mixing_macs(spec, batch_size), conv_macs(spec, batch_size, input_size))
+
+    def strategy_class(self) -> type[CondConvBase]:
+        """The class whose strategy this module runs; a dispatching layer answers with its choice."""
+        return type(self)
+
+    def cost(self, batch_size: int, input_size: Pair) -> AnalyticMacs:
+        """The analytic MACs of the strategy this module runs."""
+        return self.strategy_class().analytic_macs(self.spec, batch_size, input_size)
+
+    def kernel_bytes(self, batch_size: int) -> int:
+        """Bytes of per-example kernels one call materialises (0 for strategies that build none)."""
+        if not self.strategy_class().materialises_kernels:
+            return 0
+        return batch_size * self.spec.kernel_numel * self.weight.element_size()
+
+    def load_flat_experts(self, weight: torch.Tensor, bias: torch.Tensor | None = None) -> None:
+        """Import experts stored flat, `(E, C_out·C_in/groups·kh·kw)`, as the TF original and timm
+        do (timm's `CondConv2d.weight`), and optionally their `(E, C_out)` bias."""
+        expected = (self.spec.num_experts, self.spec.kernel_numel)
+        if tuple(weight.shape) != expected:
+            raise ValueError(f"flat expert weights must have shape {expected}, got {tuple(weight.shape)}")
+        with torch.no_grad():
+            self.weight.copy_(weight.reshape(self.weight.shape))
+            if bias is not None:
+                if self.bias is None:
+                    raise ValueError("this layer was built without bias (spec.bias is False)")
+                self.bias.copy_(bias)
+
+    def _load_from_state_dict(self, state_dict: dict, prefix: str, *args: object, **kwargs: object) -> None:
+        # Accept the flat expert layout in state dicts too, so checkpoints of flat-layout ports load.
+        weight = state_dict.get(prefix + "weight")
+        if weight is not None and weight.dim() == 2 and weight.numel() == self.weight.numel():
+            state_dict[prefix + "weight"] = weight.reshape(self.weight.shape)
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
     def eager_module(self) -> CondConvBase:
         """The module the FLOP counters trace; a compiled implementation returns its eager source."""

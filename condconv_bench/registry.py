@@ -90,6 +90,12 @@ def create_impl(name: str, spec: LayerSpec) -> CondConvBase:
     return get_impl(name)(spec)
 
 
+def dispatchable_impls() -> dict[str, type[CondConvBase]]:
+    """The strategies a dispatching layer may run on its own parameters, by key."""
+    _load_sources()
+    return {key: cls for key, cls in sorted(_registry.items()) if cls.__dict__.get("dispatchable", False)}
+
+
 @dataclass(frozen=True)
 class ImplInfo:
     key: str

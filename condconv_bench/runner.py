@@ -269,7 +269,7 @@ def _measure(case: Case, cls: type[CondConvBase], device: torch.device, ctx: _Ca
     row["output_bytes"] = math.prod(workload.output_shape(case.batch_size)) * element
     row["param_bytes"] = sum(p.numel() * p.element_size() for p in module.parameters())
     row["input_bytes"] = inputs.x.numel() * element
-    row["kernel_bytes"] = workload.kernel_bytes(cls, case.batch_size, element)
+    row["kernel_bytes"] = workload.kernel_bytes(module, case.batch_size)
 
     if not cls.is_baseline:
         report = equivalence.check_equivalence(
@@ -280,7 +280,7 @@ def _measure(case: Case, cls: type[CondConvBase], device: torch.device, ctx: _Ca
             tolerance=report.tolerance, equivalent=report.passed,
         )
 
-    analytic = workload.analytic_macs(cls, case.batch_size)
+    analytic = workload.analytic_macs(module, case.batch_size)
     counts = flops.count_flops(module.eager_module(), x, inputs.routing_weights, analytic)
     row.update(
         macs_fvcore=counts.macs_fvcore, flops_torch=counts.flops_torch, macs_analytic=analytic.total,

@@ -53,11 +53,12 @@ class Workload(ABC):
         """The shared parameter set every implementation loads."""
 
     @abstractmethod
-    def analytic_macs(self, impl: type[CondConvBase], batch_size: int) -> AnalyticMacs: ...
+    def analytic_macs(self, module: nn.Module, batch_size: int) -> AnalyticMacs:
+        """The cost model of the strategy `module` runs (built by `build`)."""
 
-    @abstractmethod
-    def kernel_bytes(self, impl: type[CondConvBase], batch_size: int, element_size: int) -> int:
-        """Bytes of per-example kernels `impl` materialises (0 if it builds none)."""
+    def kernel_bytes(self, module: nn.Module, batch_size: int) -> int:
+        """Bytes of per-example kernels one call of `module` materialises (0 if it builds none)."""
+        return sum(m.kernel_bytes(batch_size) for m in module.modules() if isinstance(m, CondConvBase))
 
     @abstractmethod
     def reference(self, module: nn.Module, x: torch.Tensor, routing_weights: torch.Tensor | None,
@@ -108,11 +109,8 @@ class LayerWorkload(Workload):
     def initial_state(self, generator: torch.Generator) -> dict[str, torch.Tensor]:
         return initial_parameters(self.spec, generator)
 
-    def analytic_macs(self, impl: type[CondConvBase], batch_size: int) -> AnalyticMacs:
-        return impl.analytic_macs(self.spec, batch_size, self.input_size)
-
-    def kernel_bytes(self, impl: type[CondConvBase], batch_size: int, element_size: int) -> int:
-        return batch_size * self.spec.kernel_numel * element_size if impl.materialises_kernels else 0
+    def analytic_macs(self, module: nn.Module, batch_size: int) -> AnalyticMacs:
+        return module.cost(batch_size, self.input_size)
 
     def reference(self, module: nn.Module, x: torch.Tensor, routing_weights: torch.Tensor | None,
                   grad_output: torch.Tensor | None) -> equivalence.Reference:
@@ -153,13 +151,8 @@ class StackWorkload(Workload):
             torch.manual_seed(int(torch.randint(0, 2**31 - 1, (1,), generator=generator)))
             return build_stack(self.spec, get_impl(REFERENCE_IMPL)).state_dict()
 
-    def analytic_macs(self, impl: type[CondConvBase], batch_size: int) -> AnalyticMacs:
-        return stack_analytic_macs(self.spec, impl, batch_size)
-
-    def kernel_bytes(self, impl: type[CondConvBase], batch_size: int, element_size: int) -> int:
-        if not impl.materialises_kernels:
-            return 0
-        return batch_size * element_size * sum(layer.spec.kernel_numel for layer in self.spec.condconv_layers())
+    def analytic_macs(self, module: nn.Module, batch_size: int) -> AnalyticMacs:
+        return stack_analytic_macs(module, batch_size)
 
     def reference(self, module: nn.Module, x: torch.Tensor, routing_weights: torch.Tensor | None,
                   grad_output: torch.Tensor | None) -> equivalence.Reference:

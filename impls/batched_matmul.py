@@ -21,6 +21,8 @@ from condconv_bench.registry import register_impl
 class BatchedMatmul(CondConvBase):
     """im2col + one bmm over per-example kernels; 1×1 and linear skip the unfold."""
 
+    dispatchable = True
+
     def conditional_forward(self, x: torch.Tensor, routing_weights: torch.Tensor) -> torch.Tensor:
         spec = self.spec
         batch = x.shape[0]

@@ -20,6 +20,8 @@ from condconv_bench.registry import register_impl
 class GroupedConv(CondConvBase):
     """Fold the batch into groups: one mix, one grouped conv (timm, DynamicConv ports)."""
 
+    dispatchable = True
+
     def conditional_forward(self, x: torch.Tensor, routing_weights: torch.Tensor) -> torch.Tensor:
         spec = self.spec
         batch = x.shape[0]

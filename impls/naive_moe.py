@@ -19,6 +19,7 @@ from condconv_bench.spec import LayerSpec, Pair
 class NaiveMoE(CondConvBase):
     """E static convs and a weighted sum of their outputs (E× the conv MACs)."""
 
+    dispatchable = True
     materialises_kernels = False
 
     def conditional_forward(self, x: torch.Tensor, routing_weights: torch.Tensor) -> torch.Tensor:

@@ -18,6 +18,7 @@ from condconv_bench.registry import register_impl
 class PerSampleLoop(CondConvBase):
     """Loop over the batch: mix one example's kernel, run one conv (TF original)."""
 
+    dispatchable = True
     materialises_kernels = False
 
     def conditional_forward(self, x: torch.Tensor, routing_weights: torch.Tensor) -> torch.Tensor:

@@ -34,6 +34,7 @@ def _concatenate_experts(weight: torch.Tensor) -> torch.Tensor:
 class StackedMoE(CondConvBase):
     """One static conv over routing-scaled stacked inputs (E× MACs, no per-example weights)."""
 
+    dispatchable = True
     materialises_kernels = False
 
     def conditional_forward(self, x: torch.Tensor, routing_weights: torch.Tensor) -> torch.Tensor:

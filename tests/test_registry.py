@@ -9,7 +9,7 @@ from condconv_bench import registry
 from condconv_bench.errors import DuplicateImplError, UnknownImplError
 from condconv_bench.impls.grouped_conv import GroupedConv
 
-BUILTINS = {"per_sample_loop", "grouped_conv", "batched_matmul", "naive_moe", "compiled", "static"}
+BUILTINS = {"per_sample_loop", "grouped_conv", "batched_matmul", "naive_moe", "compiled", "static", "stacked_moe", "auto"}
 
 
 def test_builtins_are_listed_with_descriptions() -> None:

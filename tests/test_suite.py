@@ -37,7 +37,7 @@ def test_malformed_suite_gives_one_line_and_exit_2(path: Path) -> None:
 
 def test_shipped_suites_are_valid_and_named() -> None:
     suites = shipped_suites()
-    assert {"smoke", "mobile", "server"} <= set(suites)
+    assert {"smoke", "mobile", "server", "efficientnet_cc_b0"} <= set(suites)
     for path in suites.values():
         assert load_suite(path).cases()
 
@@ -51,7 +51,7 @@ def test_mobile_suite_has_the_b0_shapes_and_classifier() -> None:
     assert {c.batch_size for c in cpu} == {1, 8, 32} and {c.dtype for c in cpu} == {"float32"}
     cuda = [c for c in suite.cases() if c.device == "cuda"]
     assert {c.dtype for c in cuda} == {"float32", "bfloat16"}
-    assert len({c.impl for c in cpu}) == 6
+    assert {c.impl for c in cpu} >= {"static", "per_sample_loop", "grouped_conv", "batched_matmul", "naive_moe", "compiled", "stacked_moe", "auto"}
 
 
 def minimal(**changes) -> dict:

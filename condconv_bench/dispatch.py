@@ -1,0 +1,197 @@
+"""Dispatch tables: which strategy to run for a layer, learned from measurements.
+
+An entry records, for one layer shape on one device type, dtype, mode, thread count and memory
+format at one batch size, the fastest strategy that passed the equivalence check (and by how much
+it beat the runner-up). `condconv-bench tune` builds a table from a suite's run; the package ships
+tables measured on the machines this project was benchmarked on; `CONDCONV_BENCH_DISPATCH` or a
+layer's `dispatch_table` argument points at another.
+
+Lookup narrows the entries step by step, keeping the previous set when a step would leave none:
+same device type and dtype (else the rule of thumb below); same mode (training falls back to
+inference entries); same thread count; same memory format; the exact layer (signature) or else
+the same shape class. Among what is left it takes the entry nearest in batch size and cost on a
+log scale. With no entry for the device and dtype at all it falls back to a rule of thumb.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import math
+import os
+from dataclasses import asdict, dataclass
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+
+from condconv_bench.errors import ResultsError
+from condconv_bench.flops import conv_macs
+from condconv_bench.spec import LayerSpec, Pair
+
+TABLE_FORMAT = "condconv-bench-dispatch"
+TABLE_VERSION = 1
+ENVIRONMENT_VARIABLE = "CONDCONV_BENCH_DISPATCH"
+
+
+def signature(spec: LayerSpec, input_size: Pair) -> str:
+    """The shape facts that decide a strategy's cost (not routing kind or bias, which barely do)."""
+    if spec.kind == "linear":
+        return f"linear {spec.in_channels}>{spec.out_channels} E{spec.num_experts}"
+    k, s, p, d = (f"{a}x{b}" for a, b in (spec.kernel_size, spec.stride, spec.padding, spec.dilation))
+    return (f"conv2d {spec.in_channels}>{spec.out_channels} k{k} s{s} p{p} d{d} g{spec.groups} "
+            f"E{spec.num_experts} @{input_size[0]}x{input_size[1]}")
+
+
+def shape_class(spec: LayerSpec, input_size: Pair) -> str:
+    """A coarse family for layers never tuned: the op's kind and its output's spatial size."""
+    if spec.kind == "linear":
+        return "linear"
+    if spec.is_depthwise:
+        kind = "depthwise"
+    elif spec.groups > 1:
+        kind = "grouped"
+    else:
+        kind = "pointwise" if spec.kernel_size == (1, 1) else "dense"
+    out_h, out_w = spec.output_size(input_size)
+    pixels = out_h * out_w
+    size = "≤8x8" if pixels <= 64 else "≤16x16" if pixels <= 256 else "≤32x32" if pixels <= 1024 else ">32x32"
+    return f"{kind} {size}"
+
+
+def rule_of_thumb(spec: LayerSpec) -> str:
+    """The strategy to use with no measurement at all: what won most often on CPU (FIELD_NOTES §3, mobile suite)."""
+    if spec.kind == "linear":
+        return "stacked_moe"
+    return "grouped_conv" if spec.groups > 1 else "batched_matmul"
+
+
+@dataclass(frozen=True)
+class Entry:
+    device: str  # device type: cpu, cuda, mps
+    dtype: str
+    mode: str  # inference | training
+    threads: int
+    memory_format: str
+    signature: str
+    shape_class: str
+    batch_size: int
+    conv_macs_per_example: int
+    strategy: str
+    margin: float  # runner-up latency / winner latency (1.0 when only one strategy was measured)
+    layer: str  # the layer's name in the suite it was tuned on
+
+
+@dataclass(frozen=True)
+class Query:
+    """What a layer asks the table, once per new input shape."""
+
+    spec: LayerSpec
+    input_size: Pair
+    device: str
+    dtype: str
+    mode: str
+    threads: int
+    memory_format: str
+    batch_size: int
+
+
+def _narrow(entries: list[Entry], keep: Any) -> list[Entry]:
+    narrowed = [e for e in entries if keep(e)]
+    return narrowed or entries
+
+
+class DispatchTable:
+    """A set of measured entries and the lookup rule described in the module docstring."""
+
+    def __init__(self, entries: list[Entry], source: str = "") -> None:
+        self.entries = tuple(entries)
+        self.source = source
+
+    def choose(self, query: Query) -> str:
+        candidates = [e for e in self.entries if e.device == query.device and e.dtype == query.dtype]
+        if not candidates:
+            return rule_of_thumb(query.spec)
+        exact = signature(query.spec, query.input_size)
+        family = shape_class(query.spec, query.input_size)
+        candidates = _narrow(candidates, lambda e: e.mode == query.mode)
+        candidates = _narrow(candidates, lambda e: e.threads == query.threads)
+        candidates = _narrow(candidates, lambda e: e.memory_format == query.memory_format)
+        candidates = _narrow(_narrow(candidates, lambda e: e.shape_class == family), lambda e: e.signature == exact)
+        macs = max(1, conv_macs(query.spec, 1, query.input_size))
+
+        def distance(entry: Entry) -> float:
+            return abs(math.log2(query.batch_size / entry.batch_size)) + abs(math.log2(macs / max(1, entry.conv_macs_per_example)))
+
+        return min(candidates, key=distance).strategy
+
+    def to_json(self) -> str:
+        document = {"format": TABLE_FORMAT, "version": TABLE_VERSION, "entries": [asdict(e) for e in self.entries]}
+        return json.dumps(document, indent=1, sort_keys=True) + "\n"
+
+    def save(self, path: Path) -> Path:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(self.to_json(), encoding="utf-8")
+        return path
+
+    @classmethod
+    def load(cls, path: str | Path) -> DispatchTable:
+        path = Path(path)
+        try:
+            document = json.loads(path.read_text(encoding="utf-8"))
+            if document.get("format") != TABLE_FORMAT or document.get("version") != TABLE_VERSION:
+                raise ValueError(f"not a {TABLE_FORMAT} version {TABLE_VERSION} file")
+            return cls([Entry(**entry) for entry in document["entries"]], str(path))
+        except FileNotFoundError:
+            raise ResultsError(f"{path}: dispatch table not found") from None
+        except (OSError, ValueError, TypeError, KeyError, AttributeError) as exc:
+            raise ResultsError(f"{path}: not a valid dispatch table ({exc})") from None
+
+    @classmethod
+    def merged(cls, tables: list[DispatchTable]) -> DispatchTable:
+        return cls([e for t in tables for e in t.entries], ", ".join(t.source for t in tables))
+
+
+def entries_from_results(frame: pd.DataFrame, workloads: dict[str, tuple[LayerSpec, Pair]], eligible: set[str]) -> list[Entry]:
+    """One entry per measured group of a run: the fastest eligible strategy that passed equivalence."""
+    rows = frame[(frame["status"] == "ok") & frame["impl"].isin(eligible) & frame["equivalent"].fillna(False).astype(bool)]
+    rows = rows[rows["layer"].isin(workloads)]
+    keys = ["layer", "device", "dtype", "mode", "threads", "memory_format", "batch_size"]
+    entries = []
+    for key, group in rows.groupby(keys, sort=False):
+        layer, device, dtype, mode, threads, memory_format, batch_size = key
+        spec, input_size = workloads[layer]
+        ranked = group.sort_values("latency_median_s")
+        best = ranked.iloc[0]
+        margin = float(ranked.iloc[1]["latency_median_s"] / best["latency_median_s"]) if len(ranked) > 1 else 1.0
+        entries.append(Entry(
+            device=str(device).split(":")[0], dtype=str(dtype), mode=str(mode), threads=int(threads),
+            memory_format=str(memory_format), signature=signature(spec, input_size),
+            shape_class=shape_class(spec, input_size), batch_size=int(batch_size),
+            conv_macs_per_example=conv_macs(spec, 1, input_size), strategy=str(best["impl"]),
+            margin=round(margin, 4), layer=str(layer),
+        ))
+    return entries
+
+
+@functools.lru_cache(maxsize=None)
+def _load_cached(path: str) -> DispatchTable:
+    return DispatchTable.load(path)
+
+
+def default_table() -> DispatchTable:
+    """`$CONDCONV_BENCH_DISPATCH` if set, else the tables shipped with the package (merged)."""
+    override = os.environ.get(ENVIRONMENT_VARIABLE)
+    if override:
+        return _load_cached(override)
+    folder = resources.files("condconv_bench") / "dispatch_tables"
+    paths = sorted(str(p) for p in folder.iterdir() if str(p).endswith(".json")) if folder.is_dir() else []
+    return DispatchTable.merged([_load_cached(p) for p in paths])
+
+
+def resolve_table(table: DispatchTable | str | Path | None) -> DispatchTable:
+    """A table given as an object or a path, or the default one."""
+    if table is None:
+        return default_table()
+    return table if isinstance(table, DispatchTable) else _load_cached(str(table))

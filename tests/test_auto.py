@@ -1,0 +1,176 @@
+"""The drop-in layers, the dispatch table and `tune`."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from click.testing import CliRunner
+
+from condconv_bench import CondConv2d, CondConvLinear, DispatchTable, LayerSpec
+from condconv_bench.cli import main
+from condconv_bench.dispatch import ENVIRONMENT_VARIABLE, Entry, Query, rule_of_thumb, shape_class, signature
+from condconv_bench.equivalence import check_equivalence
+from condconv_bench.errors import ResultsError, UnknownImplError
+from condconv_bench.registry import dispatchable_impls
+from condconv_bench.runner import CaseFilter, run_suite
+
+DATA = Path(__file__).parent / "data"
+TINY = DATA / "valid" / "tiny.yaml"
+SPEC = LayerSpec("conv2d", 8, 16, 4, kernel_size=3, padding=1)
+
+
+def entry(strategy: str, batch_size: int, spec: LayerSpec = SPEC, size=(6, 6), **changes) -> Entry:
+    fields = dict(
+        device="cpu", dtype="float32", mode="inference", threads=torch.get_num_threads(), memory_format="contiguous",
+        signature=signature(spec, size), shape_class=shape_class(spec, size), batch_size=batch_size,
+        conv_macs_per_example=spec.kernel_numel * size[0] * size[1], strategy=strategy, margin=1.2, layer="t",
+    )
+    return Entry(**{**fields, **changes})
+
+
+def query(batch_size: int, spec: LayerSpec = SPEC, size=(6, 6), **changes) -> Query:
+    fields = dict(spec=spec, input_size=size, device="cpu", dtype="float32", mode="inference",
+                  threads=torch.get_num_threads(), memory_format="contiguous", batch_size=batch_size)
+    return Query(**{**fields, **changes})
+
+
+def test_lookup_takes_the_nearest_batch_size_of_the_exact_layer() -> None:
+    table = DispatchTable([entry("per_sample_loop", 1), entry("grouped_conv", 8), entry("batched_matmul", 32)])
+    assert table.choose(query(1)) == "per_sample_loop"
+    assert table.choose(query(6)) == "grouped_conv"
+    assert table.choose(query(64)) == "batched_matmul"
+
+
+def test_lookup_falls_back_to_the_shape_class_then_the_rule_of_thumb() -> None:
+    other = LayerSpec("conv2d", 16, 32, 4, kernel_size=3, padding=1)  # never tuned, same class as SPEC
+    table = DispatchTable([entry("naive_moe", 8)])
+    assert table.choose(query(8, other)) == "naive_moe"
+    assert table.choose(query(8, dtype="bfloat16")) == rule_of_thumb(SPEC)
+    assert table.choose(query(8, mode="training")) == "naive_moe"  # training falls back to inference entries
+    trained = DispatchTable([entry("naive_moe", 8), entry("stacked_moe", 8, mode="training")])
+    assert trained.choose(query(8, mode="training")) == "stacked_moe"
+
+
+def test_table_round_trips_and_refuses_garbage(tmp_path) -> None:
+    table = DispatchTable([entry("grouped_conv", 8)])
+    path = table.save(tmp_path / "t.json")
+    assert DispatchTable.load(path).entries == table.entries
+    (tmp_path / "bad.json").write_text('{"format": "something"}')
+    with pytest.raises(ResultsError, match="not a valid dispatch table"):
+        DispatchTable.load(tmp_path / "bad.json")
+
+
+def test_auto_uses_the_table_it_is_given(tmp_path) -> None:
+    for strategy in ("per_sample_loop", "naive_moe"):
+        table = DispatchTable([entry(strategy, 2)])
+        layer = CondConv2d(8, 16, 3, padding=1, num_experts=4, dispatch_table=table)
+        with torch.no_grad():
+            layer(torch.randn(2, 8, 6, 6))
+        assert layer.last_strategy == strategy
+
+
+def test_environment_variable_points_at_a_table(tmp_path, monkeypatch) -> None:
+    path = DispatchTable([entry("naive_moe", 2)]).save(tmp_path / "env.json")
+    monkeypatch.setenv(ENVIRONMENT_VARIABLE, str(path))
+    layer = CondConv2d(8, 16, 3, padding=1, num_experts=4)
+    with torch.no_grad():
+        layer(torch.randn(2, 8, 6, 6))
+    assert layer.last_strategy == "naive_moe"
+
+
+def test_fixed_strategy_and_unknown_strategy() -> None:
+    layer = CondConv2d(8, 16, 3, padding=1, num_experts=4, strategy="per_sample_loop")
+    with torch.no_grad():
+        layer(torch.randn(3, 8, 6, 6))
+    assert layer.last_strategy == "per_sample_loop"
+    with pytest.raises(UnknownImplError, match="strategy 'compiled'"):
+        CondConv2d(8, 16, 3, strategy="compiled")
+
+
+@pytest.mark.parametrize("strategy", ["auto", *dispatchable_impls()])
+def test_drop_in_conv_matches_the_oracle_in_training_with_channels_last(strategy: str) -> None:
+    torch.manual_seed(0)
+    layer = CondConv2d(8, 12, 3, stride=2, padding=1, num_experts=4, strategy=strategy).train()
+    x = torch.randn(3, 8, 9, 9).to(memory_format=torch.channels_last)
+    grad = torch.randn(3, 12, 5, 5)
+    report = check_equivalence(layer, x, None, grad)
+    assert report.passed, report
+
+
+def test_drop_in_linear_has_linear_defaults_and_matches_the_oracle() -> None:
+    layer = CondConvLinear(32, 10, num_experts=4)
+    assert layer.bias is not None and layer.weight.shape == (4, 10, 32)
+    assert check_equivalence(layer, torch.randn(5, 32)).passed
+
+
+def test_state_dict_round_trip_and_flat_expert_import() -> None:
+    source = CondConv2d(8, 16, 3, padding=1, num_experts=4, bias=False)
+    target = CondConv2d(8, 16, 3, padding=1, num_experts=4, bias=False, strategy="grouped_conv")
+    target.load_state_dict(source.state_dict())
+    x = torch.randn(2, 8, 6, 6)
+    with torch.no_grad():
+        torch.testing.assert_close(target(x), source(x), rtol=1e-4, atol=1e-5)
+    flat = torch.randn(4, 16 * 8 * 3 * 3)  # timm / TF layout: (E, C_out·C_in/g·kh·kw)
+    target.load_flat_experts(flat)
+    torch.testing.assert_close(target.weight[2], flat[2].view(16, 8, 3, 3))
+    state = {**source.state_dict(), "weight": flat}
+    source.load_state_dict(state)
+    torch.testing.assert_close(source.weight, target.weight)
+    with pytest.raises(ValueError, match="must have shape"):
+        target.load_flat_experts(torch.randn(4, 10))
+
+
+@pytest.mark.slow
+def test_auto_under_torch_compile_matches_eager() -> None:
+    torch.manual_seed(0)
+    layer = CondConv2d(8, 16, 1, num_experts=4)
+    x = torch.randn(4, 8, 7, 7)
+    with torch.no_grad():
+        expected = layer(x)
+        compiled = torch.compile(layer, fullgraph=True)
+        torch.testing.assert_close(compiled(x), expected, rtol=1e-4, atol=1e-5)
+
+
+def test_dispatch_lookup_is_cached_per_input_shape(monkeypatch) -> None:
+    layer = CondConv2d(8, 16, 1, num_experts=4)
+    calls = []
+    original = layer.choose
+    monkeypatch.setattr(layer, "choose", lambda x: calls.append(x.shape) or original(x))
+    with torch.no_grad():
+        for _ in range(3):
+            layer(torch.randn(2, 8, 5, 5))
+        layer(torch.randn(4, 8, 5, 5))
+    assert len(calls) == 2
+
+
+def test_tune_builds_a_table_that_auto_uses(tmp_path) -> None:
+    output = tmp_path / "dispatch.json"
+    result = CliRunner().invoke(main, ["tune", str(TINY), "-o", str(output), "--run-dir", str(tmp_path / "run"), "--device", "cpu", "-q"])
+    assert result.exit_code == 0, result.output
+    document = json.loads(output.read_text())
+    entries = document["entries"]
+    assert {e["layer"] for e in entries} == {"pw", "dw3", "fc"}
+    assert {e["strategy"] for e in entries} <= {"grouped_conv", "per_sample_loop"}  # tiny.yaml's dispatchable impls
+    again = CliRunner().invoke(main, ["tune", str(TINY), "-o", str(tmp_path / "again.json"), "--from-run", str(tmp_path / "run")])
+    assert again.exit_code == 0 and json.loads((tmp_path / "again.json").read_text())["entries"] == entries
+    fc = next(e for e in entries if e["layer"] == "fc" and e["batch_size"] == 2 and e["mode"] == "inference")
+    layer = CondConvLinear(8, 4, bias=False, num_experts=2, dispatch_table=output)
+    with torch.no_grad():
+        layer(torch.randn(2, 8))
+    assert layer.last_strategy == fc["strategy"]
+
+
+def test_runner_records_what_auto_dispatched(tmp_path) -> None:
+    import yaml
+
+    data = yaml.safe_load(TINY.read_text())
+    data["impls"] = ["static", "auto"]
+    path = tmp_path / "s.yaml"
+    path.write_text(yaml.safe_dump(data))
+    frame = run_suite(path, tmp_path / "run", case_filter=CaseFilter(devices=("cpu",))).run.results()
+    auto = frame[frame["impl"] == "auto"]
+    assert auto["dispatched"].isin(list(dispatchable_impls())).all()
+    assert auto["equivalent"].all() and auto["flops_agree"].all()
