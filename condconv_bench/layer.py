@@ -62,6 +62,7 @@ class CondConvBase(nn.Module, ABC):
         self.bias = nn.Parameter(torch.empty(spec.num_experts, spec.out_channels)) if spec.bias else None
         self.routing = nn.Linear(spec.in_channels, spec.num_experts)
         self._layouts: dict[str, tuple[tuple[object, ...], torch.Tensor]] = {}
+        self._workspace: tuple[tuple[object, ...], torch.Tensor] | None = None
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
@@ -145,10 +146,21 @@ class CondConvBase(nn.Module, ABC):
     def conditional_forward(self, x: torch.Tensor, routing_weights: torch.Tensor) -> torch.Tensor:
         """The layer's output given routing weights `(B, E)`: where the strategies differ."""
 
-    def mixed_kernels(self, routing_weights: torch.Tensor) -> torch.Tensor:
-        """Per-example kernels `(B, *expert_shape)` as one `(B, E) @ (E, P)` product."""
-        flat = routing_weights @ self.weight.reshape(self.spec.num_experts, -1)
-        return flat.view(-1, *self.spec.expert_shape)
+    def mixed_kernels(self, routing_weights: torch.Tensor, reuse_workspace: bool = False) -> torch.Tensor:
+        """Per-example kernels `(B, *expert_shape)` as one `(B, E) @ (E, P)` product.
+
+        With `reuse_workspace`, and while autograd does not record, the product is written into a
+        buffer kept between calls (valid until the next call), instead of a fresh allocation.
+        """
+        experts = self.weight.reshape(self.spec.num_experts, -1)
+        recording = torch.is_grad_enabled() and (self.weight.requires_grad or routing_weights.requires_grad)
+        if not reuse_workspace or recording or torch.compiler.is_compiling():
+            return (routing_weights @ experts).view(-1, *self.spec.expert_shape)
+        shape = (routing_weights.shape[0], experts.shape[1])
+        key = (shape, experts.dtype, experts.device, torch.is_inference_mode_enabled())
+        if self._workspace is None or self._workspace[0] != key:
+            self._workspace = (key, torch.empty(shape, dtype=experts.dtype, device=experts.device))
+        return torch.matmul(routing_weights, experts, out=self._workspace[1]).view(-1, *self.spec.expert_shape)
 
     def expert_layout(self, name: str, build: Callable[[torch.Tensor], torch.Tensor]) -> torch.Tensor:
         """The expert weights re-laid out by `build` (e.g. concatenated), rebuilt only when they change.

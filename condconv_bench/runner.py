@@ -25,6 +25,7 @@ import torch
 from torch import nn
 
 from condconv_bench import equivalence, flops, memory, timing
+from condconv_bench.allocator import fix_malloc_thresholds
 from condconv_bench.environment import describe_environment
 from condconv_bench.errors import CondConvBenchError, DeviceUnavailableError, ImplUnavailableError, ResultsError
 from condconv_bench.layer import CondConvBase
@@ -402,7 +403,9 @@ def run_suite(
         cases = shard.select(cases)
     if not cases:
         raise CondConvBenchError(f"{suite.path}: no cases to run after filters and sharding")
+    allocator = fix_malloc_thresholds() if suite.model.timing.fixed_malloc else {"policy": "default (fixed_malloc: false)"}
     run = _open_run(suite, Path(output) if output else default_output(suite), resume, shard, cases)
+    run.update_metadata(allocator=allocator)
     done = run.completed_case_ids()
     outcome = RunOutcome(run, len(cases), len(done & {case.id for case in cases}))
     ctx = _CaseContext(suite.model.seed)

@@ -51,6 +51,7 @@ class TimingSettings(_Model):
 
     min_run_time: Annotated[Number, Field(gt=0)] = 0.2
     warmup: Annotated[StrictInt, Field(ge=0)] = 2
+    fixed_malloc: StrictBool = True  # see condconv_bench.allocator
 
 
 class GateSettings(_Model):

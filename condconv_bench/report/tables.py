@@ -15,6 +15,7 @@ from condconv_bench.report import formatting
 
 FLOOR_IMPL = "static"  # the plain conv every strategy is measured against
 COMMON_IMPL = "grouped_conv"  # what timm and most open-source ports do
+DISPATCH_IMPL = "auto"  # chooses among the strategies, so it is shown beside the fastest, not as one
 GROUP_COLUMNS = ["layer", "device", "dtype", "mode", "threads", "memory_format", "batch_size"]
 
 
@@ -33,15 +34,28 @@ def with_ratios(frame: pd.DataFrame) -> pd.DataFrame:
     return rows
 
 
+HEADLINE_COLUMNS = [*GROUP_COLUMNS, "fastest", "latency_median_s", "vs_static", "vs_grouped_conv", "noisy",
+                    "auto_latency_s", "auto_vs_fastest", "auto_picked"]
+
+
 def headline(frame: pd.DataFrame) -> pd.DataFrame:
-    """Per group: the fastest CondConv implementation that passed equivalence, and its ratios."""
+    """Per group: the fastest strategy that passed equivalence, its ratios, and what `auto` did there.
+
+    `auto` is left out of the race (it runs one of the strategies); its latency, its ratio to the
+    fastest strategy and the strategy it dispatched to are columns of their own.
+    """
     rows = with_ratios(frame)
-    candidates = rows[(rows["impl"] != FLOOR_IMPL) & (rows["equivalent"].fillna(False).astype(bool))]
+    verified = rows["equivalent"].fillna(False).astype(bool)
+    candidates = rows[~rows["impl"].isin([FLOOR_IMPL, DISPATCH_IMPL]) & verified]
     if candidates.empty:
-        return pd.DataFrame(columns=[*GROUP_COLUMNS, "fastest", "latency_median_s", "vs_static", "vs_grouped_conv"])
+        return pd.DataFrame(columns=HEADLINE_COLUMNS)
     best = candidates.loc[candidates.groupby(GROUP_COLUMNS, sort=False)["latency_median_s"].idxmin()]
-    best = best.rename(columns={"impl": "fastest"})
-    return best[[*GROUP_COLUMNS, "fastest", "latency_median_s", "vs_static", "vs_grouped_conv", "noisy"]].reset_index(drop=True)
+    best = best.rename(columns={"impl": "fastest"}).set_index(GROUP_COLUMNS)
+    auto = rows[(rows["impl"] == DISPATCH_IMPL) & verified].set_index(GROUP_COLUMNS)
+    best["auto_latency_s"] = auto["latency_median_s"].reindex(best.index)
+    best["auto_vs_fastest"] = best["auto_latency_s"] / best["latency_median_s"]
+    best["auto_picked"] = auto["dispatched"].reindex(best.index)
+    return best.reset_index()[HEADLINE_COLUMNS]
 
 
 def geometric_mean(values: pd.Series) -> float:
@@ -156,7 +170,7 @@ def headline_display(frame: pd.DataFrame) -> pd.DataFrame:
     """`headline` as formatted text columns for terminals and markdown; context columns only if they vary."""
     best = headline(frame)
     context = varying(best, CONTEXT_COLUMNS) if not best.empty else []
-    return pd.DataFrame({
+    shown = pd.DataFrame({
         "layer": best["layer"],
         **{column: best[column] for column in context},
         "batch": best["batch_size"],
@@ -165,3 +179,7 @@ def headline_display(frame: pd.DataFrame) -> pd.DataFrame:
         "vs static": best["vs_static"].map(formatting.ratio),
         "vs grouped_conv": best["vs_grouped_conv"].map(formatting.ratio),
     })
+    if best["auto_latency_s"].notna().any():
+        shown["auto vs fastest"] = best["auto_vs_fastest"].map(formatting.ratio)
+        shown["auto picked"] = best["auto_picked"].fillna("-")
+    return shown
