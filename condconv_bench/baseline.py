@@ -81,19 +81,21 @@ def _optional(value: Any, kind: type) -> Any:
 _STATUS_RANK = {"error": 0, "skipped": 1, "ok": 2}
 
 
-def _pooled_case(rows: list[dict[str, Any]], timings: list[Timing]) -> dict[str, Any]:
-    """One case's figures over several runs: the worst status, pooled samples, the largest peak."""
+def _combined_case(rows: list[dict[str, Any]], timings: list[Timing]) -> dict[str, Any]:
+    """One case's figures over several runs: the worst status, the least disturbed run's samples
+    (lowest median), the largest peak memory."""
     worst = min(rows, key=lambda row: _STATUS_RANK.get(row["status"], 0))
-    pooled = np.concatenate([t.times_s for t in timings]) if timings and worst["status"] == "ok" else np.array([])
+    fastest = min(timings, key=lambda t: t.median_s) if timings and worst["status"] == "ok" else None
+    samples = np.asarray(fastest.times_s) if fastest else np.array([])
     peaks = [int(row["peak_memory_bytes"]) for row in rows if not pd.isna(row["peak_memory_bytes"])]
     verdicts = [bool(row["equivalent"]) for row in rows if not pd.isna(row["equivalent"])]
     errors = [float(row["max_rel_error"]) for row in rows if not pd.isna(row["max_rel_error"])]
     return {
         "status": worst["status"],
         "reason": _optional(worst["reason"], str),
-        "samples_s": _thin(tuple(map(float, pooled))),
-        "latency_median_s": float(np.median(pooled)) if len(pooled) else None,
-        "latency_iqr_s": float(np.subtract(*np.percentile(pooled, [75, 25]))) if len(pooled) else None,
+        "samples_s": _thin(tuple(map(float, samples))),
+        "latency_median_s": float(np.median(samples)) if len(samples) else None,
+        "latency_iqr_s": float(np.subtract(*np.percentile(samples, [75, 25]))) if len(samples) else None,
         "macs_fvcore": _optional(worst["macs_fvcore"], int),
         "flops_torch": _optional(worst["flops_torch"], int),
         "macs_analytic": _optional(worst["macs_analytic"], int),
@@ -104,17 +106,19 @@ def _pooled_case(rows: list[dict[str, Any]], timings: list[Timing]) -> dict[str,
 
 
 def snapshot_of_runs(paths: list[Path]) -> Snapshot:
-    """The figures of one or more run directories of a suite, samples pooled per case.
+    """The figures of one or more run directories of a suite, combined per case.
 
-    Several runs (separate processes) capture what one run cannot: process-level variation
-    such as memory placement, which moves small kernels by 10–50% from one process to the next
-    on shared machines (pyperf spawns many worker processes for the same reason).
+    Each case's timing comes from the run in which it was fastest: interference from other work
+    on a shared machine only ever slows a run down — seen here, one of two runs had a stretch of
+    consecutive cases 1.3× slower — so the least disturbed run is the best estimate of the code's
+    speed, the reasoning behind timeit's minimum. Several runs (separate processes) also even out
+    process-level effects such as memory placement.
     """
     runs = [RunDirectory.open(path) for path in paths]
     metadata = [run.metadata() for run in runs]
     names = {m["suite"]["name"] for m in metadata}
     if len(names) != 1:
-        raise ResultsError(f"cannot pool runs of different suites ({', '.join(sorted(names))}): {', '.join(map(str, paths))}")
+        raise ResultsError(f"cannot combine runs of different suites ({', '.join(sorted(names))}): {', '.join(map(str, paths))}")
     rows: dict[str, list[dict[str, Any]]] = {}
     timings: dict[str, list[Timing]] = {}
     groups: dict[str, tuple[Any, ...]] = {}
@@ -125,12 +129,12 @@ def snapshot_of_runs(paths: list[Path]) -> Snapshot:
             groups[row["case_id"]] = tuple(row[c] for c in GROUP_COLUMNS) + (row["impl"],)
             if row["case_id"] in samples and row["status"] == "ok":
                 timings.setdefault(row["case_id"], []).append(samples[row["case_id"]])
-    pooled = {case_id: _pooled_case(case_rows, timings.get(case_id, [])) for case_id, case_rows in rows.items()}
-    floors = {key[:-1]: case_id for case_id, key in groups.items() if key[-1] == FLOOR_IMPL and pooled[case_id]["latency_median_s"]}
+    combined = {case_id: _combined_case(case_rows, timings.get(case_id, [])) for case_id, case_rows in rows.items()}
+    floors = {key[:-1]: case_id for case_id, key in groups.items() if key[-1] == FLOOR_IMPL and combined[case_id]["latency_median_s"]}
     cases = {}
-    for case_id, figures in pooled.items():
+    for case_id, figures in combined.items():
         floor = floors.get(groups[case_id][:-1])
-        median, floor_median = figures["latency_median_s"], pooled[floor]["latency_median_s"] if floor else None
+        median, floor_median = figures["latency_median_s"], combined[floor]["latency_median_s"] if floor else None
         cases[case_id] = CaseFigures(
             **figures, floor_case=floor, ratio_to_static=median / floor_median if median and floor_median else None
         )
@@ -188,7 +192,7 @@ def _load_baseline_file(path: Path) -> Snapshot:
 
 
 def load_snapshot(paths: str | Path | list[Path]) -> Snapshot:
-    """A baseline file, or one or more run directories (pooled), read the same way."""
+    """A baseline file, or one or more run directories (combined per case), read the same way."""
     paths = [Path(p) for p in paths] if isinstance(paths, list) else [Path(paths)]
     if len(paths) == 1 and not paths[0].is_dir():
         return _load_baseline_file(paths[0])

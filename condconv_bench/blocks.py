@@ -151,10 +151,6 @@ class CondConvStack(nn.Sequential):
         return eager.train(self.training)
 
 
-def build_stack(spec: StackSpec, impl: type[CondConvBase]) -> CondConvStack:
-    return CondConvStack(spec, impl)
-
-
 def stack_analytic_macs(stack: CondConvStack, batch_size: int) -> AnalyticMacs:
     """Block routing, each layer's mixing and conv as its module reports them (routing is given,
     so the layers compute none of their own), and the squeeze-and-excite convs."""

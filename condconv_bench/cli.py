@@ -217,7 +217,7 @@ def baseline() -> None:
 @click.argument("run_dirs", nargs=-1, required=True, type=click.Path(path_type=Path))
 @click.option("-o", "--output", required=True, type=click.Path(dir_okay=False, path_type=Path), help="Baseline file, e.g. baselines/smoke-cpu.json.")
 def baseline_save(run_dirs: tuple[Path, ...], output: Path) -> None:
-    """Save the figures of RUN_DIRS (samples pooled over several runs) as a small, reviewable baseline."""
+    """Save the figures of RUN_DIRS (each case from its fastest run) as a small, reviewable baseline."""
     written = save_baseline(list(run_dirs), output)
     click.echo(f"wrote {written} ({len(load_snapshot(written).cases)} cases)")
 
@@ -241,7 +241,7 @@ def compare(base: Path, current: Path, fmt: str, **overrides: Any) -> None:
 @click.option("--all", "everything", is_flag=True, help="List every case, not only those that changed.")
 @_threshold_options
 def gate(run_dirs: tuple[Path, ...], baseline_path: Path, fail_on_improvement: bool, fmt: str, everything: bool, **overrides: Any) -> None:
-    """Pass (exit 0) or fail (exit 1) RUN_DIRS (pooled) against a baseline; exit 2 for bad input."""
+    """Pass (exit 0) or fail (exit 1) RUN_DIRS (each case from its fastest run) against a baseline; exit 2 for bad input."""
     result = run_gate(list(run_dirs), baseline_path, _gate_settings(run_dirs[0], overrides), fail_on_improvement)
     click.echo(_render(result.comparison, fmt, everything, list(result.failures)))
     sys.exit(result.exit_code)

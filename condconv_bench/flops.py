@@ -10,6 +10,7 @@ the routing-weighted sums) is excluded by all of them alike. Counts are for one 
 
 from __future__ import annotations
 
+import math
 import warnings
 from collections import Counter
 from dataclasses import dataclass
@@ -77,11 +78,19 @@ def _no_macs(inputs: object, outputs: object) -> int:
     return 0  # fvcore's `None` handle only silences a warning; it keeps its own count
 
 
+def _matmul_macs(inputs: list, outputs: list) -> int:
+    """fvcore's matmul handle rejects `matmul(a, b, out=…)`; count from the two operands alone."""
+    from fvcore.nn.jit_handles import get_shape
+
+    a, b = get_shape(inputs[0]), get_shape(inputs[1])
+    return math.prod(a) * b[-1]
+
+
 def _fvcore_macs(module: torch.nn.Module, inputs: tuple[torch.Tensor, ...]) -> tuple[int, Counter[str]]:
     from fvcore.nn import FlopCountAnalysis
 
     analysis = FlopCountAnalysis(module, inputs)
-    analysis.set_op_handle(**{op: _no_macs for op in _FVCORE_NON_CONTRACTIONS})
+    analysis.set_op_handle(**{op: _no_macs for op in _FVCORE_NON_CONTRACTIONS}, **{"aten::matmul": _matmul_macs})
     analysis.unsupported_ops_warnings(False)
     analysis.uncalled_modules_warnings(False)
     analysis.tracer_warnings("none")

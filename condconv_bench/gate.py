@@ -32,7 +32,7 @@ class GateResult:
 
 
 def run_gate(run_dirs: list[Path], baseline: Path, thresholds: GateSettings, fail_on_improvement: bool = False) -> GateResult:
-    """Compare the runs (pooled) with `baseline` (a baseline file or a run directory) and decide."""
+    """Compare the runs (each case from its fastest run) with `baseline` (a baseline file or a run directory) and decide."""
     comparison = compare_snapshots(load_snapshot(baseline), load_snapshot(list(run_dirs)), thresholds)
     failures = [c for c in comparison.cases if c.problems or (fail_on_improvement and c.improvements)]
     return GateResult(comparison, tuple(failures), fail_on_improvement)

@@ -16,7 +16,7 @@ import torch
 from torch import nn
 
 from condconv_bench import equivalence
-from condconv_bench.blocks import StackSpec, build_stack, stack_analytic_macs
+from condconv_bench.blocks import CondConvStack, StackSpec, stack_analytic_macs
 from condconv_bench.flops import AnalyticMacs
 from condconv_bench.layer import CondConvBase, initial_parameters
 from condconv_bench.registry import get_impl
@@ -141,7 +141,7 @@ class StackWorkload(Workload):
         return (batch_size, self.spec.out_channels, *self.spec.output_size)
 
     def build(self, impl: type[CondConvBase]) -> nn.Module:
-        return build_stack(self.spec, impl)
+        return CondConvStack(self.spec, impl)
 
     def layer_specs(self) -> list[LayerSpec]:
         return self.spec.condconv_layers()
@@ -149,7 +149,7 @@ class StackWorkload(Workload):
     def initial_state(self, generator: torch.Generator) -> dict[str, torch.Tensor]:
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(int(torch.randint(0, 2**31 - 1, (1,), generator=generator)))
-            return build_stack(self.spec, get_impl(REFERENCE_IMPL)).state_dict()
+            return CondConvStack(self.spec, get_impl(REFERENCE_IMPL)).state_dict()
 
     def analytic_macs(self, module: nn.Module, batch_size: int) -> AnalyticMacs:
         return stack_analytic_macs(module, batch_size)
@@ -157,7 +157,7 @@ class StackWorkload(Workload):
     def reference(self, module: nn.Module, x: torch.Tensor, routing_weights: torch.Tensor | None,
                   grad_output: torch.Tensor | None) -> equivalence.Reference:
         device = torch.device("cpu") if x.device.type == "mps" else x.device
-        reference = build_stack(self.spec, get_impl(REFERENCE_IMPL)).to(device=device, dtype=torch.float64)
+        reference = CondConvStack(self.spec, get_impl(REFERENCE_IMPL)).to(device=device, dtype=torch.float64)
         reference.load_state_dict(module.state_dict())
         reference.train(module.training)
         return equivalence.compute_module_reference(reference, x.to(device=device, dtype=torch.float64), grad_output)

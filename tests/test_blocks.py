@@ -8,7 +8,7 @@ import pytest
 import torch
 import yaml
 
-from condconv_bench.blocks import StackSpec, StageSpec, build_stack
+from condconv_bench.blocks import CondConvStack, StackSpec, StageSpec
 from condconv_bench.registry import get_impl
 from condconv_bench.runner import run_suite
 from condconv_bench.suite import load_suite
@@ -33,7 +33,7 @@ def test_shipped_block_suite_is_efficientnet_cc_b0() -> None:
 
 
 def test_routing_is_shared_by_the_three_layers_of_a_block() -> None:
-    stack = build_stack(SMALL, get_impl("grouped_conv"))
+    stack = CondConvStack(SMALL, get_impl("grouped_conv"))
     seen = []
     for module in (stack[0].expand, stack[0].depthwise, stack[0].project):
         module.register_forward_pre_hook(lambda m, args: seen.append(args[1]))
