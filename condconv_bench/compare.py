@@ -167,6 +167,8 @@ def _compare_case(case_id: str, base: Snapshot, current: Snapshot, mode: str, t:
         return CaseComparison(case_id, impl, "not measured", problems=tuple(problems), improvements=tuple(improvements), **common)
     change = compare_samples(before_samples, after_samples)
     verdict = change.direction(t.time_threshold, t.alpha)
+    if abs(after.latency_median_s - before.latency_median_s) <= t.time_min_delta_s:
+        verdict = "unchanged"  # below the absolute margin: tiny, Python-bound cases move this much by themselves
     if impl != FLOOR_IMPL:
         if verdict == "slower":
             problems.append(f"slower: {change.ratio:.2f}× ({mode}, p={change.p_value:.1e})")

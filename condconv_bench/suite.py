@@ -58,6 +58,7 @@ class GateSettings(_Model):
     """Regression-gate tolerances, per suite (`gate:`) or from the command line (`condconv_bench.compare`)."""
 
     time_threshold: Annotated[Number, Field(gt=0)] = 0.10  # relative slowdown that counts
+    time_min_delta_s: Annotated[Number, Field(ge=0)] = 0.0  # and the absolute change must exceed this
     memory_threshold: Annotated[Number, Field(gt=0)] = 0.10  # relative peak-memory growth that counts
     memory_min_bytes: Annotated[StrictInt, Field(ge=0)] = 16 * 1024  # and the growth must exceed this
     alpha: Annotated[Number, Field(gt=0, lt=1)] = DEFAULT_ALPHA  # significance level of the rank test

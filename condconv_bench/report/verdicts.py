@@ -43,7 +43,9 @@ def _header(comparison: Comparison) -> list[str]:
         f"current:  {comparison.current}",
         f"comparison: {comparison.mode} — {comparison.mode_reason}"
         + (" (latencies divided by the static floor of their own run)" if comparison.mode == "floor" else ""),
-        f"thresholds: time +{t.time_threshold:.0%} with Mann–Whitney U p < {t.alpha:g}; "
+        f"thresholds: time +{t.time_threshold:.0%}"
+        + (f" and > {formatting.seconds(t.time_min_delta_s)}" if t.time_min_delta_s else "")
+        + f" with Mann–Whitney U p < {t.alpha:g}; "
         f"peak memory +{t.memory_threshold:.0%} and > {formatting.size(t.memory_min_bytes)}; FLOPs, equivalence and errors exactly",
     ]
     lines += [f"environment: {note}" for note in comparison.environment_notes]
