@@ -30,13 +30,14 @@ class Workload(ABC):
 
     kind: str
     routing_given: bool = False
+    spec: LayerSpec | StackSpec
 
-    @abstractmethod
-    def describe(self) -> str: ...
+    def describe(self) -> str:
+        return self.spec.describe()
 
     @property
-    @abstractmethod
-    def num_experts(self) -> int: ...
+    def num_experts(self) -> int:
+        return self.spec.num_experts
 
     @abstractmethod
     def input_shape(self, batch_size: int) -> tuple[int, ...]: ...
@@ -85,13 +86,6 @@ class LayerWorkload(Workload):
     def kind(self) -> str:  # type: ignore[override]
         return self.spec.kind
 
-    def describe(self) -> str:
-        return self.spec.describe()
-
-    @property
-    def num_experts(self) -> int:
-        return self.spec.num_experts
-
     def input_shape(self, batch_size: int) -> tuple[int, ...]:
         return self.spec.input_shape(batch_size, self.input_size)
 
@@ -126,13 +120,6 @@ class StackWorkload(Workload):
     @property
     def kind(self) -> str:  # type: ignore[override]
         return "stack"
-
-    def describe(self) -> str:
-        return self.spec.describe()
-
-    @property
-    def num_experts(self) -> int:
-        return self.spec.num_experts
 
     def input_shape(self, batch_size: int) -> tuple[int, ...]:
         return (batch_size, self.spec.in_channels, *self.spec.input_size)
