@@ -11,6 +11,9 @@ Prediction, written before measuring: on CPU it loses ~E× on every conv of the 
 (their convs dwarf the kernel mixing it avoids), and wins on the fully-connected classifier,
 where kernel mixing itself costs E× the linear's MACs per example, so that one large GEMM with
 K = E·C_in is the cheapest exact form (expected ≥ 2× faster than grouped_conv there at batch ≥ 8).
+Measured (mobile suite, 2-core CPU, fp32): the classifier at 0.82×, 0.11× and 0.05× of
+grouped_conv's latency at batch 1, 8 and 32 (the fastest strategy there at every batch size), and
+2.9–112× slower than the fastest strategy on the convs — as predicted on both counts.
 """
 
 from __future__ import annotations
