@@ -18,7 +18,6 @@ threshold (and a small absolute margin, so a few hundred bytes on a tiny layer d
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 from typing import Literal
 

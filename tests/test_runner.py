@@ -15,7 +15,7 @@ import yaml
 from condconv_bench.errors import CondConvBenchError, ResultsError
 from condconv_bench.results import COLUMNS, SCHEMA_VERSION, RunDirectory, load_results, merge_runs
 from condconv_bench.runner import CaseFilter, Shard, run_suite
-from condconv_bench.suite import load_suite, parse_suite
+from condconv_bench.suite import load_suite
 
 DATA = Path(__file__).parent / "data"
 TINY = DATA / "valid" / "tiny.yaml"
