@@ -1,28 +1,53 @@
-"""condconv-bench: benchmark, verify and choose implementations of CondConv layers."""
+"""condconv-bench: benchmark, verify and choose implementations of CondConv layers.
 
-from condconv_bench.dispatch import DispatchTable
-from condconv_bench.errors import CondConvBenchError
-from condconv_bench.layer import CondConvBase
-from condconv_bench.modules import CondConv2d, CondConvLinear
-from condconv_bench.registry import create_impl, get_impl, list_impls, register_impl
-from condconv_bench.results import load_results
-from condconv_bench.runner import run_suite
-from condconv_bench.spec import LayerSpec
+The public names resolve on first use (PEP 562), so `from condconv_bench import CondConv2d` loads
+the layer and torch only: a model that wants the drop-in layer does not pay for the harness
+(pandas, scipy, fvcore, pydantic), and neither do the benchmark's worker processes.
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING, Any
 
 __version__ = "0.1.0"
 
-__all__ = [
-    "CondConv2d",
-    "CondConvBase",
-    "CondConvBenchError",
-    "CondConvLinear",
-    "DispatchTable",
-    "LayerSpec",
-    "__version__",
-    "create_impl",
-    "get_impl",
-    "list_impls",
-    "load_results",
-    "register_impl",
-    "run_suite",
-]
+_HOMES = {
+    "CondConv2d": "condconv_bench.modules",
+    "CondConvLinear": "condconv_bench.modules",
+    "CondConvBase": "condconv_bench.layer",
+    "CondConvBenchError": "condconv_bench.errors",
+    "DispatchTable": "condconv_bench.dispatch",
+    "LayerSpec": "condconv_bench.spec",
+    "create_impl": "condconv_bench.registry",
+    "get_impl": "condconv_bench.registry",
+    "list_impls": "condconv_bench.registry",
+    "register_impl": "condconv_bench.registry",
+    "load_results": "condconv_bench.results",
+    "run_suite": "condconv_bench.runner",
+}
+
+__all__ = sorted([*_HOMES, "__version__"])
+
+if TYPE_CHECKING:
+    from condconv_bench.dispatch import DispatchTable
+    from condconv_bench.errors import CondConvBenchError
+    from condconv_bench.layer import CondConvBase
+    from condconv_bench.modules import CondConv2d, CondConvLinear
+    from condconv_bench.registry import create_impl, get_impl, list_impls, register_impl
+    from condconv_bench.results import load_results
+    from condconv_bench.runner import run_suite
+    from condconv_bench.spec import LayerSpec
+
+
+def __getattr__(name: str) -> Any:
+    home = _HOMES.get(name)
+    if home is None:
+        raise AttributeError(f"module 'condconv_bench' has no attribute {name!r}")
+    value = getattr(importlib.import_module(home), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return __all__

@@ -22,7 +22,7 @@ import numpy as np
 import pandas as pd
 
 from condconv_bench.errors import ResultsError
-from condconv_bench.report.tables import FLOOR_IMPL, GROUP_COLUMNS
+from condconv_bench.case import GROUP_KEYS
 from condconv_bench.results import RunDirectory
 from condconv_bench.timing import Timing
 
@@ -126,11 +126,11 @@ def snapshot_of_runs(paths: list[Path]) -> Snapshot:
         samples = run.samples()
         for row in run.results().to_dict("records"):
             rows.setdefault(row["case_id"], []).append(row)
-            groups[row["case_id"]] = tuple(row[c] for c in GROUP_COLUMNS) + (row["impl"],)
+            groups[row["case_id"]] = tuple(row[c] for c in GROUP_KEYS) + (row["role"],)
             if row["case_id"] in samples and row["status"] == "ok":
                 timings.setdefault(row["case_id"], []).append(samples[row["case_id"]])
     combined = {case_id: _combined_case(case_rows, timings.get(case_id, [])) for case_id, case_rows in rows.items()}
-    floors = {key[:-1]: case_id for case_id, key in groups.items() if key[-1] == FLOOR_IMPL and combined[case_id]["latency_median_s"]}
+    floors = {key[:-1]: case_id for case_id, key in groups.items() if key[-1] == "floor" and combined[case_id]["latency_median_s"]}
     cases = {}
     for case_id, figures in combined.items():
         floor = floors.get(groups[case_id][:-1])

@@ -19,11 +19,15 @@ from condconv_bench.baseline import load_snapshot, save_baseline
 from condconv_bench.compare import CaseComparison, Comparison, compare_snapshots
 from condconv_bench.errors import EXIT_FAILURE, CondConvBenchError
 from condconv_bench.gate import run_gate
+from condconv_bench.measure import allocators
+from condconv_bench.measure.allocators import ALLOCATORS
 from condconv_bench.registry import list_impls
 from condconv_bench.report import tables, verdicts, write_report
+from condconv_bench.report.reproducibility import reproducibility
 from condconv_bench.results import RunDirectory, merge_runs
 from condconv_bench.runner import CaseFilter, Shard, default_output, run_suite
-from condconv_bench.suite import Case, GateSettings, load_suite, shipped_suites
+from condconv_bench.case import Case
+from condconv_bench.suite import GateSettings, load_suite, shipped_suites
 from condconv_bench.tune import tune
 
 
@@ -91,14 +95,23 @@ def main() -> None:
 @click.option("--device", "devices", multiple=True, help="Only this device (repeatable).")
 @click.option("--batch-size", "batch_sizes", multiple=True, type=int, help="Only this batch size (repeatable).")
 @click.option("--layer", "layers", multiple=True, help="Only this layer (repeatable).")
+@click.option("--dtype", "dtypes", multiple=True, help="Only this dtype (repeatable).")
+@click.option("--mode", "modes", multiple=True, help="Only this mode, inference or training (repeatable).")
 @click.option("--strict", is_flag=True, help="Exit 1 if any case ended in an error.")
 @click.option("--profile", is_flag=True, help="Also record torch.profiler traces per case into RUN_DIR/traces.")
 @click.option("--no-report", is_flag=True, help="Do not write RUN_DIR/report.html at the end.")
+@click.option("--processes", type=click.IntRange(1, 64), help="Worker processes that each time every group [suite's timing.processes].")
+@click.option("--allocator", type=click.Choice(ALLOCATORS), help="Allocator of the worker processes [suite's timing.allocator, else fixed].")
 @click.option("-q", "--quiet", is_flag=True, help="No progress bar (for CI logs).")
 def run(suite: str, output: Path | None, resume: bool, shard: str | None, impls: tuple[str, ...],
-        devices: tuple[str, ...], batch_sizes: tuple[int, ...], layers: tuple[str, ...], strict: bool,
-        profile: bool, no_report: bool, quiet: bool) -> None:
-    """Run SUITE (a YAML file, or the name of a shipped suite) and write a run directory."""
+        devices: tuple[str, ...], batch_sizes: tuple[int, ...], layers: tuple[str, ...], dtypes: tuple[str, ...],
+        modes: tuple[str, ...], strict: bool, profile: bool, no_report: bool, processes: int | None, allocator: str | None, quiet: bool) -> None:
+    """Run SUITE (a YAML file, or the name of a shipped suite) and write a run directory.
+
+    Each group (a layer at one batch size, device, dtype, mode, memory format and thread count) is
+    timed in interleaved rounds in several fresh worker processes, until every ratio to the static
+    floor is known within the suite's precision or its time budget is spent.
+    """
     if resume and output is None:
         raise CondConvBenchError("--resume needs -o/--output: the run directory to continue")
     loaded = load_suite(suite)
@@ -106,7 +119,8 @@ def run(suite: str, output: Path | None, resume: bool, shard: str | None, impls:
     try:
         outcome = run_suite(
             loaded, output, resume=resume, shard=Shard.parse(shard) if shard else None,
-            case_filter=CaseFilter(impls, devices, batch_sizes, layers), listener=progress, profile=profile,
+            case_filter=CaseFilter(impls, devices, batch_sizes, layers, dtypes, modes), listener=progress, profile=profile,
+            processes=processes, allocator=allocator,
         )
     finally:
         if progress is not None:
@@ -162,6 +176,9 @@ def list_command() -> None:
         status = "available" if info.available else f"unavailable: {info.unavailable_reason}"
         role = " (baseline)" if info.is_baseline else ""
         click.echo(f"  {info.key:<18} {info.description}{role}  [{status}]")
+    click.echo("\nAllocators for the worker processes (run --allocator):")
+    for name, reason in allocators.available().items():
+        click.echo(f"  {name:<18} {'available' if reason is None else f'unavailable: {reason}'}")
     click.echo("\nShipped suites (run by name or path):")
     for name, path in sorted(shipped_suites().items()):
         suite = load_suite(path)
@@ -228,8 +245,16 @@ def baseline_save(run_dirs: tuple[Path, ...], output: Path) -> None:
 @click.option("--format", "fmt", type=click.Choice(["text", "markdown", "json"]), default="text", show_default=True)
 @_threshold_options
 def compare(base: Path, current: Path, fmt: str, **overrides: Any) -> None:
-    """Compare CURRENT with BASE (each a run directory or a baseline file), case by case."""
+    """Compare CURRENT with BASE (each a run directory or a baseline file), case by case.
+
+    For two run directories, it first prints how well they reproduce each other: the share of
+    cases whose ratio to the static floor agrees within ±5%, the worst moves, in how many groups
+    the tied-fastest sets agree, and whether the cases that moved were flagged unstable.
+    """
     comparison = compare_snapshots(load_snapshot(base), load_snapshot(current), _gate_settings(current, overrides))
+    if fmt == "text" and base.is_dir() and current.is_dir():
+        agreement = reproducibility(RunDirectory.open(base).results(), RunDirectory.open(current).results())
+        click.echo("\n".join(agreement.lines()) + "\n")
     click.echo(_render(comparison, fmt, everything=True))
 
 

@@ -26,7 +26,6 @@ import numpy as np
 from condconv_bench.baseline import CaseFigures, Snapshot
 from condconv_bench.errors import ResultsError
 from condconv_bench.report.formatting import count, size
-from condconv_bench.report.tables import FLOOR_IMPL
 from condconv_bench.statistics import compare_samples
 from condconv_bench.suite import GateSettings
 
@@ -97,7 +96,7 @@ def floor_drift(base: Snapshot, current: Snapshot) -> float | None:
     ratios = [
         current.cases[cid].latency_median_s / figures.latency_median_s
         for cid, figures in base.cases.items()
-        if cid.split("/")[1] == FLOOR_IMPL and figures.latency_median_s and cid in current.cases
+        if figures.floor_case == cid and figures.latency_median_s and cid in current.cases
         and current.cases[cid].latency_median_s
     ]
     return float(np.exp(np.mean(np.log(ratios)))) if ratios else None
@@ -168,7 +167,7 @@ def _compare_case(case_id: str, base: Snapshot, current: Snapshot, mode: str, t:
     verdict = change.direction(t.time_threshold, t.alpha)
     if abs(after.latency_median_s - before.latency_median_s) <= t.time_min_delta_s:
         verdict = "unchanged"  # below the absolute margin: tiny, Python-bound cases move this much by themselves
-    if impl != FLOOR_IMPL:
+    if before.floor_case != case_id:
         if verdict == "slower":
             problems.append(f"slower: {change.ratio:.2f}× ({mode}, p={change.p_value:.1e})")
         elif verdict == "faster":

@@ -22,13 +22,15 @@ import os
 from dataclasses import asdict, dataclass
 from importlib import resources
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import pandas as pd
-
+from condconv_bench.case import GROUP_KEYS
 from condconv_bench.errors import ResultsError
 from condconv_bench.flops import conv_macs
 from condconv_bench.spec import LayerSpec, Pair
+
+if TYPE_CHECKING:
+    import pandas as pd
 
 TABLE_FORMAT = "condconv-bench-dispatch"
 TABLE_VERSION = 1
@@ -109,6 +111,10 @@ class DispatchTable:
         self.entries = tuple(entries)
         self.source = source
 
+    def covers(self, device: str, dtype: str) -> bool:
+        """Whether any entry was measured on this device type and dtype (else `choose` guesses)."""
+        return any(e.device == device and e.dtype == dtype for e in self.entries)
+
     def choose(self, query: Query) -> str:
         candidates = [e for e in self.entries if e.device == query.device and e.dtype == query.dtype]
         if not candidates:
@@ -157,9 +163,8 @@ def entries_from_results(frame: pd.DataFrame, workloads: dict[str, tuple[LayerSp
     """One entry per measured group of a run: the fastest eligible strategy that passed equivalence."""
     rows = frame[(frame["status"] == "ok") & frame["impl"].isin(eligible) & frame["equivalent"].fillna(False).astype(bool)]
     rows = rows[rows["layer"].isin(workloads)]
-    keys = ["layer", "device", "dtype", "mode", "threads", "memory_format", "batch_size"]
     entries = []
-    for key, group in rows.groupby(keys, sort=False):
+    for key, group in rows.groupby(list(GROUP_KEYS), sort=False):
         layer, device, dtype, mode, threads, memory_format, batch_size = key
         spec, input_size = workloads[layer]
         ranked = group.sort_values("latency_median_s")

@@ -55,3 +55,9 @@ class DeviceUnavailableError(CondConvBenchError):
 
 class ResultsError(CondConvBenchError):
     """A run directory or baseline file that is missing, corrupt or incompatible."""
+
+
+def first_line(exc: BaseException) -> str:
+    """`Type: first line of the message`: how an implementation's failure reads in a result row."""
+    text = str(exc).strip().splitlines()
+    return f"{type(exc).__name__}: {text[0] if text else ''}".strip()

@@ -48,6 +48,8 @@ class CondConvBase(nn.Module, ABC):
 
     key: ClassVar[str] = ""  # set by the registry
     is_baseline: ClassVar[bool] = False  # a floor to compare against, not a CondConv (no equivalence)
+    compiles: ClassVar[bool] = False  # its first call must build a torch.compile graph, or it ran eager
+    is_dispatcher: ClassVar[bool] = False  # runs one of the strategies (auto): judged against the fastest, never races
     materialises_kernels: ClassVar[bool] = True  # builds B per-sample kernels (memory B·P)
     # Its conditional_forward uses only the shared parameters and this base's helpers, so the
     # dispatching layer (`auto`) may run it on its own parameters. Only a class's own declaration

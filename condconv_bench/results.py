@@ -23,8 +23,10 @@ import pandas as pd
 from condconv_bench.errors import ResultsError
 from condconv_bench.timing import Timing
 
-# Schema history: 1 — first release; 2 — `dispatched` column (what `auto` ran).
-SCHEMA_VERSION = 2
+# Schema history: 1 — first release; 2 — `dispatched` column (what `auto` ran); 3 — interleaved
+# rounds in worker processes: `role`, paired ratios with intervals, ties, `processes`,
+# `process_spread`, `stopped_because`, `tf32`; `noisy` means "not reproducible".
+SCHEMA_VERSION = 3
 RUN_FILE = "run.json"
 RESULTS_FILE = "results.csv"
 SAMPLES_FILE = "samples.jsonl"
@@ -46,6 +48,7 @@ COLUMNS: dict[str, str] = {
     "mode": "string",
     "threads": "Int64",
     "memory_format": "string",
+    "role": "string",  # floor (the static layer every ratio divides by) | strategy | dispatcher (auto)
     "status": "string",  # ok | skipped | error
     "reason": "string",  # why skipped, or the error's message
     "latency_median_s": "float64",
@@ -53,12 +56,23 @@ COLUMNS: dict[str, str] = {
     "latency_p10_s": "float64",
     "latency_p90_s": "float64",
     "latency_mean_s": "float64",
-    "n_measurements": "Int64",
-    "number_per_run": "Int64",
-    "noisy": "boolean",
+    "n_measurements": "Int64",  # timed blocks, over all rounds and worker processes
+    "number_per_run": "Int64",  # calls per timed block
+    "processes": "Int64",  # worker processes the samples came from
+    "vs_floor": "float64",  # median of the paired per-round ratios latency / floor latency
+    "vs_floor_ci_low": "float64",  # 95% interval, resampling processes then rounds
+    "vs_floor_ci_high": "float64",
+    "vs_best": "float64",  # the same against the fastest verified strategy of the group
+    "vs_best_ci_low": "float64",
+    "vs_best_ci_high": "float64",
+    "tied_fastest": "boolean",  # cannot be told apart from the fastest (for auto: matches it)
+    "process_spread": "float64",  # max/min over processes of the median ratio to the floor
+    "noisy": "boolean",  # not reproducible: the ratio's interval or the process spread is too wide
+    "stopped_because": "string",  # why the group's measuring ended (precise, budget, passes)
     "throughput_per_s": "float64",  # examples per second at the median latency
     "first_call_s": "float64",  # the cold first call: compile time for compiled implementations
-    "compiled_graphs": "Int64",  # graphs torch.compile built during the first call (0 when eager)
+    "compiled_graphs": "Int64",
+    "tf32": "boolean",  # CUDA only: whether float32 convs/matmuls may use TF32 (the runner turns it off)  # graphs torch.compile built during the first call (0 when eager)
     "dispatched": "string",  # what a dispatching implementation (auto) ran
     "macs_fvcore": "Int64",  # MAC (multiply-accumulate), forward
     "flops_torch": "Int64",  # FLOP = 2 × MAC, forward
@@ -79,8 +93,8 @@ COLUMNS: dict[str, str] = {
     "worst_tensor": "string",
     "tolerance": "float64",
     "equivalent": "boolean",  # empty for the static floor, which is not CondConv
-    "wall_s": "float64",  # everything the runner spent on the case
-    "timed_s": "float64",  # of which inside timed blocks
+    "wall_s": "float64",  # the runner's time on the case: its probes and its share of the group's timing
+    "timed_s": "float64",  # time inside its timed blocks, all worker processes together
 }
 
 
@@ -186,7 +200,10 @@ class RunDirectory:
     def append(self, row: dict[str, Any], timing: Timing | None = None) -> None:
         """Persist one finished case: its raw samples first, then the row that marks it done."""
         if timing is not None:
-            record = {"case_id": row["case_id"], "number_per_run": timing.number_per_run, "times_s": list(timing.times_s)}
+            record = {
+                "case_id": row["case_id"], "number_per_run": timing.number_per_run, "times_s": list(timing.times_s),
+                "process": list(timing.process), "round": list(timing.round),
+            }
             _append_durably(self.samples_file, json.dumps(record) + "\n")
         _append_durably(self.results_file, _format_row(row))
 
@@ -223,7 +240,10 @@ class RunDirectory:
         for line in _complete_text(self.samples_file).splitlines():
             try:
                 record = json.loads(line)
-                samples[record["case_id"]] = Timing(tuple(record["times_s"]), int(record["number_per_run"]))
+                samples[record["case_id"]] = Timing(
+                    tuple(record["times_s"]), int(record["number_per_run"]),
+                    tuple(record.get("process", ())), tuple(record.get("round", ())),
+                )
             except (json.JSONDecodeError, KeyError, TypeError, ValueError):
                 raise ResultsError(f"{self.samples_file}: corrupt line {line[:60]!r}") from None
         return samples

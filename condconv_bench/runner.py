@@ -1,11 +1,13 @@
-"""Cases → result rows, one at a time, each persisted before the next begins.
+"""Cases → result rows, a group at a time, each group's rows persisted before the next begins.
 
-For every case the runner builds the implementation, loads the layer's one shared parameter set,
-builds seeded inputs and hands them to the probes in a fixed order: the cold first call (compile
-time), equivalence against the float64 oracle, FLOP counts, peak memory, then timing last so the
-timed region sees a warm cache. A case that cannot run is `skipped` with the reason; one that
-fails is an `error` row with the message; neither stops the suite. Nothing here prints: progress
-goes to an optional listener, which the CLI turns into a progress bar.
+For every case of a group the runner builds the implementation, loads the layer's one shared
+parameter set, draws the group's seeded inputs (`fixtures`) and runs the untimed probes in a
+fixed order: the cold first call (compile time), equivalence against the float64 oracle, FLOP
+counts, peak memory. Then the whole group is timed by the instrument (`measure`): interleaved
+rounds in fresh worker processes, until its ratios are precise or its budget is spent. A case
+that cannot run is `skipped` with the reason; one that fails is an `error` row with the message;
+neither stops the suite. Nothing here prints: progress goes to an optional listener, which the
+CLI turns into a progress bar.
 """
 
 from __future__ import annotations
@@ -13,27 +15,36 @@ from __future__ import annotations
 import math
 import re
 import time
-import zlib
 from collections import Counter
-from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from datetime import datetime, timezone
+from functools import cached_property
 from pathlib import Path
 from typing import Any, Protocol
 
 import torch
 from torch import nn
 
-from condconv_bench import equivalence, flops, memory, timing
-from condconv_bench.allocator import fix_malloc_thresholds
+from condconv_bench import equivalence, flops, memory
+from condconv_bench.case import TORCH_DTYPES, Case
 from condconv_bench.environment import describe_environment
-from condconv_bench.errors import CondConvBenchError, DeviceUnavailableError, ImplUnavailableError, ResultsError
+from condconv_bench.errors import CondConvBenchError, DeviceUnavailableError, ImplUnavailableError, ResultsError, first_line
+from condconv_bench.fixtures import (
+    CompileFellBackError, GroupInputs, build_module, compiled_graph_count, grad_mode, layer_state, seed_of, step_function,
+    synchronize, use_exact_float32, warm_up_device,
+)
 from condconv_bench.layer import CondConvBase
+from condconv_bench.machine_peak import matmul_peak_flops
+from condconv_bench.measure import allocators
+from condconv_bench.measure.group import CaseTiming, GroupMeasurement, GroupTiming, MeasureSettings, measure_groups
+from condconv_bench.measure.pool import WorkerPool
+from condconv_bench.measure.protocol import Visit
+from condconv_bench.measure.ratios import Interval
+from condconv_bench.profile import record_profile
 from condconv_bench.registry import get_impl
 from condconv_bench.results import RunDirectory
-from condconv_bench.machine_peak import matmul_peak_flops
-from condconv_bench.profile import record_profile
-from condconv_bench.suite import TORCH_DTYPES, Case, Suite, load_suite
+from condconv_bench.suite import Suite, load_suite
+from condconv_bench.timing import Timing
 from condconv_bench.workload import Workload
 
 
@@ -80,6 +91,8 @@ class CaseFilter:
     devices: tuple[str, ...] = ()
     batch_sizes: tuple[int, ...] = ()
     layers: tuple[str, ...] = ()
+    dtypes: tuple[str, ...] = ()
+    modes: tuple[str, ...] = ()
 
     def apply(self, cases: list[Case], suite: Suite) -> list[Case]:
         for option, values, attribute in (
@@ -87,6 +100,8 @@ class CaseFilter:
             ("--device", self.devices, "device"),
             ("--batch-size", self.batch_sizes, "batch_size"),
             ("--layer", self.layers, "layer"),
+            ("--dtype", self.dtypes, "dtype"),
+            ("--mode", self.modes, "mode"),
         ):
             known = list(dict.fromkeys(getattr(case, attribute) for case in cases))
             for value in values:
@@ -125,106 +140,27 @@ def device_unavailable_reason(device: torch.device) -> str | None:
     return None
 
 
-def _synchronize(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
-def _seed(*parts: object) -> int:
-    return zlib.crc32("/".join(map(str, parts)).encode())
-
-
-def _compiled_graph_count() -> int:
-    from torch._dynamo.utils import counters
-
-    return int(counters["stats"]["unique_graphs"])
-
-
-def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip().splitlines()
-    return f"{type(exc).__name__}: {text[0] if text else ''}".strip()
-
-
-@dataclass
-class _Inputs:
-    """Seeded tensors of one group, shared by every implementation in it."""
-
-    x: torch.Tensor
-    routing_weights: torch.Tensor | None
-    grad_output: torch.Tensor | None
-
-
-class _CaseContext:
-    """Per-run caches: each layer's parameters and each group's inputs and oracle are built once."""
-
-    def __init__(self, seed: int) -> None:
-        self.seed = seed
-        self._states: dict[tuple[str, Any], dict[str, torch.Tensor]] = {}
-        self._group_key: tuple[Any, ...] | None = None
-        self._inputs: _Inputs | None = None
-        self._reference: equivalence.Reference | None = None
-
-    def parameters(self, case: Case) -> dict[str, torch.Tensor]:
-        key = (case.layer, case.workload)
-        if key not in self._states:
-            generator = torch.Generator().manual_seed(_seed(self.seed, case.layer))
-            self._states = {key: case.workload.initial_state(generator)}  # one layer at a time
-        return self._states[key]
-
-    def inputs(self, case: Case, device: torch.device) -> _Inputs:
-        key = (case.layer, case.workload, case.device, case.dtype, case.mode, case.batch_size)
-        if key != self._group_key:
-            workload, batch = case.workload, case.batch_size
-            generator = torch.Generator().manual_seed(_seed(self.seed, case.layer, batch))
-            x = torch.randn(workload.input_shape(batch), generator=generator)
-            routing = torch.rand(batch, workload.num_experts, generator=generator) if workload.routing_given else None
-            grad_output = torch.randn(workload.output_shape(batch), generator=generator) if case.mode == "training" else None
-
-            def place(t: torch.Tensor | None) -> torch.Tensor | None:
-                return None if t is None else t.to(device=device, dtype=case.torch_dtype)
-
-            self._group_key = key
-            self._inputs = _Inputs(place(x), place(routing), place(grad_output))
-            self._reference = None
-        assert self._inputs is not None
-        return self._inputs
-
-    def reference(self, workload: Workload, module: nn.Module, inputs: _Inputs) -> equivalence.Reference:
-        if self._reference is None:
-            self._reference = workload.reference(module, inputs.x, inputs.routing_weights, inputs.grad_output)
-        return self._reference
-
-
-def _step_function(module: nn.Module, x: torch.Tensor, inputs: _Inputs, case: Case) -> Callable[[], object]:
-    """One timed step: a forward (inference) or a forward and backward (training)."""
-    routing = inputs.routing_weights
-    if case.mode == "inference":
-        return (lambda: module(x)) if routing is None else (lambda: module(x, routing))
-    x = x.detach().requires_grad_(True)
-    routing = None if routing is None else routing.detach().requires_grad_(True)
-    wrt = [x, *module.parameters(), *([routing] if routing is not None else [])]
-    grad_output = inputs.grad_output
-
-    def train_step() -> object:
-        out = module(x) if routing is None else module(x, routing)
-        return torch.autograd.grad(out, wrt, grad_output, allow_unused=True)
-
-    return train_step
-
-
 def _skip_reason(cls: type[CondConvBase], case: Case, device: torch.device) -> str | None:
     unsupported = (cls.unsupported_reason(spec, device, case.torch_dtype) for spec in case.workload.layer_specs())
     return device_unavailable_reason(device) or cls.unavailable_reason() or next(filter(None, unsupported), None)
 
 
 def _dispatched(module: nn.Module) -> str | None:
-    """What a dispatching implementation (`auto`) ran, e.g. `batched_matmul` or `grouped_conv×8 stacked_moe×16`."""
-    chosen = Counter(m.last_strategy for m in module.modules() if getattr(m, "last_strategy", None))
+    """What a dispatching implementation (`auto`) ran, e.g. `batched_matmul` or `grouped_conv×8 stacked_moe×16`;
+    choices that no measurement backed are marked `(rule of thumb)`."""
+    chosen = Counter(
+        m.last_strategy + (" (rule of thumb)" if m.last_guessed else "")
+        for m in module.modules() if getattr(m, "last_strategy", None)
+    )
     if not chosen:
         return None
     if len(chosen) == 1 and sum(chosen.values()) == 1:
         return next(iter(chosen))
     return " ".join(f"{key}×{n}" for key, n in sorted(chosen.items()))
+
+
+def _role(cls: type[CondConvBase]) -> str:
+    return "floor" if cls.is_baseline else "dispatcher" if cls.is_dispatcher else "strategy"
 
 
 def _identity(case: Case) -> dict[str, Any]:
@@ -245,27 +181,54 @@ def _identity(case: Case) -> dict[str, Any]:
     }
 
 
-def _measure(case: Case, cls: type[CondConvBase], device: torch.device, ctx: _CaseContext, suite: Suite,
-             row: dict[str, Any], traces_dir: Path | None) -> tuple[timing.Timing, dict[str, Any] | None]:
-    """Fill `row` with every probe's figures as they arrive, so an error keeps what was measured."""
-    workload = case.workload
-    module = workload.build(cls)
-    module.load_state_dict(ctx.parameters(case))
-    module = module.to(device=device, dtype=case.torch_dtype).train(case.mode == "training")
-    inputs = ctx.inputs(case, device)
-    x = inputs.x.contiguous(memory_format=torch.channels_last) if case.memory_format == "channels_last" else inputs.x
-    step = _step_function(module, x, inputs, case)
-    element = x.element_size()
-    grad_mode = torch.inference_mode() if case.mode == "inference" else torch.enable_grad()
+class _GroupContext:
+    """The layer's parameters, the group's inputs and its float64 oracle, each built once per group
+    and only when a case of the group gets to run (a skipped device never allocates)."""
 
-    with grad_mode:
-        graphs_before = _compiled_graph_count()
+    def __init__(self, case: Case, seed: int) -> None:
+        self._case, self._seed = case, seed
+        self._reference: equivalence.Reference | None = None
+
+    @cached_property
+    def state(self) -> dict[str, torch.Tensor]:
+        return layer_state(self._case, self._seed)
+
+    @cached_property
+    def inputs(self) -> GroupInputs:
+        return GroupInputs.draw(self._case, self._seed, torch.device(self._case.device))
+
+    def reference(self, workload: Workload, module: nn.Module) -> equivalence.Reference:
+        if self._reference is None:
+            inputs = self.inputs
+            self._reference = workload.reference(module, inputs.x, inputs.routing_weights, inputs.grad_output)
+        return self._reference
+
+
+def _probe(case: Case, cls: type[CondConvBase], device: torch.device, ctx: _GroupContext, row: dict[str, Any],
+           traces_dir: Path | None) -> dict[str, Any] | None:
+    """Fill `row` with the untimed probes' figures as they arrive, so an error keeps what was measured.
+
+    The cold first call (compile time), equivalence against the float64 oracle, FLOP counts and
+    peak memory, all in this process; latency is measured afterwards in the worker processes.
+    """
+    workload = case.workload
+    module = build_module(case, cls, ctx.state, device)
+    inputs = ctx.inputs
+    x = inputs.formatted_x(case)
+    step = step_function(module, x, inputs, case.mode)
+    element = x.element_size()
+
+    row["tf32"] = use_exact_float32(device)
+    with grad_mode(case.mode):
+        graphs_before = compiled_graph_count()
         started = time.perf_counter()
         step()
-        _synchronize(device)
+        synchronize(device)
         row["first_call_s"] = time.perf_counter() - started
-        row["compiled_graphs"] = _compiled_graph_count() - graphs_before
+        row["compiled_graphs"] = compiled_graph_count() - graphs_before
         row["dispatched"] = _dispatched(module)
+    if cls.compiles and not row["compiled_graphs"]:
+        raise CompileFellBackError(f"{case.impl}: torch.compile built no graph on the first call, so it would time eager code")
 
     row["output_bytes"] = math.prod(workload.output_shape(case.batch_size)) * element
     row["param_bytes"] = sum(p.numel() * p.element_size() for p in module.parameters())
@@ -274,7 +237,7 @@ def _measure(case: Case, cls: type[CondConvBase], device: torch.device, ctx: _Ca
 
     if not cls.is_baseline:
         report = equivalence.check_equivalence(
-            module, x, inputs.routing_weights, inputs.grad_output, ctx.reference(workload, module, inputs)
+            module, x, inputs.routing_weights, inputs.grad_output, ctx.reference(workload, module)
         )
         row.update(
             max_rel_error=report.max_rel_error, max_abs_error=report.max_abs_error, worst_tensor=report.worst,
@@ -288,36 +251,23 @@ def _measure(case: Case, cls: type[CondConvBase], device: torch.device, ctx: _Ca
         macs_analytic_routing=analytic.routing, macs_analytic_mixing=analytic.mixing, macs_analytic_conv=analytic.conv,
         flops_agree=counts.agree, flops_problems=counts.problems, fvcore_uncounted_ops=counts.fvcore_uncounted_ops,
     )
-
-    with grad_mode:
+    with grad_mode(case.mode):
         row["peak_memory_bytes"] = memory.peak_memory_bytes(step, device)
-        measured = timing.measure(
-            step, threads=case.threads, min_run_time=float(suite.model.timing.min_run_time), warmup=suite.model.timing.warmup
-        )
-    row.update(
-        latency_median_s=measured.median_s, latency_iqr_s=measured.iqr_s, latency_p10_s=measured.p10_s,
-        latency_p90_s=measured.p90_s, latency_mean_s=measured.mean_s, n_measurements=len(measured.times_s),
-        number_per_run=measured.number_per_run, noisy=measured.noisy,
-        throughput_per_s=case.batch_size / measured.median_s, timed_s=measured.total_timed_s,
-    )
-    profile_record = None
-    if traces_dir is not None:
-        with grad_mode:
-            profile_record = record_profile(case.id, step, traces_dir, device)
-    return measured, profile_record
+        return record_profile(case.id, step, traces_dir, device) if traces_dir is not None else None
 
 
-def run_case(case: Case, ctx: _CaseContext, suite: Suite,
-             traces_dir: Path | None = None) -> tuple[dict[str, Any], timing.Timing | None, dict[str, Any] | None]:
-    """Measure one case; never raises for a failing implementation (the row says what happened).
+def probe_case(case: Case, ctx: _GroupContext, traces_dir: Path | None = None) -> tuple[dict[str, Any], dict[str, Any] | None]:
+    """One case's untimed probes; never raises for a failing implementation (the row says what happened).
 
-    Returns the row, the raw timing and, when `traces_dir` is given, the profile record.
+    Returns the row (status `ok` means ready to be timed) and, when `traces_dir` is given, the
+    profile record.
     """
     row = _identity(case)
     started = time.perf_counter()
     device = torch.device(case.device)
     cls = get_impl(case.impl)
-    measured = profile_record = None
+    row["role"] = _role(cls)
+    profile_record = None
     reason = _skip_reason(cls, case, device)
     if reason:
         row.update(status="skipped", reason=reason)
@@ -325,18 +275,66 @@ def run_case(case: Case, ctx: _CaseContext, suite: Suite,
         previous_threads = torch.get_num_threads()
         torch.set_num_threads(case.threads)
         try:
-            measured, profile_record = _measure(case, cls, device, ctx, suite, row, traces_dir)
+            profile_record = _probe(case, cls, device, ctx, row, traces_dir)
             row["status"] = "ok"
         except ImplUnavailableError as exc:
             row.update(status="skipped", reason=str(exc))
         except Exception as exc:  # any failure of the implementation under test becomes an error row
-            row.update(status="error", reason=_first_line(exc))
+            row.update(status="error", reason=first_line(exc))
             if device.type == "cuda":
                 torch.cuda.empty_cache()
         finally:
             torch.set_num_threads(previous_threads)
     row["wall_s"] = time.perf_counter() - started
-    return row, measured, profile_record
+    return row, profile_record
+
+
+def _interval_columns(prefix: str, interval: Interval | None) -> dict[str, float | None]:
+    if interval is None:
+        return {}
+    return {prefix: interval.estimate, f"{prefix}_ci_low": interval.low, f"{prefix}_ci_high": interval.high}
+
+
+def _timing_columns(verdict: CaseTiming, batch_size: int) -> dict[str, Any]:
+    timing = verdict.timing
+    return {
+        "latency_median_s": timing.median_s, "latency_iqr_s": timing.iqr_s, "latency_p10_s": timing.p10_s,
+        "latency_p90_s": timing.p90_s, "latency_mean_s": timing.mean_s, "n_measurements": len(timing.times_s),
+        "number_per_run": timing.number_per_run, "processes": timing.processes, "noisy": verdict.unstable,
+        "process_spread": verdict.process_spread, "throughput_per_s": batch_size / timing.median_s,
+        "timed_s": float(sum(timing.times_s)) * timing.number_per_run, "tied_fastest": verdict.tied_fastest,
+        **_interval_columns("vs_floor", verdict.vs_floor), **_interval_columns("vs_best", verdict.vs_best),
+    }
+
+
+def _measurement(cases: list[Case], rows: dict[str, dict[str, Any]], suite: Suite,
+                 settings: MeasureSettings) -> GroupMeasurement | None:
+    """The timing of a group's probed cases, ready to be measured; None when none of them can run."""
+    timed = [case for case in cases if rows[case.id]["status"] == "ok"]
+    if not timed:
+        return None
+    classes = {case.id: get_impl(case.impl) for case in timed}
+    roles = {case.id: rows[case.id]["role"] for case in timed}
+    floor = next((case_id for case_id, role in roles.items() if role == "floor"), None)
+    candidates = {c for c, role in roles.items() if role == "strategy" and rows[c].get("equivalent") is True}
+    dispatchers = {c for c, role in roles.items() if role == "dispatcher"}
+    visit = Visit(tuple(timed), classes, suite.model.seed, settings.rounds, settings.block_s, settings.warmup,
+                  seed_of(suite.model.seed, *timed[0].group))
+    return GroupMeasurement(visit, settings, floor=floor, candidates=candidates, dispatchers=dispatchers)
+
+
+def _record_timing(measured: GroupTiming, rows: dict[str, dict[str, Any]]) -> dict[str, Timing]:
+    """Add each timed case's verdict (or its failure) to its row; returns the raw samples."""
+    timed = [case_id for case_id, row in rows.items() if row["status"] == "ok"]
+    share = measured.elapsed_s / len(timed)
+    for case_id in timed:
+        row = rows[case_id]
+        row["wall_s"] += share
+        if case_id in measured.cases:
+            row.update(_timing_columns(measured.cases[case_id], row["batch_size"]), stopped_because=measured.stopped_because)
+        else:
+            row.update(status="error", reason=measured.errors[case_id])
+    return {case_id: verdict.timing for case_id, verdict in measured.cases.items()}
 
 
 def default_output(suite: Suite) -> Path:
@@ -380,6 +378,24 @@ def _open_run(suite: Suite, output: Path, resume: bool, shard: Shard | None, cas
     return RunDirectory.create(output, metadata)
 
 
+def _groups(cases: list[Case]) -> list[list[Case]]:
+    """Cases split into their groups, in run order (a suite lists each group's cases together)."""
+    groups: dict[tuple[Any, ...], list[Case]] = {}
+    for case in cases:
+        groups.setdefault(case.group, []).append(case)
+    return list(groups.values())
+
+
+def measure_settings(suite: Suite, processes: int | None = None) -> MeasureSettings:
+    """The suite's `timing:` section as the instrument's settings, `processes` overriding it."""
+    timing = suite.model.timing
+    return MeasureSettings(
+        processes=processes or timing.processes, rounds=timing.rounds, block_s=float(timing.block_time),
+        warmup=timing.warmup, precision=float(timing.precision), budget_s=float(timing.budget), tie_margin=float(timing.tie_margin),
+        sweep_groups=timing.sweep_groups,
+    )
+
+
 def run_suite(
     suite: Suite | str | Path,
     output: str | Path | None = None,
@@ -389,10 +405,15 @@ def run_suite(
     case_filter: CaseFilter | None = None,
     listener: CaseListener | None = None,
     profile: bool = False,
+    processes: int | None = None,
+    allocator: str | None = None,
 ) -> RunOutcome:
     """Run a suite (or its filtered shard) into a run directory and return what happened.
 
-    With `profile`, each measured case is also profiled into `RUN_DIR/traces/` after its timing.
+    A sweep of groups at a time: every case's untimed probes run here, then the sweep's groups are
+    timed in `processes` worker processes (the suite's setting if None) under `allocator`
+    (likewise), and their rows are appended at once. A resumed run measures again any group with
+    a missing case and appends only the missing rows. With `profile`, each case is also profiled into `RUN_DIR/traces/`.
     """
     if not isinstance(suite, Suite):
         suite = load_suite(suite)
@@ -403,25 +424,46 @@ def run_suite(
         cases = shard.select(cases)
     if not cases:
         raise CondConvBenchError(f"{suite.path}: no cases to run after filters and sharding")
-    allocator = fix_malloc_thresholds() if suite.model.timing.fixed_malloc else {"policy": "default (fixed_malloc: false)"}
+    settings = measure_settings(suite, processes)
+    allocator = allocator or suite.model.timing.allocator
+    pool = WorkerPool(settings.processes, allocator)
     run = _open_run(suite, Path(output) if output else default_output(suite), resume, shard, cases)
-    run.update_metadata(allocator=allocator)
+    run.update_metadata(allocator=allocators.describe(allocator), measurement=asdict(settings))
     done = run.completed_case_ids()
     outcome = RunOutcome(run, len(cases), len(done & {case.id for case in cases}))
-    ctx = _CaseContext(suite.model.seed)
-    for index, case in enumerate(cases, start=1):
-        if case.id in done:
-            continue
-        if listener:
-            listener.case_started(index, len(cases), case)
-        row, measured, profile_record = run_case(case, ctx, suite, run.traces_dir if profile else None)
-        run.append(row, measured)
-        if profile_record is not None:
-            run.append_profile(profile_record)
-        outcome.counts[row["status"]] += 1
-        if row.get("equivalent") is False:
-            outcome.equivalence_failures.append(case.id)
-        if listener:
-            listener.case_finished(index, len(cases), case, row)
+    position = {case.id: index for index, case in enumerate(cases, start=1)}
+    warmed: set[tuple[str, str]] = set()
+    with pool:
+        groups = _groups(cases)
+        for start in range(0, len(groups), settings.sweep_groups):
+            probed = []  # per group of this sweep: its cases not yet in the run, their rows, its measurement
+            for group in groups[start : start + settings.sweep_groups]:
+                missing = [case for case in group if case.id not in done]
+                if not missing:
+                    continue
+                first = group[0]
+                if (first.device, first.dtype) not in warmed and device_unavailable_reason(torch.device(first.device)) is None:
+                    warm_up_device(torch.device(first.device), first.torch_dtype)
+                    warmed.add((first.device, first.dtype))
+                ctx = _GroupContext(first, suite.model.seed)
+                rows = {}
+                for case in group:
+                    if listener:
+                        listener.case_started(position[case.id], len(cases), case)
+                    rows[case.id], profile_record = probe_case(case, ctx, run.traces_dir if profile and case in missing else None)
+                    if profile_record is not None:
+                        run.append_profile(profile_record)
+                probed.append((missing, rows, _measurement(group, rows, suite, settings)))
+            measured = iter(measure_groups(pool, [m for _, _, m in probed if m is not None]))
+            for missing, rows, measurement in probed:
+                timings = _record_timing(next(measured), rows) if measurement is not None else {}
+                for case in missing:
+                    row = rows[case.id]
+                    run.append(row, timings.get(case.id))
+                    outcome.counts[row["status"]] += 1
+                    if row.get("equivalent") is False:
+                        outcome.equivalence_failures.append(case.id)
+                    if listener:
+                        listener.case_finished(position[case.id], len(cases), case, row)
     run.update_metadata(finished_at=datetime.now(timezone.utc).isoformat(timespec="seconds"))
     return outcome

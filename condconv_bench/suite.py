@@ -25,6 +25,7 @@ import torch
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictFloat, StrictInt, StrictStr, ValidationError
 
+from condconv_bench.case import Case
 from condconv_bench.errors import CondConvBenchError, SpecError, SuiteError
 from condconv_bench.registry import get_impl
 from condconv_bench.blocks import StackSpec, StageSpec
@@ -39,7 +40,6 @@ PositiveInt = Annotated[StrictInt, Field(ge=1)]
 Number = StrictInt | StrictFloat
 IntOrPair = StrictInt | list[StrictInt]
 DEVICE_PATTERN = re.compile(r"^(cpu|mps|cuda(:\d+)?)$")
-TORCH_DTYPES: dict[str, torch.dtype] = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
 class _Model(BaseModel):
@@ -47,11 +47,20 @@ class _Model(BaseModel):
 
 
 class TimingSettings(_Model):
-    """How long to measure each case (torch.utils.benchmark blocked autorange)."""
+    """How each group is timed (`condconv_bench.measure`): worker processes, rounds, stopping rule.
 
-    min_run_time: Annotated[Number, Field(gt=0)] = 0.2
-    warmup: Annotated[StrictInt, Field(ge=0)] = 2
-    fixed_malloc: StrictBool = True  # see condconv_bench.allocator
+    Upper bounds keep a typo from asking for days of measurement.
+    """
+
+    processes: Annotated[StrictInt, Field(ge=1, le=64)] = 3  # fresh worker processes; each measures every group
+    rounds: Annotated[StrictInt, Field(ge=1, le=10_000)] = 10  # interleaved rounds per worker visit
+    block_time: Annotated[Number, Field(gt=0, le=10)] = 0.005  # seconds one timed block lasts
+    warmup: Annotated[StrictInt, Field(ge=0, le=1000)] = 2  # untimed calls after the first, per worker
+    precision: Annotated[Number, Field(gt=0, lt=1)] = 0.02  # stop once every ratio's 95% CI is within ±this
+    budget: Annotated[Number, Field(gt=0, le=86_400)] = 10.0  # seconds of timing per group before stopping anyway
+    tie_margin: Annotated[Number, Field(ge=0, lt=1)] = 0.02  # gaps to the fastest below this are ties
+    sweep_groups: Annotated[StrictInt, Field(ge=1, le=10_000)] = 16  # groups whose first visits interleave (see measure.group)
+    allocator: Literal["fixed", "glibc", "jemalloc", "tcmalloc"] = "fixed"  # see condconv_bench.measure.allocators
 
 
 class GateSettings(_Model):
@@ -142,37 +151,6 @@ class Layer:
     workload: Workload
     count: int
     entry: LayerEntry
-
-
-@dataclass(frozen=True)
-class Case:
-    """One measurement: the frozen identity of a result row (what was measured, not what was seen)."""
-
-    layer: str
-    workload: Workload
-    impl: str
-    batch_size: int
-    device: str
-    dtype: str
-    mode: str
-    threads: int
-    memory_format: str
-
-    @property
-    def group(self) -> tuple[Any, ...]:
-        """Everything but the implementation: cases in one group share parameters, input and oracle."""
-        return (self.layer, self.device, self.dtype, self.mode, self.batch_size, self.memory_format, self.threads)
-
-    @property
-    def id(self) -> str:
-        return (
-            f"{self.layer}/{self.impl}/b{self.batch_size}/{self.device}/{self.dtype}/{self.mode}"
-            f"/t{self.threads}/{self.memory_format}"
-        )
-
-    @property
-    def torch_dtype(self) -> torch.dtype:
-        return TORCH_DTYPES[self.dtype]
 
 
 @dataclass(frozen=True)

@@ -1,29 +1,27 @@
-"""Latency of one callable, measured by `torch.utils.benchmark` with the raw samples kept.
+"""Raw latency samples of one case and the statistics derived from them, computed on demand.
 
-`torch.utils.benchmark.Timer` handles warm-up-free block sizing and CUDA synchronisation; its
-`num_threads` defaults to 1, so the thread count is always passed explicitly and recorded.
-`Timing` keeps what was measured (per-call times of each block) apart from the statistics derived
-from it, which are computed on demand.
+One sample is one timed block: `number` back-to-back calls, timed together, divided by `number`.
+Each sample remembers the worker process and the round it came from, because the process is a
+level of variance of its own (allocator state, page placement, kernel paths): statistics that
+ignore it overstate how sure a measurement is.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from dataclasses import dataclass
 from functools import cached_property
 
 import numpy as np
-from torch.utils import benchmark
-
-NOISY_IQR_RATIO = 0.10  # IQR/median above this marks a measurement too noisy to trust (FIELD_NOTES §5)
 
 
 @dataclass(frozen=True)
 class Timing:
-    """Per-call times (seconds), one per measured block of `number_per_run` calls."""
+    """Per-call times (seconds), one per timed block, with the process and round of each."""
 
     times_s: tuple[float, ...]
-    number_per_run: int
+    number_per_run: int  # calls per block (the median over processes; each sizes its own blocks)
+    process: tuple[int, ...] = ()
+    round: tuple[int, ...] = ()
 
     @cached_property
     def _percentiles(self) -> dict[int, float]:
@@ -51,32 +49,5 @@ class Timing:
         return float(np.mean(self.times_s))
 
     @property
-    def total_timed_s(self) -> float:
-        """Time spent inside measured blocks, for the runner's overhead accounting."""
-        return float(np.sum(self.times_s)) * self.number_per_run
-
-    @property
-    def noisy(self) -> bool:
-        return self.iqr_s > NOISY_IQR_RATIO * self.median_s
-
-
-def measure(
-    fn: Callable[[], object],
-    *,
-    threads: int,
-    min_run_time: float,
-    warmup: int = 2,
-    timer: Callable[[], float] | None = None,
-) -> Timing:
-    """Time `fn` with blocked autorange after `warmup` untimed calls.
-
-    `timer` replaces the clock (tests inject a fake one for exact expectations); by default
-    torch's timer, which synchronises CUDA before reading the clock.
-    """
-    for _ in range(warmup):
-        fn()
-    options = {} if timer is None else {"timer": timer}
-    measurement = benchmark.Timer(stmt="fn()", globals={"fn": fn}, num_threads=threads, **options).blocked_autorange(
-        min_run_time=min_run_time
-    )
-    return Timing(tuple(float(t) for t in measurement.times), int(measurement.number_per_run))
+    def processes(self) -> int:
+        return len(set(self.process)) or 1

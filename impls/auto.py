@@ -42,6 +42,8 @@ def _lookup(table: DispatchTable | str | Path | None, spec: LayerSpec, input_siz
 class Auto(CondConvBase):
     """Dispatch per call to the strategy measured fastest for this shape, device, dtype and batch."""
 
+    is_dispatcher = True
+
     def __init__(self, spec: LayerSpec, strategy: str = "auto", dispatch_table: DispatchTable | str | Path | None = None) -> None:
         super().__init__(spec)
         strategies = dispatchable_impls()
@@ -50,6 +52,7 @@ class Auto(CondConvBase):
         self.strategy = strategy
         self.dispatch_table = dispatch_table
         self.last_strategy: str | None = None  # chosen for the most recent new input shape
+        self.last_guessed = False  # whether that choice was a rule of thumb (no table entry for the device and dtype)
         self._choices: dict[tuple[object, ...], tuple[str, Forward]] = {}
 
     def choose(self, x: torch.Tensor) -> str:
@@ -65,6 +68,8 @@ class Auto(CondConvBase):
     def _resolve(self, x: torch.Tensor) -> tuple[str, Forward]:
         key = self.choose(x)
         self.last_strategy = key
+        dtype = _DTYPE_NAMES.get(x.dtype, str(x.dtype))
+        self.last_guessed = self.strategy == "auto" and not resolve_table(self.dispatch_table).covers(x.device.type, dtype)
         return key, dispatchable_impls()[key].conditional_forward
 
     def conditional_forward(self, x: torch.Tensor, routing_weights: torch.Tensor) -> torch.Tensor:

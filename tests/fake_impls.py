@@ -5,7 +5,10 @@ Each plants one defect that a probe or the gate must catch; none is shipped or r
 
 from __future__ import annotations
 
+import os
+import sys
 import time
+from pathlib import Path
 
 import torch
 
@@ -60,3 +63,18 @@ class Crashes(GroupedConv):
 
 class NotAnImplementation:
     """Not a CondConvBase subclass: the registry must refuse it."""
+
+
+class DiesInWorker(GroupedConv):
+    """grouped_conv in the runner's own process; exits the process inside a measurement worker."""
+
+    def forward(self, x: torch.Tensor, routing_weights: torch.Tensor | None = None) -> torch.Tensor:
+        if Path(sys.argv[0]).match("measure/worker.py"):
+            os._exit(3)
+        return super().forward(x, routing_weights)
+
+
+class CompilesNothing(GroupedConv):
+    """Claims to compile but runs eagerly: what dynamo does silently once its recompile limit is hit."""
+
+    compiles = True

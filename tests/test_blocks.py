@@ -50,7 +50,7 @@ def stack_run(tmp_path_factory):
         "batch_sizes": [2],
         "modes": ["inference", "training"],
         "threads": [1],
-        "timing": {"min_run_time": 0.01, "warmup": 0},
+        "timing": {"processes": 1, "rounds": 2, "block_time": 0.001, "warmup": 0, "budget": 0.1},
         "layers": [{
             "name": "blocks", "kind": "stack", "in_channels": 8, "input_size": 9, "experts": 4,
             "stages": [{"out_channels": 12, "kernel_size": 3, "expand_ratio": 2, "repeats": 2},

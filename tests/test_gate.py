@@ -27,7 +27,7 @@ SUITE = {
     "batch_sizes": [4],
     "devices": ["cpu"],
     "threads": [1],
-    "timing": {"min_run_time": 0.3, "warmup": 2},
+    "timing": {"processes": 2, "rounds": 10, "block_time": 0.002, "warmup": 2, "budget": 1},
     "layers": [{"name": "pw", "in_channels": 32, "out_channels": 64, "input_size": 12, "experts": 4}],
 }
 

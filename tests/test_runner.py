@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pandas as pd
 import pytest
+import torch
 import yaml
 
 from condconv_bench.errors import CondConvBenchError, ResultsError
@@ -41,7 +42,7 @@ def test_every_case_has_a_row_with_real_figures(tiny_run: pd.DataFrame) -> None:
     suite = load_suite(TINY)
     assert sorted(tiny_run["case_id"]) == sorted(c.id for c in suite.cases())
     ok = tiny_run[tiny_run["status"] == "ok"]
-    assert set(ok["device"]) == {"cpu"}
+    assert set(ok["device"]) == ({"cpu", "cuda"} if torch.cuda.is_available() else {"cpu"})
     for column in ("latency_median_s", "latency_iqr_s", "macs_fvcore", "flops_torch", "macs_analytic", "peak_memory_bytes"):
         assert ok[column].notna().all(), column
         assert (ok[column] >= 0).all(), column
@@ -175,7 +176,7 @@ def test_half_written_row_is_dropped_on_resume(tmp_path: Path) -> None:
 
 @pytest.mark.slow
 def test_kill_9_then_resume_gives_every_case_exactly_once(tmp_path: Path) -> None:
-    path = suite_with(tmp_path, devices=["cpu"], batch_sizes=[1, 2, 3, 4], timing={"min_run_time": 0.05, "warmup": 1})
+    path = suite_with(tmp_path, devices=["cpu"], batch_sizes=[1, 2, 3, 4], timing={"processes": 1, "rounds": 3, "block_time": 0.002, "warmup": 1, "budget": 0.2, "sweep_groups": 1})
     out = tmp_path / "run"
     command = [sys.executable, "-m", "condconv_bench", "run", str(path), "-o", str(out), "-q"]
     process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)

@@ -5,16 +5,21 @@ from __future__ import annotations
 import math
 
 
-def _missing(value: object) -> bool:
+def missing(value: object) -> bool:
     try:
         return value is None or math.isnan(float(value))  # type: ignore[arg-type]
     except (TypeError, ValueError):
         return True
 
 
+def flag(value: object) -> bool:
+    """A boolean cell that may be missing (pandas NA): missing reads as False."""
+    return not missing(value) and bool(value)
+
+
 def seconds(value: float | None) -> str:
     """`43.5 µs`, `2.03 ms`, `1.2 s`; `-` for a missing value."""
-    if _missing(value):
+    if missing(value):
         return "-"
     value = float(value)  # type: ignore[arg-type]
     for unit, scale in (("s", 1.0), ("ms", 1e-3), ("µs", 1e-6)):
@@ -24,12 +29,12 @@ def seconds(value: float | None) -> str:
 
 
 def ratio(value: float | None) -> str:
-    return "-" if _missing(value) else f"{float(value):.2f}×"  # type: ignore[arg-type]
+    return "-" if missing(value) else f"{float(value):.2f}×"  # type: ignore[arg-type]
 
 
 def size(value: float | None) -> str:
     """Bytes as `12.3 MiB`."""
-    if _missing(value):
+    if missing(value):
         return "-"
     value = float(value)  # type: ignore[arg-type]
     for unit in ("B", "KiB", "MiB", "GiB"):
@@ -41,7 +46,7 @@ def size(value: float | None) -> str:
 
 def count(value: float | None, unit: str = "") -> str:
     """Large counts as `1.23 G` (with a unit such as `MAC`)."""
-    if _missing(value):
+    if missing(value):
         return "-"
     value = float(value)  # type: ignore[arg-type]
     for prefix, scale in (("G", 1e9), ("M", 1e6), ("k", 1e3)):
@@ -51,4 +56,11 @@ def count(value: float | None, unit: str = "") -> str:
 
 
 def scientific(value: float | None) -> str:
-    return "-" if _missing(value) else f"{float(value):.2e}"  # type: ignore[arg-type]
+    return "-" if missing(value) else f"{float(value):.2e}"  # type: ignore[arg-type]
+
+
+def interval(estimate: float | None, low: float | None, high: float | None) -> str:
+    """`1.23× [1.20–1.27]`: a ratio with its 95% interval."""
+    if missing(low) or missing(high):
+        return ratio(estimate)
+    return f"{ratio(estimate)} [{float(low):.2f}–{float(high):.2f}]"  # type: ignore[arg-type]

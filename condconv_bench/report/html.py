@@ -123,7 +123,7 @@ def _environment() -> jinja2.Environment:
     )
     env.filters.update(
         seconds=formatting.seconds, ratio=formatting.ratio, size=formatting.size,
-        count=formatting.count, sci=formatting.scientific,
+        count=formatting.count, sci=formatting.scientific, interval=formatting.interval, flag=formatting.flag,
     )
     env.globals["isna"] = pd.isna
     return env

@@ -43,9 +43,10 @@ def load_runs(paths: list[Path]) -> list[LoadedRun]:
     runs = []
     for path in paths:
         run = RunDirectory.open(path)
-        metadata = run.metadata()
-        label = f"{Path(path).resolve().name} ({hardware_label(metadata.get('environment', {}))})"
-        runs.append(LoadedRun(Path(path), label, metadata, run.results(), tuple(run.profiles())))
+        metadata, results = run.metadata(), run.results()
+        devices = {str(device).split(":")[0] for device in results.loc[results["status"] == "ok", "device"]}
+        label = f"{Path(path).resolve().name} ({hardware_label(metadata.get('environment', {}), devices or None)})"
+        runs.append(LoadedRun(Path(path), label, metadata, results, tuple(run.profiles())))
     return runs
 
 

@@ -1,9 +1,10 @@
 """Comparison tables as DataFrames: data only, every renderer (terminal, HTML, markdown) reads these.
 
-A *group* is one layer at one device, dtype, mode, thread count, memory format and batch size:
-the implementations inside it ran back to back on the same inputs, so ratios between them are
-meaningful even on a noisy machine. Ratios are always latency / reference latency (below 1 is
-faster than the reference).
+A *group* (`condconv_bench.case`) is one layer at one device, dtype, mode, thread count, memory
+format and batch size: its implementations were timed in the same interleaved rounds on the same
+inputs. Ratios are latency / reference latency (below 1 is faster than the reference); the ratio
+to the floor is the paired one the instrument measured (median of per-round ratios, with its 95%
+interval), the ratio to `grouped_conv` a ratio of medians.
 """
 
 from __future__ import annotations
@@ -11,12 +12,12 @@ from __future__ import annotations
 import numpy as np
 import pandas as pd
 
+from condconv_bench.case import GROUP_KEYS
 from condconv_bench.report import formatting
 
-FLOOR_IMPL = "static"  # the plain conv every strategy is measured against
 COMMON_IMPL = "grouped_conv"  # what timm and most open-source ports do
-DISPATCH_IMPL = "auto"  # chooses among the strategies, so it is shown beside the fastest, not as one
-GROUP_COLUMNS = ["layer", "device", "dtype", "mode", "threads", "memory_format", "batch_size"]
+GROUP_COLUMNS = list(GROUP_KEYS)
+TIE = " ≈ "
 
 
 def measured(frame: pd.DataFrame) -> pd.DataFrame:
@@ -25,35 +26,45 @@ def measured(frame: pd.DataFrame) -> pd.DataFrame:
 
 
 def with_ratios(frame: pd.DataFrame) -> pd.DataFrame:
-    """`measured(frame)` plus `vs_static` and `vs_grouped_conv`: latency over that impl's, same group."""
+    """`measured(frame)` plus `vs_static` (the paired ratio to the floor) and `vs_grouped_conv`."""
     rows = measured(frame).copy()
-    for impl, column in ((FLOOR_IMPL, "vs_static"), (COMMON_IMPL, "vs_grouped_conv")):
-        reference = rows[rows["impl"] == impl].set_index(GROUP_COLUMNS)["latency_median_s"].rename(column)
-        rows = rows.join(reference, on=GROUP_COLUMNS)
-        rows[column] = rows["latency_median_s"] / rows[column]
+    rows["vs_static"] = rows["vs_floor"].where(rows["role"] != "floor", 1.0)
+    reference = rows[rows["impl"] == COMMON_IMPL].set_index(GROUP_COLUMNS)["latency_median_s"].rename("vs_grouped_conv")
+    rows = rows.join(reference, on=GROUP_COLUMNS)
+    rows["vs_grouped_conv"] = rows["latency_median_s"] / rows["vs_grouped_conv"]
     return rows
 
 
-HEADLINE_COLUMNS = [*GROUP_COLUMNS, "fastest", "latency_median_s", "vs_static", "vs_grouped_conv", "noisy",
-                    "auto_latency_s", "auto_vs_fastest", "auto_picked"]
+HEADLINE_COLUMNS = [*GROUP_COLUMNS, "fastest", "fastest_set", "latency_median_s", "vs_static", "vs_static_ci_low",
+                    "vs_static_ci_high", "vs_grouped_conv", "noisy", "auto_latency_s", "auto_vs_fastest",
+                    "auto_vs_fastest_ci_high", "auto_tied", "auto_picked"]
 
 
 def headline(frame: pd.DataFrame) -> pd.DataFrame:
-    """Per group: the fastest strategy that passed equivalence, its ratios, and what `auto` did there.
+    """Per group: the fastest verified strategy, the set tied with it, its ratios, and what `auto` did.
 
-    `auto` is left out of the race (it runs one of the strategies); its latency, its ratio to the
-    fastest strategy and the strategy it dispatched to are columns of their own.
+    `fastest_set` lists every strategy that cannot be told apart from the fastest (`tied_fastest`:
+    its paired ratio to the fastest is not surely above 1 + the suite's tie margin), fastest first,
+    joined by ` ≈ `. `noisy` marks a group where any of them is not reproducible. The dispatcher
+    (`auto`) is not in the race: it runs one of the strategies, so its paired ratio to the fastest,
+    whether it is tied with it, and what it dispatched to are columns of their own.
     """
     rows = with_ratios(frame)
     verified = rows["equivalent"].fillna(False).astype(bool)
-    candidates = rows[~rows["impl"].isin([FLOOR_IMPL, DISPATCH_IMPL]) & verified]
+    candidates = rows[(rows["role"] == "strategy") & verified]
     if candidates.empty:
         return pd.DataFrame(columns=HEADLINE_COLUMNS)
-    best = candidates.loc[candidates.groupby(GROUP_COLUMNS, sort=False)["latency_median_s"].idxmin()]
+    best = candidates.loc[candidates.groupby(GROUP_COLUMNS, sort=False)["vs_best"].idxmin()]
     best = best.rename(columns={"impl": "fastest"}).set_index(GROUP_COLUMNS)
-    auto = rows[(rows["impl"] == DISPATCH_IMPL) & verified].set_index(GROUP_COLUMNS)
+    tied = candidates[candidates["tied_fastest"].fillna(False).astype(bool)].sort_values("vs_best")
+    best["fastest_set"] = tied.groupby(GROUP_COLUMNS, sort=False)["impl"].agg(TIE.join).reindex(best.index)
+    best["noisy"] = tied.groupby(GROUP_COLUMNS, sort=False)["noisy"].any().reindex(best.index)
+    best["vs_static_ci_low"], best["vs_static_ci_high"] = best["vs_floor_ci_low"], best["vs_floor_ci_high"]
+    auto = rows[(rows["role"] == "dispatcher") & verified].set_index(GROUP_COLUMNS)
     best["auto_latency_s"] = auto["latency_median_s"].reindex(best.index)
-    best["auto_vs_fastest"] = best["auto_latency_s"] / best["latency_median_s"]
+    best["auto_vs_fastest"] = auto["vs_best"].reindex(best.index)
+    best["auto_vs_fastest_ci_high"] = auto["vs_best_ci_high"].reindex(best.index)
+    best["auto_tied"] = auto["tied_fastest"].reindex(best.index)
     best["auto_picked"] = auto["dispatched"].reindex(best.index)
     return best.reset_index()[HEADLINE_COLUMNS]
 
@@ -134,11 +145,12 @@ def equivalence_failures(frame: pd.DataFrame) -> pd.DataFrame:
 
 
 def noisy_cases(frame: pd.DataFrame) -> pd.DataFrame:
-    """Measurements whose IQR exceeds 10% of the median: compare them with care."""
+    """Cases whose ratio a second invocation would likely not confirm: the interval of the paired
+    ratio to the floor reaches more than ±5% from it, or the worker processes disagree by more than 10%."""
     rows = measured(frame)
-    rows = rows[rows["noisy"].fillna(False).astype(bool)].copy()
-    rows["iqr_over_median"] = rows["latency_iqr_s"] / rows["latency_median_s"]
-    return rows[["case_id", "latency_median_s", "latency_iqr_s", "iqr_over_median", "n_measurements"]]
+    rows = rows[rows["noisy"].fillna(False).astype(bool)]
+    return rows[["case_id", "latency_median_s", "vs_floor", "vs_floor_ci_low", "vs_floor_ci_high", "process_spread",
+                 "processes", "n_measurements"]]
 
 
 def not_measured(frame: pd.DataFrame) -> pd.DataFrame:
@@ -170,16 +182,20 @@ def headline_display(frame: pd.DataFrame) -> pd.DataFrame:
     """`headline` as formatted text columns for terminals and markdown; context columns only if they vary."""
     best = headline(frame)
     context = varying(best, CONTEXT_COLUMNS) if not best.empty else []
+    fastest = best["fastest_set"].fillna(best["fastest"]) + np.where(best["noisy"].fillna(False).astype(bool), " (unstable)", "")
     shown = pd.DataFrame({
         "layer": best["layer"],
         **{column: best[column] for column in context},
         "batch": best["batch_size"],
-        "fastest": best["fastest"],
+        "fastest": fastest,
         "latency": best["latency_median_s"].map(formatting.seconds),
-        "vs static": best["vs_static"].map(formatting.ratio),
+        "vs static [95% CI]": [formatting.interval(*values) for values in best[["vs_static", "vs_static_ci_low", "vs_static_ci_high"]].itertuples(index=False)],
         "vs grouped_conv": best["vs_grouped_conv"].map(formatting.ratio),
     })
     if best["auto_latency_s"].notna().any():
-        shown["auto vs fastest"] = best["auto_vs_fastest"].map(formatting.ratio)
+        shown["auto vs fastest"] = [
+            "-" if formatting.missing(ratio) else f"{formatting.ratio(ratio)}{' (tied)' if formatting.flag(tied) else ''}"
+            for ratio, tied in best[["auto_vs_fastest", "auto_tied"]].itertuples(index=False)
+        ]
         shown["auto picked"] = best["auto_picked"].fillna("-")
     return shown

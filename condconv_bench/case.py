@@ -1,0 +1,54 @@
+"""What a case is: its identity fields, the group it belongs to, and the roles inside a group.
+
+A *group* is one layer at one device, dtype, mode, thread count, memory format and batch size.
+Its implementations share parameters, inputs and the float64 oracle, and are timed together in
+interleaved rounds, so ratios between them are paired measurements. Inside a group the *floor*
+(an implementation with `is_baseline`, the plain static layer) is what every strategy is divided
+by, and a *dispatcher* (`auto`) runs one of the strategies, so it is judged against the fastest
+instead of competing with them. Every module that needs the group or these roles takes them from
+here.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+import torch
+
+if TYPE_CHECKING:
+    from condconv_bench.workload import Workload
+
+GROUP_KEYS = ("layer", "device", "dtype", "mode", "threads", "memory_format", "batch_size")
+TORCH_DTYPES: dict[str, torch.dtype] = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+@dataclass(frozen=True)
+class Case:
+    """One measurement: the frozen identity of a result row (what was measured, not what was seen)."""
+
+    layer: str
+    workload: Workload
+    impl: str
+    batch_size: int
+    device: str
+    dtype: str
+    mode: str
+    threads: int
+    memory_format: str
+
+    @property
+    def group(self) -> tuple[Any, ...]:
+        """Everything but the implementation, in `GROUP_KEYS` order."""
+        return tuple(getattr(self, key) for key in GROUP_KEYS)
+
+    @property
+    def id(self) -> str:
+        return (
+            f"{self.layer}/{self.impl}/b{self.batch_size}/{self.device}/{self.dtype}/{self.mode}"
+            f"/t{self.threads}/{self.memory_format}"
+        )
+
+    @property
+    def torch_dtype(self) -> torch.dtype:
+        return TORCH_DTYPES[self.dtype]
