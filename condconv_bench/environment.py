@@ -33,6 +33,59 @@ def _git_commit() -> str | None:
         return None
 
 
+def _read(path: str) -> str | None:
+    try:
+        return Path(path).read_text().strip()
+    except OSError:
+        return None
+
+
+def memory_settings() -> dict[str, Any]:
+    """Kernel and allocator settings that change how per-call buffers are paged in.
+
+    Transparent huge pages decide whether a freshly mapped buffer of hundreds of MB faults in
+    as 4 KiB or 2 MiB pages (several times apart in time); `THP_MEM_ALLOC_ENABLE` makes PyTorch
+    ask for them. Neither can be fixed by the harness, so both are recorded.
+    """
+    return {
+        "transparent_hugepage": _read("/sys/kernel/mm/transparent_hugepage/enabled"),
+        "transparent_hugepage_defrag": _read("/sys/kernel/mm/transparent_hugepage/defrag"),
+        "THP_MEM_ALLOC_ENABLE": os.environ.get("THP_MEM_ALLOC_ENABLE"),
+    }
+
+
+_NVIDIA_SMI_FIELDS = ("name", "driver_version", "clocks.sm", "clocks.max.sm", "clocks.mem", "power.limit", "mig.mode.current")
+
+
+def gpu_state() -> list[dict[str, str]]:
+    """Per GPU, what `nvidia-smi` says of driver, clocks, power limit and MIG mode; [] without it.
+
+    Clocks below their maximum or a lowered power limit slow every case alike, but make runs of
+    one GPU model incomparable; a MIG slice is a different, smaller device.
+    """
+    try:
+        out = subprocess.run(
+            ["nvidia-smi", f"--query-gpu={','.join(_NVIDIA_SMI_FIELDS)}", "--format=csv,noheader"],
+            capture_output=True, text=True, timeout=10, check=True,
+        ).stdout
+    except (OSError, subprocess.SubprocessError):
+        return []
+    return [dict(zip(_NVIDIA_SMI_FIELDS, (v.strip() for v in line.split(",")))) for line in out.splitlines() if line.strip()]
+
+
+def cuda_math_settings() -> dict[str, Any]:
+    """Library switches that change what a CUDA case computes or how fast."""
+    matmul = torch.backends.cuda.matmul
+    return {
+        "tf32_cudnn": torch.backends.cudnn.allow_tf32,
+        "tf32_matmul": matmul.allow_tf32,
+        "cudnn_benchmark": torch.backends.cudnn.benchmark,
+        "cudnn_deterministic": torch.backends.cudnn.deterministic,
+        "fp16_reduced_precision_reduction": matmul.allow_fp16_reduced_precision_reduction,
+        "bf16_reduced_precision_reduction": matmul.allow_bf16_reduced_precision_reduction,
+    }
+
+
 def describe_environment() -> dict[str, Any]:
     """Versions, hardware and thread settings of this process, as JSON-ready values."""
     cuda = torch.cuda.is_available()
@@ -49,13 +102,20 @@ def describe_environment() -> dict[str, Any]:
         "torch_interop_threads": torch.get_num_interop_threads(),
         "mkldnn": torch.backends.mkldnn.is_available(),
         "gpus": [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())] if cuda else [],
-        "tf32": {"cudnn": torch.backends.cudnn.allow_tf32, "matmul": torch.backends.cuda.matmul.allow_tf32},
+        "cuda_math": cuda_math_settings(),  # as the process started; float32 cases turn TF32 off (row column tf32)
+        "gpu_state": gpu_state() if cuda else [],
+        "memory": memory_settings(),
         "git_commit": _git_commit(),
     }
 
 
-def hardware_label(environment: dict[str, Any]) -> str:
-    """A short name for a run's hardware, e.g. `NVIDIA H100 / torch 2.13.0` or `Xeon … ×2 / torch 2.13.0`."""
+def hardware_label(environment: dict[str, Any], devices: set[str] | None = None) -> str:
+    """A short name for a run's hardware, e.g. `NVIDIA H100 / torch 2.13.0`, `EPYC … ×2 / torch 2.13.0`,
+    or both joined by `+` when `devices` (the device types the run measured) include a GPU and the CPU."""
     gpus = environment.get("gpus") or []
-    hardware = gpus[0] if gpus else f"{environment.get('cpu_model', '?')} ×{environment.get('cpu_count', '?')}"
-    return f"{hardware} / torch {environment.get('torch', '?')}"
+    cpu = f"{environment.get('cpu_model', '?')} ×{environment.get('cpu_count', '?')}"
+    measured = devices if devices is not None else ({"cuda"} if gpus else {"cpu"})
+    parts = [gpus[0]] if gpus and measured - {"cpu"} else []
+    if "cpu" in measured or not parts:
+        parts.append(cpu)
+    return f"{' + '.join(parts)} / torch {environment.get('torch', '?')}"

@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from torch.autograd.profiler_util import FunctionEventAvg
 from torch.profiler import ProfilerActivity, profile, schedule, tensorboard_trace_handler
 
 from condconv_bench.quiet import native_stderr_silenced
@@ -27,6 +28,13 @@ _SCHEDULE = {"wait": 1, "warmup": 1, "active": 3, "repeat": 1}
 def worker_name(case_id: str) -> str:
     """A trace file prefix the plugin parses back: no dots (they delimit the span) or slashes."""
     return re.sub(r"[^A-Za-z0-9_-]+", "-", case_id).strip("-")
+
+
+def _self_time_column(device: torch.device) -> str:
+    """The per-operator self time on `device`; torch before 2.4 names the CUDA one `self_cuda_time_total`."""
+    if device.type != "cuda":
+        return "self_cpu_time_total"
+    return "self_device_time_total" if hasattr(FunctionEventAvg, "self_device_time_total") else "self_cuda_time_total"
 
 
 def record_profile(case_id: str, step: Callable[[], object], traces_dir: Path, device: torch.device) -> dict[str, Any]:
@@ -45,7 +53,7 @@ def record_profile(case_id: str, step: Callable[[], object], traces_dir: Path, d
         for _ in range(steps):
             step()
             prof.step()
-    device_time = "self_device_time_total" if device.type == "cuda" else "self_cpu_time_total"
+    device_time = _self_time_column(device)
     averages = sorted(
         (e for e in prof.key_averages() if not e.key.startswith("ProfilerStep")),  # the step marker itself
         key=lambda e: getattr(e, device_time),

@@ -22,22 +22,35 @@ from condconv_bench.spec import LayerSpec
 from condconv_bench.impls.grouped_conv import GroupedConv
 
 # Every instance shares one code object (CondConvBase.forward), and dynamo keeps at most
-# `recompile_limit` variants per code object before silently running eager; a suite compiles one
-# per layer shape and batch size. The limit is raised (never lowered) once, on first use: patching
-# it around each call instead costs ~16 µs per call, which would be timed.
+# `recompile_limit` variants per code object, and `accumulated_recompile_limit` in all, before it
+# falls back to eager; a suite compiles one per layer shape and batch size (server: 288). The limits
+# are raised (never lowered) once, on first use — patching them around each call instead costs
+# ~16 µs per call, which would be timed — and a hit is made a hard error, so a case can never
+# silently time eager code under the name `compiled`. Older torch names them `cache_size_limit`,
+# `accumulated_cache_size_limit` and `fail_on_cache_limit_hit`.
 _RECOMPILE_LIMIT = 4096
+_LIMITS = (("recompile_limit", "cache_size_limit"), ("accumulated_recompile_limit", "accumulated_cache_size_limit"))
+_FAIL_ON_HIT = ("fail_on_recompile_limit_hit", "fail_on_cache_limit_hit")
 
 
 def _configure_compiler() -> None:
-    """Raise the recompile limit, and compile in-process: inductor's default pool of compile
-    worker processes starts in the background and competes with the measurements that follow."""
-    dynamo_config.recompile_limit = max(dynamo_config.recompile_limit, _RECOMPILE_LIMIT)
+    """Raise the recompile limits, fail on a hit, and compile in-process: inductor's default pool
+    of compile worker processes starts in the background and competes with the measurements."""
+    for names in _LIMITS:
+        name = next((n for n in names if hasattr(dynamo_config, n)), None)
+        if name is not None:
+            setattr(dynamo_config, name, max(getattr(dynamo_config, name), _RECOMPILE_LIMIT))
+    fail = next((n for n in _FAIL_ON_HIT if hasattr(dynamo_config, n)), None)
+    if fail is not None:
+        setattr(dynamo_config, fail, True)
     inductor_config.compile_threads = 1
 
 
 @register_impl("compiled")
 class Compiled(GroupedConv):
     """torch.compile (inductor, dynamic=False) of grouped_conv; compile timed apart."""
+
+    compiles = True
 
     def __init__(self, spec: LayerSpec) -> None:
         super().__init__(spec)
