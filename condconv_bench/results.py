@@ -10,11 +10,14 @@ misread (pyperf keeps its format history the same way).
 
 from __future__ import annotations
 
+import contextlib
 import csv
+import fcntl
 import io
 import json
 import os
 import shutil
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -120,6 +123,26 @@ def _complete_text(path: Path) -> str:
     """The file's text without a trailing half-written line."""
     text = path.read_text()
     return text if text.endswith("\n") or not text else text[: text.rfind("\n") + 1]
+
+
+LOCK_FILE = ".lock"
+
+
+@contextlib.contextmanager
+def writer_lock(path: str | Path) -> Iterator[None]:
+    """Hold the run directory for one writer: a second run into it fails at once with one line.
+
+    An advisory `flock` on `DIR/.lock`, released by the kernel when the process ends, so a
+    killed run never leaves a stale lock behind.
+    """
+    folder = Path(path)
+    folder.mkdir(parents=True, exist_ok=True)
+    with open(folder / LOCK_FILE, "w") as handle:
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise ResultsError(f"{folder}: another condconv-bench run is writing this directory") from None
+        yield
 
 
 class RunDirectory:

@@ -42,7 +42,7 @@ from condconv_bench.measure.protocol import Visit
 from condconv_bench.measure.ratios import Interval
 from condconv_bench.profile import record_profile
 from condconv_bench.registry import get_impl
-from condconv_bench.results import RunDirectory
+from condconv_bench.results import RunDirectory, writer_lock
 from condconv_bench.suite import Suite, load_suite
 from condconv_bench.timing import Timing
 from condconv_bench.workload import Workload
@@ -427,7 +427,14 @@ def run_suite(
     settings = measure_settings(suite, processes)
     allocator = allocator or suite.model.timing.allocator
     pool = WorkerPool(settings.processes, allocator)
-    run = _open_run(suite, Path(output) if output else default_output(suite), resume, shard, cases)
+    output = Path(output) if output else default_output(suite)
+    with writer_lock(output):
+        return _run_cases(suite, cases, settings, allocator, pool, _open_run(suite, output, resume, shard, cases), listener, profile)
+
+
+def _run_cases(suite: Suite, cases: list[Case], settings: MeasureSettings, allocator: str, pool: WorkerPool,
+               run: RunDirectory, listener: CaseListener | None, profile: bool) -> RunOutcome:
+    """The run's loop over sweeps of groups: probes here, timing in the pool, rows appended per sweep."""
     run.update_metadata(allocator=allocators.describe(allocator), measurement=asdict(settings))
     done = run.completed_case_ids()
     outcome = RunOutcome(run, len(cases), len(done & {case.id for case in cases}))

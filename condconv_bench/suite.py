@@ -36,9 +36,13 @@ from condconv_bench.workload import LayerWorkload, StackWorkload, Workload
 DType = Literal["float32", "bfloat16", "float16"]
 Mode = Literal["inference", "training"]
 MemoryFormat = Literal["contiguous", "channels_last"]
-PositiveInt = Annotated[StrictInt, Field(ge=1)]
+# Every integer a suite sets is bounded by what torch can index (int32 sizes), so no value can
+# overflow a result file's 64-bit columns; the layer checks (LayerSpec) then reject what is impossible.
+MAX_SIZE = 2**31 - 1
+BoundedInt = Annotated[StrictInt, Field(ge=-MAX_SIZE, le=MAX_SIZE)]
+PositiveInt = Annotated[StrictInt, Field(ge=1, le=MAX_SIZE)]
 Number = StrictInt | StrictFloat
-IntOrPair = StrictInt | list[StrictInt]
+IntOrPair = BoundedInt | list[BoundedInt]
 DEVICE_PATTERN = re.compile(r"^(cpu|mps|cuda(:\d+)?)$")
 
 
@@ -59,7 +63,7 @@ class TimingSettings(_Model):
     precision: Annotated[Number, Field(gt=0, lt=1)] = 0.02  # stop once every ratio's 95% CI is within ±this
     budget: Annotated[Number, Field(gt=0, le=86_400)] = 10.0  # seconds of timing per group before stopping anyway
     tie_margin: Annotated[Number, Field(ge=0, lt=1)] = 0.02  # gaps to the fastest below this are ties
-    sweep_groups: Annotated[StrictInt, Field(ge=1, le=10_000)] = 16  # groups whose first visits interleave (see measure.group)
+    sweep_groups: Annotated[StrictInt, Field(ge=1, le=10_000)] = 64  # groups whose first visits interleave (see measure.group)
     allocator: Literal["fixed", "glibc", "jemalloc", "tcmalloc"] = "fixed"  # see condconv_bench.measure.allocators
 
 
@@ -69,7 +73,7 @@ class GateSettings(_Model):
     time_threshold: Annotated[Number, Field(gt=0)] = 0.10  # relative slowdown that counts
     time_min_delta_s: Annotated[Number, Field(ge=0)] = 0.0  # and the absolute change must exceed this
     memory_threshold: Annotated[Number, Field(gt=0)] = 0.10  # relative peak-memory growth that counts
-    memory_min_bytes: Annotated[StrictInt, Field(ge=0)] = 16 * 1024  # and the growth must exceed this
+    memory_min_bytes: Annotated[StrictInt, Field(ge=0, le=2**62)] = 16 * 1024  # and the growth must exceed this
     alpha: Annotated[Number, Field(gt=0, lt=1)] = DEFAULT_ALPHA  # significance level of the rank test
     comparison: Literal["auto", "absolute", "floor"] = "auto"
 
@@ -110,8 +114,8 @@ class LayerFields(_Model):
 
 class LayerEntry(LayerFields, AxisOverrides):
     name: Annotated[StrictStr, Field(pattern=r"^[A-Za-z0-9_.\-]+$")]
-    in_channels: StrictInt
-    out_channels: StrictInt | None = None  # every kind but stack
+    in_channels: BoundedInt
+    out_channels: BoundedInt | None = None  # every kind but stack
     stages: list[StageEntry] | None = Field(default=None, min_length=1)  # kind stack only
     count: PositiveInt = 1  # occurrences in the network it comes from (for network-level totals)
     impls: list[StrictStr] | None = Field(default=None, min_length=1)
@@ -135,7 +139,7 @@ class SuiteModel(_Model):
     memory_formats: list[MemoryFormat] = Field(default=["contiguous"], min_length=1)
     timing: TimingSettings = TimingSettings()
     gate: GateSettings = GateSettings()
-    seed: StrictInt = 0
+    seed: Annotated[StrictInt, Field(ge=0, le=2**63 - 1)] = 0
 
 
 _ALL_KEYS = sorted(
@@ -386,9 +390,11 @@ def load_suite(name_or_path: str | Path) -> Suite:
     """Read, parse and validate a suite file (or a shipped suite by name)."""
     path = resolve_suite_path(name_or_path)
     try:
-        text = path.read_text()
+        text = path.read_text(encoding="utf-8")
     except OSError as exc:
         raise SuiteError([f"{path}: cannot read suite file ({exc.strerror or exc})"]) from None
+    except UnicodeDecodeError as exc:
+        raise SuiteError([f"{path}: not a YAML text file (byte {exc.start} is not UTF-8)"]) from None
     try:
         data = yaml.load(text, Loader=_UniqueKeyLoader)
     except yaml.MarkedYAMLError as exc:

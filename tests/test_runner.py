@@ -14,7 +14,7 @@ import torch
 import yaml
 
 from condconv_bench.errors import CondConvBenchError, ResultsError
-from condconv_bench.results import COLUMNS, SCHEMA_VERSION, RunDirectory, load_results, merge_runs
+from condconv_bench.results import COLUMNS, SCHEMA_VERSION, RunDirectory, load_results, merge_runs, writer_lock
 from condconv_bench.runner import CaseFilter, Shard, run_suite
 from condconv_bench.suite import load_suite
 
@@ -152,6 +152,13 @@ def test_existing_run_is_not_overwritten(tmp_path: Path) -> None:
     run_suite(TINY, tmp_path / "run", case_filter=CaseFilter(layers=("fc",), devices=("cpu",)))
     with pytest.raises(ResultsError, match="pass --resume"):
         run_suite(TINY, tmp_path / "run", case_filter=CaseFilter(layers=("fc",), devices=("cpu",)))
+
+
+def test_two_runs_cannot_write_one_directory(tmp_path: Path) -> None:
+    with writer_lock(tmp_path / "run"):
+        with pytest.raises(ResultsError, match="another condconv-bench run is writing this directory"):
+            run_suite(TINY, tmp_path / "run", case_filter=CaseFilter(layers=("fc",), devices=("cpu",)))
+    assert not (tmp_path / "run" / "results.csv").exists()
 
 
 def test_resume_refuses_a_changed_suite(tmp_path: Path) -> None:

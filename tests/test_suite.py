@@ -35,6 +35,15 @@ def test_malformed_suite_gives_one_line_and_exit_2(path: Path) -> None:
     assert "Traceback" not in result.output
 
 
+def test_a_binary_file_is_refused_in_one_line(tmp_path: Path) -> None:
+    garbage = tmp_path / "garbage.yaml"
+    garbage.write_bytes(bytes(range(256)) * 4)
+    for command in (["validate", str(garbage)], ["run", str(garbage), "-o", str(tmp_path / "run")]):
+        result = CliRunner().invoke(main, command)
+        assert result.exit_code == 2 and "Traceback" not in result.output
+        assert result.stderr.strip() == f"error: {garbage}: not a YAML text file (byte 128 is not UTF-8)"
+
+
 def test_shipped_suites_are_valid_and_named() -> None:
     suites = shipped_suites()
     assert {"smoke", "mobile", "server", "efficientnet_cc_b0"} <= set(suites)

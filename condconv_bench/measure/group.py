@@ -51,7 +51,7 @@ class MeasureSettings:
     budget_s: float = 10.0
     tie_margin: float = 0.02
     max_passes: int = 8
-    sweep_groups: int = 16
+    sweep_groups: int = 64
 
 
 class Pool(Protocol):

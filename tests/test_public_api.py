@@ -1,0 +1,26 @@
+"""The package's public names, and what importing the drop-in layer costs a model."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import condconv_bench
+
+HARNESS_ONLY = ("pandas", "scipy", "fvcore", "pydantic", "matplotlib", "seaborn", "jinja2", "click")
+
+
+def test_every_public_name_resolves() -> None:
+    for name in condconv_bench.__all__:
+        assert getattr(condconv_bench, name) is not None, name
+    assert set(dir(condconv_bench)) == set(condconv_bench.__all__)
+
+
+def test_the_layer_imports_without_the_harness() -> None:
+    code = (
+        "import sys, torch; from condconv_bench import CondConv2d, CondConvLinear; "
+        "CondConv2d(8, 16, 1, num_experts=4)(torch.randn(2, 8, 5, 5)); "
+        f"print(' '.join(m for m in {HARNESS_ONLY!r} if m in sys.modules))"
+    )
+    loaded = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.split()
+    assert loaded == [], f"importing and running the layer loaded {loaded}"
