@@ -17,7 +17,7 @@ from pydantic import ValidationError
 
 from condconv_bench.baseline import load_snapshot, save_baseline
 from condconv_bench.compare import CaseComparison, Comparison, compare_snapshots
-from condconv_bench.errors import EXIT_FAILURE, CondConvBenchError
+from condconv_bench.errors import EXIT_FAILURE, CondConvBenchError, RunInterruptedError
 from condconv_bench.gate import run_gate
 from condconv_bench.measure import allocators
 from condconv_bench.measure.allocators import ALLOCATORS
@@ -82,7 +82,8 @@ def main() -> None:
     """Benchmark, verify and compare CondConv implementations.
 
     Exit codes: 0 ok; 1 an equivalence failure, a regression, or (run --strict) an error row;
-    2 bad input (malformed suite or results, unknown implementation, unavailable device).
+    2 bad input (malformed suite or results, unknown implementation, unavailable device or
+    allocator); 130 a run stopped with Ctrl-C (resume it with --resume).
     """
 
 
@@ -115,6 +116,7 @@ def run(suite: str, output: Path | None, resume: bool, shard: str | None, impls:
     if resume and output is None:
         raise CondConvBenchError("--resume needs -o/--output: the run directory to continue")
     loaded = load_suite(suite)
+    output = output or default_output(loaded)
     progress = None if quiet else _ProgressBar(loaded.name)
     try:
         outcome = run_suite(
@@ -122,6 +124,10 @@ def run(suite: str, output: Path | None, resume: bool, shard: str | None, impls:
             case_filter=CaseFilter(impls, devices, batch_sizes, layers, dtypes, modes), listener=progress, profile=profile,
             processes=processes, allocator=allocator,
         )
+    except KeyboardInterrupt:
+        raise RunInterruptedError(
+            f"interrupted: the finished cases are in {output}; continue with: condconv-bench run {suite} -o {output} --resume"
+        ) from None
     finally:
         if progress is not None:
             progress.close()

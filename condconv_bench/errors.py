@@ -12,12 +12,19 @@ from typing import ClassVar
 EXIT_OK = 0
 EXIT_FAILURE = 1  # equivalence failure, regression, or (with --strict) an error row
 EXIT_BAD_INPUT = 2  # malformed suite or results, unknown implementation, unavailable device
+EXIT_INTERRUPTED = 130  # Ctrl-C, as shells report SIGINT; the run directory stays resumable
 
 
 class CondConvBenchError(Exception):
     """Base of every error the CLI reports as one line with an exit code."""
 
     exit_code: ClassVar[int] = EXIT_BAD_INPUT
+
+
+class RunInterruptedError(CondConvBenchError):
+    """The user stopped a run; what it measured is kept and `--resume` continues it."""
+
+    exit_code: ClassVar[int] = EXIT_INTERRUPTED
 
 
 class SpecError(CondConvBenchError, ValueError):

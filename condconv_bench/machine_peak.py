@@ -13,7 +13,7 @@ import time
 
 import torch
 
-from condconv_bench.fixtures import synchronize
+from condconv_bench.fixtures import synchronize, use_exact_float32
 from condconv_bench.measure.rounds import calls_per_block, time_block
 
 # Large enough to reach the steady state, small enough to measure in well under a second.
@@ -28,6 +28,7 @@ def matmul_peak_flops(device: torch.device, dtype: torch.dtype, threads: int) ->
     generator = torch.Generator().manual_seed(0)
     a = torch.randn(n, n, generator=generator).to(device=device, dtype=dtype)
     b = torch.randn(n, n, generator=generator).to(device=device, dtype=dtype)
+    use_exact_float32(device)  # the peak of the arithmetic the cases run: IEEE float32, not TF32
     previous = torch.get_num_threads()
     torch.set_num_threads(threads)
     sync = lambda: synchronize(device)  # noqa: E731

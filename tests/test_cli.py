@@ -1,5 +1,9 @@
 from __future__ import annotations
 
+import signal
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -7,6 +11,7 @@ import yaml
 from click.testing import CliRunner
 
 from condconv_bench.cli import main
+from condconv_bench.results import RunDirectory
 
 DATA = Path(__file__).parent / "data"
 TINY = DATA / "valid" / "tiny.yaml"
@@ -81,3 +86,21 @@ def test_unavailable_device_on_the_command_line_exits_2() -> None:
     result = invoke("run", str(TINY), "--device", "cuda", "-q")
     assert result.exit_code == 2
     assert result.stderr.strip() == "error: --device cuda: CUDA is not available on this machine"
+
+
+def test_ctrl_c_keeps_the_run_and_says_how_to_resume(tmp_path) -> None:
+    out = tmp_path / "run"
+    command = [sys.executable, "-m", "condconv_bench", "run", str(TINY), "-o", str(out), "-q", "--no-report"]
+    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline and not (out / "run.json").exists():
+        time.sleep(0.05)
+    time.sleep(1.0)  # into the probes and timings
+    process.send_signal(signal.SIGINT)
+    _, stderr = process.communicate(timeout=120)
+    assert process.returncode == 130, stderr
+    assert "Traceback" not in stderr
+    assert stderr.strip().splitlines()[-1] == (
+        f"error: interrupted: the finished cases are in {out}; continue with: condconv-bench run {TINY} -o {out} --resume"
+    )
+    assert RunDirectory.open(out).results() is not None  # still a readable run directory

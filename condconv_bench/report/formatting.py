@@ -23,7 +23,7 @@ def seconds(value: float | None) -> str:
         return "-"
     value = float(value)  # type: ignore[arg-type]
     for unit, scale in (("s", 1.0), ("ms", 1e-3), ("µs", 1e-6)):
-        if value >= scale:
+        if value >= 0.9995 * scale:  # 999.6 µs reads as 1 ms, not as 1e+03 µs
             return f"{value / scale:.3g} {unit}"
     return f"{value / 1e-9:.3g} ns"
 
