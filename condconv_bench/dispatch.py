@@ -63,7 +63,9 @@ def shape_class(spec: LayerSpec, input_size: Pair) -> str:
 
 
 def rule_of_thumb(spec: LayerSpec) -> str:
-    """The strategy to use with no measurement at all: what won most often on CPU (FIELD_NOTES §3, mobile suite)."""
+    """The strategy to use with no measurement at all: what won most often on this project's CPU
+    runs of the mobile suite (grouped_conv on depthwise layers, batched_matmul on dense ones,
+    stacked_moe on the classifier)."""
     if spec.kind == "linear":
         return "stacked_moe"
     return "grouped_conv" if spec.groups > 1 else "batched_matmul"

@@ -26,8 +26,8 @@ def initial_parameters(spec: LayerSpec, generator: torch.Generator | None = None
 
     Each expert is initialised like a standalone `nn.Conv2d`/`nn.Linear` (uniform ±1/√fan_in,
     which is PyTorch's kaiming_uniform with a=√5), as timm does. Initialising the 5-D tensor at
-    once computes fan-in over experts and output channels and starts every expert far too small
-    (FIELD_NOTES §1). The runner draws one state per layer from a seeded generator and loads it
+    once, as nibuiro/CondConv-pytorch does, computes fan-in over experts and output channels and
+    starts every expert about √C_out too small. The runner draws one state per layer from a seeded generator and loads it
     into every implementation, so their outputs are comparable.
     """
 

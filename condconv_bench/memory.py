@@ -2,7 +2,8 @@
 
 CUDA: the caching allocator's peak statistics, reset before the call. CPU: `tracemalloc` does not
 see torch's allocations and `ru_maxrss` spans the whole process, so the profiler's memory events
-are replayed in time order and the running sum's maximum is the peak (FIELD_NOTES §5). Both report
+are replayed in time order and the running sum's maximum is the peak (tracemalloc saw 200 B for a
+51 MB output here). Both report
 bytes allocated during the call above what was allocated before it; the call's output, which is
 alive at the end, is part of the peak.
 """

@@ -1,8 +1,8 @@
 """Stacked mixture of experts: one static conv on `[α_1 x; …; α_E x]` with the experts' kernels
 concatenated along the input channels.
 
-Source: the identity `Σ_e α_e (W_e ∗ x) = [W_1 … W_E] ∗ [α_1 x; …; α_E x]` (FIELD_NOTES §2); seen in
-no public code. Exact by linearity, it needs no per-example weights and no batch-dependent
+Source: the identity `Σ_e α_e (W_e ∗ x) = [W_1 … W_E] ∗ [α_1 x; …; α_E x]`, which holds by the
+linearity of convolution; seen in no public code. Exact by linearity, it needs no per-example weights and no batch-dependent
 `groups`, so static-graph exports and compilers see one fixed conv whatever the batch size. It
 costs E× the conv MACs on an E× larger input; the concatenated kernel is built once per weight
 version (`expert_layout`), like a prepacked weight.

@@ -78,3 +78,11 @@ class CompilesNothing(GroupedConv):
     """Claims to compile but runs eagerly: what dynamo does silently once its recompile limit is hit."""
 
     compiles = True
+
+
+class DoublesGradients(GroupedConv):
+    """grouped_conv's exact output with twice its gradient: a planted backward-only error."""
+
+    def conditional_forward(self, x: torch.Tensor, routing_weights: torch.Tensor) -> torch.Tensor:
+        out = super().conditional_forward(x, routing_weights)
+        return out.detach() + 2 * (out - out.detach())
