@@ -115,11 +115,22 @@ class CompileFellBackError(RuntimeError):
     """A compiling implementation's first call built no graph: it would be timed running eager."""
 
 
-def compiled_graph_count() -> int:
-    """Graphs torch.compile has built in this process so far."""
+def _compiled_graph_count() -> int:
     from torch._dynamo.utils import counters
 
     return int(counters["stats"]["unique_graphs"])
+
+
+def first_call(step: Callable[[], Any], compiles: bool, device: torch.device) -> int:
+    """Run a case's cold first call (where a compiling implementation compiles) and return the
+    torch.compile graphs it built; raises `CompileFellBackError` if a compiling one built none."""
+    graphs_before = _compiled_graph_count()
+    step()
+    synchronize(device)
+    graphs = _compiled_graph_count() - graphs_before
+    if compiles and not graphs:
+        raise CompileFellBackError("torch.compile built no graph on the first call, so it would time eager code")
+    return graphs
 
 
 def synchronize(device: torch.device) -> None:

@@ -1,10 +1,10 @@
-"""Cases → result rows, a group at a time, each group's rows persisted before the next begins.
+"""Cases → result rows, a sweep of groups at a time, each sweep's rows persisted before the next.
 
 For every case of a group the runner builds the implementation, loads the layer's one shared
 parameter set, draws the group's seeded inputs (`fixtures`) and runs the untimed probes in a
 fixed order: the cold first call (compile time), equivalence against the float64 oracle, FLOP
-counts, peak memory. Then the whole group is timed by the instrument (`measure`): interleaved
-rounds in fresh worker processes, until its ratios are precise or its budget is spent. A case
+counts, peak memory. Then the sweep's groups are timed by the instrument (`measure`): interleaved
+rounds in fresh worker processes, until their ratios are precise or their budgets are spent. A case
 that cannot run is `skipped` with the reason; one that fails is an `error` row with the message;
 neither stops the suite. Nothing here prints: progress goes to an optional listener, which the
 CLI turns into a progress bar.
@@ -30,8 +30,8 @@ from condconv_bench.case import TORCH_DTYPES, Case
 from condconv_bench.environment import describe_environment
 from condconv_bench.errors import CondConvBenchError, DeviceUnavailableError, ImplUnavailableError, ResultsError, first_line
 from condconv_bench.fixtures import (
-    CompileFellBackError, GroupInputs, build_module, compiled_graph_count, grad_mode, layer_state, seed_of, step_function,
-    synchronize, use_exact_float32, warm_up_device,
+    CompileFellBackError, GroupInputs, build_module, first_call, grad_mode, layer_state, seed_of, step_function,
+    use_exact_float32, warm_up_device,
 )
 from condconv_bench.layer import CondConvBase
 from condconv_bench.machine_peak import matmul_peak_flops
@@ -220,15 +220,14 @@ def _probe(case: Case, cls: type[CondConvBase], device: torch.device, ctx: _Grou
 
     row["tf32"] = use_exact_float32(device)
     with grad_mode(case.mode):
-        graphs_before = compiled_graph_count()
         started = time.perf_counter()
-        step()
-        synchronize(device)
+        try:
+            row["compiled_graphs"] = first_call(step, cls.compiles, device)
+        except CompileFellBackError:
+            row["compiled_graphs"] = 0
+            raise
         row["first_call_s"] = time.perf_counter() - started
-        row["compiled_graphs"] = compiled_graph_count() - graphs_before
         row["dispatched"] = _dispatched(module)
-    if cls.compiles and not row["compiled_graphs"]:
-        raise CompileFellBackError(f"{case.impl}: torch.compile built no graph on the first call, so it would time eager code")
 
     row["output_bytes"] = math.prod(workload.output_shape(case.batch_size)) * element
     row["param_bytes"] = sum(p.numel() * p.element_size() for p in module.parameters())

@@ -18,7 +18,7 @@ import yaml
 
 from condconv_bench.measure import allocators
 from condconv_bench.measure.allocators import AllocatorUnavailableError, worker_environment
-from condconv_bench.measure.group import MeasureSettings, measure_group
+from condconv_bench.measure.group import GroupMeasurement, GroupTiming, MeasureSettings, measure_groups
 from condconv_bench.measure.pool import WorkerFailure
 from condconv_bench.measure.protocol import Visit, VisitResult, read_message, write_message
 from condconv_bench.measure.ratios import Interval, hierarchical_interval, is_tied
@@ -142,6 +142,11 @@ def visit_of(*case_ids: str, rounds: int = 5, device: str = "cpu") -> Visit:
     return Visit(cases, {}, 0, rounds, 0.005, 0, 0)
 
 
+def measure_group(pool, visit: Visit, settings: MeasureSettings, *, clock, **roles) -> GroupTiming:
+    """One group measured alone: its sweep is a single pass over the workers."""
+    return measure_groups(pool, [GroupMeasurement(visit, settings, **roles)], clock)[0]
+
+
 ROLES = dict(floor="floor", candidates={"a", "b", "c"}, dispatchers={"auto"})
 
 
@@ -162,6 +167,21 @@ def test_steady_group_stops_after_one_pass_with_exact_ratios_and_ties() -> None:
     assert not any(v.unstable for v in verdicts.values())
     timing = verdicts["a"].timing
     assert len(timing.times_s) == 10 and set(timing.process) == {0, 1} and timing.number_per_run == 10
+
+
+def test_a_sweep_visits_every_group_in_one_worker_before_the_next_worker() -> None:
+    clock = FakeClock()
+    per_process = {"floor": 1e-3, "a": 2e-3, "g2_floor": 1e-3, "g2_a": 3e-3}
+    pool = FakePool([per_process, per_process], clock)
+    order = []
+    visit = pool.visit
+    pool.visit = lambda index, v, timeout_s: order.append((index, v.cases[0].id)) or visit(index, v, timeout_s)
+    groups = [GroupMeasurement(visit_of("floor", "a"), MeasureSettings(budget_s=100), floor="floor", candidates={"a"}, dispatchers=set()),
+              GroupMeasurement(visit_of("g2_floor", "g2_a"), MeasureSettings(budget_s=100), floor="g2_floor",
+                               candidates={"g2_a"}, dispatchers=set())]
+    first, second = measure_groups(pool, groups, clock)
+    assert order == [(0, "floor"), (0, "g2_floor"), (1, "floor"), (1, "g2_floor")]
+    assert first.cases["a"].vs_floor.estimate == pytest.approx(2.0) and second.cases["g2_a"].vs_floor.estimate == pytest.approx(3.0)
 
 
 def test_disagreeing_processes_make_the_case_unstable() -> None:

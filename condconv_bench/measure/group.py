@@ -112,11 +112,8 @@ def _verdicts(samples: _Samples, floor: str | None, candidates: set[str], dispat
     measured = list(dict.fromkeys(key for _, r in samples.rounds for key in r.per_call_s))
     timings = {key: samples.timing(key) for key in measured}
     has_floor = floor in timings
-    vs_floor = {}
-    for key in measured:
-        if has_floor and key != floor:
-            values, processes = samples.paired(key, floor)  # type: ignore[arg-type]
-            vs_floor[key] = hierarchical_interval(values, processes, rng)
+    to_floor = {key: samples.paired(key, floor) for key in measured if has_floor and key != floor}  # type: ignore[arg-type]
+    vs_floor = {key: hierarchical_interval(values, processes, rng) for key, (values, processes) in to_floor.items()}
     racing = [key for key in measured if key in candidates]
     best = min(racing, key=lambda k: vs_floor[k].estimate if has_floor else timings[k].median_s, default=None)
     verdicts = {}
@@ -126,8 +123,8 @@ def _verdicts(samples: _Samples, floor: str | None, candidates: set[str], dispat
             values, processes = samples.paired(key, best)
             vs_best = hierarchical_interval(values, processes, rng) if key != best else Interval(1.0, 1.0, 1.0)
             tied = is_tied(vs_best, tie_margin)
-        if key in vs_floor:
-            medians = process_medians(*samples.paired(key, floor))  # type: ignore[arg-type]
+        if key in to_floor:
+            medians = process_medians(*to_floor[key])
         else:
             medians = process_medians(np.asarray(timings[key].times_s), np.asarray(timings[key].process))
         spread = float(medians.max() / medians.min())
@@ -240,9 +237,3 @@ def measure_groups(pool: Pool, groups: list[GroupMeasurement], clock: Callable[[
             going_on = group.finish_pass(rounds_s)
     return [group.finish() for group in groups]
 
-
-def measure_group(pool: Pool, visit: Visit, settings: MeasureSettings, *, floor: str | None, candidates: set[str],
-                  dispatchers: set[str], clock: Callable[[], float] = time.monotonic) -> GroupTiming:
-    """Measure one group in passes over the pool's workers until precise or out of budget."""
-    group = GroupMeasurement(visit, settings, floor=floor, candidates=candidates, dispatchers=dispatchers)
-    return measure_groups(pool, [group], clock)[0]

@@ -20,11 +20,10 @@ from dataclasses import dataclass, field
 
 import torch
 
-from condconv_bench.errors import first_line
 import condconv_bench.workload  # noqa: F401  (imported before `READY`, not during the first visit)
+from condconv_bench.errors import first_line
 from condconv_bench.fixtures import (
-    CompileFellBackError, GroupInputs, build_module, compiled_graph_count, grad_mode, layer_state, step_function, synchronize,
-    use_exact_float32,
+    GroupInputs, build_module, first_call, grad_mode, layer_state, step_function, synchronize, use_exact_float32,
 )
 from condconv_bench.measure.protocol import BUILDING, READY, TIMING, Visit, VisitResult, read_message, write_message
 from condconv_bench.measure.rounds import Step, calls_per_block, run_rounds
@@ -60,10 +59,7 @@ def _build(visit: Visit) -> _BuiltGroup:
             module = build_module(case, visit.classes[case.id], state, device)
             step = step_function(module, x, inputs, case.mode)
             with grad_mode(case.mode):
-                graphs_before = compiled_graph_count()
-                step()
-                if visit.classes[case.id].compiles and compiled_graph_count() == graphs_before:
-                    raise CompileFellBackError("torch.compile built no graph on the first call, so it would time eager code")
+                first_call(step, visit.classes[case.id].compiles, device)
                 group.calls_per_block.update(calls_per_block({case.id: step}, visit.block_s, visit.warmup, time.perf_counter, sync))
             group.steps[case.id] = step
         except Exception as exc:  # the implementation under test failed here: report it, time the others
