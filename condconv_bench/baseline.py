@@ -140,7 +140,8 @@ def snapshot_of_runs(paths: list[Path]) -> Snapshot:
         )
     suite = metadata[0]["suite"]
     source = ", ".join(str(p) for p in paths)
-    return Snapshot(source, suite["name"], suite["sha256"], metadata[0].get("environment", {}), cases)
+    environment = {**metadata[0].get("environment", {}), "matmul_peaks": metadata[0].get("matmul_peaks", [])}
+    return Snapshot(source, suite["name"], suite["sha256"], environment, cases)
 
 
 def _dumps(document: dict[str, Any]) -> str:

@@ -1,17 +1,21 @@
 """Baseline vs current, case by case: what changed, by how much, and whether it is a regression.
 
-Timing verdicts follow `statistics` (threshold and rank test). Two comparisons are possible:
+Latency is compared only between runs of the same machine (`environment.machine_differences`:
+CPU, caches, instruction sets, kernel, software and measured matmul peak). Across machines it is
+refused with the reason: measured here, a planted 1.5× slowdown passed such a gate because the
+other machine was 30% faster overall, and dividing by the `static` floor did not rescue it,
+since CPUs of one label also differ in which strategies they favour. The A/B gate
+(`condconv_bench.ab`) is what judges latency on any runner.
 
-- `absolute`: raw latencies, when both snapshots come from the same machine running at the
-  same speed;
-- `floor`: each latency divided by the `static` floor's median from its own run, which cancels
-  the machine's speed, for different machines or a machine whose speed drifted.
+On one machine, timing verdicts follow `statistics` (threshold and rank test), in one of two modes:
 
-`auto` (the default) picks `floor` when the environments differ, and says why. On one machine it
-keeps `absolute`: dividing by the floor of a small layer adds that measurement's own noise to
-every case (seen here: a 10 µs floor moving 25% between processes made whole layers look 1.7×
-slower), so the floor's overall drift is reported instead. The floor is the reference, not code under test, so `static` cases get verdicts but never
-fail a gate. Deterministic figures are compared exactly: any FLOP increase, any equivalence
+- `absolute` (what `auto` picks): raw latencies. Dividing by the floor of a small layer adds
+  that measurement's own noise to every case (seen here: a 10 µs floor moving 25% between
+  processes made whole layers look 1.7× slower), so the floor's overall drift is reported instead;
+- `floor`: each latency divided by the `static` floor's median from its own run, for a machine
+  whose speed drifted between baseline and check.
+
+The floor is the reference, not code under test, so `static` cases get verdicts but never fail a gate. Deterministic figures are compared exactly: any FLOP increase, any equivalence
 failure, any case that newly errors, is skipped or disappears. Peak memory fails beyond its own
 threshold (and a small absolute margin, so a few hundred bytes on a tiny layer do not count).
 """
@@ -24,16 +28,14 @@ from typing import Literal
 import numpy as np
 
 from condconv_bench.baseline import CaseFigures, Snapshot
+from condconv_bench.environment import machine_differences
 from condconv_bench.errors import ResultsError
 from condconv_bench.report.formatting import count, size
 from condconv_bench.statistics import compare_samples
 from condconv_bench.suite import GateSettings
 
-# Environment keys that identify the hardware and software a latency belongs to; a difference in
-# any of them makes `auto` compare ratios to the floor. The host name is only reported: two hosts
-# of one machine type are comparable in absolute terms.
-MACHINE_KEYS = ("cpu_model", "cpu_count", "gpus", "torch", "cuda", "cudnn")
-REPORTED_KEYS = ("hostname", *MACHINE_KEYS)
+# Environment keys a comparison's header reports when they differ.
+REPORTED_KEYS = ("hostname", "cpu_model", "cpu_count", "gpus", "torch", "cuda", "cudnn")
 
 
 @dataclass(frozen=True)
@@ -58,7 +60,7 @@ class CaseComparison:
 
 @dataclass(frozen=True)
 class Comparison:
-    mode: Literal["absolute", "floor"]
+    mode: Literal["absolute", "floor"] | None  # None: latency not compared (`mode_reason` says why)
     mode_reason: str
     environment_notes: tuple[str, ...]
     thresholds: GateSettings
@@ -102,15 +104,18 @@ def floor_drift(base: Snapshot, current: Snapshot) -> float | None:
     return float(np.exp(np.mean(np.log(ratios)))) if ratios else None
 
 
-def _choose_mode(base: Snapshot, current: Snapshot, thresholds: GateSettings, notes: list[str]) -> tuple[str, str]:
+def _choose_mode(base: Snapshot, current: Snapshot, thresholds: GateSettings, latency: bool) -> tuple[str | None, str]:
+    if not latency:
+        return None, "latency not compared (asked for: FLOPs, equivalence, errors and memory only)"
+    differences = machine_differences(base.environment, current.environment)
+    if differences:
+        return None, (f"latency not compared: the baseline comes from another machine ({differences[0]}); "
+                      "judge latency with an A/B gate on one machine: condconv-bench gate --against REF")
     drift = floor_drift(base, current)
     moved = "" if drift is None else f"; the static floor moved by {drift - 1:+.0%} overall"
     if thresholds.comparison != "auto":
-        return thresholds.comparison, "requested" + moved
-    machine_notes = [n for n in notes if n.split(" ")[0] in MACHINE_KEYS]
-    if machine_notes:
-        return "floor", f"baseline and current come from different environments ({machine_notes[0]})" + moved
-    return "absolute", "same environment" + moved
+        return thresholds.comparison, "same machine, requested" + moved
+    return "absolute", "same machine" + moved
 
 
 def _samples(snapshot: Snapshot, figures: CaseFigures, mode: str) -> np.ndarray | None:
@@ -139,7 +144,7 @@ def _deterministic(before: CaseFigures, after: CaseFigures, t: GateSettings) -> 
     return problems, improvements
 
 
-def _compare_case(case_id: str, base: Snapshot, current: Snapshot, mode: str, t: GateSettings) -> CaseComparison:
+def _compare_case(case_id: str, base: Snapshot, current: Snapshot, mode: str | None, t: GateSettings) -> CaseComparison:
     impl = case_id.split("/")[1]
     before, after = base.cases.get(case_id), current.cases.get(case_id)
     if before is None:
@@ -160,6 +165,8 @@ def _compare_case(case_id: str, base: Snapshot, current: Snapshot, mode: str, t:
     if before.status != "ok":
         return CaseComparison(case_id, impl, "fixed", improvements=(f"was {before.status}, now measured",), **common)
     problems, improvements = _deterministic(before, after, t)
+    if mode is None:
+        return CaseComparison(case_id, impl, "latency not compared", problems=tuple(problems), improvements=tuple(improvements), **common)
     before_samples, after_samples = _samples(base, before, mode), _samples(current, after, mode)
     if before_samples is None or after_samples is None or not len(before_samples) or not len(after_samples):
         return CaseComparison(case_id, impl, "not measured", problems=tuple(problems), improvements=tuple(improvements), **common)
@@ -176,15 +183,16 @@ def _compare_case(case_id: str, base: Snapshot, current: Snapshot, mode: str, t:
                           problems=tuple(problems), improvements=tuple(improvements), **common)
 
 
-def compare_snapshots(base: Snapshot, current: Snapshot, thresholds: GateSettings = GateSettings()) -> Comparison:
-    """Compare every case of either snapshot; refuses snapshots of different suites."""
+def compare_snapshots(base: Snapshot, current: Snapshot, thresholds: GateSettings = GateSettings(), latency: bool = True) -> Comparison:
+    """Compare every case of either snapshot (latency only with `latency` and on one machine);
+    refuses snapshots of different suites."""
     if base.suite_name != current.suite_name:
         raise ResultsError(
             f"{current.source}: suite {current.suite_name!r} cannot be compared with baseline {base.source} "
             f"of suite {base.suite_name!r}"
         )
     notes = environment_notes(base, current)
-    mode, reason = _choose_mode(base, current, thresholds, notes)
+    mode, reason = _choose_mode(base, current, thresholds, latency)
     case_ids = list(dict.fromkeys([*base.cases, *current.cases]))
     cases = tuple(_compare_case(case_id, base, current, mode, thresholds) for case_id in case_ids)
     return Comparison(mode, reason, tuple(notes), thresholds, cases, base.source, current.source)  # type: ignore[arg-type]

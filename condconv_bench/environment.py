@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import os
 import platform
 import socket
@@ -38,6 +39,78 @@ def _read(path: str) -> str | None:
         return Path(path).read_text().strip()
     except OSError:
         return None
+
+
+def _cpu_flags() -> list[str]:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith(("flags", "Features")):
+                return sorted(line.split(":", 1)[1].split())
+    except OSError:
+        pass
+    return []
+
+
+def _caches() -> dict[str, str]:
+    """Cache sizes of CPU 0 by level and type, e.g. `{"L1d": "48K", "L2": "2048K", "L3": "491520K"}`."""
+    caches = {}
+    for index in sorted(Path("/sys/devices/system/cpu/cpu0/cache").glob("index*")):
+        level, kind, size = (_read(str(index / name)) for name in ("level", "type", "size"))
+        suffix = {"Data": "d", "Instruction": "i"}.get(kind or "", "")
+        if level and size:
+            caches[f"L{level}{suffix}"] = size
+    return caches
+
+
+def machine_fingerprint() -> dict[str, Any]:
+    """What tells two machines apart when their CPUs share a label.
+
+    Cloud machines sold under one CPU name differ in cache sizes, enabled instruction sets (AVX-512
+    or not decides oneDNN's kernels) and kernel; those are compared exactly. Machines alike in all
+    of them can still run 1.3–2× apart, which the measured matmul peak of a run (`matmul_peaks` in
+    its metadata) shows; `condconv_bench.compare` reads the two together.
+    """
+    flags = _cpu_flags()
+    return {
+        "cpu_model": _cpu_model(),
+        "logical_cpus": os.cpu_count(),
+        "caches": _caches(),
+        "cpu_flags_sha256": hashlib.sha256(" ".join(flags).encode()).hexdigest()[:16] if flags else None,
+        "cpu_flags_count": len(flags),
+        "kernel": platform.release(),
+        "machine": platform.machine(),
+    }
+
+
+# A machine's own matmul peak moves by up to ~10% between runs on a busy host; machines of one
+# label differ by 1.3-2x. Beyond this factor, two runs are taken to come from different machines.
+PEAK_TOLERANCE = 1.25
+
+
+def _peaks(environment: dict[str, Any]) -> dict[tuple[str, str, int], float]:
+    return {(p["device"], p["dtype"], int(p["threads"])): float(p["flops_per_s"]) for p in environment.get("matmul_peaks", [])}
+
+
+def machine_differences(before: dict[str, Any], after: dict[str, Any]) -> list[str]:
+    """Why two environments (`describe_environment` plus a run's `matmul_peaks`) are not the same
+    machine running the same software; [] when they are."""
+    if not before.get("machine") or not after.get("machine"):
+        return ["no machine fingerprint on record (save the baseline again with this condconv-bench)"]
+    differences = [
+        f"{key} differs: {before['machine'].get(key)!r} vs {after['machine'].get(key)!r}"
+        for key in ("cpu_model", "logical_cpus", "caches", "cpu_flags_sha256", "kernel", "machine")
+        if before["machine"].get(key) != after["machine"].get(key)
+    ]
+    differences += [f"{key} differs: {before.get(key)!r} vs {after.get(key)!r}"
+                    for key in ("torch", "cuda", "cudnn", "gpus") if before.get(key) != after.get(key)]
+    peaks_before, peaks_after = _peaks(before), _peaks(after)
+    for key in sorted(peaks_before.keys() & peaks_after.keys()):
+        factor = peaks_after[key] / peaks_before[key]
+        if not 1 / PEAK_TOLERANCE <= factor <= PEAK_TOLERANCE:
+            device, dtype, threads = key
+            differences.append(f"measured matmul peak ({device} {dtype} t{threads}) differs {factor:.2f}×: "
+                               f"{peaks_before[key] / 1e9:.0f} vs {peaks_after[key] / 1e9:.0f} GFLOP/s")
+    return differences
 
 
 def memory_settings() -> dict[str, Any]:
@@ -105,6 +178,7 @@ def describe_environment() -> dict[str, Any]:
         "cuda_math": cuda_math_settings(),  # as the process started; float32 cases turn TF32 off (row column tf32)
         "gpu_state": gpu_state() if cuda else [],
         "memory": memory_settings(),
+        "machine": machine_fingerprint(),
         "git_commit": _git_commit(),
     }
 

@@ -1,4 +1,7 @@
-"""The regression gate: a comparison's verdicts turned into pass or fail and an exit code.
+"""The baseline gate: a comparison with a committed baseline turned into pass or fail and an exit code.
+
+It judges what does not depend on the machine anywhere, and latency only on the baseline's own
+machine (`compare`); the A/B gate (`condconv_bench.ab`) judges latency on any runner.
 
 Fails (exit 1) on any regression the comparison found; with `fail_on_improvement`, also on
 improvements beyond the thresholds, as PyTorch's CI does, so that a faster path forces the
@@ -31,8 +34,10 @@ class GateResult:
         return EXIT_OK if self.passed else EXIT_FAILURE
 
 
-def run_gate(run_dirs: list[Path], baseline: Path, thresholds: GateSettings, fail_on_improvement: bool = False) -> GateResult:
-    """Compare the runs (each case from its fastest run) with `baseline` (a baseline file or a run directory) and decide."""
-    comparison = compare_snapshots(load_snapshot(baseline), load_snapshot(list(run_dirs)), thresholds)
+def run_gate(run_dirs: list[Path], baseline: Path, thresholds: GateSettings, fail_on_improvement: bool = False,
+             latency: bool = True) -> GateResult:
+    """Compare the runs (each case from its fastest run) with `baseline` (a baseline file or a run
+    directory) and decide; latency only with `latency` and when both come from this machine."""
+    comparison = compare_snapshots(load_snapshot(baseline), load_snapshot(list(run_dirs)), thresholds, latency)
     failures = [c for c in comparison.cases if c.problems or (fail_on_improvement and c.improvements)]
     return GateResult(comparison, tuple(failures), fail_on_improvement)

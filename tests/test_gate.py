@@ -113,19 +113,55 @@ def test_improvement_passes_unless_asked_to_fail(tmp_path, isolated_registry) ->
     assert planted.case_id in {c.case_id for c in strict.failures}
 
 
-def test_floor_comparison_cancels_a_machine_twice_as_slow(tmp_path, baseline_file) -> None:
+def _twice_as_slow(baseline_file: Path, tmp_path: Path, change_machine=None) -> Path:
+    """The baseline's run as if measured again at half the speed, on this machine or, changed by
+    `change_machine`, on another one."""
     document = json.loads(baseline_file.read_text())
-    for figures in document["cases"].values():  # the same run, on a machine half as fast
+    for figures in document["cases"].values():
         figures["samples_s"] = [2 * s for s in figures["samples_s"]]
         figures["latency_median_s"] *= 2
-    document["environment"]["cpu_model"] = "a slower CPU"
-    slower_machine = tmp_path / "slower-machine.json"
-    slower_machine.write_text(json.dumps(document))
-    comparison = compare_snapshots(load_snapshot(baseline_file), load_snapshot(slower_machine))
-    assert comparison.mode == "floor" and "cpu_model differs" in comparison.mode_reason
-    assert not comparison.regressions
-    absolute = compare_snapshots(load_snapshot(baseline_file), load_snapshot(slower_machine), GateSettings(comparison="absolute"))
+    if change_machine:
+        change_machine(document["environment"])
+    path = tmp_path / "twice-as-slow.json"
+    path.write_text(json.dumps(document))
+    return path
+
+
+def test_floor_comparison_cancels_a_machine_running_twice_as_slow(tmp_path, baseline_file) -> None:
+    slower = _twice_as_slow(baseline_file, tmp_path)
+    floor = compare_snapshots(load_snapshot(baseline_file), load_snapshot(slower), FLOOR)
+    assert floor.mode == "floor" and "same machine" in floor.mode_reason and "+100%" in floor.mode_reason
+    assert not floor.regressions
+    absolute = compare_snapshots(load_snapshot(baseline_file), load_snapshot(slower), GateSettings(comparison="absolute"))
     assert {c.impl for c in absolute.regressions} == {"grouped_conv", PLANTED}  # static is the floor: reported, never failed
+
+
+def _other_cache(environment: dict) -> None:
+    environment["machine"]["caches"]["L2"] = "512K"
+
+
+def _slower_peak(environment: dict) -> None:
+    for peak in environment["matmul_peaks"]:
+        peak["flops_per_s"] /= 1.6
+
+
+def _older_baseline(environment: dict) -> None:
+    del environment["machine"]
+
+
+@pytest.mark.parametrize(
+    ("change_machine", "reason"),
+    [(_other_cache, "caches differs"), (_slower_peak, "measured matmul peak (cpu float32 t1) differs 1.60×"),
+     (_older_baseline, "no machine fingerprint")],
+)
+def test_latency_from_another_machine_is_refused_with_the_reason(tmp_path, baseline_file, change_machine, reason) -> None:
+    other = _twice_as_slow(baseline_file, tmp_path, change_machine)
+    for comparison in (GateSettings(), GateSettings(comparison="absolute"), FLOOR):
+        refused = compare_snapshots(load_snapshot(other), load_snapshot(baseline_file), comparison)
+        assert refused.mode is None and reason in refused.mode_reason and "gate --against" in refused.mode_reason
+        assert {c.verdict for c in refused.cases} == {"latency not compared"} and not refused.regressions
+    result = CliRunner().invoke(main, ["gate", str(baseline_file.parent.parent / "baseline-run"), "--baseline", str(other)])
+    assert result.exit_code == 0 and "latency not compared: the baseline comes from another machine" in result.output
 
 
 def test_missing_case_fails(tmp_path, baseline_file) -> None:

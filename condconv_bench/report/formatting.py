@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import math
 
+import pandas as pd
+
 
 def missing(value: object) -> bool:
     try:
@@ -64,3 +66,11 @@ def interval(estimate: float | None, low: float | None, high: float | None) -> s
     if missing(low) or missing(high):
         return ratio(estimate)
     return f"{ratio(estimate)} [{float(low):.2f}–{float(high):.2f}]"  # type: ignore[arg-type]
+
+
+def markdown_table(frame: pd.DataFrame) -> str:
+    """A GitHub-flavoured markdown table of `frame`'s cells as they are (pipes escaped)."""
+    header = "| " + " | ".join(map(str, frame.columns)) + " |"
+    rule = "|" + "|".join("---" for _ in frame.columns) + "|"
+    body = ["| " + " | ".join(str(v).replace("|", "\\|") for v in row) + " |" for row in frame.itertuples(index=False)]
+    return "\n".join([header, rule, *body])

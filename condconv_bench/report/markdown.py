@@ -9,13 +9,6 @@ from condconv_bench.report import formatting, tables
 from condconv_bench.report.runs import LoadedRun, comparison_summary, cross_run
 
 
-def _table(frame: pd.DataFrame) -> str:
-    header = "| " + " | ".join(map(str, frame.columns)) + " |"
-    rule = "|" + "|".join("---" for _ in frame.columns) + "|"
-    body = ["| " + " | ".join(str(v).replace("|", "\\|") for v in row) + " |" for row in frame.itertuples(index=False)]
-    return "\n".join([header, rule, *body])
-
-
 def render_markdown(runs: list[LoadedRun]) -> str:
     """Headline and per-implementation summary of each run, then the cross-run ratios."""
     parts = []
@@ -31,9 +24,9 @@ def render_markdown(runs: list[LoadedRun]) -> str:
         if best.empty:
             parts.append("No implementation produced a verified latency.")
             continue
-        parts.append(_table(best))
+        parts.append(formatting.markdown_table(best))
         summary = tables.geomean_by_impl(frame)
-        parts.append(_table(pd.DataFrame({
+        parts.append(formatting.markdown_table(pd.DataFrame({
             "implementation": summary["impl"],
             "cases": summary["cases"],
             "fastest in": summary["wins"],
@@ -49,5 +42,5 @@ def render_markdown(runs: list[LoadedRun]) -> str:
         summary = comparison_summary(comparison, variants)
         ratios = summary.drop(columns=["impl", "cases"]).map(formatting.ratio)
         ratios.columns = [f"{v} / {variants[0]}" for v in variants[1:]]
-        parts.append(_table(pd.concat([summary[["impl", "cases"]].rename(columns={"impl": "implementation"}), ratios], axis=1)))
+        parts.append(formatting.markdown_table(pd.concat([summary[["impl", "cases"]].rename(columns={"impl": "implementation"}), ratios], axis=1)))
     return "\n\n".join(parts) + "\n"

@@ -11,7 +11,7 @@ import pandas as pd
 from condconv_bench.compare import CaseComparison, Comparison
 from condconv_bench.report import formatting
 
-VERDICT_ORDER = ["errors", "skipped", "missing", "slower", "faster", "fixed", "new", "not measured", "unchanged"]
+VERDICT_ORDER = ["errors", "skipped", "missing", "slower", "faster", "fixed", "new", "not measured", "unchanged", "latency not compared"]
 
 
 def _rows(cases: list[CaseComparison]) -> pd.DataFrame:
@@ -41,7 +41,7 @@ def _header(comparison: Comparison) -> list[str]:
     lines = [
         f"baseline: {comparison.baseline}",
         f"current:  {comparison.current}",
-        f"comparison: {comparison.mode} — {comparison.mode_reason}"
+        (f"comparison: {comparison.mode} — " if comparison.mode else "") + comparison.mode_reason
         + (" (latencies divided by the static floor of their own run)" if comparison.mode == "floor" else ""),
         f"thresholds: time +{t.time_threshold:.0%}"
         + (f" and > {formatting.seconds(t.time_min_delta_s)}" if t.time_min_delta_s else "")
@@ -73,8 +73,7 @@ def render_markdown(comparison: Comparison, everything: bool = True, failures: l
     lines = ["### condconv-bench: " + summary_line(comparison, failures), ""]
     lines += [f"- {line}" for line in _header(comparison)]
     if not rows.empty:
-        lines += ["", "| " + " | ".join(rows.columns) + " |", "|" + "|".join("---" for _ in rows.columns) + "|"]
-        lines += ["| " + " | ".join(str(v).replace("|", "\\|") for v in row) + " |" for row in rows.itertuples(index=False)]
+        lines += ["", formatting.markdown_table(rows)]
     return "\n".join(lines) + "\n"
 
 
