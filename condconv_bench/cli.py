@@ -15,6 +15,8 @@ import click
 import pandas as pd
 from pydantic import ValidationError
 
+from condconv_bench.ab.gate import run_ab_gate
+from condconv_bench.ab.verdict import DEFAULT_INSTRUCTION_THRESHOLD, DEFAULT_TIME_THRESHOLD, Thresholds
 from condconv_bench.baseline import load_snapshot, save_baseline
 from condconv_bench.compare import CaseComparison, Comparison, compare_snapshots
 from condconv_bench.errors import EXIT_FAILURE, CondConvBenchError, RunInterruptedError
@@ -22,11 +24,13 @@ from condconv_bench.gate import run_gate
 from condconv_bench.measure import allocators
 from condconv_bench.measure.allocators import ALLOCATORS
 from condconv_bench.registry import list_impls
+from condconv_bench.report import ab as ab_report
 from condconv_bench.report import tables, verdicts, write_report
 from condconv_bench.report.reproducibility import reproducibility
 from condconv_bench.results import RunDirectory, merge_runs
 from condconv_bench.runner import CaseFilter, Shard, default_output, run_suite
 from condconv_bench.case import Case
+from condconv_bench.statistics import DEFAULT_ALPHA
 from condconv_bench.suite import GateSettings, load_suite, shipped_suites
 from condconv_bench.tune import tune
 
@@ -265,15 +269,47 @@ def compare(base: Path, current: Path, fmt: str, **overrides: Any) -> None:
 
 
 @main.command()
-@click.argument("run_dirs", nargs=-1, required=True, type=click.Path(path_type=Path))
-@click.option("--baseline", "baseline_path", required=True, type=click.Path(path_type=Path), help="Baseline file or run directory.")
-@click.option("--fail-on-improvement", is_flag=True, help="Also fail when a case got faster (or smaller) beyond the thresholds.")
+@click.argument("run_dirs", nargs=-1, type=click.Path(path_type=Path))
+@click.option("--against", metavar="REF", help="A/B: gate the working tree against git revision REF, both measured here side by side.")
+@click.option("--baseline", "baseline_path", type=click.Path(path_type=Path), help="Gate RUN_DIRS against this baseline file or run directory.")
+@click.option("--suite", default="smoke", show_default=True, help="A/B: the suite to measure (a shipped name or a path).")
+@click.option("--repo", type=click.Path(file_okay=False, path_type=Path), help="A/B: the git repository [the one around the current directory].")
+@click.option("--processes", type=click.IntRange(1, 64), help="A/B: worker processes [suite's timing.processes].")
+@click.option("--allocator", type=click.Choice(ALLOCATORS), help="A/B: allocator of the worker processes [suite's timing.allocator].")
+@click.option("--instruction-threshold", type=float, help="A/B: relative growth of instructions per step that fails [0.02].")
+@click.option("--no-instructions", is_flag=True, help="A/B: skip the callgrind instruction counts.")
+@click.option("--no-latency", is_flag=True, help="Baseline: compare only FLOPs, equivalence, errors and memory.")
+@click.option("--fail-on-improvement", is_flag=True, help="Baseline: also fail when a case got faster (or smaller) beyond the thresholds.")
 @click.option("--format", "fmt", type=click.Choice(["text", "markdown", "json"]), default="text", show_default=True)
 @click.option("--all", "everything", is_flag=True, help="List every case, not only those that changed.")
 @_threshold_options
-def gate(run_dirs: tuple[Path, ...], baseline_path: Path, fail_on_improvement: bool, fmt: str, everything: bool, **overrides: Any) -> None:
-    """Pass (exit 0) or fail (exit 1) RUN_DIRS (each case from its fastest run) against a baseline; exit 2 for bad input."""
-    result = run_gate(list(run_dirs), baseline_path, _gate_settings(run_dirs[0], overrides), fail_on_improvement)
+def gate(run_dirs: tuple[Path, ...], against: str | None, baseline_path: Path | None, suite: str, repo: Path | None,
+         processes: int | None, allocator: str | None, instruction_threshold: float | None, no_instructions: bool,
+         no_latency: bool, fail_on_improvement: bool, fmt: str, everything: bool, **overrides: Any) -> None:
+    """Pass (exit 0) or fail (exit 1) a change; exit 2 for bad input.
+
+    \b
+    A/B (on any runner):   condconv-bench gate --against origin/main [--suite smoke]
+    Baseline (same machine): condconv-bench gate RUN_DIR... --baseline baselines/smoke-cpu.json
+
+    A/B measures the working tree's implementations and REF's in the same rounds of the same
+    worker processes and counts their instructions under callgrind. A baseline gate compares
+    FLOPs, equivalence, errors and memory anywhere, and latency only on the machine that made
+    the baseline.
+    """
+    if against is not None:
+        if run_dirs or baseline_path:
+            raise CondConvBenchError("gate: give --against REF, or RUN_DIRS with --baseline, not both")
+        thresholds = Thresholds(time=overrides["time_threshold"] or DEFAULT_TIME_THRESHOLD,
+                                instructions=instruction_threshold or DEFAULT_INSTRUCTION_THRESHOLD,
+                                alpha=overrides["alpha"] or DEFAULT_ALPHA)
+        result = run_ab_gate(against, suite, repo, thresholds, processes, allocator, not no_instructions)
+        renderers = {"markdown": ab_report.render_markdown, "text": ab_report.render_text}
+        click.echo(ab_report.render_json(result) if fmt == "json" else renderers[fmt](result, everything))
+        sys.exit(result.exit_code)
+    if not run_dirs or baseline_path is None:
+        raise CondConvBenchError("gate: give RUN_DIRS with --baseline FILE, or --against REF (see condconv-bench gate --help)")
+    result = run_gate(list(run_dirs), baseline_path, _gate_settings(run_dirs[0], overrides), fail_on_improvement, latency=not no_latency)
     click.echo(_render(result.comparison, fmt, everything, list(result.failures)))
     sys.exit(result.exit_code)
 

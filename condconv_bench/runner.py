@@ -140,7 +140,8 @@ def device_unavailable_reason(device: torch.device) -> str | None:
     return None
 
 
-def _skip_reason(cls: type[CondConvBase], case: Case, device: torch.device) -> str | None:
+def skip_reason(cls: type[CondConvBase], case: Case, device: torch.device) -> str | None:
+    """Why `case` cannot run here (no such device, implementation unavailable, layer unsupported), or None."""
     unsupported = (cls.unsupported_reason(spec, device, case.torch_dtype) for spec in case.workload.layer_specs())
     return device_unavailable_reason(device) or cls.unavailable_reason() or next(filter(None, unsupported), None)
 
@@ -267,7 +268,7 @@ def probe_case(case: Case, ctx: _GroupContext, traces_dir: Path | None = None) -
     cls = get_impl(case.impl)
     row["role"] = _role(cls)
     profile_record = None
-    reason = _skip_reason(cls, case, device)
+    reason = skip_reason(cls, case, device)
     if reason:
         row.update(status="skipped", reason=reason)
     else:

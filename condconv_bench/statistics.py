@@ -7,6 +7,9 @@ fool it, and with tiny sample counts it cannot reach significance at all (3 agai
 give p ≥ 0.1), which is the honest answer: not enough evidence. The threshold guards against
 the opposite failure: with hundreds of tight samples a 1% drift is "significant" but not a
 regression anyone should be paged for.
+
+Paired samples (two versions timed in the same rounds) get the paired counterpart: the median
+of the per-round ratios and a Wilcoxon signed-rank test on their logarithms.
 """
 
 from __future__ import annotations
@@ -15,7 +18,7 @@ from dataclasses import dataclass
 from typing import Literal
 
 import numpy as np
-from scipy.stats import mannwhitneyu
+from scipy.stats import mannwhitneyu, wilcoxon
 
 DEFAULT_ALPHA = 0.002
 Direction = Literal["slower", "faster", "unchanged"]
@@ -47,3 +50,14 @@ def compare_samples(before: np.ndarray | list[float], after: np.ndarray | list[f
     if len(before) < 2 or len(after) < 2 or np.ptp(np.concatenate([before, after])) == 0:
         return SampleChange(ratio, 1.0)
     return SampleChange(ratio, float(mannwhitneyu(after, before, alternative="two-sided").pvalue))
+
+
+def compare_paired(ratios: np.ndarray | list[float]) -> SampleChange:
+    """Median of paired ratios (after / before, one per round) and the signed-rank p-value of their logs."""
+    ratios = np.asarray(ratios, dtype=float)
+    if len(ratios) == 0:
+        raise ValueError("need at least one paired ratio")
+    logs = np.log(ratios)
+    if len(ratios) < 2 or not np.any(logs):
+        return SampleChange(float(np.median(ratios)), 1.0)
+    return SampleChange(float(np.median(ratios)), float(wilcoxon(logs).pvalue))

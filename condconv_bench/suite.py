@@ -17,6 +17,7 @@ import difflib
 import hashlib
 import importlib.resources
 import re
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Annotated, Any, Literal
@@ -314,18 +315,19 @@ def _layer(entry: LayerEntry, path: str) -> Layer:
     return Layer(entry.name, workload, entry.count, entry)
 
 
-def _check_impls(names: list[str], path: str) -> list[str]:
+def _check_impls(names: list[str], path: str, resolve_impl: Callable[[str], object]) -> list[str]:
     problems = []
     for index, name in enumerate(names):
         try:
-            get_impl(name)
+            resolve_impl(name)
         except CondConvBenchError as exc:
             problems.append(f"{path}[{index}]: {exc}")
     return problems
 
 
-def parse_suite(data: Any, source: Path) -> Suite:
-    """Validate already-loaded YAML data; `source` names the file in every message."""
+def parse_suite(data: Any, source: Path, resolve_impl: Callable[[str], object] = get_impl) -> Suite:
+    """Validate already-loaded YAML data; `source` names the file in every message. Implementation
+    names must resolve with `resolve_impl` (an A/B gate passes another revision's registry)."""
     label = str(source)
     if not isinstance(data, dict):
         raise SuiteError([f"{label}: (top level): expected a mapping of suite keys, got {type(data).__name__}"])
@@ -356,11 +358,11 @@ def parse_suite(data: Any, source: Path) -> Suite:
             problems += [f"{label}: {p}" for p in exc.problems]
             continue
         if entry.impls:
-            problems += [f"{label}: {p}" for p in _check_impls(entry.impls, f"{path}.impls")]
+            problems += [f"{label}: {p}" for p in _check_impls(entry.impls, f"{path}.impls", resolve_impl)]
     names = [layer.name for layer in layers]
     for name in sorted({n for n in names if names.count(n) > 1}):
         problems.append(f"{label}: layers: the name {name!r} is used by more than one layer")
-    problems += [f"{label}: {p}" for p in _check_impls(model.impls, "impls")]
+    problems += [f"{label}: {p}" for p in _check_impls(model.impls, "impls", resolve_impl)]
     for index, entry in enumerate(model.devices):
         device, _ = _device_entry(entry)
         if not DEVICE_PATTERN.match(device):
@@ -386,7 +388,7 @@ def resolve_suite_path(name_or_path: str | Path) -> Path:
     return shipped_suites().get(str(name_or_path), path)
 
 
-def load_suite(name_or_path: str | Path) -> Suite:
+def load_suite(name_or_path: str | Path, resolve_impl: Callable[[str], object] = get_impl) -> Suite:
     """Read, parse and validate a suite file (or a shipped suite by name)."""
     path = resolve_suite_path(name_or_path)
     try:
@@ -403,4 +405,4 @@ def load_suite(name_or_path: str | Path) -> Suite:
         raise SuiteError([f"{path}{where}: YAML error: {exc.problem}"]) from None
     except yaml.YAMLError as exc:
         raise SuiteError([f"{path}: YAML error: {exc}"]) from None
-    return parse_suite(data, path)
+    return parse_suite(data, path, resolve_impl)

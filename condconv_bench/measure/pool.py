@@ -76,10 +76,11 @@ class _Worker:
 
 
 class WorkerPool:
-    """`size` worker processes under one allocator policy; use as a context manager."""
+    """`size` worker processes under one allocator policy; use as a context manager. `extra_env`
+    reaches the workers too (an A/B gate's source trees, `condconv_bench.ab.aliases`)."""
 
-    def __init__(self, size: int, allocator: str) -> None:
-        env = dict(os.environ)
+    def __init__(self, size: int, allocator: str, extra_env: dict[str, str] | None = None) -> None:
+        env = {**os.environ, **(extra_env or {})}
         # Workers import what this process can import (tests' `module:Class` implementations too).
         env["PYTHONPATH"] = os.pathsep.join(path for path in sys.path if path)
         self.env = worker_environment(allocator, env)

@@ -43,7 +43,7 @@ class Round:
 
 
 @contextmanager
-def _gc_paused() -> Iterator[None]:
+def gc_paused() -> Iterator[None]:
     enabled = gc.isenabled()
     gc.disable()
     try:
@@ -77,7 +77,7 @@ def calls_per_block(steps: dict[str, Step], block_s: float, warmup: int, clock: 
     `block_s / fastest` calls then lasts about `block_s`.
     """
     numbers = {}
-    with _gc_paused():
+    with gc_paused():
         for key, step in steps.items():
             fastest = min(time_block(step, 1, clock, sync) for _ in range(max(1, warmup)))
             numbers[key] = int(min(MAX_CALLS_PER_BLOCK, max(1, round(block_s / max(fastest, 1e-9)))))
@@ -91,7 +91,7 @@ def run_rounds(steps: dict[str, Step], numbers: dict[str, int], rounds: int, rng
     keys = list(steps)
     measured: list[Round] = []
     started = clock()
-    with _gc_paused():
+    with gc_paused():
         while len(measured) < max(rounds, min_rounds) and (len(measured) < min_rounds or clock() - started < time_limit_s):
             rng.shuffle(keys)
             measured.append(Round({key: time_block(steps[key], numbers[key], clock, sync, warm=True) for key in keys}))

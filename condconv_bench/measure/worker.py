@@ -21,6 +21,7 @@ from dataclasses import dataclass, field
 import torch
 
 import condconv_bench.workload  # noqa: F401  (imported before `READY`, not during the first visit)
+from condconv_bench.ab.aliases import install_from_environment
 from condconv_bench.errors import first_line
 from condconv_bench.fixtures import (
     GroupInputs, build_module, first_call, grad_mode, layer_state, step_function, synchronize, use_exact_float32,
@@ -32,7 +33,7 @@ STDIN = 0
 
 
 @dataclass
-class _BuiltGroup:
+class BuiltGroup:
     key: tuple[str, ...]
     mode: str
     device: torch.device
@@ -41,12 +42,12 @@ class _BuiltGroup:
     errors: dict[str, str] = field(default_factory=dict)
 
 
-def _build(visit: Visit) -> _BuiltGroup:
+def build_group(visit: Visit) -> BuiltGroup:
     """Every implementation of the group, called once (compiling where it compiles) and warmed up."""
     first = visit.cases[0]
     device = torch.device(first.device)
     torch.set_num_threads(first.threads)
-    group = _BuiltGroup(tuple(case.id for case in visit.cases), first.mode, device)
+    group = BuiltGroup(tuple(case.id for case in visit.cases), first.mode, device)
     state = layer_state(first, visit.seed)
     inputs = GroupInputs.draw(first, visit.seed, device)
     x = inputs.formatted_x(first)
@@ -71,13 +72,13 @@ def _log(line: str) -> None:
     print(line, file=sys.stderr, flush=True)
 
 
-def _serve(visit: Visit, group: _BuiltGroup | None) -> tuple[VisitResult, _BuiltGroup]:
+def _serve(visit: Visit, group: BuiltGroup | None) -> tuple[VisitResult, BuiltGroup]:
     started = time.perf_counter()
     key = tuple(case.id for case in visit.cases)
     setup_s = 0.0
     if group is None or group.key != key:
         group = None  # release the previous group's tensors before building the next
-        group = _build(visit)
+        group = build_group(visit)
         setup_s = time.perf_counter() - started
     sync = lambda: synchronize(group.device)  # noqa: E731
     _log(TIMING)
@@ -91,6 +92,7 @@ def _serve(visit: Visit, group: _BuiltGroup | None) -> tuple[VisitResult, _Built
 
 
 def main() -> None:
+    install_from_environment()  # an A/B gate's two revisions, before any visit names their classes
     answers = os.dup(1)
     os.dup2(2, 1)
     write_message(answers, READY)

@@ -1,0 +1,116 @@
+"""Which cases the two revisions share: each case of either suite, with both classes or the reason
+it cannot be compared.
+
+Each side's suite is read from its own tree (a shipped name such as `smoke` is that tree's
+`suites/smoke.yaml`; a path inside the repository is the same path in each tree), because a
+change under review may change the suite too. A case is compared only when both sides define it
+identically (same layer shapes, same axes) and both implementations load; otherwise the pair
+says why — new, removed, redefined, failing to import, or skipped on this machine.
+"""
+
+from __future__ import annotations
+
+import importlib
+from dataclasses import dataclass, replace
+from pathlib import Path
+from types import ModuleType
+
+import torch
+
+from condconv_bench.ab.aliases import alias_for
+from condconv_bench.ab.revision import Revision
+from condconv_bench.case import Case
+from condconv_bench.errors import CondConvBenchError, first_line
+from condconv_bench.fixtures import seed_of
+from condconv_bench.measure.protocol import Visit
+from condconv_bench.runner import skip_reason
+from condconv_bench.suite import Suite, load_suite
+
+SIDES = ("base", "head")
+
+
+@dataclass(frozen=True)
+class CasePair:
+    """One case id on both sides: the head's case and each side's class, or why it is not compared."""
+
+    case_id: str
+    case: Case
+    classes: dict[str, type]  # by side; empty when not compared
+    not_compared: str | None = None
+
+    def tagged(self, side: str) -> Case:
+        """The case as measured for `side`: its implementation named `<impl>@<side>`, so that both
+        versions can be timed in one round under distinct ids."""
+        return replace(self.case, impl=f"{self.case.impl}@{side}")
+
+
+def suite_file(suite: str, root: Path, repo: Path) -> Path:
+    """Where a side whose tree is at `root` keeps `suite` (a shipped name or a path)."""
+    path = Path(suite)
+    if not path.exists() and path.suffix not in (".yaml", ".yml"):
+        return root / "suites" / f"{suite}.yaml"
+    try:
+        return root / path.resolve().relative_to(repo.resolve())
+    except ValueError:
+        return path  # outside the repository: one file for both sides
+
+
+def _registry(side: str) -> ModuleType:
+    return importlib.import_module(f"{alias_for(side)}.registry")
+
+
+def _load(suite: str, side: str, revision: Revision, repo: Path) -> tuple[Suite | None, str | None]:
+    path = suite_file(suite, revision.root, repo)
+    if not path.exists():
+        return None, f"{revision.label} has no suite {path.relative_to(revision.root) if path.is_relative_to(revision.root) else path}"
+    try:
+        return load_suite(path, _registry(side).get_impl), None
+    except CondConvBenchError as exc:
+        return None, f"{revision.label}: its suite does not load with this harness ({first_line(exc)})"
+
+
+def _pair(case_id: str, cases: dict[str, Case | None]) -> CasePair:
+    base, head = cases["base"], cases["head"]
+    if base is None or head is None:
+        return CasePair(case_id, head or base, {}, f"only in {'head' if base is None else 'base'}")  # type: ignore[arg-type]
+    if base != head:
+        return CasePair(case_id, head, {}, "the suite defines it differently in base and head")
+    classes = {}
+    for side in SIDES:
+        try:
+            classes[side] = _registry(side).get_impl(head.impl)
+        except Exception as exc:  # the revision's code fails to import: that side cannot be measured
+            return CasePair(case_id, head, {}, f"{side}: {first_line(exc)}")
+    device = torch.device(head.device)
+    skipped = next(filter(None, (skip_reason(classes[side], head, device) for side in SIDES)), None)
+    if skipped:
+        return CasePair(case_id, head, {}, f"skipped: {skipped}")
+    return CasePair(case_id, head, classes)
+
+
+def pair_cases(suite: str, base: Revision, head: Revision, repo: Path) -> tuple[list[CasePair], Suite]:
+    """Every case of either side's suite, paired; the head's suite (its settings rule the gate)."""
+    suites = {side: _load(suite, side, revision, repo) for side, revision in zip(SIDES, (base, head))}
+    head_suite, head_problem = suites["head"]
+    if head_suite is None:
+        raise CondConvBenchError(head_problem)
+    base_suite, base_problem = suites["base"]
+    by_side = {"head": {c.id: c for c in head_suite.cases()}, "base": {c.id: c for c in base_suite.cases()} if base_suite else {}}
+    ids = list(dict.fromkeys([*by_side["head"], *by_side["base"]]))
+    pairs = [_pair(i, {side: by_side[side].get(i) for side in SIDES}) for i in ids]
+    if base_problem:
+        pairs = [replace(p, classes={}, not_compared=base_problem) for p in pairs]
+    return pairs, head_suite
+
+
+def group_visits(pairs: list[CasePair], seed: int, rounds: int, block_s: float, warmup: int) -> list[Visit]:
+    """One visit per group holding both versions of each of its compared cases (ids `…@base`, `…@head`)."""
+    groups: dict[tuple, list[CasePair]] = {}
+    for pair in pairs:
+        groups.setdefault(pair.case.group, []).append(pair)
+    return [
+        Visit(tuple(pair.tagged(side) for pair in group for side in SIDES),
+              {pair.tagged(side).id: pair.classes[side] for pair in group for side in SIDES},
+              seed, rounds, block_s, warmup, seed_of(seed, "ab", *group[0].case.group))
+        for group in groups.values()
+    ]

@@ -1,0 +1,111 @@
+"""Each case's A/B verdict, and the gate's: pass, or fail on a regression of the head.
+
+Time: slower when the median paired ratio (head / base) exceeds `1 + time_threshold`, the
+signed-rank test gives p < `alpha` and the two-level interval lies wholly above 1 — the last
+guards against one worker process's state deciding alone. Faster symmetrically. The threshold
+can be lower than a baseline gate's (5% against 10–35%) because a paired ratio from the same
+rounds carries none of the drift between two runs. Instructions: more than
+`1 + instruction_threshold` times the base's fails; there is no noise to test against.
+
+A case that only one side defines, that the suite defines differently, or that cannot run here
+is listed with the reason and does not fail the gate; a case whose head fails does.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from condconv_bench.ab.instructions import InstructionCounts
+from condconv_bench.ab.paired import PairedTiming
+from condconv_bench.ab.pairs import CasePair
+from condconv_bench.ab.revision import Revision
+from condconv_bench.errors import EXIT_FAILURE, EXIT_OK
+
+DEFAULT_TIME_THRESHOLD = 0.05
+DEFAULT_INSTRUCTION_THRESHOLD = 0.02
+
+
+@dataclass(frozen=True)
+class Thresholds:
+    time: float = DEFAULT_TIME_THRESHOLD
+    instructions: float = DEFAULT_INSTRUCTION_THRESHOLD
+    alpha: float = 0.002
+
+
+@dataclass(frozen=True)
+class ABCase:
+    """One case: its time and instruction verdicts, or why it was not compared."""
+
+    case_id: str
+    impl: str
+    verdict: str  # slower | faster | unchanged | not compared | errors
+    timing: PairedTiming | None = None
+    instructions: InstructionCounts | None = None
+    instructions_verdict: str | None = None  # more | fewer | same; None when not counted
+    note: str = ""  # why not compared, or why no instruction count
+    problems: tuple[str, ...] = ()
+    improvements: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
+class ABResult:
+    base: Revision
+    head: Revision
+    suite: str
+    thresholds: Thresholds
+    processes: int
+    instructions_unavailable: str | None  # why no case has an instruction count
+    cases: tuple[ABCase, ...]
+
+    @property
+    def failures(self) -> list[ABCase]:
+        return [case for case in self.cases if case.problems]
+
+    @property
+    def passed(self) -> bool:
+        return not self.failures
+
+    @property
+    def exit_code(self) -> int:
+        return EXIT_OK if self.passed else EXIT_FAILURE
+
+
+def _time_verdict(timing: PairedTiming, t: Thresholds) -> str:
+    direction = timing.change.direction(t.time, t.alpha)
+    if direction == "slower" and timing.ratio.low > 1:
+        return "slower"
+    if direction == "faster" and timing.ratio.high < 1:
+        return "faster"
+    return "unchanged"
+
+
+def _instructions_verdict(counts: InstructionCounts, t: Thresholds) -> str:
+    if counts.ratio > 1 + t.instructions:
+        return "more"
+    return "fewer" if counts.ratio < 1 / (1 + t.instructions) else "same"
+
+
+def decide(pair: CasePair, timing: PairedTiming | None, error: str | None, counts: InstructionCounts | None,
+           count_note: str | None, t: Thresholds) -> ABCase:
+    """The verdict of one case from its paired timing (or error) and instruction counts."""
+    impl = pair.case.impl
+    if pair.not_compared is not None:
+        return ABCase(pair.case_id, impl, "not compared", note=pair.not_compared)
+    if timing is None:
+        failed = (error or "").startswith("head")
+        return ABCase(pair.case_id, impl, "errors" if failed else "not compared", note=error or "not measured",
+                      problems=(f"fails in {error}",) if failed else ())
+    problems, improvements = [], []
+    verdict = _time_verdict(timing, t)
+    text = f"{timing.ratio.estimate:.3f}× [{timing.ratio.low:.3f}, {timing.ratio.high:.3f}], p={timing.change.p_value:.1e}"
+    if verdict == "slower":
+        problems.append(f"slower: {text}")
+    elif verdict == "faster":
+        improvements.append(f"faster: {text}")
+    instructions = None if counts is None else _instructions_verdict(counts, t)
+    if instructions == "more":
+        problems.append(f"instructions +{counts.ratio - 1:.1%}")  # type: ignore[union-attr]
+    elif instructions == "fewer":
+        improvements.append(f"instructions {counts.ratio - 1:+.1%}")  # type: ignore[union-attr]
+    return ABCase(pair.case_id, impl, verdict, timing, counts, instructions, note=count_note or "",
+                  problems=tuple(problems), improvements=tuple(improvements))

@@ -1,0 +1,197 @@
+"""The A/B gate against regressions planted in a temporary git repository of this project.
+
+Each test copies the project into a fresh repository, commits it, then changes the working tree
+the way a pull request would: a spin-wait after an implementation's forward (FLOPs unchanged),
+a few percent more instructions, a changed suite. The gate must name exactly the planted cases.
+"""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+from click.testing import CliRunner
+
+from condconv_bench.ab import aliases, instructions
+from condconv_bench.ab.gate import run_ab_gate
+from condconv_bench.cli import main
+
+PROJECT = Path(__file__).resolve().parent.parent
+SUITE = {
+    "name": "ab-test",
+    "impls": ["static", "grouped_conv", "batched_matmul"],
+    "batch_sizes": [8],
+    "devices": ["cpu"],
+    "threads": [1],
+    "timing": {"processes": 2, "rounds": 8, "block_time": 0.002, "warmup": 2, "budget": 2},
+    "layers": [{"name": "pw", "in_channels": 32, "out_channels": 64, "input_size": 14, "experts": 4}],
+}
+SUITE_PATH = "suites/ab-test.yaml"
+
+# Appended to impls/grouped_conv.py: every eager forward spins until it has lasted FACTOR times as long.
+SPIN_WAIT = '''
+import time as _planted_time
+
+_unplanted_forward = GroupedConv.forward
+
+
+def _planted_forward(self, *args, **kwargs):
+    if torch.compiler.is_compiling():
+        return _unplanted_forward(self, *args, **kwargs)
+    started = _planted_time.perf_counter()
+    out = _unplanted_forward(self, *args, **kwargs)
+    deadline = started + FACTOR * (_planted_time.perf_counter() - started)
+    while _planted_time.perf_counter() < deadline:
+        pass
+    return out
+
+
+GroupedConv.forward = _planted_forward
+'''
+
+# A test-only implementation whose step is mostly a fixed amount of interpreter work.
+BUSY_IMPL = '''
+from condconv_bench.impls.static import Static
+from condconv_bench.registry import register_impl
+
+WORK = {work}
+
+
+@register_impl("busy")
+class Busy(Static):
+    """The static layer plus a fixed loop: its instruction count is set by WORK."""
+
+    def forward(self, *args, **kwargs):
+        sum(range(WORK))
+        return super().forward(*args, **kwargs)
+'''
+
+
+def _git(repo: Path, *args: str) -> None:
+    subprocess.run(["git", "-C", str(repo), "-c", "user.name=test", "-c", "user.email=test@example.com", *args],
+                   check=True, capture_output=True)
+
+
+@pytest.fixture
+def repo(tmp_path: Path) -> Path:
+    """This project's code, its suite for the test and a first commit."""
+    root = tmp_path / "project"
+    ignore = shutil.ignore_patterns("__pycache__", "*.pyc")
+    for folder in ("condconv_bench", "impls", "suites"):
+        shutil.copytree(PROJECT / folder, root / folder, ignore=ignore)
+    shutil.copy(PROJECT / "pyproject.toml", root)
+    (root / SUITE_PATH).write_text(yaml.safe_dump(SUITE))
+    _git(root, "init", "--quiet")
+    _git(root, "add", ".")
+    _git(root, "commit", "--quiet", "-m", "base")
+    return root
+
+
+def _plant_spin_wait(repo: Path, factor: float) -> None:
+    path = repo / "impls" / "grouped_conv.py"
+    path.write_text(path.read_text() + SPIN_WAIT.replace("FACTOR", repr(factor)))
+
+
+@pytest.mark.slow
+def test_planted_slowdown_fails_exactly_its_cases(repo: Path) -> None:
+    _plant_spin_wait(repo, 1.5)
+    result = run_ab_gate("HEAD", str(repo / SUITE_PATH), repo, count_instructions=False)
+    assert [c.impl for c in result.failures] == ["grouped_conv"], [(c.case_id, c.verdict, c.timing) for c in result.cases]
+    (slower,) = result.failures
+    assert 1.3 < slower.timing.ratio.estimate < 1.7 and slower.verdict == "slower"
+    assert result.exit_code == 1
+    assert all(c.verdict == "unchanged" for c in result.cases if c.impl != "grouped_conv")
+
+
+@pytest.mark.slow
+def test_unchanged_code_passes_with_every_case_compared(repo: Path) -> None:
+    result = run_ab_gate("HEAD", str(repo / SUITE_PATH), repo, count_instructions=False)
+    assert result.passed and result.exit_code == 0
+    assert [c.verdict for c in result.cases] == ["unchanged"] * 3
+    assert all(0.9 < c.timing.ratio.estimate < 1.1 and c.timing.samples >= 16 for c in result.cases)
+
+
+def test_cases_new_removed_or_redefined_are_listed_not_failed(repo: Path) -> None:
+    changed = dict(SUITE, impls=["static", "grouped_conv", "naive_moe"])
+    changed["layers"] = [dict(SUITE["layers"][0], input_size=7)]
+    (repo / SUITE_PATH).write_text(yaml.safe_dump(changed))
+    result = run_ab_gate("HEAD", str(repo / SUITE_PATH), repo, count_instructions=False)
+    notes = {c.impl: c.note for c in result.cases}
+    assert result.passed and {c.verdict for c in result.cases} == {"not compared"}
+    assert notes == {
+        "static": "the suite defines it differently in base and head",
+        "grouped_conv": "the suite defines it differently in base and head",
+        "naive_moe": "only in head",
+        "batched_matmul": "only in base",
+    }
+
+
+@pytest.mark.slow
+def test_instruction_gate_catches_three_percent_more_work(repo: Path) -> None:
+    reason = instructions.unavailable_reason()
+    if reason:
+        pytest.skip(reason)
+    suite = dict(SUITE, impls=["static", "busy"])
+    (repo / SUITE_PATH).write_text(yaml.safe_dump(suite))
+    (repo / "impls" / "busy.py").write_text(BUSY_IMPL.format(work=20_000))
+    _git(repo, "add", ".")
+    _git(repo, "commit", "--quiet", "-m", "busy")
+    (repo / "impls" / "busy.py").write_text(BUSY_IMPL.format(work=20_600))  # 3% more loop
+    result = run_ab_gate("HEAD", str(repo / SUITE_PATH), repo)
+    by_impl = {c.impl: c for c in result.cases}
+    assert result.instructions_unavailable is None
+    assert 1.02 < by_impl["busy"].instructions.ratio < 1.035, by_impl["busy"].instructions
+    assert abs(by_impl["static"].instructions.ratio - 1) < 0.005, by_impl["static"].instructions
+    assert [c.impl for c in result.failures] == ["busy"]
+    assert any(p.startswith("instructions +") for p in by_impl["busy"].problems)
+
+
+def test_instructions_without_valgrind_are_skipped_with_the_reason(monkeypatch) -> None:
+    monkeypatch.setattr(shutil, "which", lambda name: None)
+    assert "valgrind is not installed" in instructions.unavailable_reason()
+
+
+@pytest.mark.parametrize(
+    ("arguments", "fragment"),
+    [
+        (["--against", "no-such-ref"], "no such commit"),
+        (["--against", "HEAD", "somerun"], "not both"),
+        ([], "give RUN_DIRS with --baseline FILE, or --against REF"),
+    ],
+)
+def test_bad_gate_invocations_are_one_line_exit_2(repo: Path, arguments: list[str], fragment: str) -> None:
+    result = CliRunner().invoke(main, ["gate", "--repo", str(repo), *arguments])
+    assert result.exit_code == 2, result.output
+    assert fragment in result.output and "Traceback" not in result.output
+    assert len(result.output.strip().splitlines()) == 1
+
+
+def test_outside_a_repository_is_exit_2(tmp_path: Path) -> None:
+    result = CliRunner().invoke(main, ["gate", "--against", "HEAD", "--repo", str(tmp_path)])
+    assert result.exit_code == 2 and "not inside a git repository" in result.output
+
+
+def test_a_served_tree_imports_its_own_modules_and_is_forgotten_after(tmp_path: Path) -> None:
+    tree = tmp_path / "tree"
+    for folder in ("condconv_bench", "impls"):
+        shutil.copytree(PROJECT / folder, tree / folder, ignore=shutil.ignore_patterns("__pycache__"))
+    shutil.copy(PROJECT / "pyproject.toml", tree)
+    grouped = tree / "impls" / "grouped_conv.py"
+    grouped.write_text(grouped.read_text().replace('"""Fold the batch into groups', '"""REVISED. Fold the batch into groups'))
+    alias = aliases.alias_for("test")
+    with aliases.serving({alias: tree}):
+        import importlib
+
+        revised = importlib.import_module(f"{alias}.registry").get_impl("grouped_conv")
+        worker = importlib.import_module(f"{alias}.measure.worker")
+        assert revised.__doc__.startswith("REVISED") and revised.__module__ == f"{alias}.impls.grouped_conv"
+        assert revised.__mro__[1].__module__ == f"{alias}.layer"  # its own base class, not the installed one
+        assert worker.condconv_bench.__name__ == alias  # `import condconv_bench.workload` bound to the alias
+    from condconv_bench.registry import get_impl
+
+    assert not get_impl("grouped_conv").__doc__.startswith("REVISED")
+    assert not [name for name in sys.modules if name.startswith(alias)]
