@@ -27,14 +27,16 @@ from condconv_bench.results import RunDirectory
 from condconv_bench.timing import Timing
 
 BASELINE_FORMAT = "condconv-bench-baseline"
-BASELINE_VERSION = 1
+BASELINE_VERSION = 2  # 2: identity fields per case, machine fingerprint and matmul peaks in the environment
 MAX_SAMPLES = 64  # enough for rank tests; more only lengthens the file
 
 
 @dataclass(frozen=True)
 class CaseFigures:
-    """What a gate compares for one case."""
+    """What a gate compares for one case, with the identity fields it is reported by."""
 
+    impl: str
+    threads: int
     status: str
     reason: str | None
     samples_s: tuple[float, ...]  # per-call times (thinned); empty unless status is ok
@@ -91,6 +93,8 @@ def _combined_case(rows: list[dict[str, Any]], timings: list[Timing]) -> dict[st
     verdicts = [bool(row["equivalent"]) for row in rows if not pd.isna(row["equivalent"])]
     errors = [float(row["max_rel_error"]) for row in rows if not pd.isna(row["max_rel_error"])]
     return {
+        "impl": str(worst["impl"]),
+        "threads": int(worst["threads"]),
         "status": worst["status"],
         "reason": _optional(worst["reason"], str),
         "samples_s": _thin(tuple(map(float, samples))),

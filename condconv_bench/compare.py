@@ -86,8 +86,8 @@ def environment_notes(base: Snapshot, current: Snapshot) -> list[str]:
             notes.append(f"{key} differs: baseline {before!r}, current {after!r}")
     if base.suite_sha256 != current.suite_sha256:
         notes.append("the suite file changed since the baseline (cases may be new or missing)")
-    threads_before = {cid.split("/")[6] for cid in base.cases if cid.count("/") >= 7}
-    threads_after = {cid.split("/")[6] for cid in current.cases if cid.count("/") >= 7}
+    threads_before = {figures.threads for figures in base.cases.values()}
+    threads_after = {figures.threads for figures in current.cases.values()}
     if threads_before != threads_after:
         notes.append(f"thread counts differ: baseline {sorted(threads_before)}, current {sorted(threads_after)}")
     return notes
@@ -145,8 +145,8 @@ def _deterministic(before: CaseFigures, after: CaseFigures, t: GateSettings) -> 
 
 
 def _compare_case(case_id: str, base: Snapshot, current: Snapshot, mode: str | None, t: GateSettings) -> CaseComparison:
-    impl = case_id.split("/")[1]
     before, after = base.cases.get(case_id), current.cases.get(case_id)
+    impl = (after or before).impl  # type: ignore[union-attr]
     if before is None:
         return CaseComparison(case_id, impl, "new", after_s=after.latency_median_s if after else None)
     if after is None:

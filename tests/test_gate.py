@@ -199,9 +199,10 @@ def test_baseline_is_small_sorted_and_reads_well_in_a_diff(baseline_file) -> Non
         ("{not json", "not a valid baseline (invalid JSON"),
         ('{"format": "something-else"}', "not a condconv-bench baseline"),
         ('{"format": "condconv-bench-baseline", "version": 99}', "baseline version 99"),
-        ('{"format": "condconv-bench-baseline", "version": 1, "suite": {}, "cases": {}}', "corrupt baseline"),
+        ('{"format": "condconv-bench-baseline", "version": 1}', "baseline version 1, this condconv-bench reads 2"),
+        ('{"format": "condconv-bench-baseline", "version": 2, "suite": {}, "cases": {}}', "corrupt baseline"),
     ],
-    ids=["invalid-json", "wrong-format", "future-version", "missing-fields"],
+    ids=["invalid-json", "wrong-format", "future-version", "older-version", "missing-fields"],
 )
 def test_corrupt_baseline_is_exit_2_and_one_line(tmp_path, baseline_file, content, fragment) -> None:
     bad = tmp_path / "bad.json"
