@@ -19,6 +19,7 @@ from click.testing import CliRunner
 from condconv_bench.ab import aliases, instructions
 from condconv_bench.ab.gate import run_ab_gate
 from condconv_bench.cli import main
+from condconv_bench.report import ab as ab_report
 
 PROJECT = Path(__file__).resolve().parent.parent
 SUITE = {
@@ -105,6 +106,10 @@ def test_planted_slowdown_fails_exactly_its_cases(repo: Path) -> None:
     assert 1.3 < slower.timing.ratio.estimate < 1.7 and slower.verdict == "slower"
     assert result.exit_code == 1
     assert all(c.verdict == "unchanged" for c in result.cases if c.impl != "grouped_conv")
+    text, markdown = ab_report.render_text(result), ab_report.render_markdown(result)
+    assert text.splitlines()[-1].startswith("FAIL: 1 of 3 cases regress") and "FAIL slower" in text
+    rows = [line for line in markdown.splitlines() if line.startswith("| ") and "head/base" not in line]
+    assert len(rows) == 1 and slower.case_id in rows[0]  # unchanged cases are not listed
 
 
 @pytest.mark.slow

@@ -1,8 +1,12 @@
 """Each case's A/B verdict, and the gate's: pass, or fail on a regression of the head.
 
 Time: slower when the median paired ratio (head / base) exceeds `1 + time_threshold`, the
-signed-rank test gives p < `alpha` and the two-level interval lies wholly above 1 — the last
-guards against one worker process's state deciding alone. Faster symmetrically. The threshold
+signed-rank test gives p < `alpha`, and the two-level interval lies wholly above
+`1 + time_threshold / 2`: surely slower by at least half the threshold, not merely surely
+slower. The last condition is what keeps a loaded machine from failing unchanged code: with
+another gate running beside it on the same two cores, unchanged cases came out 1.057×
+[1.024, 1.117] (p = 7e-4) and 1.069× [1.008, 1.184] (p = 5e-4), while planted slowdowns of
+1.10× and more had intervals starting at 1.097 or higher. Faster symmetrically. The threshold
 can be lower than a baseline gate's (5% against 10–35%) because a paired ratio from the same
 rounds carries none of the drift between two runs. Instructions: more than
 `1 + instruction_threshold` times the base's fails; there is no noise to test against.
@@ -72,9 +76,10 @@ class ABResult:
 
 def _time_verdict(timing: PairedTiming, t: Thresholds) -> str:
     direction = timing.change.direction(t.time, t.alpha)
-    if direction == "slower" and timing.ratio.low > 1:
+    surely = 1 + t.time / 2
+    if direction == "slower" and timing.ratio.low > surely:
         return "slower"
-    if direction == "faster" and timing.ratio.high < 1:
+    if direction == "faster" and timing.ratio.high < 1 / surely:
         return "faster"
     return "unchanged"
 
