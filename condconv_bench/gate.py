@@ -15,23 +15,15 @@ from pathlib import Path
 
 from condconv_bench.baseline import load_snapshot
 from condconv_bench.compare import CaseComparison, Comparison, compare_snapshots
-from condconv_bench.errors import EXIT_FAILURE, EXIT_OK
+from condconv_bench.errors import GateVerdict
 from condconv_bench.suite import GateSettings
 
 
 @dataclass(frozen=True)
-class GateResult:
+class GateResult(GateVerdict):
     comparison: Comparison
     failures: tuple[CaseComparison, ...]
     fail_on_improvement: bool
-
-    @property
-    def passed(self) -> bool:
-        return not self.failures
-
-    @property
-    def exit_code(self) -> int:
-        return EXIT_OK if self.passed else EXIT_FAILURE
 
 
 def run_gate(run_dirs: list[Path], baseline: Path, thresholds: GateSettings, fail_on_improvement: bool = False,

@@ -23,7 +23,7 @@ from condconv_bench.ab.instructions import InstructionCounts
 from condconv_bench.ab.paired import PairedTiming
 from condconv_bench.ab.pairs import CasePair
 from condconv_bench.ab.revision import Revision
-from condconv_bench.errors import EXIT_FAILURE, EXIT_OK
+from condconv_bench.errors import GateVerdict
 
 DEFAULT_TIME_THRESHOLD = 0.05
 DEFAULT_INSTRUCTION_THRESHOLD = 0.02
@@ -52,7 +52,7 @@ class ABCase:
 
 
 @dataclass(frozen=True)
-class ABResult:
+class ABResult(GateVerdict):
     base: Revision
     head: Revision
     suite: str
@@ -62,16 +62,8 @@ class ABResult:
     cases: tuple[ABCase, ...]
 
     @property
-    def failures(self) -> list[ABCase]:
+    def failures(self) -> list[ABCase]:  # type: ignore[override]
         return [case for case in self.cases if case.problems]
-
-    @property
-    def passed(self) -> bool:
-        return not self.failures
-
-    @property
-    def exit_code(self) -> int:
-        return EXIT_OK if self.passed else EXIT_FAILURE
 
 
 def _time_verdict(timing: PairedTiming, t: Thresholds) -> str:
