@@ -27,7 +27,6 @@ _DTYPE_NAMES = {torch.float32: "float32", torch.bfloat16: "bfloat16", torch.floa
 Forward = Callable[[CondConvBase, torch.Tensor, torch.Tensor], torch.Tensor]
 
 
-@torch.compiler.assume_constant_result  # under torch.compile: run eagerly while tracing, bake the answer in
 def _lookup(table: DispatchTable | str | Path | None, spec: LayerSpec, input_size: tuple[int, ...], device: str,
             dtype: str, grad_enabled: bool, channels_last: bool, batch_size: int) -> str:
     query = Query(
@@ -36,6 +35,14 @@ def _lookup(table: DispatchTable | str | Path | None, spec: LayerSpec, input_siz
         memory_format="channels_last" if channels_last else "contiguous", batch_size=batch_size,
     )
     return resolve_table(table).choose(query)
+
+
+# Under torch.compile the lookup runs eagerly while tracing and its answer is baked into the graph.
+# `torch.compiler.assume_constant_result(_lookup)` does exactly this by setting the marker below, but
+# it imports torch._dynamo (about a second) at import time, which every model using the layer would
+# pay; the marker costs nothing. tests/test_auto.py compiles the layer with fullgraph=True, which
+# fails if dynamo stops honouring it.
+_lookup._dynamo_marked_constant = True  # type: ignore[attr-defined]
 
 
 @register_impl("auto")

@@ -13,8 +13,6 @@ for CUDA, or a backend failure while compiling a case.
 from __future__ import annotations
 
 import torch
-import torch._dynamo.config as dynamo_config
-import torch._inductor.config as inductor_config
 
 from condconv_bench.errors import ImplUnavailableError
 from condconv_bench.registry import register_impl
@@ -35,7 +33,12 @@ _FAIL_ON_HIT = ("fail_on_recompile_limit_hit", "fail_on_cache_limit_hit")
 
 def _configure_compiler() -> None:
     """Raise the recompile limits, fail on a hit, and compile in-process: inductor's default pool
-    of compile worker processes starts in the background and competes with the measurements."""
+    of compile worker processes starts in the background and competes with the measurements.
+    Imported here, not at module level: the registry imports every strategy, and the compiler's
+    modules cost a second that a model using only the eager strategies should not pay."""
+    import torch._dynamo.config as dynamo_config
+    import torch._inductor.config as inductor_config
+
     for names in _LIMITS:
         name = next((n for n in names if hasattr(dynamo_config, n)), None)
         if name is not None:
