@@ -20,10 +20,13 @@ from typing import Any
 
 import numpy as np
 import pandas as pd
+from pydantic import TypeAdapter, ValidationError
 
+from condconv_bench.atomic import write_text_atomically
 from condconv_bench.errors import ResultsError
 from condconv_bench.case import GROUP_KEYS
 from condconv_bench.results import RunDirectory
+from condconv_bench.set_aside import set_aside
 from condconv_bench.timing import Timing
 
 BASELINE_FORMAT = "condconv-bench-baseline"
@@ -50,6 +53,9 @@ class CaseFigures:
     peak_memory_bytes: int | None
     equivalent: bool | None
     max_rel_error: float | None
+
+
+_CASE_FIGURES = TypeAdapter(CaseFigures)  # validates a baseline's entry, types included
 
 
 @dataclass(frozen=True)
@@ -170,9 +176,7 @@ def save_baseline(run_dirs: list[Path], output: Path) -> Path:
             for case_id, figures in sorted(snapshot.cases.items())
         },
     }
-    output.parent.mkdir(parents=True, exist_ok=True)
-    output.write_text(_dumps(document), encoding="utf-8")
-    return output
+    return write_text_atomically(output, _dumps(document))
 
 
 def _load_baseline_file(path: Path) -> Snapshot:
@@ -187,13 +191,20 @@ def _load_baseline_file(path: Path) -> Snapshot:
     if document.get("version") != BASELINE_VERSION:
         raise ResultsError(f"{path}: baseline version {document.get('version')!r}, this condconv-bench reads {BASELINE_VERSION}")
     try:
-        cases = {
-            case_id: CaseFigures(**{**figures, "samples_s": tuple(float(v) for v in figures["samples_s"])})
-            for case_id, figures in document["cases"].items()
-        }
-        return Snapshot(str(path), document["suite"]["name"], document["suite"]["sha256"], document.get("environment", {}), cases)
-    except (KeyError, TypeError, ValueError, AttributeError) as exc:
+        suite, entries, environment = document["suite"], document["cases"], document.get("environment", {})
+        name, sha256 = str(suite["name"]), str(suite["sha256"])
+        if not isinstance(entries, dict) or not isinstance(environment, dict):
+            raise TypeError("cases and environment must be JSON objects")
+    except (KeyError, TypeError) as exc:
         raise ResultsError(f"{path}: corrupt baseline ({type(exc).__name__}: {exc})") from None
+    cases = {}
+    for case_id, figures in entries.items():
+        try:
+            cases[case_id] = _CASE_FIGURES.validate_python(figures)
+        except ValidationError as exc:
+            problem = exc.errors()[0]
+            set_aside(path, f"case {case_id}", f"{'.'.join(map(str, problem['loc'])) or 'entry'}: {problem['msg']}")
+    return Snapshot(str(path), name, sha256, environment, cases)
 
 
 def load_snapshot(paths: str | Path | list[Path]) -> Snapshot:

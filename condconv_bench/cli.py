@@ -2,12 +2,14 @@
 
 Every command parses options, calls one library function and renders what it returns. Errors of
 the `CondConvBenchError` family become `error: …` lines on stderr and the error's exit code
-(0 ok, 1 equivalence failure or regression, 2 bad input), never a traceback.
+(0 ok, 1 equivalence failure or regression, 2 bad input), never a traceback; a row a reader sets
+aside (`RowSetAside`) becomes one `warning: …` line.
 """
 
 from __future__ import annotations
 
 import sys
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -28,6 +30,7 @@ from condconv_bench.report import ab as ab_report
 from condconv_bench.report import tables, verdicts, write_report
 from condconv_bench.report.reproducibility import reproducibility
 from condconv_bench.results import RunDirectory, merge_runs
+from condconv_bench.set_aside import RowSetAside
 from condconv_bench.runner import CaseFilter, Shard, default_output, run_suite
 from condconv_bench.case import Case
 from condconv_bench.statistics import DEFAULT_ALPHA
@@ -35,10 +38,23 @@ from condconv_bench.suite import GateSettings, load_suite, shipped_suites
 from condconv_bench.tune import tune
 
 
+_show_warning = warnings.showwarning
+
+
+def _show_set_aside(message: Warning | str, category: type[Warning], *args: Any, **kwargs: Any) -> None:
+    if issubclass(category, RowSetAside):
+        click.echo(f"warning: {message}", err=True)
+    else:
+        _show_warning(message, category, *args, **kwargs)
+
+
 class _Group(click.Group):
     def invoke(self, ctx: click.Context) -> Any:
         try:
-            return super().invoke(ctx)
+            with warnings.catch_warnings():
+                warnings.simplefilter("always", RowSetAside)
+                warnings.showwarning = _show_set_aside
+                return super().invoke(ctx)
         except CondConvBenchError as exc:
             for line in str(exc).splitlines():
                 click.echo(f"error: {line}", err=True)

@@ -19,14 +19,16 @@ import functools
 import json
 import math
 import os
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, fields
 from importlib import resources
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from condconv_bench.atomic import write_text_atomically
 from condconv_bench.case import GROUP_KEYS
 from condconv_bench.errors import ResultsError
 from condconv_bench.flops import conv_macs
+from condconv_bench.set_aside import set_aside
 from condconv_bench.spec import LayerSpec, Pair
 
 if TYPE_CHECKING:
@@ -86,6 +88,30 @@ class Entry:
     margin: float  # runner-up latency / winner latency (1.0 when only one strategy was measured)
     layer: str  # the layer's name in the suite it was tuned on
 
+    @classmethod
+    def from_json(cls, raw: object) -> Entry:
+        """An entry read from a table file; ValueError naming the field when it does not fit.
+
+        Checked by hand rather than with pydantic: the layer reads tables, and pulling pydantic
+        into every model that uses it would cost more than the check.
+        """
+        if not isinstance(raw, dict):
+            raise ValueError("not a JSON object")
+        expected = {f.name for f in fields(cls)}
+        if set(raw) != expected:
+            missing, extra = sorted(expected - set(raw)), sorted(set(raw) - expected)
+            raise ValueError(f"fields missing {missing}" if missing else f"unknown fields {extra}")
+        for field in fields(cls):
+            value = raw[field.name]
+            if isinstance(value, bool) or not isinstance(value, _JSON_TYPES[str(field.type)]):
+                raise ValueError(f"{field.name}: {str(value)[:40]!r} is not {field.type}")
+        if raw["batch_size"] < 1:
+            raise ValueError(f"batch_size: {raw['batch_size']} is below 1")
+        return cls(**raw)
+
+
+_JSON_TYPES: dict[str, type | tuple[type, ...]] = {"str": str, "int": int, "float": (int, float)}
+
 
 @dataclass(frozen=True)
 class Query:
@@ -139,9 +165,7 @@ class DispatchTable:
         return json.dumps(document, indent=1, sort_keys=True) + "\n"
 
     def save(self, path: Path) -> Path:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(self.to_json(), encoding="utf-8")
-        return path
+        return write_text_atomically(path, self.to_json())
 
     @classmethod
     def load(cls, path: str | Path) -> DispatchTable:
@@ -150,11 +174,20 @@ class DispatchTable:
             document = json.loads(path.read_text(encoding="utf-8"))
             if document.get("format") != TABLE_FORMAT or document.get("version") != TABLE_VERSION:
                 raise ValueError(f"not a {TABLE_FORMAT} version {TABLE_VERSION} file")
-            return cls([Entry(**entry) for entry in document["entries"]], str(path))
+            raw_entries = document["entries"]
+            if not isinstance(raw_entries, list):
+                raise ValueError("entries is not a list")
         except FileNotFoundError:
             raise ResultsError(f"{path}: dispatch table not found") from None
-        except (OSError, ValueError, TypeError, KeyError, AttributeError) as exc:
+        except (OSError, ValueError, TypeError, KeyError, AttributeError, RecursionError) as exc:
             raise ResultsError(f"{path}: not a valid dispatch table ({exc})") from None
+        entries = []
+        for index, raw in enumerate(raw_entries):
+            try:
+                entries.append(Entry.from_json(raw))
+            except ValueError as exc:
+                set_aside(path, f"entries[{index}]", str(exc))
+        return cls(entries, str(path))
 
     @classmethod
     def merged(cls, tables: list[DispatchTable]) -> DispatchTable:

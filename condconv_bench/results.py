@@ -23,7 +23,9 @@ from typing import Any
 
 import pandas as pd
 
+from condconv_bench.atomic import write_text_atomically
 from condconv_bench.errors import ResultsError
+from condconv_bench.set_aside import set_aside
 from condconv_bench.timing import Timing
 
 # Schema history: 1 — first release; 2 — `dispatched` column (what `auto` ran); 3 — interleaved
@@ -110,6 +112,40 @@ def _format_row(row: dict[str, Any]) -> str:
     return buffer.getvalue()
 
 
+_INT64 = range(-(2**63), 2**63)
+_BOOLEANS = {"True": True, "False": False}
+
+
+def _parse_value(text: str, dtype: str) -> Any:
+    if text == "":
+        return None
+    if dtype == "string":
+        return text
+    if dtype == "boolean":
+        if text not in _BOOLEANS:
+            raise ValueError(f"not True or False: {text[:40]!r}")
+        return _BOOLEANS[text]
+    if dtype == "Int64":
+        value = int(text)
+        if value not in _INT64:
+            raise ValueError(f"beyond a 64-bit integer: {text[:40]}")
+        return value
+    return float(text)
+
+
+def _parse_row(fields: list[str]) -> list[Any]:
+    """One CSV row as typed values; ValueError naming the column when a value does not fit."""
+    if len(fields) != len(COLUMNS):
+        raise ValueError(f"{len(fields)} fields, the schema has {len(COLUMNS)}")
+    values = []
+    for (column, dtype), text in zip(COLUMNS.items(), fields):
+        try:
+            values.append(_parse_value(text, dtype))
+        except ValueError as exc:
+            raise ValueError(f"column {column}: {str(exc)[:80]}") from None
+    return values
+
+
 def _append_durably(path: Path, text: str) -> None:
     fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
     try:
@@ -119,10 +155,15 @@ def _append_durably(path: Path, text: str) -> None:
         os.close(fd)
 
 
+def _complete_bytes(path: Path) -> bytes:
+    """The file without a trailing half-written line."""
+    data = path.read_bytes()
+    return data[: data.rfind(b"\n") + 1]
+
+
 def _complete_text(path: Path) -> str:
-    """The file's text without a trailing half-written line."""
-    text = path.read_text()
-    return text if text.endswith("\n") or not text else text[: text.rfind("\n") + 1]
+    """The complete lines as text; a byte that is not UTF-8 spoils only its own line (as U+FFFD)."""
+    return _complete_bytes(path).decode("utf-8", errors="replace")
 
 
 LOCK_FILE = ".lock"
@@ -185,7 +226,11 @@ class RunDirectory:
         run.metadata()
         if not run.results_file.exists():
             raise ResultsError(f"{run.results_file}: missing; is {run.path} a condconv-bench run directory?")
-        header = run.results_file.open().readline().strip()
+        try:
+            with run.results_file.open(encoding="utf-8") as handle:
+                header = handle.readline().strip()
+        except (OSError, UnicodeDecodeError) as exc:
+            raise ResultsError(f"{run.results_file}: cannot be read ({exc})") from None
         if header != ",".join(COLUMNS):
             raise ResultsError(f"{run.results_file}: header does not match schema version {SCHEMA_VERSION}")
         return run
@@ -193,10 +238,10 @@ class RunDirectory:
     def metadata(self) -> dict[str, Any]:
         file = self.path / RUN_FILE
         try:
-            data = json.loads(file.read_text())
+            data = json.loads(file.read_text(encoding="utf-8"))
         except FileNotFoundError:
             raise ResultsError(f"{file}: missing; is {self.path} a condconv-bench run directory?") from None
-        except (OSError, json.JSONDecodeError) as exc:
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError, RecursionError) as exc:
             raise ResultsError(f"{file}: not valid JSON ({exc})") from None
         if not isinstance(data, dict) or data.get("schema_version") != SCHEMA_VERSION:
             found = data.get("schema_version") if isinstance(data, dict) else None
@@ -204,9 +249,7 @@ class RunDirectory:
         return data
 
     def write_metadata(self, metadata: dict[str, Any]) -> None:
-        temporary = self.path / (RUN_FILE + ".tmp")
-        temporary.write_text(json.dumps(metadata, indent=2, sort_keys=True) + "\n")
-        temporary.replace(self.path / RUN_FILE)
+        write_text_atomically(self.path / RUN_FILE, json.dumps(metadata, indent=2, sort_keys=True) + "\n")
 
     def update_metadata(self, **changes: Any) -> None:
         self.write_metadata({**self.metadata(), **changes})
@@ -215,10 +258,10 @@ class RunDirectory:
         """Remove a half-written last line left by a crash, before appending again."""
         for file in (self.results_file, self.samples_file, self.profiles_file):
             if file.exists():
-                complete = _complete_text(file)
-                if len(complete) != file.stat().st_size:
-                    with file.open("r+") as handle:
-                        handle.truncate(len(complete.encode()))
+                complete = len(_complete_bytes(file))
+                if complete != file.stat().st_size:
+                    with file.open("r+b") as handle:
+                        handle.truncate(complete)
 
     def append(self, row: dict[str, Any], timing: Timing | None = None) -> None:
         """Persist one finished case: its raw samples first, then the row that marks it done."""
@@ -237,20 +280,42 @@ class RunDirectory:
     def profiles(self) -> list[dict[str, Any]]:
         if not self.profiles_file.exists():
             return []
-        try:
-            return [json.loads(line) for line in _complete_text(self.profiles_file).splitlines()]
-        except json.JSONDecodeError as exc:
-            raise ResultsError(f"{self.profiles_file}: corrupt ({exc})") from None
+        records = []
+        for number, line in enumerate(_complete_text(self.profiles_file).splitlines(), start=1):
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError as exc:
+                set_aside(self.profiles_file, f"line {number}", str(exc))
+                continue
+            if isinstance(record, dict):
+                records.append(record)
+            else:
+                set_aside(self.profiles_file, f"line {number}", "not a JSON object")
+        return records
 
     def results(self) -> pd.DataFrame:
-        """All finished rows with the schema's dtypes."""
+        """All finished rows with the schema's dtypes; a row that does not fit the schema is set aside."""
         try:
-            frame = pd.read_csv(io.StringIO(_complete_text(self.results_file)), dtype=COLUMNS, keep_default_na=False, na_values=[""])
-        except (OSError, ValueError, pd.errors.ParserError) as exc:
+            reader = csv.reader(io.StringIO(_complete_text(self.results_file)))
+            header = next(reader, [])
+        except (OSError, UnicodeDecodeError, csv.Error) as exc:
             raise ResultsError(f"{self.results_file}: cannot be read as results ({str(exc).splitlines()[0]})") from None
-        if list(frame.columns) != list(COLUMNS):
+        if header != list(COLUMNS):
             raise ResultsError(f"{self.results_file}: header does not match schema version {SCHEMA_VERSION}")
-        return frame
+        records = []
+        while True:
+            try:
+                fields = next(reader)
+            except StopIteration:
+                break
+            except csv.Error as exc:
+                set_aside(self.results_file, f"line {reader.line_num}", str(exc))
+                continue
+            try:
+                records.append(_parse_row(fields))
+            except ValueError as exc:
+                set_aside(self.results_file, f"line {reader.line_num}", str(exc))
+        return pd.DataFrame(records, columns=list(COLUMNS)).astype(COLUMNS)
 
     def completed_case_ids(self) -> set[str]:
         return set(self.results()["case_id"])
@@ -260,15 +325,15 @@ class RunDirectory:
         if not self.samples_file.exists():
             return {}
         samples = {}
-        for line in _complete_text(self.samples_file).splitlines():
+        for number, line in enumerate(_complete_text(self.samples_file).splitlines(), start=1):
             try:
                 record = json.loads(line)
                 samples[record["case_id"]] = Timing(
-                    tuple(record["times_s"]), int(record["number_per_run"]),
-                    tuple(record.get("process", ())), tuple(record.get("round", ())),
+                    tuple(map(float, record["times_s"])), int(record["number_per_run"]),
+                    tuple(map(int, record.get("process", ()))), tuple(map(int, record.get("round", ()))),
                 )
-            except (json.JSONDecodeError, KeyError, TypeError, ValueError):
-                raise ResultsError(f"{self.samples_file}: corrupt line {line[:60]!r}") from None
+            except (json.JSONDecodeError, KeyError, TypeError, ValueError, OverflowError) as exc:
+                set_aside(self.samples_file, f"line {number}", f"{type(exc).__name__}: {exc}")
         return samples
 
 

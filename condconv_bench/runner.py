@@ -33,6 +33,7 @@ from condconv_bench.fixtures import (
     CompileFellBackError, GroupInputs, build_module, first_call, grad_mode, layer_state, seed_of, step_function,
     use_exact_float32, warm_up_device,
 )
+from condconv_bench.footprint import memory_reason
 from condconv_bench.layer import CondConvBase
 from condconv_bench.machine_peak import matmul_peak_flops
 from condconv_bench.measure import allocators
@@ -141,9 +142,11 @@ def device_unavailable_reason(device: torch.device) -> str | None:
 
 
 def skip_reason(cls: type[CondConvBase], case: Case, device: torch.device) -> str | None:
-    """Why `case` cannot run here (no such device, implementation unavailable, layer unsupported), or None."""
+    """Why `case` cannot run here (no such device, implementation unavailable, layer unsupported,
+    more memory than is available), or None."""
     unsupported = (cls.unsupported_reason(spec, device, case.torch_dtype) for spec in case.workload.layer_specs())
-    return device_unavailable_reason(device) or cls.unavailable_reason() or next(filter(None, unsupported), None)
+    return (device_unavailable_reason(device) or cls.unavailable_reason() or next(filter(None, unsupported), None)
+            or memory_reason(case, device))
 
 
 def _dispatched(module: nn.Module) -> str | None:

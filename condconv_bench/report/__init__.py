@@ -7,6 +7,7 @@ from typing import Literal
 
 import pandas as pd
 
+from condconv_bench.atomic import write_text_atomically
 from condconv_bench.report.runs import load_runs
 
 ReportFormat = Literal["html", "markdown", "csv"]
@@ -27,5 +28,4 @@ def write_report(run_dirs: list[Path], output: Path | None, fmt: ReportFormat = 
         text = pd.concat([run.results.assign(run=run.label) for run in runs], ignore_index=True).to_csv(index=False)
     if output is None:
         return text
-    output.write_text(text, encoding="utf-8")
-    return output
+    return write_text_atomically(output, text)

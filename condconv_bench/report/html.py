@@ -19,6 +19,7 @@ import jinja2
 import pandas as pd
 
 from condconv_bench import __version__
+from condconv_bench.atomic import write_bytes_atomically, write_text_atomically
 from condconv_bench.report import formatting, plots, tables
 from condconv_bench.report.runs import LoadedRun, comparison_summary, cross_run
 
@@ -75,7 +76,7 @@ def _figures(run: LoadedRun, context_label: str, rows: pd.DataFrame, plots_dir: 
     for kind, (title, figure) in drawn.items():
         png = plots.to_png(figure)
         path = plots_dir / f"{prefix}{'-' + _slug(context_label) if context_label else ''}-{kind}.png"
-        path.write_bytes(png)
+        write_bytes_atomically(path, png)
         uri = "data:image/png;base64," + base64.b64encode(png).decode()
         figures.append(Figure(title, os.path.relpath(path, report_dir), uri))
     return figures
@@ -148,6 +149,5 @@ def render_html(runs: list[LoadedRun], output: Path) -> Path:
         generated=datetime.now(timezone.utc).isoformat(timespec="seconds"),
         version=__version__,
     )
-    output.write_text(html, encoding="utf-8")
-    return output
+    return write_text_atomically(output, html)
 
