@@ -21,7 +21,8 @@ LAYER_KINDS: tuple[str, ...] = ("conv2d", "linear")
 ROUTING_KINDS: tuple[str, ...] = ("sigmoid", "softmax")
 
 
-def _pair(field: str, value: int | tuple[int, ...] | list[int]) -> Pair:
+def as_pair(field: str, value: int | tuple[int, ...] | list[int]) -> Pair:
+    """`value` as a (height, width) pair; SpecError naming `field` when it is neither an integer nor two."""
     if isinstance(value, bool):
         raise SpecError(field, f"expected an integer or a pair of integers, got {value!r}")
     if isinstance(value, int):
@@ -57,7 +58,7 @@ class LayerSpec:
 
     def __post_init__(self) -> None:
         for name in ("kernel_size", "stride", "padding", "dilation"):
-            object.__setattr__(self, name, _pair(name, getattr(self, name)))
+            object.__setattr__(self, name, as_pair(name, getattr(self, name)))
         self._validate()
 
     def _validate(self) -> None:

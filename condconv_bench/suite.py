@@ -30,7 +30,7 @@ from condconv_bench.case import Case
 from condconv_bench.errors import CondConvBenchError, SpecError, SuiteError
 from condconv_bench.registry import get_impl
 from condconv_bench.blocks import StackSpec, StageSpec
-from condconv_bench.spec import LayerSpec, Pair
+from condconv_bench.spec import LayerSpec, as_pair
 from condconv_bench.statistics import DEFAULT_ALPHA
 from condconv_bench.workload import LayerWorkload, StackWorkload, Workload
 
@@ -262,10 +262,6 @@ def _schema_problems(exc: ValidationError, data: Any, prefix: str = "") -> list[
     return [f"{path}: {' or '.join(texts)}" for path, texts in merged.items()]
 
 
-def _pair(value: int | list[int]) -> Pair:
-    return (value, value) if isinstance(value, int) else tuple(value)  # type: ignore[return-value]
-
-
 def _stack(entry: LayerEntry) -> StackWorkload:
     if entry.stages is None:
         raise SpecError("stages", "a stack needs stages (out_channels, kernel_size, stride, expand_ratio, se_ratio, repeats)")
@@ -275,7 +271,7 @@ def _stack(entry: LayerEntry) -> StackWorkload:
         if name in entry.model_fields_set:
             raise SpecError(name, "a stack takes its shapes from stages; set them there")
     stages = tuple(StageSpec(**{**stage.model_dump(), "se_ratio": float(stage.se_ratio)}) for stage in entry.stages)
-    spec = StackSpec(entry.in_channels, _pair(entry.input_size), entry.experts, stages)
+    spec = StackSpec(entry.in_channels, as_pair("input_size", entry.input_size), entry.experts, stages)
     for block in spec.blocks():
         for _, layer, size in block.layers():
             layer.output_size(size)
@@ -287,11 +283,11 @@ def _layer_workload(entry: LayerEntry) -> LayerWorkload:
         raise SpecError("out_channels", "required for conv2d and linear layers")
     if entry.stages is not None:
         raise SpecError("stages", "only a stack has stages")
-    kernel, dilation = _pair(entry.kernel_size), _pair(entry.dilation)
+    kernel, dilation = as_pair("kernel_size", entry.kernel_size), as_pair("dilation", entry.dilation)
     same_padding = tuple(d * (k - 1) // 2 for k, d in zip(kernel, dilation)) if entry.kind == "conv2d" else (0, 0)
     spec = LayerSpec(
         entry.kind, entry.in_channels, entry.out_channels, num_experts=entry.experts, kernel_size=kernel,
-        stride=_pair(entry.stride), padding=same_padding if entry.padding is None else _pair(entry.padding),
+        stride=as_pair("stride", entry.stride), padding=same_padding if entry.padding is None else as_pair("padding", entry.padding),
         dilation=dilation, groups=entry.groups, bias=entry.bias, routing=entry.routing,
         temperature=float(entry.temperature),
     )
@@ -301,7 +297,7 @@ def _layer_workload(entry: LayerEntry) -> LayerWorkload:
         return LayerWorkload(spec, (1, 1), entry.routing_weights == "given")
     if entry.input_size is None:
         raise SpecError("input_size", "a conv2d layer needs input_size (an integer or [height, width])")
-    input_size = _pair(entry.input_size)
+    input_size = as_pair("input_size", entry.input_size)
     spec.output_size(input_size)
     return LayerWorkload(spec, input_size, entry.routing_weights == "given")
 

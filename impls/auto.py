@@ -23,8 +23,12 @@ from condconv_bench.layer import CondConvBase
 from condconv_bench.registry import dispatchable_impls, register_impl
 from condconv_bench.spec import LayerSpec
 
-_DTYPE_NAMES = {torch.float32: "float32", torch.bfloat16: "bfloat16", torch.float16: "float16", torch.float64: "float64"}
 Forward = Callable[[CondConvBase, torch.Tensor, torch.Tensor], torch.Tensor]
+
+
+def _dtype_name(dtype: torch.dtype) -> str:
+    """The suites' and tables' name for a dtype: `torch.bfloat16` → `bfloat16`."""
+    return str(dtype).removeprefix("torch.")
 
 
 def _lookup(table: DispatchTable | str | Path | None, spec: LayerSpec, input_size: tuple[int, ...], device: str,
@@ -69,13 +73,13 @@ class Auto(CondConvBase):
         channels_last = x.dim() == 4 and not x.is_contiguous() and x.is_contiguous(memory_format=torch.channels_last)
         return _lookup(
             self.dispatch_table, self.spec, tuple(x.shape[2:4]) if x.dim() == 4 else (1, 1), x.device.type,
-            _DTYPE_NAMES.get(x.dtype, str(x.dtype)), torch.is_grad_enabled(), channels_last, x.shape[0],
+            _dtype_name(x.dtype), torch.is_grad_enabled(), channels_last, x.shape[0],
         )
 
     def _resolve(self, x: torch.Tensor) -> tuple[str, Forward]:
         key = self.choose(x)
         self.last_strategy = key
-        dtype = _DTYPE_NAMES.get(x.dtype, str(x.dtype))
+        dtype = _dtype_name(x.dtype)
         self.last_guessed = self.strategy == "auto" and not resolve_table(self.dispatch_table).covers(x.device.type, dtype)
         return key, dispatchable_impls()[key].conditional_forward
 
