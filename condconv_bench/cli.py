@@ -17,12 +17,12 @@ import click
 import pandas as pd
 from pydantic import ValidationError
 
-from condconv_bench.ab.gate import run_ab_gate
-from condconv_bench.ab.verdict import DEFAULT_INSTRUCTION_THRESHOLD, DEFAULT_TIME_THRESHOLD, Thresholds
-from condconv_bench.baseline import load_snapshot, save_baseline
-from condconv_bench.compare import CaseComparison, Comparison, compare_snapshots
+from condconv_bench.gate.ab.gate import run_ab_gate
+from condconv_bench.gate.ab.verdict import DEFAULT_INSTRUCTION_THRESHOLD, DEFAULT_TIME_THRESHOLD, Thresholds
+from condconv_bench.gate.baseline import load_snapshot, save_baseline
+from condconv_bench.gate.compare import CaseComparison, Comparison, compare_snapshots
 from condconv_bench.errors import EXIT_FAILURE, CondConvBenchError, RunInterruptedError
-from condconv_bench.gate import run_gate
+from condconv_bench.gate.baseline_gate import run_gate
 from condconv_bench.measure import allocators
 from condconv_bench.measure.allocators import ALLOCATORS
 from condconv_bench.registry import list_impls
@@ -33,7 +33,7 @@ from condconv_bench.results import RunDirectory, merge_runs
 from condconv_bench.set_aside import RowSetAside
 from condconv_bench.runner import CaseFilter, Shard, default_output, run_suite
 from condconv_bench.case import Case
-from condconv_bench.statistics import DEFAULT_ALPHA
+from condconv_bench.gate.statistics import DEFAULT_ALPHA
 from condconv_bench.suite import GateSettings, load_suite, shipped_suites
 from condconv_bench.tune import tune
 

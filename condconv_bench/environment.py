@@ -68,7 +68,7 @@ def machine_fingerprint() -> dict[str, Any]:
     Cloud machines sold under one CPU name differ in cache sizes, enabled instruction sets (AVX-512
     or not decides oneDNN's kernels) and kernel; those are compared exactly. Machines alike in all
     of them can still run 1.3–2× apart, which the measured matmul peak of a run (`matmul_peaks` in
-    its metadata) shows; `condconv_bench.compare` reads the two together.
+    its metadata) shows; `condconv_bench.gate.compare` reads the two together.
     """
     flags = _cpu_flags()
     return {

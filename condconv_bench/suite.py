@@ -31,7 +31,7 @@ from condconv_bench.errors import CondConvBenchError, SpecError, SuiteError
 from condconv_bench.registry import get_impl
 from condconv_bench.blocks import StackSpec, StageSpec
 from condconv_bench.spec import LayerSpec, as_pair
-from condconv_bench.statistics import DEFAULT_ALPHA
+from condconv_bench.gate.statistics import DEFAULT_ALPHA
 from condconv_bench.workload import LayerWorkload, StackWorkload, Workload
 
 DType = Literal["float32", "bfloat16", "float16"]
@@ -69,7 +69,7 @@ class TimingSettings(_Model):
 
 
 class GateSettings(_Model):
-    """Regression-gate tolerances, per suite (`gate:`) or from the command line (`condconv_bench.compare`)."""
+    """Regression-gate tolerances, per suite (`gate:`) or from the command line (`condconv_bench.gate.compare`)."""
 
     time_threshold: Annotated[Number, Field(gt=0)] = 0.10  # relative slowdown that counts
     time_min_delta_s: Annotated[Number, Field(ge=0)] = 0.0  # and the absolute change must exceed this

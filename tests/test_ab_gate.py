@@ -16,8 +16,8 @@ import pytest
 import yaml
 from click.testing import CliRunner
 
-from condconv_bench.ab import aliases, instructions
-from condconv_bench.ab.gate import run_ab_gate
+from condconv_bench.gate.ab import aliases, instructions
+from condconv_bench.gate.ab.gate import run_ab_gate
 from condconv_bench.cli import main
 from condconv_bench.report import ab as ab_report
 

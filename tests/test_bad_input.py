@@ -17,7 +17,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from condconv_bench import atomic
-from condconv_bench.baseline import load_snapshot, save_baseline
+from condconv_bench.gate.baseline import load_snapshot, save_baseline
 from condconv_bench.cli import main
 from condconv_bench.dispatch import DispatchTable
 from condconv_bench.footprint import estimated_bytes

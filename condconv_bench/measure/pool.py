@@ -77,7 +77,7 @@ class _Worker:
 
 class WorkerPool:
     """`size` worker processes under one allocator policy; use as a context manager. `extra_env`
-    reaches the workers too (an A/B gate's source trees, `condconv_bench.ab.aliases`)."""
+    reaches the workers too (an A/B gate's source trees, `condconv_bench.gate.ab.aliases`)."""
 
     def __init__(self, size: int, allocator: str, extra_env: dict[str, str] | None = None) -> None:
         env = {**os.environ, **(extra_env or {})}

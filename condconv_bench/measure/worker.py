@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 import torch
 
 import condconv_bench.workload  # noqa: F401  (imported before `READY`, not during the first visit)
-from condconv_bench.ab.aliases import install_from_environment
+from condconv_bench.gate.ab.aliases import install_from_environment
 from condconv_bench.errors import first_line
 from condconv_bench.fixtures import (
     GroupInputs, build_module, first_call, grad_mode, layer_state, step_function, synchronize, use_exact_float32,

@@ -8,8 +8,8 @@ from typing import Any
 
 import pandas as pd
 
-from condconv_bench.ab.verdict import ABCase, ABResult
-from condconv_bench.report import formatting
+from condconv_bench.gate.ab.verdict import ABCase, ABResult
+from condconv_bench import formatting
 
 VERDICT_ORDER = ["errors", "slower", "faster", "not compared", "unchanged"]
 

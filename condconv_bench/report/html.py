@@ -20,7 +20,8 @@ import pandas as pd
 
 from condconv_bench import __version__
 from condconv_bench.atomic import write_bytes_atomically, write_text_atomically
-from condconv_bench.report import formatting, plots, tables
+from condconv_bench import formatting
+from condconv_bench.report import plots, tables
 from condconv_bench.report.runs import LoadedRun, comparison_summary, cross_run
 
 

@@ -5,7 +5,8 @@ from __future__ import annotations
 import pandas as pd
 
 from condconv_bench.environment import hardware_label
-from condconv_bench.report import formatting, tables
+from condconv_bench import formatting
+from condconv_bench.report import tables
 from condconv_bench.report.runs import LoadedRun, comparison_summary, cross_run
 
 

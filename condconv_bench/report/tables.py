@@ -13,7 +13,7 @@ import numpy as np
 import pandas as pd
 
 from condconv_bench.case import GROUP_KEYS
-from condconv_bench.report import formatting
+from condconv_bench import formatting
 
 COMMON_IMPL = "grouped_conv"  # what timm and most open-source ports do
 GROUP_COLUMNS = list(GROUP_KEYS)

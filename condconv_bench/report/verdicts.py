@@ -8,8 +8,8 @@ from typing import Any
 
 import pandas as pd
 
-from condconv_bench.compare import CaseComparison, Comparison
-from condconv_bench.report import formatting
+from condconv_bench.gate.compare import CaseComparison, Comparison
+from condconv_bench import formatting
 
 VERDICT_ORDER = ["errors", "skipped", "missing", "slower", "faster", "fixed", "new", "not measured", "unchanged", "latency not compared"]
 

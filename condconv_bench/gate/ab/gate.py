@@ -11,11 +11,11 @@ from __future__ import annotations
 from dataclasses import replace
 from pathlib import Path
 
-from condconv_bench.ab import aliases, instructions
-from condconv_bench.ab.paired import measure_pairs
-from condconv_bench.ab.pairs import SIDES, pair_cases
-from condconv_bench.ab.revision import checked_out, repository_root, working_tree
-from condconv_bench.ab.verdict import ABResult, Thresholds, decide
+from condconv_bench.gate.ab import aliases, instructions
+from condconv_bench.gate.ab.paired import measure_pairs
+from condconv_bench.gate.ab.pairs import SIDES, pair_cases
+from condconv_bench.gate.ab.revision import checked_out, repository_root, working_tree
+from condconv_bench.gate.ab.verdict import ABResult, Thresholds, decide
 from condconv_bench.measure.pool import WorkerPool
 from condconv_bench.runner import measure_settings
 

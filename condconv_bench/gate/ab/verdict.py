@@ -19,10 +19,10 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from condconv_bench.ab.instructions import InstructionCounts
-from condconv_bench.ab.paired import PairedTiming
-from condconv_bench.ab.pairs import CasePair
-from condconv_bench.ab.revision import Revision
+from condconv_bench.gate.ab.instructions import InstructionCounts
+from condconv_bench.gate.ab.paired import PairedTiming
+from condconv_bench.gate.ab.pairs import CasePair
+from condconv_bench.gate.ab.revision import Revision
 from condconv_bench.errors import GateVerdict
 
 DEFAULT_TIME_THRESHOLD = 0.05

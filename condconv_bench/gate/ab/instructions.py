@@ -26,8 +26,8 @@ from pathlib import Path
 
 import torch
 
-from condconv_bench.ab.count_worker import CALLS
-from condconv_bench.ab.pairs import SIDES, CasePair, group_visits
+from condconv_bench.gate.ab.count_worker import CALLS
+from condconv_bench.gate.ab.pairs import SIDES, CasePair, group_visits
 from condconv_bench.measure.allocators import worker_environment
 from condconv_bench.measure.protocol import Visit
 
@@ -83,7 +83,7 @@ def _shares(visits: list[Visit], processes: int) -> list[list[Visit]]:
 
 def _command(folder: Path) -> list[str]:
     return ["valgrind", "--tool=callgrind", "--collect-atstart=no", "--dump-instr=no", "--dump-line=no",
-            f"--callgrind-out-file={folder / 'callgrind.out'}", sys.executable, "-m", "condconv_bench.ab.count_worker",
+            f"--callgrind-out-file={folder / 'callgrind.out'}", sys.executable, "-m", "condconv_bench.gate.ab.count_worker",
             str(folder / "job.pickle"), str(folder / "index.json")]
 
 

@@ -5,7 +5,7 @@ CPU, caches, instruction sets, kernel, software and measured matmul peak). Acros
 refused with the reason: measured here, a planted 1.5× slowdown passed such a gate because the
 other machine was 30% faster overall, and dividing by the `static` floor did not rescue it,
 since CPUs of one label also differ in which strategies they favour. The A/B gate
-(`condconv_bench.ab`) is what judges latency on any runner.
+(`condconv_bench.gate.ab`) is what judges latency on any runner.
 
 On one machine, timing verdicts follow `statistics` (threshold and rank test), in one of two modes:
 
@@ -27,11 +27,11 @@ from typing import Literal
 
 import numpy as np
 
-from condconv_bench.baseline import CaseFigures, Snapshot
+from condconv_bench.gate.baseline import CaseFigures, Snapshot
 from condconv_bench.environment import machine_differences
 from condconv_bench.errors import ResultsError
-from condconv_bench.report.formatting import count, size
-from condconv_bench.statistics import compare_samples
+from condconv_bench.formatting import count, size
+from condconv_bench.gate.statistics import compare_samples
 from condconv_bench.suite import GateSettings
 
 # Environment keys a comparison's header reports when they differ.
@@ -109,7 +109,7 @@ def _choose_mode(base: Snapshot, current: Snapshot, thresholds: GateSettings, la
         return None, "latency not compared (asked for: FLOPs, equivalence, errors and memory only)"
     differences = machine_differences(base.environment, current.environment)
     if differences:
-        return None, (f"latency not compared: the baseline comes from another machine ({differences[0]}); "
+        return None, (f"latency not compared: the baseline comes from another machine, or this one in another state ({differences[0]}); "
                       "judge latency with an A/B gate on one machine: condconv-bench gate --against REF")
     drift = floor_drift(base, current)
     moved = "" if drift is None else f"; the static floor moved by {drift - 1:+.0%} overall"

@@ -1,7 +1,7 @@
 """Instruction counts of each case's step, in a process that runs under callgrind.
 
-Started by `condconv_bench.ab.instructions` as `valgrind --tool=callgrind --collect-atstart=no …
-python -m condconv_bench.ab.count_worker JOB INDEX`. Collection is off until a step is about
+Started by `condconv_bench.gate.ab.instructions` as `valgrind --tool=callgrind --collect-atstart=no …
+python -m condconv_bench.gate.ab.count_worker JOB INDEX`. Collection is off until a step is about
 to run: each group is built and warmed up as a timing worker does (so first calls, lazy
 initialisation and one-off allocations are not counted), then, for every case in turn,
 collection is switched on for `CALLS` steps and the counts are dumped. Callgrind numbers the
@@ -23,7 +23,7 @@ from pathlib import Path
 
 import torch
 
-from condconv_bench.ab.aliases import install_from_environment
+from condconv_bench.gate.ab.aliases import install_from_environment
 from condconv_bench.errors import first_line
 from condconv_bench.fixtures import grad_mode
 from condconv_bench.measure.rounds import gc_paused

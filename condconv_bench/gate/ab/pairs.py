@@ -17,8 +17,8 @@ from types import ModuleType
 
 import torch
 
-from condconv_bench.ab.aliases import alias_for
-from condconv_bench.ab.revision import Revision
+from condconv_bench.gate.ab.aliases import alias_for
+from condconv_bench.gate.ab.revision import Revision
 from condconv_bench.case import Case
 from condconv_bench.errors import CondConvBenchError, first_line
 from condconv_bench.fixtures import seed_of

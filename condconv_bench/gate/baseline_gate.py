@@ -1,7 +1,7 @@
 """The baseline gate: a comparison with a committed baseline turned into pass or fail and an exit code.
 
 It judges what does not depend on the machine anywhere, and latency only on the baseline's own
-machine (`compare`); the A/B gate (`condconv_bench.ab`) judges latency on any runner.
+machine (`compare`); the A/B gate (`condconv_bench.gate.ab`) judges latency on any runner.
 
 Fails (exit 1) on any regression the comparison found; with `fail_on_improvement`, also on
 improvements beyond the thresholds, as PyTorch's CI does, so that a faster path forces the
@@ -13,8 +13,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-from condconv_bench.baseline import load_snapshot
-from condconv_bench.compare import CaseComparison, Comparison, compare_snapshots
+from condconv_bench.gate.baseline import load_snapshot
+from condconv_bench.gate.compare import CaseComparison, Comparison, compare_snapshots
 from condconv_bench.errors import GateVerdict
 from condconv_bench.suite import GateSettings
 
