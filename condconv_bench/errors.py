@@ -8,7 +8,7 @@ the file, the field and what was expected, because they are printed as they are.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import ClassVar
+from typing import Any, ClassVar
 
 EXIT_OK = 0
 EXIT_FAILURE = 1  # equivalence failure, regression, or (with --strict) an error row
@@ -83,3 +83,9 @@ def first_line(exc: BaseException) -> str:
     """`Type: first line of the message`: how an implementation's failure reads in a result row."""
     text = str(exc).strip().splitlines()
     return f"{type(exc).__name__}: {text[0] if text else ''}".strip()
+
+
+def first_problem(exc: Any) -> str:
+    """`key.path: message` for the first error of a pydantic `ValidationError`: one line that names the field."""
+    error = exc.errors()[0]
+    return f"{'.'.join(map(str, error['loc'])) or 'document'}: {error['msg']}"

@@ -19,12 +19,13 @@ import os
 import shutil
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import pandas as pd
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from condconv_bench.atomic import write_text_atomically
-from condconv_bench.errors import ResultsError
+from condconv_bench.errors import ResultsError, first_problem
 from condconv_bench.set_aside import set_aside
 from condconv_bench.timing import Timing
 
@@ -37,6 +38,34 @@ RESULTS_FILE = "results.csv"
 SAMPLES_FILE = "samples.jsonl"
 PROFILES_FILE = "profiles.jsonl"
 TRACES_DIR = "traces"
+
+class _Record(BaseModel):
+    model_config = ConfigDict(extra="allow")  # what readers do not use is kept as written
+
+
+class SuiteRecord(_Record):
+    name: str
+    sha256: str
+    gate: dict[str, Any] = {}
+
+
+class MatmulPeak(BaseModel):
+    device: str
+    dtype: str
+    threads: int
+    flops_per_s: float = Field(gt=0)
+
+
+class RunMetadata(_Record):
+    """`run.json`, version 3: what readers rely on is typed; the rest (timing settings, allocator,
+    timestamps, the environment's details) is kept as written."""
+
+    schema_version: Literal[3]
+    suite: SuiteRecord
+    environment: dict[str, Any] = {}
+    matmul_peaks: list[MatmulPeak] = []
+    shard: str | None = None
+
 
 # name → pandas dtype; the order is the CSV's column order.
 COLUMNS: dict[str, str] = {
@@ -246,7 +275,10 @@ class RunDirectory:
         if not isinstance(data, dict) or data.get("schema_version") != SCHEMA_VERSION:
             found = data.get("schema_version") if isinstance(data, dict) else None
             raise ResultsError(f"{file}: schema_version is {found!r}, this condconv-bench reads {SCHEMA_VERSION}")
-        return data
+        try:
+            return RunMetadata.model_validate(data).model_dump()
+        except ValidationError as exc:
+            raise ResultsError(f"{file}: {first_problem(exc)}") from None
 
     def write_metadata(self, metadata: dict[str, Any]) -> None:
         write_text_atomically(self.path / RUN_FILE, json.dumps(metadata, indent=2, sort_keys=True) + "\n")

@@ -16,16 +16,16 @@ import re
 from dataclasses import asdict, dataclass
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 import pandas as pd
-from pydantic import TypeAdapter, ValidationError
+from pydantic import BaseModel, ConfigDict, TypeAdapter, ValidationError
 
 from condconv_bench.atomic import write_text_atomically
-from condconv_bench.errors import ResultsError
+from condconv_bench.errors import ResultsError, first_problem
 from condconv_bench.case import GROUP_KEYS
-from condconv_bench.results import RunDirectory
+from condconv_bench.results import RunDirectory, SuiteRecord
 from condconv_bench.set_aside import set_aside
 from condconv_bench.timing import Timing
 
@@ -56,6 +56,19 @@ class CaseFigures:
 
 
 _CASE_FIGURES = TypeAdapter(CaseFigures)  # validates a baseline's entry, types included
+
+
+class BaselineDocument(BaseModel):
+    """A baseline file, version 2. Its entries are validated one by one (`CaseFigures`), so a bad
+    entry costs that case only."""
+
+    model_config = ConfigDict(extra="allow")
+
+    format: Literal["condconv-bench-baseline"]
+    version: Literal[2]
+    suite: SuiteRecord
+    environment: dict[str, Any] = {}
+    cases: dict[str, Any]
 
 
 @dataclass(frozen=True)
@@ -191,20 +204,16 @@ def _load_baseline_file(path: Path) -> Snapshot:
     if document.get("version") != BASELINE_VERSION:
         raise ResultsError(f"{path}: baseline version {document.get('version')!r}, this condconv-bench reads {BASELINE_VERSION}")
     try:
-        suite, entries, environment = document["suite"], document["cases"], document.get("environment", {})
-        name, sha256 = str(suite["name"]), str(suite["sha256"])
-        if not isinstance(entries, dict) or not isinstance(environment, dict):
-            raise TypeError("cases and environment must be JSON objects")
-    except (KeyError, TypeError) as exc:
-        raise ResultsError(f"{path}: corrupt baseline ({type(exc).__name__}: {exc})") from None
+        envelope = BaselineDocument.model_validate(document)
+    except ValidationError as exc:
+        raise ResultsError(f"{path}: corrupt baseline ({first_problem(exc)})") from None
     cases = {}
-    for case_id, figures in entries.items():
+    for case_id, figures in envelope.cases.items():
         try:
             cases[case_id] = _CASE_FIGURES.validate_python(figures)
         except ValidationError as exc:
-            problem = exc.errors()[0]
-            set_aside(path, f"case {case_id}", f"{'.'.join(map(str, problem['loc'])) or 'entry'}: {problem['msg']}")
-    return Snapshot(str(path), name, sha256, environment, cases)
+            set_aside(path, f"case {case_id}", first_problem(exc))
+    return Snapshot(str(path), envelope.suite.name, envelope.suite.sha256, envelope.environment, cases)
 
 
 def load_snapshot(paths: str | Path | list[Path]) -> Snapshot:
