@@ -84,6 +84,11 @@ class EquivalenceReport:
     def passed(self) -> bool:
         return not self.has_nonfinite and self.max_rel_error <= self.tolerance
 
+    def columns(self) -> dict[str, object]:
+        """This report's cells of a result row (`results.COLUMNS`)."""
+        return {"max_rel_error": self.max_rel_error, "max_abs_error": self.max_abs_error, "worst_tensor": self.worst,
+                "tolerance": self.tolerance, "equivalent": self.passed}
+
 
 @dataclass(frozen=True)
 class Reference:

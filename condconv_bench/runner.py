@@ -16,6 +16,7 @@ import math
 import re
 import time
 from collections import Counter
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from datetime import datetime, timezone
 from functools import cached_property
@@ -208,52 +209,70 @@ class _GroupContext:
         return self._reference
 
 
+@dataclass(frozen=True)
+class FirstCall:
+    """The cold first call of a case's step, timed apart from its latency."""
+
+    first_call_s: float
+    compiled_graphs: int  # graphs torch.compile built during it (0 when eager)
+    dispatched: str | None  # what a dispatching implementation (auto) ran
+    tf32: bool | None  # CUDA only: whether float32 may use TF32 (turned off before the call)
+
+
+@dataclass(frozen=True)
+class Sizes:
+    """The bytes a case's tensors take, from their shapes (not measured)."""
+
+    input_bytes: int
+    output_bytes: int
+    param_bytes: int
+    kernel_bytes: int  # per-example kernels the strategy materialises (B·P), 0 if none
+
+
+def _first_call(cls: type[CondConvBase], module: nn.Module, step: Callable[[], Any], case: Case, device: torch.device,
+                row: dict[str, Any]) -> FirstCall:
+    tf32 = use_exact_float32(device)
+    with grad_mode(case.mode):
+        started = time.perf_counter()
+        try:
+            graphs = first_call(step, cls.compiles, device)
+        except CompileFellBackError:
+            row.update(compiled_graphs=0, tf32=tf32)
+            raise
+        return FirstCall(time.perf_counter() - started, graphs, _dispatched(module), tf32)
+
+
+def _sizes(case: Case, module: nn.Module, inputs: GroupInputs, element: int) -> Sizes:
+    workload = case.workload
+    return Sizes(
+        input_bytes=inputs.x.numel() * element,
+        output_bytes=math.prod(workload.output_shape(case.batch_size)) * element,
+        param_bytes=sum(p.numel() * p.element_size() for p in module.parameters()),
+        kernel_bytes=workload.kernel_bytes(module, case.batch_size),
+    )
+
+
 def _probe(case: Case, cls: type[CondConvBase], device: torch.device, ctx: _GroupContext, row: dict[str, Any],
            traces_dir: Path | None) -> dict[str, Any] | None:
-    """Fill `row` with the untimed probes' figures as they arrive, so an error keeps what was measured.
+    """Fill `row` with the untimed probes' results as they arrive, so an error keeps what was measured.
 
-    The cold first call (compile time), equivalence against the float64 oracle, FLOP counts and
-    peak memory, all in this process; latency is measured afterwards in the worker processes.
+    Each probe returns a typed result whose cells go into the row: the cold first call (compile
+    time), the tensors' sizes, equivalence against the float64 oracle, FLOP counts and peak
+    memory, all in this process; latency is measured afterwards in the worker processes.
     """
     workload = case.workload
     module = build_module(case, cls, ctx.state, device)
     inputs = ctx.inputs
     x = inputs.formatted_x(case)
     step = step_function(module, x, inputs, case.mode)
-    element = x.element_size()
 
-    row["tf32"] = use_exact_float32(device)
-    with grad_mode(case.mode):
-        started = time.perf_counter()
-        try:
-            row["compiled_graphs"] = first_call(step, cls.compiles, device)
-        except CompileFellBackError:
-            row["compiled_graphs"] = 0
-            raise
-        row["first_call_s"] = time.perf_counter() - started
-        row["dispatched"] = _dispatched(module)
-
-    row["output_bytes"] = math.prod(workload.output_shape(case.batch_size)) * element
-    row["param_bytes"] = sum(p.numel() * p.element_size() for p in module.parameters())
-    row["input_bytes"] = inputs.x.numel() * element
-    row["kernel_bytes"] = workload.kernel_bytes(module, case.batch_size)
-
+    row.update(asdict(_first_call(cls, module, step, case, device, row)))
+    row.update(asdict(_sizes(case, module, inputs, x.element_size())))
     if not cls.is_baseline:
-        report = equivalence.check_equivalence(
-            module, x, inputs.routing_weights, inputs.grad_output, ctx.reference(workload, module)
-        )
-        row.update(
-            max_rel_error=report.max_rel_error, max_abs_error=report.max_abs_error, worst_tensor=report.worst,
-            tolerance=report.tolerance, equivalent=report.passed,
-        )
-
+        reference = ctx.reference(workload, module)
+        row.update(equivalence.check_equivalence(module, x, inputs.routing_weights, inputs.grad_output, reference).columns())
     analytic = workload.analytic_macs(module, case.batch_size)
-    counts = flops.count_flops(module.eager_module(), x, inputs.routing_weights, analytic)
-    row.update(
-        macs_fvcore=counts.macs_fvcore, flops_torch=counts.flops_torch, macs_analytic=analytic.total,
-        macs_analytic_routing=analytic.routing, macs_analytic_mixing=analytic.mixing, macs_analytic_conv=analytic.conv,
-        flops_agree=counts.agree, flops_problems=counts.problems, fvcore_uncounted_ops=counts.fvcore_uncounted_ops,
-    )
+    row.update(flops.count_flops(module.eager_module(), x, inputs.routing_weights, analytic).columns())
     with grad_mode(case.mode):
         row["peak_memory_bytes"] = memory.peak_memory_bytes(step, device)
         return record_profile(case.id, step, traces_dir, device) if traces_dir is not None else None

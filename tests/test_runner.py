@@ -205,6 +205,23 @@ def test_kill_9_then_resume_gives_every_case_exactly_once(tmp_path: Path) -> Non
     assert f"{done_before} already done" in finished.stdout
 
 
+def test_every_probe_fills_its_columns(tiny_run: pd.DataFrame) -> None:
+    """The row is composed from the probes' typed results; a probe that stops filling a column shows here."""
+    on_cpu = tiny_run[(tiny_run["status"] == "ok") & (tiny_run["device"] == "cpu")]
+    # Empty by design for these cases: no error or skip reason, no dispatcher, TF32 only on CUDA,
+    # no FLOP disagreement; fvcore names the routing's elementwise ops it skips only where there is
+    # routing; a linear layer has no image size.
+    may_be_empty = {"reason", "dispatched", "tf32", "flops_problems", "fvcore_uncounted_ops", "input_size"}
+    for impl, rows in on_cpu.groupby("impl"):
+        empty = {column for column in COLUMNS if rows[column].isna().any()} - may_be_empty
+        if impl == "static":  # the floor is not CondConv: no equivalence check, no ratio to itself
+            assert empty == {"equivalent", "max_abs_error", "max_rel_error", "tolerance", "worst_tensor",
+                             "tied_fastest", "vs_best", "vs_best_ci_high", "vs_best_ci_low", "vs_floor",
+                             "vs_floor_ci_high", "vs_floor_ci_low"}, impl
+        else:
+            assert empty == set(), (impl, empty)
+
+
 def test_result_columns_include_the_documented_ones() -> None:
     required = "impl layer batch_size device dtype mode threads status latency_median_s latency_iqr_s macs_fvcore flops_torch macs_analytic peak_memory_bytes max_rel_error equivalent"
     assert set(required.split()) <= set(COLUMNS)
