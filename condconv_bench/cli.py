@@ -18,7 +18,9 @@ import pandas as pd
 from pydantic import ValidationError
 
 from condconv_bench.gate.ab.gate import run_ab_gate
-from condconv_bench.gate.ab.verdict import DEFAULT_INSTRUCTION_THRESHOLD, DEFAULT_TIME_THRESHOLD, Thresholds
+from condconv_bench.gate.ab.verdict import (
+    DEFAULT_INSTRUCTION_MIN_DELTA, DEFAULT_INSTRUCTION_THRESHOLD, DEFAULT_TIME_THRESHOLD, Thresholds,
+)
 from condconv_bench.gate.baseline import load_snapshot, save_baseline
 from condconv_bench.gate.compare import CaseComparison, Comparison, compare_snapshots
 from condconv_bench.errors import EXIT_FAILURE, CondConvBenchError, RunInterruptedError
@@ -293,6 +295,8 @@ def compare(base: Path, current: Path, fmt: str, **overrides: Any) -> None:
 @click.option("--processes", type=click.IntRange(1, 64), help="A/B: worker processes [suite's timing.processes].")
 @click.option("--allocator", type=click.Choice(ALLOCATORS), help="A/B: allocator of the worker processes [suite's timing.allocator].")
 @click.option("--instruction-threshold", type=float, help="A/B: relative growth of instructions per step that fails [0.02].")
+@click.option("--instruction-min-delta", type=click.IntRange(min=0), default=DEFAULT_INSTRUCTION_MIN_DELTA, show_default=True,
+              help="A/B: and the growth must exceed this many instructions per step (one step's jitter).")
 @click.option("--no-instructions", is_flag=True, help="A/B: skip the callgrind instruction counts.")
 @click.option("--no-latency", is_flag=True, help="Baseline: compare only FLOPs, equivalence, errors and memory.")
 @click.option("--fail-on-improvement", is_flag=True, help="Baseline: also fail when a case got faster (or smaller) beyond the thresholds.")
@@ -300,7 +304,8 @@ def compare(base: Path, current: Path, fmt: str, **overrides: Any) -> None:
 @click.option("--all", "everything", is_flag=True, help="List every case, not only those that changed.")
 @_threshold_options
 def gate(run_dirs: tuple[Path, ...], against: str | None, baseline_path: Path | None, suite: str, repo: Path | None,
-         processes: int | None, allocator: str | None, instruction_threshold: float | None, no_instructions: bool,
+         processes: int | None, allocator: str | None, instruction_threshold: float | None, instruction_min_delta: int,
+         no_instructions: bool,
          no_latency: bool, fail_on_improvement: bool, fmt: str, everything: bool, **overrides: Any) -> None:
     """Pass (exit 0) or fail (exit 1) a change; exit 2 for bad input.
 
@@ -318,6 +323,7 @@ def gate(run_dirs: tuple[Path, ...], against: str | None, baseline_path: Path | 
             raise CondConvBenchError("gate: give --against REF, or RUN_DIRS with --baseline, not both")
         thresholds = Thresholds(time=overrides["time_threshold"] or DEFAULT_TIME_THRESHOLD,
                                 instructions=instruction_threshold or DEFAULT_INSTRUCTION_THRESHOLD,
+                                instructions_min_delta=instruction_min_delta,
                                 alpha=overrides["alpha"] or DEFAULT_ALPHA)
         result = run_ab_gate(against, suite, repo, thresholds, processes, allocator, not no_instructions)
         renderers = {"markdown": ab_report.render_markdown, "text": ab_report.render_text}

@@ -18,6 +18,8 @@ from click.testing import CliRunner
 
 from condconv_bench.gate.ab import aliases, instructions
 from condconv_bench.gate.ab.gate import run_ab_gate
+from condconv_bench.gate.ab.instructions import InstructionCounts
+from condconv_bench.gate.ab.verdict import Thresholds, instructions_verdict
 from condconv_bench.cli import main
 from condconv_bench.report import ab as ab_report
 
@@ -153,6 +155,39 @@ def test_instruction_gate_catches_three_percent_more_work(repo: Path) -> None:
     assert abs(by_impl["static"].instructions.ratio - 1) < 0.005, by_impl["static"].instructions
     assert [c.impl for c in result.failures] == ["busy"]
     assert any(p.startswith("instructions +") for p in by_impl["busy"].problems)
+
+
+@pytest.mark.slow
+def test_workers_run_the_instrument_not_the_checkout_they_start_in(repo: Path, monkeypatch) -> None:
+    """Run from the repository root, `python -m` would import the checkout's harness first."""
+    for module in ("condconv_bench/measure/worker.py", "condconv_bench/gate/ab/count_worker.py"):
+        (repo / module).write_text("raise SystemExit(\"the checkout's harness ran instead of the instrument's\")\n")
+    monkeypatch.chdir(repo)
+    counting = instructions.unavailable_reason() is None
+    result = run_ab_gate("HEAD", SUITE_PATH, repo, count_instructions=counting)
+    assert result.passed, [(c.case_id, c.note, c.problems) for c in result.cases]
+    assert all(c.timing is not None and (c.instructions is not None or not counting) for c in result.cases)
+
+
+def test_a_failed_instruction_count_fails_the_gate_with_the_reason(repo: Path, monkeypatch) -> None:
+    monkeypatch.setattr(instructions, "unavailable_reason", lambda: None)
+    monkeypatch.setattr(instructions, "_command", lambda folder: [sys.executable, "-c", "raise SystemExit('planted: callgrind broke')"])
+    result = run_ab_gate("HEAD", str(repo / SUITE_PATH), repo)
+    assert not result.passed and len(result.failures) == len(result.cases) == 3
+    for case in result.failures:
+        assert case.instructions is None
+        assert "instructions not counted" in case.problems[-1]
+        assert "callgrind process failed (exit code 1): planted: callgrind broke" in case.problems[-1]
+
+
+def test_instruction_changes_within_the_jitter_of_one_step_do_not_count() -> None:
+    t = Thresholds()
+    smallest_step_jitter = InstructionCounts(73_140, 74_921)  # +2.4%, seen on unchanged code
+    assert instructions_verdict(smallest_step_jitter, t) == "same"
+    planted = InstructionCounts(182_421, 190_450)  # +4.4%, a planted loop
+    assert instructions_verdict(planted, t) == "more"
+    assert instructions_verdict(InstructionCounts(60_902_678, 60_910_152), t) == "same"  # +7,474 but +0.01%
+    assert instructions_verdict(InstructionCounts(190_450, 182_421), t) == "fewer"
 
 
 def test_instructions_without_valgrind_are_skipped_with_the_reason(monkeypatch) -> None:

@@ -36,10 +36,11 @@ class WorkerFailure:
 
 
 class _Worker:
-    def __init__(self, env: dict[str, str]) -> None:
+    def __init__(self, env: dict[str, str], home: str) -> None:
         self.log = tempfile.TemporaryFile()
         self.process = subprocess.Popen(
             [sys.executable, "-m", WORKER_MODULE], stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=self.log, env=env,
+            cwd=home,
         )
         self.ready = False
 
@@ -86,15 +87,23 @@ class WorkerPool:
         self.env = worker_environment(allocator, env)
         self.size = size
         self._workers: list[_Worker] = []
+        self._home: tempfile.TemporaryDirectory[str] | None = None
 
     def __enter__(self) -> WorkerPool:
-        self._workers = [_Worker(self.env) for _ in range(self.size)]
+        # Workers start in an empty directory: `python -m` puts the working directory first on the
+        # module path, and in a checkout of another revision (where an A/B gate runs) that would
+        # import the checkout's `condconv_bench` instead of the instrument's.
+        self._home = tempfile.TemporaryDirectory(prefix="condconv-bench-worker-")
+        self._workers = [_Worker(self.env, self._home.name) for _ in range(self.size)]
         return self
 
     def __exit__(self, *exc_info: object) -> None:
         for worker in self._workers:
             worker.stop()
         self._workers = []
+        if self._home is not None:
+            self._home.cleanup()
+            self._home = None
 
     def visit(self, index: int, visit: Visit, timeout_s: float) -> VisitResult | WorkerFailure:
         """Send `visit` to worker `index` and wait for its answer at most `timeout_s`.
@@ -129,7 +138,7 @@ class WorkerPool:
             reason = f"worker process died ({f'signal {-code}' if code < 0 else f'exit code {code}'})"
         last, culprit = worker.last_words()
         worker.stop()
-        self._workers[index] = _Worker(self.env)
+        self._workers[index] = _Worker(self.env, self._home.name)  # type: ignore[union-attr]
         try:
             self._workers[index].wait_until_ready()
         except (EOFError, OSError, TimeoutError):

@@ -45,7 +45,7 @@ def _header(result: ABResult) -> list[str]:
         f"suite: {result.suite}; both sides timed in the same interleaved rounds of {result.processes} worker processes",
         f"thresholds: paired time ratio +{t.time:.0%} with signed-rank p < {t.alpha:g} and the 95% interval above "
         f"{1 + t.time / 2:g}; "
-        f"instructions +{t.instructions:.0%}{counted}",
+        f"instructions +{t.instructions:.0%} and > {t.instructions_min_delta:,} per step{counted}",
     ]
 
 

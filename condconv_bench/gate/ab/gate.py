@@ -43,6 +43,7 @@ def run_ab_gate(against: str, suite: str = "smoke", repo: Path | None = None, th
                 [p for p in pairs if p.not_compared is None and p.case_id in timed], seed, allocator, extra_env)
     cases = []
     for pair in pairs:
-        note = count_errors.get(pair.case_id) or (None if pair.not_compared else instructions.not_counted_reason(pair))
-        cases.append(decide(pair, timed.get(pair.case_id), errors.get(pair.case_id), counts.get(pair.case_id), note, thresholds))
+        note = None if pair.not_compared else instructions.not_counted_reason(pair)
+        cases.append(decide(pair, timed.get(pair.case_id), errors.get(pair.case_id), counts.get(pair.case_id), note,
+                            count_errors.get(pair.case_id), thresholds))
     return ABResult(base, head, suite, thresholds, settings.processes, unavailable, tuple(cases))

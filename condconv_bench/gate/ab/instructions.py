@@ -110,7 +110,8 @@ def count_instructions(pairs: list[CasePair], seed: int, allocator: str, extra_e
     """Instructions per step of each pair (CPU, not compiling) by case id, and why others have none.
 
     The groups are shared among as many callgrind processes as there are cores: counts do not
-    depend on what else runs, and valgrind runs code some 50× slower.
+    depend on what else runs, and valgrind runs code some 50× slower. Each starts in its own
+    scratch folder, not in the repository: `python -m` would import the checkout's package first.
     """
     counted = [pair for pair in pairs if not_counted_reason(pair) is None]
     tags = {pair.tagged(side).id: (pair, side) for pair in counted for side in SIDES}
@@ -124,7 +125,7 @@ def count_instructions(pairs: list[CasePair], seed: int, allocator: str, extra_e
             folder.mkdir()
             (folder / "job.pickle").write_bytes(pickle.dumps(share))
             log = open(folder / "log", "wb")  # noqa: SIM115 (closed once the process has ended)
-            folders.append((folder, share, log, subprocess.Popen(_command(folder), stdout=log, stderr=log, env=env)))
+            folders.append((folder, share, log, subprocess.Popen(_command(folder), stdout=log, stderr=log, env=env, cwd=folder)))
         for folder, share, log, process in folders:
             try:
                 returncode: int | None = process.wait(timeout=COUNT_TIMEOUT_S)
