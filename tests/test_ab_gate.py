@@ -115,8 +115,11 @@ def test_planted_slowdown_fails_exactly_its_cases(repo: Path) -> None:
 
 
 @pytest.mark.slow
-def test_unchanged_code_passes_with_every_case_compared(repo: Path) -> None:
-    result = run_ab_gate("HEAD", str(repo / SUITE_PATH), repo, count_instructions=False)
+def test_unchanged_code_passes_with_every_case_compared(repo: Path, monkeypatch) -> None:
+    # Run from the checkout's root with its worker module broken: the instrument's must be used.
+    (repo / "condconv_bench/measure/worker.py").write_text("raise SystemExit(\"the checkout's worker ran\")\n")
+    monkeypatch.chdir(repo)
+    result = run_ab_gate("HEAD", SUITE_PATH, repo, count_instructions=False)
     assert result.passed and result.exit_code == 0
     assert [c.verdict for c in result.cases] == ["unchanged"] * 3
     assert all(0.9 < c.timing.ratio.estimate < 1.1 and c.timing.samples >= 16 for c in result.cases)
@@ -138,7 +141,9 @@ def test_cases_new_removed_or_redefined_are_listed_not_failed(repo: Path) -> Non
 
 
 @pytest.mark.slow
-def test_instruction_gate_catches_three_percent_more_work(repo: Path) -> None:
+def test_instruction_gate_catches_three_percent_more_work(repo: Path, monkeypatch) -> None:
+    """Also run from the checkout's root, with its harness broken: `python -m` there would import
+    the checkout's worker modules instead of the instrument's, and every count would be lost."""
     reason = instructions.unavailable_reason()
     if reason:
         pytest.skip(reason)
@@ -148,25 +153,16 @@ def test_instruction_gate_catches_three_percent_more_work(repo: Path) -> None:
     _git(repo, "add", ".")
     _git(repo, "commit", "--quiet", "-m", "busy")
     (repo / "impls" / "busy.py").write_text(BUSY_IMPL.format(work=20_600))  # 3% more loop
-    result = run_ab_gate("HEAD", str(repo / SUITE_PATH), repo)
+    for module in ("condconv_bench/measure/worker.py", "condconv_bench/gate/ab/count_worker.py"):
+        (repo / module).write_text("raise SystemExit(\"the checkout's harness ran instead of the instrument's\")\n")
+    monkeypatch.chdir(repo)
+    result = run_ab_gate("HEAD", SUITE_PATH, repo)
     by_impl = {c.impl: c for c in result.cases}
     assert result.instructions_unavailable is None
     assert 1.02 < by_impl["busy"].instructions.ratio < 1.035, by_impl["busy"].instructions
     assert abs(by_impl["static"].instructions.ratio - 1) < 0.005, by_impl["static"].instructions
     assert [c.impl for c in result.failures] == ["busy"]
     assert any(p.startswith("instructions +") for p in by_impl["busy"].problems)
-
-
-@pytest.mark.slow
-def test_workers_run_the_instrument_not_the_checkout_they_start_in(repo: Path, monkeypatch) -> None:
-    """Run from the repository root, `python -m` would import the checkout's harness first."""
-    for module in ("condconv_bench/measure/worker.py", "condconv_bench/gate/ab/count_worker.py"):
-        (repo / module).write_text("raise SystemExit(\"the checkout's harness ran instead of the instrument's\")\n")
-    monkeypatch.chdir(repo)
-    counting = instructions.unavailable_reason() is None
-    result = run_ab_gate("HEAD", SUITE_PATH, repo, count_instructions=counting)
-    assert result.passed, [(c.case_id, c.note, c.problems) for c in result.cases]
-    assert all(c.timing is not None and (c.instructions is not None or not counting) for c in result.cases)
 
 
 def test_a_failed_instruction_count_fails_the_gate_with_the_reason(repo: Path, monkeypatch) -> None:
