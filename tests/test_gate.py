@@ -101,8 +101,9 @@ def test_planted_defect_fails_the_gate_naming_case_and_reason(tmp_path, baseline
     assert any(problem.startswith(reason) for problem in case.problems), case.problems
     if verdict:
         assert case.verdict == verdict
-    if planted is fake_impls.SlowerByHalf:
-        assert 1.35 < case.ratio < 1.8
+    # How large the slowdown came out is not checked here: two runs minutes apart on a shared
+    # machine put a planted 1.5x anywhere from 1.17x (a fresh-clone CI run) to 1.6x. The A/B
+    # gate's test checks the size, measured side by side (tests/test_ab_gate.py).
 
 
 def test_gate_cli_names_the_regression_and_exits_1(tmp_path, baseline_file, isolated_registry) -> None:
