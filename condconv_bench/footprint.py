@@ -46,8 +46,8 @@ def _elements(case: Case, unfolds: bool) -> int:
 def estimated_bytes(case: Case) -> int:
     """An upper bound on the bytes one case needs on its device, its float64 reference included."""
     factor = TRAINING_FACTOR if case.mode == "training" else 1
-    itemsize = torch.empty((), dtype=case.torch_dtype).element_size()
-    return factor * (itemsize * _elements(case, unfolds=True) + REFERENCE_ITEMSIZE * _elements(case, unfolds=False))
+    return factor * (case.torch_dtype.itemsize * _elements(case, unfolds=True)
+                     + REFERENCE_ITEMSIZE * _elements(case, unfolds=False))
 
 
 def available_bytes(device: torch.device) -> int | None:
