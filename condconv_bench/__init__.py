@@ -25,6 +25,7 @@ _HOMES = {
     "register_impl": "condconv_bench.registry",
     "load_results": "condconv_bench.results",
     "run_suite": "condconv_bench.runner",
+    "set_autotune": "condconv_bench.autotune",
 }
 
 __all__ = sorted([*_HOMES, "__version__"])
@@ -36,6 +37,7 @@ if TYPE_CHECKING:
     from condconv_bench.modules import CondConv2d, CondConvLinear
     from condconv_bench.registry import create_impl, get_impl, list_impls, register_impl
     from condconv_bench.results import load_results
+    from condconv_bench.autotune import set_autotune
     from condconv_bench.runner import run_suite
     from condconv_bench.spec import LayerSpec
 

@@ -344,23 +344,27 @@ def gate(run_dirs: tuple[Path, ...], against: str | None, baseline_path: Path | 
 @click.option("--device", "devices", multiple=True, help="Only this device (repeatable).")
 @click.option("--batch-size", "batch_sizes", multiple=True, type=int, help="Only this batch size (repeatable).")
 @click.option("--layer", "layers", multiple=True, help="Only this layer (repeatable).")
+@click.option("--allocator", type=click.Choice(ALLOCATORS), help="Allocator of the worker processes [suite's timing.allocator, else fixed]; "
+              "glibc tunes for a plain Python process.")
 @click.option("-q", "--quiet", is_flag=True, help="No progress bar.")
 def tune_command(suite: str, output: Path, run_dir: Path | None, from_run: Path | None, devices: tuple[str, ...],
-                 batch_sizes: tuple[int, ...], layers: tuple[str, ...], quiet: bool) -> None:
+                 batch_sizes: tuple[int, ...], layers: tuple[str, ...], allocator: str | None, quiet: bool) -> None:
     """Build a dispatch table for `auto` from SUITE's measurements on this machine.
 
-    Use it with CondConv2d(..., dispatch_table=FILE) or CONDCONV_BENCH_DISPATCH=FILE.
+    Use it with CondConv2d(..., dispatch_table=FILE) or CONDCONV_BENCH_DISPATCH=FILE; measured
+    here, it also fills this machine's autotune cache, which `autotune` layers read first.
     """
     loaded = load_suite(suite)
     default = default_output(loaded)
     target = from_run or run_dir or default.with_name("tune-" + default.name)
     progress = None if quiet or from_run else _ProgressBar(f"tune {loaded.name}")
     try:
-        table = tune(loaded, output, target, reuse_run=from_run is not None,
-                     case_filter=CaseFilter((), devices, batch_sizes, layers), listener=progress)
+        table, cache = tune(loaded, output, target, reuse_run=from_run is not None,
+                            case_filter=CaseFilter((), devices, batch_sizes, layers), listener=progress, allocator=allocator)
     finally:
         if progress is not None:
             progress.close()
     chosen = pd.Series([e.strategy for e in table.entries]).value_counts()
     click.echo(f"wrote {output}: {len(table.entries)} entries from {target} ("
                + ", ".join(f"{key} {n}" for key, n in chosen.items()) + ")")
+    click.echo(f"autotune cache: {cache}" if cache else "autotune cache: not written (the run comes from another machine or torch, or the cache is off)")

@@ -1,14 +1,14 @@
 """Dispatch tables: which strategy to run for a layer, learned from measurements.
 
-An entry records, for one layer shape on one device type, dtype, mode, thread count and memory
-format at one batch size, the fastest strategy that passed the equivalence check (and by how much
+An entry records, for one layer shape on one device type, dtype, mode, thread count, memory
+format and allocator at one batch size, the fastest strategy that passed the equivalence check (and by how much
 it beat the runner-up). `condconv-bench tune` builds a table from a suite's run; the package ships
 tables measured on the machines this project was benchmarked on; `CONDCONV_BENCH_DISPATCH` or a
 layer's `dispatch_table` argument points at another.
 
 Lookup narrows the entries step by step, keeping the previous set when a step would leave none:
 same device type and dtype (else the rule of thumb below); same mode (training falls back to
-inference entries); same thread count; same memory format; the exact layer (signature) or else
+inference entries); same thread count; same memory format; same allocator; the exact layer (signature) or else
 the same shape class. Among what is left it takes the entry nearest in batch size and cost on a
 log scale. With no entry for the device and dtype at all it falls back to a rule of thumb.
 """
@@ -35,7 +35,7 @@ if TYPE_CHECKING:
     import pandas as pd
 
 TABLE_FORMAT = "condconv-bench-dispatch"
-TABLE_VERSION = 1
+TABLE_VERSION = 2  # 2 added the allocator to every entry
 ENVIRONMENT_VARIABLE = "CONDCONV_BENCH_DISPATCH"
 
 
@@ -80,6 +80,7 @@ class Entry:
     mode: str  # inference | training
     threads: int
     memory_format: str
+    allocator: str  # the process's allocator policy (`condconv_bench.measure.allocators.current`)
     signature: str
     shape_class: str
     batch_size: int
@@ -109,6 +110,11 @@ class Entry:
             raise ValueError(f"batch_size: {raw['batch_size']} is below 1")
         return cls(**raw)
 
+    def identity(self) -> tuple[object, ...]:
+        """Everything that makes this entry a measurement of one query (`Query.identity`)."""
+        return (self.device, self.dtype, self.mode, self.threads, self.memory_format, self.allocator,
+                self.signature, self.batch_size)
+
 
 _JSON_TYPES: dict[str, type | tuple[type, ...]] = {"str": str, "int": int, "float": (int, float)}
 
@@ -124,7 +130,13 @@ class Query:
     mode: str
     threads: int
     memory_format: str
+    allocator: str
     batch_size: int
+
+    def identity(self) -> tuple[object, ...]:
+        """What an entry measured for exactly this query shares with it (see `Entry.identity`)."""
+        return (self.device, self.dtype, self.mode, self.threads, self.memory_format, self.allocator,
+                signature(self.spec, self.input_size), self.batch_size)
 
 
 def _narrow(entries: list[Entry], keep: Any) -> list[Entry]:
@@ -143,6 +155,10 @@ class DispatchTable:
         """Whether any entry was measured on this device type and dtype (else `choose` guesses)."""
         return any(e.device == device and e.dtype == dtype for e in self.entries)
 
+    def measured_under(self, device: str, dtype: str) -> set[tuple[str, int]]:
+        """The (allocator, threads) pairs this table's entries for a device and dtype were measured under."""
+        return {(e.allocator, e.threads) for e in self.entries if e.device == device and e.dtype == dtype}
+
     def choose(self, query: Query) -> str:
         candidates = [e for e in self.entries if e.device == query.device and e.dtype == query.dtype]
         if not candidates:
@@ -152,6 +168,7 @@ class DispatchTable:
         candidates = _narrow(candidates, lambda e: e.mode == query.mode)
         candidates = _narrow(candidates, lambda e: e.threads == query.threads)
         candidates = _narrow(candidates, lambda e: e.memory_format == query.memory_format)
+        candidates = _narrow(candidates, lambda e: e.allocator == query.allocator)
         candidates = _narrow(_narrow(candidates, lambda e: e.shape_class == family), lambda e: e.signature == exact)
         macs = max(1, conv_macs(query.spec, 1, query.input_size))
 
@@ -194,8 +211,10 @@ class DispatchTable:
         return cls([e for t in tables for e in t.entries], ", ".join(t.source for t in tables))
 
 
-def entries_from_results(frame: pd.DataFrame, workloads: dict[str, tuple[LayerSpec, Pair]], eligible: set[str]) -> list[Entry]:
-    """One entry per measured group of a run: the fastest eligible strategy that passed equivalence."""
+def entries_from_results(frame: pd.DataFrame, workloads: dict[str, tuple[LayerSpec, Pair]], eligible: set[str],
+                         allocator: str) -> list[Entry]:
+    """One entry per measured group of a run (whose workers ran under `allocator`): the fastest
+    eligible strategy that passed equivalence."""
     rows = frame[(frame["status"] == "ok") & frame["impl"].isin(eligible) & frame["equivalent"].fillna(False).astype(bool)]
     rows = rows[rows["layer"].isin(workloads)]
     entries = []
@@ -207,7 +226,7 @@ def entries_from_results(frame: pd.DataFrame, workloads: dict[str, tuple[LayerSp
         margin = float(ranked.iloc[1]["latency_median_s"] / best["latency_median_s"]) if len(ranked) > 1 else 1.0
         entries.append(Entry(
             device=str(device).split(":")[0], dtype=str(dtype), mode=str(mode), threads=int(threads),
-            memory_format=str(memory_format), signature=signature(spec, input_size),
+            memory_format=str(memory_format), allocator=allocator, signature=signature(spec, input_size),
             shape_class=shape_class(spec, input_size), batch_size=int(batch_size),
             conv_macs_per_example=conv_macs(spec, 1, input_size), strategy=str(best["impl"]),
             margin=round(margin, 4), layer=str(layer),

@@ -62,6 +62,15 @@ def _caches() -> dict[str, str]:
     return caches
 
 
+def cache_bytes(level: str) -> int | None:
+    """The size of CPU 0's cache `level` ("L2", "L1d", …) in bytes, or None where sysfs does not say."""
+    size = _caches().get(level)
+    if not size:
+        return None
+    units = {"K": 2**10, "M": 2**20, "G": 2**30}
+    return int(size[:-1]) * units[size[-1]] if size[-1] in units else int(size)
+
+
 def machine_fingerprint() -> dict[str, Any]:
     """What tells two machines apart when their CPUs share a label.
 

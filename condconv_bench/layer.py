@@ -133,7 +133,9 @@ class CondConvBase(nn.Module, ABC):
     def compute_routing(self, x: torch.Tensor) -> torch.Tensor:
         """Per-example expert weights `(B, E)` from the globally pooled input."""
         pooled = x.mean(dim=(2, 3)) if self.spec.kind == "conv2d" else x
-        logits = self.routing(pooled)
+        # F.linear, not the module call: at batch 1 the module call's hooks and bookkeeping cost
+        # 3-6% of a 1x1 layer's whole step (measured on 112>672 @14 and 1152>192 @7).
+        logits = F.linear(pooled, self.routing.weight, self.routing.bias)
         if self.spec.routing == "softmax":
             return torch.softmax(logits / self.temperature, dim=1)
         return torch.sigmoid(logits)

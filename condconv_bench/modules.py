@@ -4,7 +4,8 @@ They take the usual `nn.Conv2d` / `nn.Linear` arguments (and their defaults, bia
 `num_experts`, the routing kind and `strategy`: `"auto"` (the default) dispatches per call through
 a dispatch table — the one given as `dispatch_table` (a `DispatchTable` or a JSON path from
 `condconv-bench tune`), else `$CONDCONV_BENCH_DISPATCH`, else the tables shipped with the package —
-and any dispatchable registry key fixes the strategy. `forward(x, routing_weights=None)` routes
+`"autotune"` measures the strategies on the first call of each new input signature, within
+`tuning_budget_s` (`condconv_bench.autotune`), and any dispatchable registry key fixes the strategy. `forward(x, routing_weights=None)` routes
 from `x` or takes routing weights shared across a block.
 """
 
@@ -38,12 +39,13 @@ class CondConv2d(Auto):
         temperature: float = 1.0,
         strategy: str = "auto",
         dispatch_table: DispatchTable | str | Path | None = None,
+        tuning_budget_s: float | None = None,
     ) -> None:
         spec = LayerSpec(
             "conv2d", in_channels, out_channels, num_experts, kernel_size, stride, padding, dilation, groups,
             bias, routing, temperature,
         )
-        super().__init__(spec, strategy=strategy, dispatch_table=dispatch_table)
+        super().__init__(spec, strategy=strategy, dispatch_table=dispatch_table, tuning_budget_s=tuning_budget_s)
 
 
 class CondConvLinear(Auto):
@@ -60,6 +62,7 @@ class CondConvLinear(Auto):
         temperature: float = 1.0,
         strategy: str = "auto",
         dispatch_table: DispatchTable | str | Path | None = None,
+        tuning_budget_s: float | None = None,
     ) -> None:
         spec = LayerSpec("linear", in_features, out_features, num_experts, bias=bias, routing=routing, temperature=temperature)
-        super().__init__(spec, strategy=strategy, dispatch_table=dispatch_table)
+        super().__init__(spec, strategy=strategy, dispatch_table=dispatch_table, tuning_budget_s=tuning_budget_s)

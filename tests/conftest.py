@@ -7,7 +7,7 @@ from dataclasses import dataclass
 import pytest
 import torch
 
-from condconv_bench import LayerSpec, registry
+from condconv_bench import LayerSpec, autotune, registry
 
 
 @dataclass(frozen=True)
@@ -68,3 +68,12 @@ def isolated_registry(monkeypatch) -> dict:
     copy = dict(registry._registry)
     monkeypatch.setattr(registry, "_registry", copy)
     return copy
+
+
+@pytest.fixture(autouse=True)
+def private_autotune(tmp_path, monkeypatch) -> None:
+    """Every test autotunes into its own cache file (never the user's), with a short budget: the
+    oracle tests check what `autotune` computes, not how well it chooses."""
+    monkeypatch.setenv(autotune.CACHE_VARIABLE, str(tmp_path / "autotune-cache.json"))
+    monkeypatch.delenv(autotune.AUTOTUNE_VARIABLE, raising=False)
+    monkeypatch.setattr(autotune, "_switch", {"enabled": False, "budget_s": 0.05})

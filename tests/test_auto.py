@@ -10,10 +10,12 @@ import torch
 from click.testing import CliRunner
 
 from condconv_bench import CondConv2d, CondConvLinear, DispatchTable, LayerSpec
+from condconv_bench import autotune
 from condconv_bench.cli import main
 from condconv_bench.dispatch import ENVIRONMENT_VARIABLE, Entry, Query, rule_of_thumb, shape_class, signature
 from condconv_bench.equivalence import check_equivalence
 from condconv_bench.errors import ResultsError, UnknownImplError
+from condconv_bench.measure import allocators
 from condconv_bench.registry import dispatchable_impls
 from condconv_bench.runner import CaseFilter, run_suite
 
@@ -25,7 +27,7 @@ SPEC = LayerSpec("conv2d", 8, 16, 4, kernel_size=3, padding=1)
 def entry(strategy: str, batch_size: int, spec: LayerSpec = SPEC, size=(6, 6), **changes) -> Entry:
     fields = dict(
         device="cpu", dtype="float32", mode="inference", threads=torch.get_num_threads(), memory_format="contiguous",
-        signature=signature(spec, size), shape_class=shape_class(spec, size), batch_size=batch_size,
+        allocator=allocators.current(), signature=signature(spec, size), shape_class=shape_class(spec, size), batch_size=batch_size,
         conv_macs_per_example=spec.kernel_numel * size[0] * size[1], strategy=strategy, margin=1.2, layer="t",
     )
     return Entry(**{**fields, **changes})
@@ -33,7 +35,8 @@ def entry(strategy: str, batch_size: int, spec: LayerSpec = SPEC, size=(6, 6), *
 
 def query(batch_size: int, spec: LayerSpec = SPEC, size=(6, 6), **changes) -> Query:
     fields = dict(spec=spec, input_size=size, device="cpu", dtype="float32", mode="inference",
-                  threads=torch.get_num_threads(), memory_format="contiguous", batch_size=batch_size)
+                  threads=torch.get_num_threads(), memory_format="contiguous", allocator=allocators.current(),
+                  batch_size=batch_size)
     return Query(**{**fields, **changes})
 
 
@@ -137,8 +140,8 @@ def test_auto_under_torch_compile_matches_eager() -> None:
 def test_dispatch_lookup_is_cached_per_input_shape(monkeypatch) -> None:
     layer = CondConv2d(8, 16, 1, num_experts=4)
     calls = []
-    original = layer.choose
-    monkeypatch.setattr(layer, "choose", lambda x: calls.append(x.shape) or original(x))
+    original = layer._resolve
+    monkeypatch.setattr(layer, "_resolve", lambda x, routing: calls.append(x.shape) or original(x, routing))
     with torch.no_grad():
         for _ in range(3):
             layer(torch.randn(2, 8, 5, 5))
@@ -161,6 +164,10 @@ def test_tune_builds_a_table_that_auto_uses(tmp_path) -> None:
     with torch.no_grad():
         layer(torch.randn(2, 8))
     assert layer.last_strategy == fc["strategy"]
+    assert {e["allocator"] for e in entries} == {"fixed"}  # the workers' default policy, recorded
+    assert "autotune cache: " in result.output
+    cached = json.loads(autotune.cache_path().read_text())["entries"]  # measured here: autotune starts from it
+    assert {(e["layer"], e["batch_size"], e["strategy"]) for e in entries} <= {(e["layer"], e["batch_size"], e["strategy"]) for e in cached}
 
 
 def test_runner_records_what_auto_dispatched(tmp_path) -> None:

@@ -23,6 +23,7 @@ process is never changed.
 from __future__ import annotations
 
 import ctypes.util
+import os
 import platform
 from typing import Any
 
@@ -69,6 +70,19 @@ def worker_environment(name: str, environment: dict[str, str]) -> dict[str, str]
             )
         env["LD_PRELOAD"] = library
     return env
+
+
+def current() -> str:
+    """The policy this process runs under, told from its environment: a preloaded jemalloc or
+    tcmalloc, glibc with the fixed thresholds, plain glibc, or `other` (not glibc)."""
+    preloaded = os.environ.get("LD_PRELOAD", "")
+    for name in _LIBRARIES:
+        if name in preloaded:
+            return name
+    if not _is_glibc():
+        return "other"
+    fixed = os.environ.get("MALLOC_MMAP_THRESHOLD_") == str(FIXED_THRESHOLD)
+    return "fixed" if fixed else "glibc"
 
 
 def describe(name: str) -> dict[str, Any]:

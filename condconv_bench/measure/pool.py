@@ -20,6 +20,7 @@ import tempfile
 import time
 from dataclasses import dataclass
 
+from condconv_bench.autotune import AUTOTUNE_VARIABLE, CACHE_VARIABLE
 from condconv_bench.measure.allocators import worker_environment
 from condconv_bench.measure.protocol import BUILDING, READY, TIMING, Visit, VisitResult, read_message, write_message
 
@@ -84,6 +85,10 @@ class WorkerPool:
         env = {**os.environ, **(extra_env or {})}
         # Workers import what this process can import (tests' `module:Class` implementations too).
         env["PYTHONPATH"] = os.pathsep.join(path for path in sys.path if path)
+        # `auto` measures the table and `autotune` its own in-process tuning: neither may read
+        # choices a user's earlier process left in the machine's autotune cache, nor add to it.
+        env[CACHE_VARIABLE] = "off"
+        env.pop(AUTOTUNE_VARIABLE, None)
         self.env = worker_environment(allocator, env)
         self.size = size
         self._workers: list[_Worker] = []

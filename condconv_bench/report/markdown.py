@@ -33,6 +33,8 @@ def render_markdown(runs: list[LoadedRun]) -> str:
             "fastest in": summary["wins"],
             "geomean vs static": summary["geomean_vs_static"].map(formatting.ratio),
             "geomean vs grouped_conv": summary["geomean_vs_grouped_conv"].map(formatting.ratio),
+            "geomean vs fastest": summary["geomean_vs_fastest"].map(formatting.ratio),
+            "within 5% of fastest": summary["within_5pct"].astype(int),
         })))
         failures = tables.equivalence_failures(frame)
         if not failures.empty:

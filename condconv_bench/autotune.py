@@ -1,0 +1,216 @@
+"""Autotuning in the user's own process, like `torch.backends.cudnn.benchmark`.
+
+A shipped or `tune`d dispatch table is only as right as the machine it was measured on: machines
+sold under one CPU label rank the strategies differently, and so do allocators and thread counts.
+A layer built with `strategy="autotune"` (or any `auto` layer while `set_autotune(True)` or
+`CONDCONV_BENCH_AUTOTUNE=1` is in force) therefore measures the candidate strategies on its first
+call for each new input signature, in this process, on the call's own input:
+
+- every dispatchable strategy that supports the layer, device and dtype is called twice (the first
+  call builds layouts and library primitives; the second estimates one call); any more than
+  `PRUNE_FACTOR`× slower than the fastest is dropped;
+- the rest are timed in interleaved rounds of ~2 ms blocks in a fixed-seed shuffled order (drift
+  lands on all of them alike) until the budget (`DEFAULT_BUDGET_S` per signature) is spent, three
+  rounds at least;
+- every strategy within `TIE_TOLERANCE` of the fastest median is tied, and the choice among the
+  tied is fixed by name rather than by noise, so two processes agree.
+
+With autograd recording, a step is the forward and its backward (`torch.autograd.grad`, which
+leaves `.grad` alone). Choices are kept for the process and appended to a per-machine cache file,
+named by a hash of the machine's fingerprint and the torch version, so the next process starts
+tuned; `condconv-bench tune` writes its measurements there too. `CONDCONV_BENCH_CACHE` names
+another file, or `off` for none. Under `torch.compile` no measurement is possible while tracing:
+the cached choice, or else the table's, is baked into the graph.
+"""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+import json
+import os
+import random
+import statistics
+import time
+import warnings
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from condconv_bench.dispatch import DispatchTable, Entry, Query, shape_class, signature
+from condconv_bench.environment import machine_fingerprint
+from condconv_bench.errors import ResultsError
+from condconv_bench.flops import conv_macs
+from condconv_bench.measure.rounds import gc_paused, run_rounds, time_block
+
+AUTOTUNE_VARIABLE = "CONDCONV_BENCH_AUTOTUNE"
+CACHE_VARIABLE = "CONDCONV_BENCH_CACHE"
+DEFAULT_BUDGET_S = 0.5
+PRUNE_FACTOR = 1.5  # a second call this much slower than the fastest one's is out of the race
+TIE_TOLERANCE = 0.03  # medians within 3% are tied: closer than a process's own round-to-round spread
+BLOCK_S = 0.002
+MIN_ROUNDS = 3
+MAX_ROUNDS = 200
+
+Forward = Callable[..., torch.Tensor]
+
+_switch = {"enabled": os.environ.get(AUTOTUNE_VARIABLE, "") not in ("", "0"), "budget_s": DEFAULT_BUDGET_S}
+
+
+def set_autotune(enabled: bool = True, budget_s: float = DEFAULT_BUDGET_S) -> None:
+    """Make every `auto` layer autotune (the switch for models built elsewhere), with this budget
+    in seconds per input signature."""
+    if budget_s <= 0:
+        raise ValueError(f"budget_s must be positive, got {budget_s}")
+    _switch.update(enabled=bool(enabled), budget_s=float(budget_s))
+
+
+def autotune_enabled() -> bool:
+    return bool(_switch["enabled"])
+
+
+def default_budget_s() -> float:
+    return float(_switch["budget_s"])
+
+
+def machine_key() -> str:
+    """16 hex digits naming this machine (its fingerprint) and this torch build."""
+    identity = json.dumps({"machine": machine_fingerprint(), "torch": torch.__version__}, sort_keys=True)
+    return hashlib.sha256(identity.encode()).hexdigest()[:16]
+
+
+def cache_path() -> Path | None:
+    """`$CONDCONV_BENCH_CACHE`, or `<XDG cache>/condconv-bench/autotune-<machine key>.json`; None for `off`."""
+    override = os.environ.get(CACHE_VARIABLE)
+    if override is not None:
+        return None if override.strip().lower() in ("", "off") else Path(override)
+    base = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache")
+    return base / "condconv-bench" / f"autotune-{machine_key()}.json"
+
+
+class MachineCache:
+    """The choices measured on this machine: this process's, and those the cache file holds."""
+
+    def __init__(self, path: Path | None) -> None:
+        self.path = path
+        self._entries = {e.identity(): e for e in self._on_disk(warn=True)}
+
+    def _on_disk(self, warn: bool = False) -> tuple[Entry, ...]:
+        """The file's entries; none if it is missing or broken (a broken cache costs a
+        re-measurement and is replaced by the next write, never the model)."""
+        if self.path is None or not self.path.exists():
+            return ()
+        try:
+            return DispatchTable.load(self.path).entries
+        except ResultsError as exc:
+            if warn:
+                warnings.warn(f"condconv_bench: {exc}; autotuning afresh", stacklevel=4)
+            return ()
+
+    def lookup(self, query: Query) -> Entry | None:
+        return self._entries.get(query.identity())
+
+    def add(self, entries: list[Entry]) -> None:
+        """Keep `entries` for this process and merge them into the file as it is now (another
+        process may have added to it); a newer measurement replaces an older one of the same query."""
+        for entry in entries:
+            self._entries[entry.identity()] = entry
+        if self.path is None:
+            return
+        merged = {e.identity(): e for e in self._on_disk()}
+        merged.update({e.identity(): e for e in entries})
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            DispatchTable(list(merged.values()), str(self.path)).save(self.path)
+        except OSError as exc:
+            warnings.warn(f"condconv_bench: cannot write the autotune cache {self.path} ({exc}); kept in this process only", stacklevel=3)
+
+
+@functools.cache
+def _cache_for(path: Path | None) -> MachineCache:
+    return MachineCache(path)
+
+
+def machine_cache() -> MachineCache:
+    """The process-wide cache of the file `cache_path()` names now."""
+    return _cache_for(cache_path())
+
+
+@dataclass(frozen=True)
+class Tuning:
+    """What one autotuning measured: the first-call cost the user pays once per signature."""
+
+    strategy: str
+    seconds: float  # wall time of the whole tuning, warm-up calls included
+    medians_s: dict[str, float]  # per-call median of each strategy that reached the rounds
+    pruned: tuple[str, ...]  # dropped after their warm-up call
+    tied: tuple[str, ...]  # within TIE_TOLERANCE of the fastest median
+    rounds: int
+
+    @property
+    def margin(self) -> float:
+        """Runner-up median / the chosen one's (1.0 when one strategy reached the rounds)."""
+        ranked = sorted(self.medians_s.values())
+        return ranked[1] / self.medians_s[self.strategy] if len(ranked) > 1 else 1.0
+
+
+def _step(layer: torch.nn.Module, forward: Forward, x: torch.Tensor, routing_weights: torch.Tensor) -> Callable[[], object]:
+    """One call of a strategy as the caller would run it: the forward, and with autograd
+    recording also its backward to the parameters and input that require a gradient."""
+    if not torch.is_grad_enabled():
+        return lambda: forward(layer, x, routing_weights)
+    inputs = [t for t in (x, *layer.parameters()) if t.requires_grad]
+    if not inputs:
+        return lambda: forward(layer, x, routing_weights)
+
+    def forward_and_backward() -> object:
+        out = forward(layer, x, routing_weights)
+        return torch.autograd.grad(out, inputs, torch.ones_like(out), allow_unused=True)
+
+    return forward_and_backward
+
+
+def measure(layer: torch.nn.Module, x: torch.Tensor, routing_weights: torch.Tensor, candidates: dict[str, type],
+            budget_s: float, clock: Callable[[], float] = time.perf_counter) -> Tuning:
+    """Time `candidates` (strategy key → class) on this call's input as the module docstring says."""
+    started = clock()
+    sync = torch.cuda.synchronize if x.device.type == "cuda" else (lambda: None)
+    routing_weights = routing_weights.detach()
+    steps = {key: _step(layer, cls.conditional_forward, x, routing_weights) for key, cls in candidates.items()}
+    second_call = {}
+    with gc_paused():
+        for key, step in steps.items():
+            time_block(step, 1, clock, sync)
+            second_call[key] = time_block(step, 1, clock, sync)
+    fastest_call = min(second_call.values())
+    contenders = {key: step for key, step in steps.items() if second_call[key] <= PRUNE_FACTOR * fastest_call}
+    numbers = {key: max(1, round(BLOCK_S / max(second_call[key], 1e-9))) for key in contenders}
+    remaining = budget_s - (clock() - started)
+    rounds = run_rounds(contenders, numbers, MAX_ROUNDS, random.Random(0), clock, sync, time_limit_s=remaining, min_rounds=MIN_ROUNDS)
+    medians = {key: statistics.median(r.per_call_s[key] for r in rounds) for key in contenders}
+    strategy, tied = pick(medians)
+    return Tuning(
+        strategy=strategy, seconds=clock() - started, medians_s=medians,
+        pruned=tuple(sorted(set(steps) - set(contenders))), tied=tied, rounds=len(rounds),
+    )
+
+
+def pick(medians_s: dict[str, float]) -> tuple[str, tuple[str, ...]]:
+    """The choice and the tied set: every strategy within TIE_TOLERANCE of the fastest median is
+    tied, and the first of them by name is chosen, so noise inside the tie cannot flip the choice."""
+    best = min(medians_s.values())
+    tied = tuple(sorted(key for key, median in medians_s.items() if median <= best * (1 + TIE_TOLERANCE)))
+    return tied[0], tied
+
+
+def entry_for(query: Query, tuning: Tuning) -> Entry:
+    """The cache entry that records a tuning's choice for a query."""
+    return Entry(
+        device=query.device, dtype=query.dtype, mode=query.mode, threads=query.threads,
+        memory_format=query.memory_format, allocator=query.allocator,
+        signature=signature(query.spec, query.input_size), shape_class=shape_class(query.spec, query.input_size),
+        batch_size=query.batch_size, conv_macs_per_example=conv_macs(query.spec, 1, query.input_size),
+        strategy=tuning.strategy, margin=round(tuning.margin, 4), layer="autotune",
+    )
