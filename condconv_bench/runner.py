@@ -15,6 +15,7 @@ from __future__ import annotations
 import math
 import re
 import time
+import warnings
 from collections import Counter
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
@@ -35,6 +36,7 @@ from condconv_bench.fixtures import (
     use_exact_float32, warm_up_device,
 )
 from condconv_bench.footprint import memory_reason
+from condconv_bench.impls.auto import MeasuredElsewhereWarning
 from condconv_bench.layer import CondConvBase
 from condconv_bench.machine_peak import matmul_peak_flops
 from condconv_bench.measure import allocators
@@ -450,7 +452,10 @@ def run_suite(
     allocator = allocator or suite.model.timing.allocator
     pool = WorkerPool(settings.processes, allocator)
     output = Path(output) if output else default_output(suite)
-    with writer_lock(output):
+    # The probes here run under this process's allocator, not the workers' that the timing and the
+    # table share: a table-provenance warning would be about the wrong process.
+    with writer_lock(output), warnings.catch_warnings():
+        warnings.filterwarnings("ignore", category=MeasuredElsewhereWarning)
         return _run_cases(suite, cases, settings, allocator, pool, _open_run(suite, output, resume, shard, cases), listener, profile)
 
 

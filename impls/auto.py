@@ -69,6 +69,10 @@ _lookup._dynamo_marked_constant = True  # type: ignore[attr-defined]
 _warned: set[tuple[str, str, int]] = set()
 
 
+class MeasuredElsewhereWarning(RuntimeWarning):
+    """The dispatch table never measured this process's allocator and thread count."""
+
+
 def _warn_if_measured_elsewhere(table: DispatchTable, query: Query) -> None:
     """Once per process and table: say so when the table never saw this allocator and thread count."""
     under = table.measured_under(query.device, query.dtype)
@@ -83,7 +87,7 @@ def _warn_if_measured_elsewhere(table: DispatchTable, query: Query) -> None:
         f"condconv_bench: the dispatch table {table.source or '(in memory)'} was measured under {seen}; this process runs "
         f"allocator {query.allocator} with {query.threads} threads, where other strategies may be faster. "
         "strategy='autotune' (or condconv_bench.set_autotune(True)) measures them here.",
-        RuntimeWarning, stacklevel=4,
+        MeasuredElsewhereWarning, stacklevel=4,
     )
 
 
