@@ -6,12 +6,17 @@ A layer built with `strategy="autotune"` (or any `auto` layer while `set_autotun
 `CONDCONV_BENCH_AUTOTUNE=1` is in force) therefore measures the candidate strategies on its first
 call for each new input signature, in this process, on the call's own input:
 
-- every dispatchable strategy that supports the layer, device and dtype is called twice (the first
-  call builds layouts and library primitives; the second estimates one call); any more than
-  `PRUNE_FACTOR`× slower than the fastest is dropped;
-- the rest are timed in interleaved rounds of ~2 ms blocks in a fixed-seed shuffled order (drift
-  lands on all of them alike) until the budget (`DEFAULT_BUDGET_S` per signature) is spent, three
-  rounds at least;
+- candidates are the dispatchable strategies that support the layer, device and dtype, except
+  those whose analytic MACs exceed `MACS_FACTOR`× the least (naive_moe and stacked_moe on convs,
+  where they do E× the work; never on linear layers, where mixing costs as much);
+- each is called twice: the first call, untimed, builds its layouts and library primitives, and
+  one whose second call is over `FIRST_PRUNE_FACTOR`× the fastest is dropped. Generous, because
+  one call is a noisy sample: a depthwise conv's primitives take two calls to settle (measured:
+  560 µs, then 160–200 µs), and strategies share primitives;
+- the rest are timed in `MIN_ROUNDS` interleaved rounds of ~2 ms blocks in a fixed-seed shuffled
+  order (drift lands on all of them alike); those whose median is over `PRUNE_FACTOR`× the best
+  are dropped, and the finalists get more rounds until the budget (`DEFAULT_BUDGET_S` per
+  signature) is spent;
 - every strategy within `TIE_TOLERANCE` of the fastest median is tied, and the choice among the
   tied is fixed by name rather than by noise, so two processes agree.
 
@@ -33,7 +38,8 @@ import random
 import statistics
 import time
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -43,13 +49,16 @@ from condconv_bench.dispatch import DispatchTable, Entry, Query, shape_class, si
 from condconv_bench.environment import machine_fingerprint
 from condconv_bench.errors import ResultsError
 from condconv_bench.flops import conv_macs
-from condconv_bench.measure.rounds import gc_paused, run_rounds, time_block
+from condconv_bench.measure.rounds import Round, gc_paused, run_rounds, time_block
+from condconv_bench.spec import LayerSpec, Pair
 
 AUTOTUNE_VARIABLE = "CONDCONV_BENCH_AUTOTUNE"
 CACHE_VARIABLE = "CONDCONV_BENCH_CACHE"
 DEFAULT_BUDGET_S = 0.5
-PRUNE_FACTOR = 1.5  # a second call this much slower than the fastest one's is out of the race
-TIE_TOLERANCE = 0.03  # medians within 3% are tied: closer than a process's own round-to-round spread
+MACS_FACTOR = 4.0
+FIRST_PRUNE_FACTOR = 3.0
+PRUNE_FACTOR = 1.25
+TIE_TOLERANCE = 0.02  # medians within 2% are tied: about a process's own round-to-round spread
 BLOCK_S = 0.002
 MIN_ROUNDS = 3
 MAX_ROUNDS = 200
@@ -128,6 +137,21 @@ class MachineCache:
             warnings.warn(f"condconv_bench: cannot write the autotune cache {self.path} ({exc}); kept in this process only", stacklevel=3)
 
 
+@contextmanager
+def cache_off() -> Iterator[None]:
+    """No cache file inside the block: a benchmark measures tuning itself and leaves the user's
+    cache as it found it."""
+    before = os.environ.get(CACHE_VARIABLE)
+    os.environ[CACHE_VARIABLE] = "off"
+    try:
+        yield
+    finally:
+        if before is None:
+            del os.environ[CACHE_VARIABLE]
+        else:
+            os.environ[CACHE_VARIABLE] = before
+
+
 @functools.cache
 def _cache_for(path: Path | None) -> MachineCache:
     return MachineCache(path)
@@ -179,22 +203,39 @@ def measure(layer: torch.nn.Module, x: torch.Tensor, routing_weights: torch.Tens
     sync = torch.cuda.synchronize if x.device.type == "cuda" else (lambda: None)
     routing_weights = routing_weights.detach()
     steps = {key: _step(layer, cls.conditional_forward, x, routing_weights) for key, cls in candidates.items()}
-    second_call = {}
     with gc_paused():
-        for key, step in steps.items():
-            time_block(step, 1, clock, sync)
-            second_call[key] = time_block(step, 1, clock, sync)
-    fastest_call = min(second_call.values())
-    contenders = {key: step for key, step in steps.items() if second_call[key] <= PRUNE_FACTOR * fastest_call}
+        second_call = {key: time_block(step, 1, clock, sync, warm=True) for key, step in steps.items()}
+    contenders = _within(second_call, FIRST_PRUNE_FACTOR)
     numbers = {key: max(1, round(BLOCK_S / max(second_call[key], 1e-9))) for key in contenders}
+    rng = random.Random(0)
+    rounds = run_rounds({key: steps[key] for key in contenders}, numbers, MIN_ROUNDS, rng, clock, sync, min_rounds=MIN_ROUNDS)
+    finalists = _within(_medians(rounds, contenders), PRUNE_FACTOR)
     remaining = budget_s - (clock() - started)
-    rounds = run_rounds(contenders, numbers, MAX_ROUNDS, random.Random(0), clock, sync, time_limit_s=remaining, min_rounds=MIN_ROUNDS)
-    medians = {key: statistics.median(r.per_call_s[key] for r in rounds) for key in contenders}
+    if len(finalists) > 1 and remaining > 0:
+        rounds += run_rounds({key: steps[key] for key in finalists}, numbers, MAX_ROUNDS, rng, clock, sync, time_limit_s=remaining)
+    medians = _medians(rounds, finalists)
     strategy, tied = pick(medians)
     return Tuning(
         strategy=strategy, seconds=clock() - started, medians_s=medians,
-        pruned=tuple(sorted(set(steps) - set(contenders))), tied=tied, rounds=len(rounds),
+        pruned=tuple(sorted(set(candidates) - set(finalists))), tied=tied, rounds=len(rounds),
     )
+
+
+def _within(seconds: dict[str, float], factor: float) -> list[str]:
+    """The keys whose time is at most `factor` × the least."""
+    least = min(seconds.values())
+    return [key for key, value in seconds.items() if value <= factor * least]
+
+
+def _medians(rounds: list[Round], keys: list[str]) -> dict[str, float]:
+    return {key: statistics.median(r.per_call_s[key] for r in rounds if key in r.per_call_s) for key in keys}
+
+
+def cheap_enough(candidates: dict[str, type], spec: LayerSpec, batch_size: int, input_size: Pair) -> dict[str, type]:
+    """The candidates whose analytic MACs are within MACS_FACTOR of the least."""
+    macs = {key: cls.analytic_macs(spec, batch_size, input_size).total for key, cls in candidates.items()}
+    least = min(macs.values())
+    return {key: cls for key, cls in candidates.items() if macs[key] <= MACS_FACTOR * least}
 
 
 def pick(medians_s: dict[str, float]) -> tuple[str, tuple[str, ...]]:

@@ -9,6 +9,7 @@ seed and the case's identity, never from the order in which cases run.
 from __future__ import annotations
 
 import zlib
+from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
@@ -137,3 +138,17 @@ def synchronize(device: torch.device) -> None:
     """Wait for the device's queued work, so a clock read after it covers the work."""
     if device.type == "cuda":
         torch.cuda.synchronize(device)
+
+
+def dispatched(module: nn.Module) -> str | None:
+    """What a dispatching implementation (`auto`) ran, e.g. `batched_matmul` or `grouped_conv×8 stacked_moe×16`;
+    choices that no measurement backed are marked `(rule of thumb)`."""
+    chosen = Counter(
+        m.last_strategy + (" (rule of thumb)" if m.last_guessed else "")
+        for m in module.modules() if getattr(m, "last_strategy", None)
+    )
+    if not chosen:
+        return None
+    if len(chosen) == 1 and sum(chosen.values()) == 1:
+        return next(iter(chosen))
+    return " ".join(f"{key}×{n}" for key, n in sorted(chosen.items()))

@@ -107,7 +107,7 @@ COLUMNS: dict[str, str] = {
     "first_call_s": "float64",  # the cold first call: compile time for compiled implementations
     "compiled_graphs": "Int64",
     "tf32": "boolean",  # CUDA only: whether float32 convs/matmuls may use TF32 (the runner turns it off)  # graphs torch.compile built during the first call (0 when eager)
-    "dispatched": "string",  # what a dispatching implementation (auto) ran
+    "dispatched": "string",  # what a dispatching implementation (auto, autotune) ran in the timed workers, with shares where builds differed
     "macs_fvcore": "Int64",  # MAC (multiply-accumulate), forward
     "flops_torch": "Int64",  # FLOP = 2 × MAC, forward
     "macs_analytic": "Int64",  # MAC, forward, this strategy's cost model

@@ -27,12 +27,12 @@ from typing import Any, Protocol
 import torch
 from torch import nn
 
-from condconv_bench import equivalence, flops, memory
+from condconv_bench import autotune, equivalence, flops, memory
 from condconv_bench.case import TORCH_DTYPES, Case
 from condconv_bench.environment import describe_environment
 from condconv_bench.errors import CondConvBenchError, DeviceUnavailableError, ImplUnavailableError, ResultsError, first_line
 from condconv_bench.fixtures import (
-    CompileFellBackError, GroupInputs, build_module, first_call, grad_mode, layer_state, seed_of, step_function,
+    CompileFellBackError, GroupInputs, build_module, dispatched, first_call, grad_mode, layer_state, seed_of, step_function,
     use_exact_float32, warm_up_device,
 )
 from condconv_bench.footprint import memory_reason
@@ -152,20 +152,6 @@ def skip_reason(cls: type[CondConvBase], case: Case, device: torch.device) -> st
             or memory_reason(case, device))
 
 
-def _dispatched(module: nn.Module) -> str | None:
-    """What a dispatching implementation (`auto`) ran, e.g. `batched_matmul` or `grouped_conv×8 stacked_moe×16`;
-    choices that no measurement backed are marked `(rule of thumb)`."""
-    chosen = Counter(
-        m.last_strategy + (" (rule of thumb)" if m.last_guessed else "")
-        for m in module.modules() if getattr(m, "last_strategy", None)
-    )
-    if not chosen:
-        return None
-    if len(chosen) == 1 and sum(chosen.values()) == 1:
-        return next(iter(chosen))
-    return " ".join(f"{key}×{n}" for key, n in sorted(chosen.items()))
-
-
 def _role(cls: type[CondConvBase]) -> str:
     return "floor" if cls.is_baseline else "dispatcher" if cls.is_dispatcher else "strategy"
 
@@ -241,7 +227,7 @@ def _first_call(cls: type[CondConvBase], module: nn.Module, step: Callable[[], A
         except CompileFellBackError:
             row.update(compiled_graphs=0, tf32=tf32)
             raise
-        return FirstCall(time.perf_counter() - started, graphs, _dispatched(module), tf32)
+        return FirstCall(time.perf_counter() - started, graphs, dispatched(module), tf32)
 
 
 def _sizes(case: Case, module: nn.Module, inputs: GroupInputs, element: int) -> Sizes:
@@ -356,9 +342,20 @@ def _record_timing(measured: GroupTiming, rows: dict[str, dict[str, Any]]) -> di
         row["wall_s"] += share
         if case_id in measured.cases:
             row.update(_timing_columns(measured.cases[case_id], row["batch_size"]), stopped_because=measured.stopped_because)
+            if case_id in measured.dispatched:
+                row["dispatched"] = _dispatch_summary(measured.dispatched[case_id])
         else:
             row.update(status="error", reason=measured.errors[case_id])
     return {case_id: verdict.timing for case_id, verdict in measured.cases.items()}
+
+
+def _dispatch_summary(builds: Counter[str]) -> str:
+    """What a dispatcher ran in the timed workers: `pixel_major_matmul` when every build agreed,
+    else each choice with its share of the builds, most frequent first (`a 5/7; b 2/7`)."""
+    if len(builds) == 1:
+        return next(iter(builds))
+    total = sum(builds.values())
+    return "; ".join(f"{choice} {count}/{total}" for choice, count in sorted(builds.items(), key=lambda item: (-item[1], item[0])))
 
 
 def default_output(suite: Suite) -> Path:
@@ -453,8 +450,9 @@ def run_suite(
     pool = WorkerPool(settings.processes, allocator)
     output = Path(output) if output else default_output(suite)
     # The probes here run under this process's allocator, not the workers' that the timing and the
-    # table share: a table-provenance warning would be about the wrong process.
-    with writer_lock(output), warnings.catch_warnings():
+    # table share: a table-provenance warning would be about the wrong process. Like the workers,
+    # the probes neither read nor fill the machine's autotune cache.
+    with writer_lock(output), warnings.catch_warnings(), autotune.cache_off():
         warnings.filterwarnings("ignore", category=MeasuredElsewhereWarning)
         return _run_cases(suite, cases, settings, allocator, pool, _open_run(suite, output, resume, shard, cases), listener, profile)
 

@@ -170,14 +170,28 @@ def test_tune_builds_a_table_that_auto_uses(tmp_path) -> None:
     assert {(e["layer"], e["batch_size"], e["strategy"]) for e in entries} <= {(e["layer"], e["batch_size"], e["strategy"]) for e in cached}
 
 
-def test_runner_records_what_auto_dispatched(tmp_path) -> None:
+def test_runner_records_what_auto_and_autotune_dispatched_in_the_workers(tmp_path) -> None:
     import yaml
 
     data = yaml.safe_load(TINY.read_text())
-    data["impls"] = ["static", "auto"]
+    data["impls"] = ["static", "auto", "autotune"]
     path = tmp_path / "s.yaml"
     path.write_text(yaml.safe_dump(data))
     frame = run_suite(path, tmp_path / "run", case_filter=CaseFilter(devices=("cpu",))).run.results()
     auto = frame[frame["impl"] == "auto"]
-    assert auto["dispatched"].isin(list(dispatchable_impls())).all()
-    assert auto["equivalent"].all() and auto["flops_agree"].all()
+    assert auto["dispatched"].isin(list(dispatchable_impls())).all()  # one table: every build agrees
+    tuned = frame[frame["impl"] == "autotune"]
+    picks = tuned["dispatched"].str.split("; ").explode().str.split(" ").str[0]  # `a 2/3; b 1/3` where builds differed
+    assert picks.isin(list(dispatchable_impls())).all()
+    assert frame[frame["impl"] != "static"]["equivalent"].all() and auto["flops_agree"].all()
+    assert not (tmp_path / "autotune-cache.json").exists()  # the workers never touch a cache file
+    assert (tuned["first_call_s"] > 0.05).all()  # the first call measured the strategies (the tests' budget)
+
+
+def test_dispatch_summary_gives_each_choice_its_share_of_the_builds() -> None:
+    from collections import Counter
+
+    from condconv_bench.runner import _dispatch_summary
+
+    assert _dispatch_summary(Counter({"grouped_conv": 3})) == "grouped_conv"
+    assert _dispatch_summary(Counter({"b": 1, "a": 1, "c": 5})) == "c 5/7; a 1/7; b 1/7"

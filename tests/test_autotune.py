@@ -47,7 +47,7 @@ def test_autotune_measures_and_never_picks_a_planted_slow_strategy(monkeypatch) 
     tuning = layer.last_tuning
     assert layer.last_strategy == tuning.strategy == "grouped_conv"
     assert "spinning" in tuning.pruned or tuning.medians_s["spinning"] > 1.5 * tuning.medians_s["grouped_conv"]
-    assert 0.05 < tuning.seconds < 2.0 and tuning.rounds >= autotune.MIN_ROUNDS
+    assert tuning.seconds < 2.0 and tuning.rounds >= autotune.MIN_ROUNDS  # ends early once one finalist is left
 
 
 def test_the_choice_is_cached_per_signature_and_survives_the_process(monkeypatch) -> None:
@@ -108,9 +108,9 @@ def test_tuning_in_training_measures_the_backward_and_leaves_grads_alone() -> No
 
 
 def test_ties_are_broken_by_name_not_by_noise() -> None:
-    strategy, tied = autotune.pick({"grouped_conv": 1.02e-3, "batched_matmul": 1.0e-3, "naive_moe": 5e-3})
+    strategy, tied = autotune.pick({"grouped_conv": 1.015e-3, "batched_matmul": 1.0e-3, "naive_moe": 5e-3})
     assert (strategy, tied) == ("batched_matmul", ("batched_matmul", "grouped_conv"))
-    strategy, tied = autotune.pick({"grouped_conv": 1.0e-3, "batched_matmul": 1.2e-3})
+    strategy, tied = autotune.pick({"grouped_conv": 1.0e-3, "batched_matmul": 1.03e-3})
     assert (strategy, tied) == ("grouped_conv", ("grouped_conv",))
 
 

@@ -90,7 +90,11 @@ def test_unavailable_device_on_the_command_line_exits_2() -> None:
 
 def test_ctrl_c_keeps_the_run_and_says_how_to_resume(tmp_path) -> None:
     out = tmp_path / "run"
-    command = [sys.executable, "-m", "condconv_bench", "run", str(TINY), "-o", str(out), "-q", "--no-report"]
+    # tiny.yaml can finish within the second this test waits: its timing budget is raised so that
+    # the interrupt always lands mid-run.
+    suite = tmp_path / "long.yaml"
+    suite.write_text(TINY.read_text().replace("budget: 0.1", "budget: 60, precision: 0.0001"))
+    command = [sys.executable, "-m", "condconv_bench", "run", str(suite), "-o", str(out), "-q", "--no-report"]
     process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     deadline = time.monotonic() + 120
     while time.monotonic() < deadline and not (out / "run.json").exists():
@@ -101,6 +105,6 @@ def test_ctrl_c_keeps_the_run_and_says_how_to_resume(tmp_path) -> None:
     assert process.returncode == 130, stderr
     assert "Traceback" not in stderr
     assert stderr.strip().splitlines()[-1] == (
-        f"error: interrupted: the finished cases are in {out}; continue with: condconv-bench run {TINY} -o {out} --resume"
+        f"error: interrupted: the finished cases are in {out}; continue with: condconv-bench run {suite} -o {out} --resume"
     )
     assert RunDirectory.open(out).results() is not None  # still a readable run directory

@@ -15,7 +15,7 @@ from click.testing import CliRunner
 from condconv_bench import CondConv2d, DispatchTable, LayerSpec, runner
 from condconv_bench import environment
 from condconv_bench.cli import main
-from condconv_bench.fixtures import use_exact_float32
+from condconv_bench.fixtures import dispatched, use_exact_float32
 from condconv_bench.impls.compiled import Compiled
 from condconv_bench.profile import _self_time_column
 from condconv_bench.runner import CaseFilter, run_suite
@@ -65,10 +65,10 @@ def test_smoke_names_cuda_so_a_gpu_machine_can_run_it() -> None:
 def test_auto_marks_a_choice_no_measurement_backed() -> None:
     layer = CondConv2d(8, 16, kernel_size=1, num_experts=4, dispatch_table=DispatchTable([], "empty"))
     layer(torch.randn(2, 8, 5, 5))
-    assert layer.last_guessed and runner._dispatched(layer) == "batched_matmul (rule of thumb)"
+    assert layer.last_guessed and dispatched(layer) == "batched_matmul (rule of thumb)"
     measured = CondConv2d(8, 16, kernel_size=1, num_experts=4)  # the shipped CPU table covers cpu/float32
     measured(torch.randn(2, 8, 5, 5))
-    assert not measured.last_guessed and "rule of thumb" not in runner._dispatched(measured)
+    assert not measured.last_guessed and "rule of thumb" not in dispatched(measured)
 
 
 def test_each_device_and_dtype_is_warmed_once_before_its_first_case(tmp_path: Path, monkeypatch) -> None:

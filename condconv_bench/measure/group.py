@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import math
 import time
+from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from typing import Protocol
@@ -78,6 +79,9 @@ class GroupTiming:
 
     cases: dict[str, CaseTiming] = field(default_factory=dict)
     errors: dict[str, str] = field(default_factory=dict)
+    # What each dispatcher ran, counted over the builds of the group in the workers: a dispatcher
+    # that decides in-process (autotune) may decide differently in each.
+    dispatched: dict[str, Counter[str]] = field(default_factory=dict)
     passes: int = 0
     elapsed_s: float = 0.0
     stopped_because: str = ""
@@ -185,6 +189,8 @@ class GroupMeasurement:
         self.visit_failure = self.visit_failure or answer.failure
         for case_id, reason in answer.errors.items():
             self.failures.setdefault(case_id, reason)
+        for case_id, choice in answer.dispatched.items():
+            self.result.dispatched.setdefault(case_id, Counter())[choice] += 1
         self.samples.add(self._process_of_pid.setdefault(answer.pid, len(self._process_of_pid)), answer)
         return max(spent - answer.setup_s, 0.0)
 

@@ -52,6 +52,7 @@ class VisitResult:
     calls_per_block: dict[str, int]
     errors: dict[str, str] = field(default_factory=dict)
     setup_s: float = 0.0  # building, first calls and warm-up, when the group was new to the worker
+    dispatched: dict[str, str] = field(default_factory=dict)  # what each dispatcher ran, when the group was built here
     failure: str | None = None  # set when the visit measured nothing (a step failed mid-round)
 
 

@@ -24,7 +24,7 @@ import condconv_bench.workload  # noqa: F401  (imported before `READY`, not duri
 from condconv_bench.gate.ab.aliases import install_from_environment
 from condconv_bench.errors import first_line
 from condconv_bench.fixtures import (
-    GroupInputs, build_module, first_call, grad_mode, layer_state, step_function, synchronize, use_exact_float32,
+    GroupInputs, build_module, dispatched, first_call, grad_mode, layer_state, step_function, synchronize, use_exact_float32,
 )
 from condconv_bench.measure.protocol import BUILDING, READY, TIMING, Visit, VisitResult, read_message, write_message
 from condconv_bench.measure.rounds import Step, calls_per_block, run_rounds
@@ -40,6 +40,7 @@ class BuiltGroup:
     steps: dict[str, Step] = field(default_factory=dict)
     calls_per_block: dict[str, int] = field(default_factory=dict)
     errors: dict[str, str] = field(default_factory=dict)
+    dispatched: dict[str, str] = field(default_factory=dict)
 
 
 def build_group(visit: Visit) -> BuiltGroup:
@@ -63,6 +64,9 @@ def build_group(visit: Visit) -> BuiltGroup:
                 first_call(step, visit.classes[case.id].compiles, device)
                 group.calls_per_block.update(calls_per_block({case.id: step}, visit.block_s, visit.warmup, time.perf_counter, sync))
             group.steps[case.id] = step
+            choice = dispatched(module)
+            if choice is not None:
+                group.dispatched[case.id] = choice
         except Exception as exc:  # the implementation under test failed here: report it, time the others
             group.errors[case.id] = first_line(exc)
     return group
@@ -76,7 +80,8 @@ def _serve(visit: Visit, group: BuiltGroup | None) -> tuple[VisitResult, BuiltGr
     started = time.perf_counter()
     key = tuple(case.id for case in visit.cases)
     setup_s = 0.0
-    if group is None or group.key != key:
+    built_here = group is None or group.key != key
+    if built_here:
         group = None  # release the previous group's tensors before building the next
         group = build_group(visit)
         setup_s = time.perf_counter() - started
@@ -88,7 +93,8 @@ def _serve(visit: Visit, group: BuiltGroup | None) -> tuple[VisitResult, BuiltGr
                                 time.perf_counter, sync, visit.time_limit_s, visit.min_rounds)
     except Exception as exc:  # a step that passed its warm-up failed later: no round of this visit is complete
         return VisitResult(os.getpid(), [], group.calls_per_block, group.errors, setup_s, failure=first_line(exc)), group
-    return VisitResult(os.getpid(), rounds, dict(group.calls_per_block), dict(group.errors), setup_s), group
+    return VisitResult(os.getpid(), rounds, dict(group.calls_per_block), dict(group.errors), setup_s,
+                       dispatched=dict(group.dispatched) if built_here else {}), group
 
 
 def main() -> None:
