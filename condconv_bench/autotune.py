@@ -21,7 +21,11 @@ call for each new input signature, in this process, on the call's own input:
   tied is fixed by name rather than by noise, so two processes agree.
 
 With autograd recording, a step is the forward and its backward (`torch.autograd.grad`, which
-leaves `.grad` alone). Choices are kept for the process and appended to a per-machine cache file,
+leaves `.grad` alone). For a model that will run under `torch.compile`, `set_autotune(True,
+compiled=True)` makes the first eager call of each signature measure the inductor-compiled
+variants of the candidates instead (`dynamic=False`, each compiled once; compiling is not counted
+in the budget, and `Tuning.compile_s` reports it), recorded under the mode `<mode>+compiled`, which
+the lookup prefers while the model is being compiled. Choices are kept for the process and appended to a per-machine cache file,
 named by a hash of the machine's fingerprint and the torch version, so the next process starts
 tuned; `condconv-bench tune` writes its measurements there too. `CONDCONV_BENCH_CACHE` names
 another file, or `off` for none. Under `torch.compile` no measurement is possible while tracing:
@@ -40,7 +44,7 @@ import time
 import warnings
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
@@ -65,15 +69,18 @@ MAX_ROUNDS = 200
 
 Forward = Callable[..., torch.Tensor]
 
-_switch = {"enabled": os.environ.get(AUTOTUNE_VARIABLE, "") not in ("", "0"), "budget_s": DEFAULT_BUDGET_S}
+COMPILED_SUFFIX = "+compiled"
+
+_switch = {"enabled": os.environ.get(AUTOTUNE_VARIABLE, "") not in ("", "0"), "budget_s": DEFAULT_BUDGET_S, "compiled": False}
 
 
-def set_autotune(enabled: bool = True, budget_s: float = DEFAULT_BUDGET_S) -> None:
+def set_autotune(enabled: bool = True, budget_s: float = DEFAULT_BUDGET_S, compiled: bool = False) -> None:
     """Make every `auto` layer autotune (the switch for models built elsewhere), with this budget
-    in seconds per input signature."""
+    in seconds per input signature; with `compiled`, autotuning layers measure the strategies
+    compiled by inductor, for a model about to be run under torch.compile."""
     if budget_s <= 0:
         raise ValueError(f"budget_s must be positive, got {budget_s}")
-    _switch.update(enabled=bool(enabled), budget_s=float(budget_s))
+    _switch.update(enabled=bool(enabled), budget_s=float(budget_s), compiled=bool(compiled))
 
 
 def autotune_enabled() -> bool:
@@ -82,6 +89,16 @@ def autotune_enabled() -> bool:
 
 def default_budget_s() -> float:
     return float(_switch["budget_s"])
+
+
+def for_compile() -> bool:
+    """Whether autotuning measures compiled variants (set_autotune(..., compiled=True))."""
+    return bool(_switch["compiled"])
+
+
+def compiled_query(query: Query) -> Query:
+    """The query whose entry holds the choice measured among compiled variants."""
+    return replace(query, mode=query.mode + COMPILED_SUFFIX)
 
 
 def machine_key() -> str:
@@ -172,6 +189,7 @@ class Tuning:
     pruned: tuple[str, ...]  # dropped after their warm-up call
     tied: tuple[str, ...]  # within TIE_TOLERANCE of the fastest median
     rounds: int
+    compile_s: float = 0.0  # inductor's compile time of the compiled variants (not in the budget)
 
     @property
     def margin(self) -> float:
@@ -197,12 +215,17 @@ def _step(layer: torch.nn.Module, forward: Forward, x: torch.Tensor, routing_wei
 
 
 def measure(layer: torch.nn.Module, x: torch.Tensor, routing_weights: torch.Tensor, candidates: dict[str, type],
-            budget_s: float, clock: Callable[[], float] = time.perf_counter) -> Tuning:
-    """Time `candidates` (strategy key → class) on this call's input as the module docstring says."""
-    started = clock()
+            budget_s: float, clock: Callable[[], float] = time.perf_counter, compiled: bool = False) -> Tuning:
+    """Time `candidates` (strategy key → class) on this call's input as the module docstring says;
+    with `compiled`, their inductor-compiled variants, each compiled by a first call outside the budget."""
     sync = torch.cuda.synchronize if x.device.type == "cuda" else (lambda: None)
     routing_weights = routing_weights.detach()
-    steps = {key: _step(layer, cls.conditional_forward, x, routing_weights) for key, cls in candidates.items()}
+    forwards = {key: cls.conditional_forward for key, cls in candidates.items()}
+    compile_s = 0.0
+    if compiled:
+        forwards, compile_s = _compiled_forwards(forwards, layer, x, routing_weights, clock)
+    started = clock()
+    steps = {key: _step(layer, forward, x, routing_weights) for key, forward in forwards.items()}
     with gc_paused():
         second_call = {key: time_block(step, 1, clock, sync, warm=True) for key, step in steps.items()}
     contenders = _within(second_call, FIRST_PRUNE_FACTOR)
@@ -217,8 +240,29 @@ def measure(layer: torch.nn.Module, x: torch.Tensor, routing_weights: torch.Tens
     strategy, tied = pick(medians)
     return Tuning(
         strategy=strategy, seconds=clock() - started, medians_s=medians,
-        pruned=tuple(sorted(set(candidates) - set(finalists))), tied=tied, rounds=len(rounds),
+        pruned=tuple(sorted(set(candidates) - set(finalists))), tied=tied, rounds=len(rounds), compile_s=compile_s,
     )
+
+
+def _compiled_forwards(forwards: dict[str, Forward], layer: torch.nn.Module, x: torch.Tensor, routing_weights: torch.Tensor,
+                       clock: Callable[[], float]) -> tuple[dict[str, Forward], float]:
+    """Each forward compiled by inductor for this input (compiled now, by one call), and the time
+    that took; a strategy inductor cannot compile here is left out."""
+    from condconv_bench.impls.compiled import configure_compiler
+
+    configure_compiler()
+    started = clock()
+    compiled = {}
+    for key, forward in forwards.items():
+        function = torch.compile(forward, dynamic=False)
+        try:
+            function(layer, x, routing_weights)
+        except Exception as exc:  # inductor raises its own types; the strategy just is not a candidate
+            warnings.warn(f"condconv_bench: autotune left {key} out: inductor could not compile it ({str(exc).splitlines()[0]})",
+                          stacklevel=4)
+            continue
+        compiled[key] = function
+    return compiled, clock() - started
 
 
 def _within(seconds: dict[str, float], factor: float) -> list[str]:

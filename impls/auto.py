@@ -48,14 +48,16 @@ def _query(spec: LayerSpec, input_size: tuple[int, ...], device: str, dtype: str
     )
 
 
-def _lookup(table: DispatchTable | str | Path | None, tuned: bool, spec: LayerSpec, input_size: tuple[int, ...],
-            device: str, dtype: str, grad_enabled: bool, channels_last: bool, batch_size: int) -> str:
-    """The strategy for a query: a choice autotuned on this machine if `tuned` and there is one, else the table's."""
+def _lookup(table: DispatchTable | str | Path | None, tuned: bool, compiling: bool, spec: LayerSpec,
+            input_size: tuple[int, ...], device: str, dtype: str, grad_enabled: bool, channels_last: bool, batch_size: int) -> str:
+    """The strategy for a query: a choice autotuned on this machine if `tuned` and there is one —
+    while `compiling`, preferably one measured among compiled variants — else the table's."""
     query = _query(spec, input_size, device, dtype, grad_enabled, channels_last, batch_size)
     if tuned:
-        entry = autotune.machine_cache().lookup(query)
-        if entry is not None and entry.strategy in dispatchable_impls():
-            return entry.strategy
+        for tuned_query in (autotune.compiled_query(query), query) if compiling else (query,):
+            entry = autotune.machine_cache().lookup(tuned_query)
+            if entry is not None and entry.strategy in dispatchable_impls():
+                return entry.strategy
     return resolve_table(table).choose(query)
 
 
@@ -63,7 +65,10 @@ def _lookup(table: DispatchTable | str | Path | None, tuned: bool, spec: LayerSp
 # `torch.compiler.assume_constant_result(_lookup)` does exactly this by setting the marker below, but
 # it imports torch._dynamo (about a second) at import time, which every model using the layer would
 # pay; the marker costs nothing. tests/test_auto.py compiles the layer with fullgraph=True, which
-# fails if dynamo stops honouring it.
+# fails if dynamo stops honouring it. The lookup needs the input's sizes as constants: once dynamo
+# makes them dynamic (by default, on the second input shape it compiles) it cannot call it, and
+# without fullgraph it breaks the graph there; `torch.compile(model, dynamic=False)` keeps one
+# graph per shape, each with its own choice baked in.
 _lookup._dynamo_marked_constant = True  # type: ignore[attr-defined]
 
 _warned: set[tuple[str, str, int]] = set()
@@ -128,7 +133,8 @@ class Auto(CondConvBase):
         """The strategy key this layer runs for an input like `x`, without measuring anything."""
         if self.strategy not in SELECTORS:
             return self.strategy
-        return _lookup(self.dispatch_table, self.autotunes(), *self._query_args(x))  # type: ignore[arg-type]
+        compiling = torch.compiler.is_compiling()
+        return _lookup(self.dispatch_table, self.autotunes(), compiling, *self._query_args(x))  # type: ignore[arg-type]
 
     def _resolve(self, x: torch.Tensor, routing_weights: torch.Tensor) -> tuple[str, Forward]:
         strategies = dispatchable_impls()
@@ -137,6 +143,9 @@ class Auto(CondConvBase):
             key = self.strategy
         elif self.autotunes():
             query = _query(*self._query_args(x))  # type: ignore[arg-type]
+            compiled = autotune.for_compile()
+            if compiled:  # the model is about to be compiled: this eager call tunes for that
+                query = autotune.compiled_query(query)
             cache = autotune.machine_cache()
             known = cache.lookup(query)
             if known is not None and known.strategy in strategies:
@@ -144,7 +153,7 @@ class Auto(CondConvBase):
             else:
                 candidates = {k: cls for k, cls in strategies.items() if cls.unsupported_reason(self.spec, x.device, x.dtype) is None}
                 budget = self.tuning_budget_s or autotune.default_budget_s()
-                self.last_tuning = autotune.measure(self, x, routing_weights, candidates, budget)
+                self.last_tuning = autotune.measure(self, x, routing_weights, candidates, budget, compiled=compiled)
                 key = self.last_tuning.strategy
                 cache.add([autotune.entry_for(query, self.last_tuning)])
         else:

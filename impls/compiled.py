@@ -31,7 +31,7 @@ _LIMITS = (("recompile_limit", "cache_size_limit"), ("accumulated_recompile_limi
 _FAIL_ON_HIT = ("fail_on_recompile_limit_hit", "fail_on_cache_limit_hit")
 
 
-def _configure_compiler() -> None:
+def configure_compiler() -> None:
     """Raise the recompile limits, fail on a hit, and compile in-process: inductor's default pool
     of compile worker processes starts in the background and competes with the measurements.
     Imported here, not at module level: the registry imports every strategy, and the compiler's
@@ -57,7 +57,7 @@ class Compiled(GroupedConv):
 
     def __init__(self, spec: LayerSpec) -> None:
         super().__init__(spec)
-        _configure_compiler()
+        configure_compiler()
         self._compiled_forward = torch.compile(super().forward, dynamic=False)
 
     @classmethod

@@ -76,4 +76,4 @@ def private_autotune(tmp_path, monkeypatch) -> None:
     oracle tests check what `autotune` computes, not how well it chooses."""
     monkeypatch.setenv(autotune.CACHE_VARIABLE, str(tmp_path / "autotune-cache.json"))
     monkeypatch.delenv(autotune.AUTOTUNE_VARIABLE, raising=False)
-    monkeypatch.setattr(autotune, "_switch", {"enabled": False, "budget_s": 0.05})
+    monkeypatch.setattr(autotune, "_switch", {"enabled": False, "budget_s": 0.05, "compiled": False})

@@ -133,7 +133,7 @@ def test_auto_under_torch_compile_matches_eager() -> None:
     x = torch.randn(4, 8, 7, 7)
     with torch.no_grad():
         expected = layer(x)
-        compiled = torch.compile(layer, fullgraph=True)
+        compiled = torch.compile(layer, fullgraph=True, dynamic=False)
         torch.testing.assert_close(compiled(x), expected, rtol=1e-4, atol=1e-5)
 
 
@@ -185,7 +185,6 @@ def test_runner_records_what_auto_and_autotune_dispatched_in_the_workers(tmp_pat
     assert picks.isin(list(dispatchable_impls())).all()
     assert frame[frame["impl"] != "static"]["equivalent"].all() and auto["flops_agree"].all()
     assert not (tmp_path / "autotune-cache.json").exists()  # the workers never touch a cache file
-    assert (tuned["first_call_s"] > 0.05).all()  # the first call measured the strategies (the tests' budget)
 
 
 def test_dispatch_summary_gives_each_choice_its_share_of_the_builds() -> None:
@@ -195,3 +194,16 @@ def test_dispatch_summary_gives_each_choice_its_share_of_the_builds() -> None:
 
     assert _dispatch_summary(Counter({"grouped_conv": 3})) == "grouped_conv"
     assert _dispatch_summary(Counter({"b": 1, "a": 1, "c": 5})) == "c 5/7; a 1/7; b 1/7"
+
+
+@pytest.mark.slow
+def test_auto_compiles_one_graph_per_input_size_with_dynamic_false() -> None:
+    """By default a second shape makes dynamo's sizes dynamic, and the per-shape lookup cannot be
+    called on those; with dynamic=False (what the README says) every size gets its own graph."""
+    torch.manual_seed(0)
+    layer = CondConv2d(8, 16, 1, num_experts=4)
+    compiled = torch.compile(layer, fullgraph=True, dynamic=False)
+    with torch.no_grad():
+        for size in (5, 7, 9):
+            x = torch.randn(2, 8, size, size)
+            torch.testing.assert_close(compiled(x), layer(x), rtol=1e-4, atol=1e-5)

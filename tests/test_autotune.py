@@ -158,3 +158,38 @@ def test_pixel_major_output_of_an_ungrouped_layer_is_channels_last_without_a_cop
 
 def test_new_strategies_are_autotune_candidates() -> None:
     assert {"pixel_major_matmul", "chunked_matmul"} <= set(dispatchable_impls())
+
+
+@pytest.mark.slow
+def test_tuning_for_compile_measures_compiled_variants_and_the_graph_uses_their_choice(monkeypatch) -> None:
+    only(monkeypatch, {"grouped_conv": GroupedConv, "batched_matmul": dispatchable_impls()["batched_matmul"]})
+    set_autotune(True, budget_s=0.05, compiled=True)
+    torch.manual_seed(0)
+    layer = CondConv2d(8, 16, 1, num_experts=4)
+    x = torch.randn(4, 8, 5, 5)
+    with torch.no_grad():
+        expected = layer(x)  # the eager warm-up call tunes for compilation
+        tuning = layer.last_tuning
+        assert tuning is not None and tuning.compile_s > 0 and set(tuning.medians_s) | set(tuning.pruned) == {"grouped_conv", "batched_matmul"}
+        (saved,) = json.loads(autotune.cache_path().read_text())["entries"]
+        assert saved["mode"] == "inference+compiled" and saved["strategy"] == tuning.strategy
+        baked = []
+        original = auto_module._lookup
+
+        def spy(*args):
+            baked.append(original(*args))
+            return baked[-1]
+
+        spy._dynamo_marked_constant = True
+        monkeypatch.setattr(auto_module, "_lookup", spy)
+        compiled = torch.compile(layer, fullgraph=True, dynamic=False)
+        torch.testing.assert_close(compiled(x), expected, rtol=1e-4, atol=1e-5)
+    assert baked == [tuning.strategy]  # traced once, with the choice measured among compiled variants
+
+
+def test_strategies_with_several_times_the_work_are_not_measured_on_convs_but_are_on_linear_layers() -> None:
+    strategies = dispatchable_impls()
+    conv = autotune.cheap_enough(strategies, LayerSpec("conv2d", 64, 64, 8), 8, (14, 14))
+    assert {"naive_moe", "stacked_moe"}.isdisjoint(conv) and {"grouped_conv", "pixel_major_matmul"} <= set(conv)
+    linear = autotune.cheap_enough(strategies, LayerSpec("linear", 1280, 1000, 8), 8, (1, 1))
+    assert "stacked_moe" in linear  # E·P MACs, as much as mixing the kernels: the classifier's fastest
