@@ -88,15 +88,23 @@ def test_unavailable_device_on_the_command_line_exits_2() -> None:
     assert result.stderr.strip() == "error: --device cuda: CUDA is not available on this machine"
 
 
+def _interruptible() -> None:
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT})
+
+
 def test_ctrl_c_keeps_the_run_and_says_how_to_resume(tmp_path) -> None:
     out = tmp_path / "run"
     # tiny.yaml can finish within the second this test waits: its rounds and budget are raised so
     # that the interrupt always lands mid-run (this copy would time for minutes).
     suite = tmp_path / "long.yaml"
-    suite.write_text(TINY.read_text().replace("rounds: 2, block_time: 0.001, warmup: 0, budget: 0.1", "rounds: 1000, block_time: 0.001, warmup: 0, budget: 60"))
+    suite.write_text(TINY.read_text().replace("rounds: 2, block_time: 0.001, warmup: 0, budget: 0.1", "rounds: 1000, block_time: 0.001, warmup: 0, budget: 60, precision: 0.0001"))
     assert "budget: 60" in suite.read_text()
     command = [sys.executable, "-m", "condconv_bench", "run", str(suite), "-o", str(out), "-q", "--no-report"]
-    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    # A test runner started in the background may pass SIGINT on ignored or blocked (a CI run here
+    # saw the run finish untouched), and Python then installs no KeyboardInterrupt handler; the run
+    # gets the disposition a run started from a terminal has.
+    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, preexec_fn=_interruptible)
     deadline = time.monotonic() + 120
     while time.monotonic() < deadline and not (out / "run.json").exists():
         time.sleep(0.05)
