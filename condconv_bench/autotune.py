@@ -49,10 +49,9 @@ from pathlib import Path
 
 import torch
 
-from condconv_bench.dispatch import DispatchTable, Entry, Query, shape_class, signature
+from condconv_bench.dispatch import DispatchTable, Entry, Query
 from condconv_bench.environment import machine_fingerprint
 from condconv_bench.errors import ResultsError
-from condconv_bench.flops import conv_macs
 from condconv_bench.measure.rounds import Round, gc_paused, run_rounds, time_block
 from condconv_bench.spec import LayerSpec, Pair
 
@@ -186,7 +185,7 @@ class Tuning:
     strategy: str
     seconds: float  # wall time of the whole tuning, warm-up calls included
     medians_s: dict[str, float]  # per-call median of each strategy that reached the rounds
-    pruned: tuple[str, ...]  # dropped after their warm-up call
+    pruned: tuple[str, ...]  # candidates dropped by the call or round prunes, before the finals
     tied: tuple[str, ...]  # within TIE_TOLERANCE of the fastest median
     rounds: int
     compile_s: float = 0.0  # inductor's compile time of the compiled variants (not in the budget)
@@ -288,14 +287,3 @@ def pick(medians_s: dict[str, float]) -> tuple[str, tuple[str, ...]]:
     best = min(medians_s.values())
     tied = tuple(sorted(key for key, median in medians_s.items() if median <= best * (1 + TIE_TOLERANCE)))
     return tied[0], tied
-
-
-def entry_for(query: Query, tuning: Tuning) -> Entry:
-    """The cache entry that records a tuning's choice for a query."""
-    return Entry(
-        device=query.device, dtype=query.dtype, mode=query.mode, threads=query.threads,
-        memory_format=query.memory_format, allocator=query.allocator,
-        signature=signature(query.spec, query.input_size), shape_class=shape_class(query.spec, query.input_size),
-        batch_size=query.batch_size, conv_macs_per_example=conv_macs(query.spec, 1, query.input_size),
-        strategy=tuning.strategy, margin=round(tuning.margin, 4), layer="autotune",
-    )

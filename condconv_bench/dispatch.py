@@ -135,8 +135,17 @@ class Query:
 
     def identity(self) -> tuple[object, ...]:
         """What an entry measured for exactly this query shares with it (see `Entry.identity`)."""
-        return (self.device, self.dtype, self.mode, self.threads, self.memory_format, self.allocator,
-                signature(self.spec, self.input_size), self.batch_size)
+        return self.entry("", 1.0, "").identity()
+
+    def entry(self, strategy: str, margin: float, layer: str) -> Entry:
+        """The entry recording `strategy` as measured fastest for this query (by `margin`)."""
+        return Entry(
+            device=self.device, dtype=self.dtype, mode=self.mode, threads=self.threads, memory_format=self.memory_format,
+            allocator=self.allocator, signature=signature(self.spec, self.input_size),
+            shape_class=shape_class(self.spec, self.input_size), batch_size=self.batch_size,
+            conv_macs_per_example=conv_macs(self.spec, 1, self.input_size), strategy=strategy, margin=round(margin, 4),
+            layer=layer,
+        )
 
 
 def _narrow(entries: list[Entry], keep: Any) -> list[Entry]:
@@ -224,13 +233,9 @@ def entries_from_results(frame: pd.DataFrame, workloads: dict[str, tuple[LayerSp
         ranked = group.sort_values("latency_median_s")
         best = ranked.iloc[0]
         margin = float(ranked.iloc[1]["latency_median_s"] / best["latency_median_s"]) if len(ranked) > 1 else 1.0
-        entries.append(Entry(
-            device=str(device).split(":")[0], dtype=str(dtype), mode=str(mode), threads=int(threads),
-            memory_format=str(memory_format), allocator=allocator, signature=signature(spec, input_size),
-            shape_class=shape_class(spec, input_size), batch_size=int(batch_size),
-            conv_macs_per_example=conv_macs(spec, 1, input_size), strategy=str(best["impl"]),
-            margin=round(margin, 4), layer=str(layer),
-        ))
+        query = Query(spec=spec, input_size=input_size, device=str(device).split(":")[0], dtype=str(dtype), mode=str(mode),
+                      threads=int(threads), memory_format=str(memory_format), allocator=allocator, batch_size=int(batch_size))
+        entries.append(query.entry(str(best["impl"]), margin, str(layer)))
     return entries
 
 

@@ -11,11 +11,9 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import torch
-
 from condconv_bench import autotune
 from condconv_bench.dispatch import DispatchTable, entries_from_results
-from condconv_bench.environment import machine_fingerprint
+from condconv_bench.environment import describe_environment, machine_differences
 from condconv_bench.errors import CondConvBenchError, ResultsError
 from condconv_bench.registry import dispatchable_impls
 from condconv_bench.results import RunDirectory
@@ -51,10 +49,8 @@ def tune(suite: Suite, output: Path, run_dir: Path, *, reuse_run: bool = False, 
         raise CondConvBenchError(f"{run_dir}: no layer case passed equivalence with a dispatchable strategy; nothing to tune")
     table = DispatchTable(entries, str(output))
     table.save(output)
-    environment = metadata.get("environment") or {}
-    here = environment.get("machine") == machine_fingerprint() and environment.get("torch") == torch.__version__
     cache = autotune.machine_cache()
-    if not here or cache.path is None:
+    if machine_differences(metadata.get("environment") or {}, describe_environment()) or cache.path is None:
         return table, None
     cache.add(entries)
     return table, cache.path

@@ -155,7 +155,7 @@ class Auto(CondConvBase):
                 budget = self.tuning_budget_s or autotune.default_budget_s()
                 self.last_tuning = autotune.measure(self, x, routing_weights, candidates, budget, compiled=compiled)
                 key = self.last_tuning.strategy
-                cache.add([autotune.entry_for(query, self.last_tuning)])
+                cache.add([query.entry(key, self.last_tuning.margin, "autotune")])
         else:
             table = resolve_table(self.dispatch_table)
             query = _query(*self._query_args(x))  # type: ignore[arg-type]
