@@ -17,7 +17,7 @@ _HOMES = {
     "CondConvLinear": "condconv_bench.modules",
     "CondConvBase": "condconv_bench.layer",
     "CondConvBenchError": "condconv_bench.errors",
-    "DispatchTable": "condconv_bench.dispatch",
+    "DispatchTable": "condconv_bench.dispatch.table",
     "LayerSpec": "condconv_bench.spec",
     "create_impl": "condconv_bench.registry",
     "get_impl": "condconv_bench.registry",
@@ -25,19 +25,19 @@ _HOMES = {
     "register_impl": "condconv_bench.registry",
     "load_results": "condconv_bench.results",
     "run_suite": "condconv_bench.runner",
-    "set_autotune": "condconv_bench.autotune",
+    "set_autotune": "condconv_bench.dispatch.switch",
 }
 
 __all__ = sorted([*_HOMES, "__version__"])
 
 if TYPE_CHECKING:
-    from condconv_bench.dispatch import DispatchTable
+    from condconv_bench.dispatch.table import DispatchTable
     from condconv_bench.errors import CondConvBenchError
     from condconv_bench.layer import CondConvBase
     from condconv_bench.modules import CondConv2d, CondConvLinear
     from condconv_bench.registry import create_impl, get_impl, list_impls, register_impl
     from condconv_bench.results import load_results
-    from condconv_bench.autotune import set_autotune
+    from condconv_bench.dispatch.switch import set_autotune
     from condconv_bench.runner import run_suite
     from condconv_bench.spec import LayerSpec
 

@@ -24,6 +24,8 @@ from condconv_bench.gate.ab.verdict import (
 from condconv_bench.gate.baseline import load_snapshot, save_baseline
 from condconv_bench.gate.compare import CaseComparison, Comparison, compare_snapshots
 from condconv_bench.errors import EXIT_FAILURE, CondConvBenchError, RunInterruptedError
+from condconv_bench.dispatch.cache import CACHE_VARIABLE, machine_cache
+from condconv_bench.dispatch.table import DispatchTable, default_table
 from condconv_bench.gate.baseline_gate import run_gate
 from condconv_bench.measure import allocators
 from condconv_bench.measure.allocators import ALLOCATORS
@@ -207,6 +209,19 @@ def list_command() -> None:
     click.echo("\nAllocators for the worker processes (run --allocator):")
     for name, reason in allocators.available().items():
         click.echo(f"  {name:<18} {'available' if reason is None else f'unavailable: {reason}'}")
+    click.echo("\nWhere strategy='auto' looks, in this order (autotune measures, then keeps its choices in the first):")
+    cache = machine_cache()
+    if cache.path is None:
+        click.echo(f"  autotune cache     off (${CACHE_VARIABLE})")
+    else:
+        state = f"{len(DispatchTable.load(cache.path).entries)} entries" if cache.path.exists() else "nothing measured yet"
+        click.echo(f"  autotune cache     {cache.path} ({state}; this machine and torch build only)")
+    table = default_table()
+    click.echo(f"  dispatch table     {table.source or '(none)'}")
+    if table.measured_on:
+        click.echo(f"                     measured on {table.measured_on}")
+    for line in table.provenance():
+        click.echo(f"                     {line}")
     click.echo("\nShipped suites (run by name or path):")
     for name, path in sorted(shipped_suites().items()):
         suite = load_suite(path)

@@ -158,7 +158,7 @@ class CondConvBase(nn.Module, ABC):
         """
         experts = self.weight.reshape(self.spec.num_experts, -1)
         recording = torch.is_grad_enabled() and (self.weight.requires_grad or routing_weights.requires_grad)
-        if not reuse_workspace or recording or torch.compiler.is_compiling():
+        if not reuse_workspace or recording or torch.compiler.is_compiling() or torch.compiler.is_exporting():
             return (routing_weights @ experts).view(-1, *self.spec.expert_shape)
         shape = (routing_weights.shape[0], experts.shape[1])
         key = (shape, experts.dtype, experts.device, torch.is_inference_mode_enabled())
@@ -171,10 +171,14 @@ class CondConvBase(nn.Module, ABC):
 
         While autograd records, the layout is rebuilt on every call so gradients reach `weight`.
         Otherwise it is cached until the weights change in place, are loaded or are moved, which
-        the tensor's version counter and storage pointer reveal — like a prepacked weight.
+        the tensor's version counter and storage pointer reveal — like a prepacked weight. Weights
+        created under `torch.inference_mode` have no version counter, so nothing could tell a
+        cached layout stale: theirs is rebuilt on every call (build a model outside inference mode
+        and run it inside to keep the cache). While tracing, the layout is part of the graph.
         """
         weight = self.weight
-        if (torch.is_grad_enabled() and weight.requires_grad) or torch.compiler.is_compiling():
+        if (torch.compiler.is_compiling() or torch.compiler.is_exporting()  # first: dynamo cannot trace is_inference
+                or (torch.is_grad_enabled() and weight.requires_grad) or weight.is_inference()):
             return build(weight)
         key = (weight.data_ptr(), weight._version, weight.dtype, weight.device)
         cached = self._layouts.get(name)

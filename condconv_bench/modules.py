@@ -5,7 +5,7 @@ They take the usual `nn.Conv2d` / `nn.Linear` arguments (and their defaults, bia
 a dispatch table — the one given as `dispatch_table` (a `DispatchTable` or a JSON path from
 `condconv-bench tune`), else `$CONDCONV_BENCH_DISPATCH`, else the tables shipped with the package —
 `"autotune"` measures the strategies on the first call of each new input signature, within
-`tuning_budget_s` (`condconv_bench.autotune`), and any dispatchable registry key fixes the strategy. `forward(x, routing_weights=None)` routes
+`tuning_budget_s` (`condconv_bench.dispatch.tuning`), and any dispatchable registry key fixes the strategy. `forward(x, routing_weights=None)` routes
 from `x` or takes routing weights shared across a block.
 """
 
@@ -13,8 +13,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from condconv_bench.dispatch import DispatchTable
-from condconv_bench.impls.auto import Auto
+from condconv_bench.dispatch.table import DispatchTable
+from condconv_bench.dispatch.layer import Auto
 from condconv_bench.spec import LayerSpec, RoutingKind
 
 IntOrPair = int | tuple[int, int]

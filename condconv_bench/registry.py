@@ -1,7 +1,8 @@
 """Name → implementation class, with a small verb set: register, get, create, list.
 
-Three sources, one namespace: the built-ins in `condconv_bench.impls` (one module per key, loaded
-by importing the package's modules), third-party classes advertised in the `condconv_bench.impls`
+Three sources, one namespace: the built-ins — the strategies in `condconv_bench.impls` (one module
+per key, loaded by importing the package's modules) and the dispatching layers `auto` and
+`autotune` (`condconv_bench.dispatch.layer`) — third-party classes advertised in the `condconv_bench.impls`
 entry-point group (registered under the entry point's name), and `package.module:Class` names
 resolved on demand. A key claimed twice is an error: a silent override would mislabel results.
 """
@@ -20,6 +21,7 @@ from condconv_bench.layer import CondConvBase
 from condconv_bench.spec import LayerSpec
 
 ENTRY_POINT_GROUP = "condconv_bench.impls"
+DISPATCHING_LAYERS = "condconv_bench.dispatch.layer"  # `auto` and `autotune`: built in, but not strategies
 
 _registry: dict[str, type[CondConvBase]] = {}
 _loaded = False
@@ -57,6 +59,7 @@ def _load_sources() -> None:
 
     for module in pkgutil.iter_modules(builtin.__path__):
         importlib.import_module(f"{builtin.__name__}.{module.name}")
+    importlib.import_module(DISPATCHING_LAYERS)
     for entry_point in importlib.metadata.entry_points(group=ENTRY_POINT_GROUP):
         _add(entry_point.name, entry_point.load(), f"entry point {entry_point.value!r}")
 

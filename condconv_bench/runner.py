@@ -15,7 +15,6 @@ from __future__ import annotations
 import math
 import re
 import time
-import warnings
 from collections import Counter
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
@@ -27,8 +26,9 @@ from typing import Any, Protocol
 import torch
 from torch import nn
 
-from condconv_bench import autotune, equivalence, flops, memory
+from condconv_bench import equivalence, flops, memory
 from condconv_bench.case import TORCH_DTYPES, Case
+from condconv_bench.dispatch.cache import cache_off
 from condconv_bench.environment import describe_environment
 from condconv_bench.errors import CondConvBenchError, DeviceUnavailableError, ImplUnavailableError, ResultsError, first_line
 from condconv_bench.fixtures import (
@@ -36,7 +36,6 @@ from condconv_bench.fixtures import (
     use_exact_float32, warm_up_device,
 )
 from condconv_bench.footprint import memory_reason
-from condconv_bench.impls.auto import MeasuredElsewhereWarning
 from condconv_bench.layer import CondConvBase
 from condconv_bench.machine_peak import matmul_peak_flops
 from condconv_bench.measure import allocators
@@ -449,11 +448,9 @@ def run_suite(
     allocator = allocator or suite.model.timing.allocator
     pool = WorkerPool(settings.processes, allocator)
     output = Path(output) if output else default_output(suite)
-    # The probes here run under this process's allocator, not the workers' that the timing and the
-    # table share: a table-provenance warning would be about the wrong process. Like the workers,
-    # the probes neither read nor fill the machine's autotune cache.
-    with writer_lock(output), warnings.catch_warnings(), autotune.cache_off():
-        warnings.filterwarnings("ignore", category=MeasuredElsewhereWarning)
+    # Like the workers, the probes neither read nor fill the machine's autotune cache: a run
+    # measures what a fresh machine gets.
+    with writer_lock(output), cache_off():
         return _run_cases(suite, cases, settings, allocator, pool, _open_run(suite, output, resume, shard, cases), listener, profile)
 
 

@@ -4,15 +4,15 @@ It runs the suite's dispatchable strategies (or reads an earlier run of the same
 for every layer, device, dtype, mode, thread count, memory format, allocator and batch size, the
 fastest one that passed the equivalence check. Stacks of blocks are skipped: their layers are tuned
 one by one. When the run was measured on this machine with this torch, its entries also go to the
-per-machine autotune cache (`condconv_bench.autotune`), so `autotune` layers start tuned.
+per-machine autotune cache (`condconv_bench.dispatch.cache`), so `autotune` layers start tuned.
 """
 
 from __future__ import annotations
 
 from pathlib import Path
 
-from condconv_bench import autotune
-from condconv_bench.dispatch import DispatchTable, entries_from_results
+from condconv_bench.dispatch.cache import machine_cache
+from condconv_bench.dispatch.table import DispatchTable, entries_from_results
 from condconv_bench.environment import describe_environment, machine_differences
 from condconv_bench.errors import CondConvBenchError, ResultsError
 from condconv_bench.registry import dispatchable_impls
@@ -49,7 +49,7 @@ def tune(suite: Suite, output: Path, run_dir: Path, *, reuse_run: bool = False, 
         raise CondConvBenchError(f"{run_dir}: no layer case passed equivalence with a dispatchable strategy; nothing to tune")
     table = DispatchTable(entries, str(output))
     table.save(output)
-    cache = autotune.machine_cache()
+    cache = machine_cache()
     if machine_differences(metadata.get("environment") or {}, describe_environment()) or cache.path is None:
         return table, None
     cache.add(entries)

@@ -18,7 +18,6 @@ at chunks of 2–8 examples, within 10% of it only at 16.
 
 from __future__ import annotations
 
-import functools
 
 import torch
 
@@ -30,15 +29,27 @@ from condconv_bench.registry import register_impl
 _FALLBACK_L2_BYTES = 2**20
 
 
-@functools.cache
-def _l2_bytes() -> int:
-    return cache_bytes("L2") or _FALLBACK_L2_BYTES
+_budget_found: dict[int, int] = {}  # thread count → bytes of L2 those threads have, read once
+
+
+def _l2_budget_bytes() -> int:
+    """The L2 bytes of the threads in use (the machine's L2 per core × torch's thread count)."""
+    threads = torch.get_num_threads()
+    if threads not in _budget_found:
+        _budget_found[threads] = (cache_bytes("L2") or _FALLBACK_L2_BYTES) * threads
+    return _budget_found[threads]
+
+
+# A machine constant: under torch.compile it is evaluated eagerly and baked into the graph (the
+# marker `torch.compiler.assume_constant_result` sets, without importing the compiler), since
+# dynamo cannot trace the sysfs reads and the thread count behind it and would fail with
+# fullgraph=True. A graph compiled under one thread count keeps that count's chunk size.
+_l2_budget_bytes._dynamo_marked_constant = True  # type: ignore[attr-defined]
 
 
 def chunk_size(layer: CondConvBase, batch_size: int, itemsize: int) -> int:
     """Examples whose mixed kernels fit together in the L2 caches of the threads in use."""
-    budget = _l2_bytes() * torch.get_num_threads()
-    return max(1, min(batch_size, budget // (layer.spec.kernel_numel * itemsize)))
+    return max(1, min(batch_size, _l2_budget_bytes() // (layer.spec.kernel_numel * itemsize)))
 
 
 @register_impl("chunked_matmul")

@@ -7,7 +7,8 @@ from dataclasses import dataclass
 import pytest
 import torch
 
-from condconv_bench import LayerSpec, autotune, registry
+from condconv_bench import LayerSpec, registry
+from condconv_bench.dispatch import cache, switch
 
 
 @dataclass(frozen=True)
@@ -74,6 +75,6 @@ def isolated_registry(monkeypatch) -> dict:
 def private_autotune(tmp_path, monkeypatch) -> None:
     """Every test autotunes into its own cache file (never the user's), with a short budget: the
     oracle tests check what `autotune` computes, not how well it chooses."""
-    monkeypatch.setenv(autotune.CACHE_VARIABLE, str(tmp_path / "autotune-cache.json"))
-    monkeypatch.delenv(autotune.AUTOTUNE_VARIABLE, raising=False)
-    monkeypatch.setattr(autotune, "_switch", {"enabled": False, "budget_s": 0.05, "compiled": False})
+    monkeypatch.setenv(cache.CACHE_VARIABLE, str(tmp_path / "autotune-cache.json"))
+    monkeypatch.delenv(switch.AUTOTUNE_VARIABLE, raising=False)
+    monkeypatch.setattr(switch, "_switch", {"enabled": False, "budget_s": 0.05, "compiled": False})

@@ -10,9 +10,9 @@ import torch
 from click.testing import CliRunner
 
 from condconv_bench import CondConv2d, CondConvLinear, DispatchTable, LayerSpec
-from condconv_bench import autotune
+from condconv_bench.dispatch.cache import cache_path
 from condconv_bench.cli import main
-from condconv_bench.dispatch import ENVIRONMENT_VARIABLE, Entry, Query, rule_of_thumb, shape_class, signature
+from condconv_bench.dispatch.table import ENVIRONMENT_VARIABLE, Entry, Query, rule_of_thumb, shape_class, signature
 from condconv_bench.equivalence import check_equivalence
 from condconv_bench.errors import ResultsError, UnknownImplError
 from condconv_bench.measure import allocators
@@ -166,7 +166,7 @@ def test_tune_builds_a_table_that_auto_uses(tmp_path) -> None:
     assert layer.last_strategy == fc["strategy"]
     assert {e["allocator"] for e in entries} == {"fixed"}  # the workers' default policy, recorded
     assert "autotune cache: " in result.output
-    cached = json.loads(autotune.cache_path().read_text())["entries"]  # measured here: autotune starts from it
+    cached = json.loads(cache_path().read_text())["entries"]  # measured here: autotune starts from it
     assert {(e["layer"], e["batch_size"], e["strategy"]) for e in entries} <= {(e["layer"], e["batch_size"], e["strategy"]) for e in cached}
 
 

@@ -1,24 +1,30 @@
-"""`autotune`: measured choices in the user's process, the per-machine cache, and the new strategies."""
+"""`autotune`: measured choices in the user's process, the per-machine cache and its confirmation,
+the quiet default path, and the new strategies."""
 
 from __future__ import annotations
 
 import json
+import os
+import random
+import subprocess
+import sys
+import textwrap
 import time
-import warnings
 
 import pytest
 import torch
 
-from condconv_bench import CondConv2d, CondConvLinear, DispatchTable, LayerSpec, set_autotune
-from condconv_bench import autotune
+from condconv_bench import CondConv2d, CondConvLinear, LayerSpec, set_autotune
+from condconv_bench.dispatch import cache, tuning
+from condconv_bench.dispatch import layer as auto_module
+from condconv_bench.dispatch.table import DispatchTable, Query
 from condconv_bench.equivalence import check_equivalence
-from condconv_bench.impls import auto as auto_module
 from condconv_bench.impls import chunked_matmul
 from condconv_bench.impls.grouped_conv import GroupedConv
 from condconv_bench.measure import allocators
 from condconv_bench.registry import create_impl, dispatchable_impls
 
-from test_auto import entry
+from test_auto import entry, query
 
 
 class SpinningGroupedConv(GroupedConv):
@@ -36,7 +42,39 @@ def only(monkeypatch, strategies: dict[str, type]) -> None:
 
 
 def fresh_process_cache() -> None:
-    autotune._cache_for.cache_clear()
+    cache._cache_for.cache_clear()
+
+
+class FakeClock:
+    """Time that passes only when a planted strategy runs: exact, load-free timings."""
+
+    def __init__(self) -> None:
+        self.now = 0.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def costing(clock: FakeClock, seconds: dict[str, float]) -> dict[str, type]:
+    """grouped_conv under several names, each advancing `clock` by its own cost per call (a
+    callable cost may vary from call to call)."""
+
+    def strategy(name: str) -> type:
+        def conditional_forward(self, x, routing_weights):
+            cost = seconds[name]
+            clock.now += cost() if callable(cost) else cost
+            return GroupedConv.conditional_forward(self, x, routing_weights)
+
+        return type(name, (GroupedConv,), {"conditional_forward": conditional_forward})
+
+    return {name: strategy(name) for name in seconds}
+
+
+def planted_entry(strategy: str, rivals: tuple[str, ...], x: torch.Tensor, spec: LayerSpec) -> None:
+    """A cache file holding `strategy` as this machine's choice for `x`, as an earlier process wrote it."""
+    measured = query(x.shape[0], spec, tuple(x.shape[2:]))
+    DispatchTable([measured.entry(strategy, 1.3, "autotune", rivals, {strategy: 1e-3}, 0.01, 0.5)]).save(cache.cache_path())
+    fresh_process_cache()
 
 
 def test_autotune_measures_and_never_picks_a_planted_slow_strategy(monkeypatch) -> None:
@@ -47,7 +85,7 @@ def test_autotune_measures_and_never_picks_a_planted_slow_strategy(monkeypatch) 
     tuning = layer.last_tuning
     assert layer.last_strategy == tuning.strategy == "grouped_conv"
     assert "spinning" in tuning.pruned or tuning.medians_s["spinning"] > 1.5 * tuning.medians_s["grouped_conv"]
-    assert tuning.seconds < 2.0 and tuning.rounds >= autotune.MIN_ROUNDS  # ends early once one finalist is left
+    assert tuning.seconds < 2.0  # ends early once one finalist is left
 
 
 def test_the_choice_is_cached_per_signature_and_survives_the_process(monkeypatch) -> None:
@@ -59,17 +97,195 @@ def test_the_choice_is_cached_per_signature_and_survives_the_process(monkeypatch
         layer.last_tuning = None
         layer(x)
     assert first is not None and layer.last_tuning is None  # the second call measured nothing
-    document = json.loads(autotune.cache_path().read_text())
+    document = json.loads(cache.cache_path().read_text())
     (saved,) = document["entries"]
     assert (saved["strategy"], saved["batch_size"], saved["allocator"]) == (first.strategy, 2, allocators.current())
 
+    assert saved["rivals"] and saved["medians_s"][first.strategy] > 0 and saved["load"] != -1.0  # the evidence
+
     fresh_process_cache()  # as a new process would: only the file remains
-    monkeypatch.setattr(autotune, "measure", lambda *a, **k: pytest.fail("measured although the cache file knows this signature"))
+    monkeypatch.setattr(tuning, "measure", lambda *a, **k: pytest.fail("tuned afresh although the cache file knows this signature"))
     again = CondConv2d(8, 16, 1, num_experts=4, strategy="autotune")
     with torch.no_grad():
         again(x)
         assert again.choose(x) == first.strategy  # what torch.compile bakes in while tracing
-    assert again.last_strategy == first.strategy
+    assert again.last_tuning.confirmed == first.strategy  # raced against its rivals before it was trusted
+    assert again.last_strategy == first.strategy or again.last_strategy in saved["rivals"]
+
+
+def test_a_cached_choice_now_twice_as_slow_is_replaced_within_the_confirmation_budget(monkeypatch) -> None:
+    clock = FakeClock()
+    only(monkeypatch, costing(clock, {"fast": 1e-3, "slow": 2e-3, "other": 3e-3}))
+    monkeypatch.setattr(tuning, "default_clock", clock)
+    spec = LayerSpec("conv2d", 8, 16, 4, kernel_size=3, padding=1)
+    x = torch.randn(4, 8, 6, 6)
+    planted_entry("slow", ("fast",), x, spec)
+    layer = CondConv2d(8, 16, 3, padding=1, num_experts=4, strategy="autotune", tuning_budget_s=0.25)
+    with torch.no_grad():
+        layer(x)
+    confirmation = layer.last_tuning
+    assert layer.last_strategy == "fast" and confirmation.confirmed == "slow"
+    assert confirmation.medians_s == {"slow": pytest.approx(2e-3), "fast": pytest.approx(1e-3)}
+    assert confirmation.seconds <= tuning.BUDGET_SLACK * 0.25 * tuning.CONFIRM_SHARE  # its share of the budget, not a tuning
+    (saved,) = json.loads(cache.cache_path().read_text())["entries"]
+    assert saved["strategy"] == "fast" and saved["rivals"] == ["slow"]  # the next process starts from the fast one
+    fresh_process_cache()
+    again = CondConv2d(8, 16, 3, padding=1, num_experts=4, strategy="autotune", tuning_budget_s=0.05)
+    with torch.no_grad():
+        again(x)
+    assert again.last_strategy == "fast" and again.last_tuning.confirmed == "fast"
+
+
+def test_a_cached_choice_that_holds_is_trusted_after_one_confirmation_per_process(monkeypatch) -> None:
+    clock = FakeClock()
+    only(monkeypatch, costing(clock, {"fast": 1e-3, "slow": 2e-3}))
+    monkeypatch.setattr(tuning, "default_clock", clock)
+    spec = LayerSpec("conv2d", 8, 16, 4)
+    x = torch.randn(2, 8, 5, 5)
+    planted_entry("fast", ("slow",), x, spec)
+    before = cache.cache_path().read_text()
+    layers = [CondConv2d(8, 16, 1, num_experts=4, strategy="autotune", tuning_budget_s=0.05) for _ in range(3)]
+    with torch.no_grad():
+        for layer in layers:  # a model's layers of one signature
+            layer(x)
+    assert [layer.last_strategy for layer in layers] == ["fast"] * 3
+    assert layers[0].last_tuning.confirmed == "fast" and layers[1].last_tuning is None and layers[2].last_tuning is None
+    assert cache.cache_path().read_text() == before  # a confirmation that holds rewrites nothing
+
+
+def test_a_tuning_too_noisy_to_separate_the_candidates_is_kept_for_the_process_only(monkeypatch) -> None:
+    clock = FakeClock()
+    draws = random.Random(1)
+    only(monkeypatch, costing(clock, {"jumpy": lambda: draws.uniform(1e-3, 4e-3), "steady": 2.0e-3}))
+    monkeypatch.setattr(tuning, "default_clock", clock)
+    layer = CondConv2d(8, 16, 1, num_experts=4, strategy="autotune", tuning_budget_s=0.1)
+    with torch.no_grad():
+        layer(torch.randn(2, 8, 5, 5))
+    assert layer.last_tuning.noisy and layer.last_strategy in ("jumpy", "steady")
+    assert not cache.cache_path().exists()  # not persisted: another process measures afresh
+    clock_only = FakeClock()
+    only(monkeypatch, costing(clock_only, {"quick": 1.0e-3, "steady": 2.0e-3}))
+    monkeypatch.setattr(tuning, "default_clock", clock_only)
+    quiet = CondConv2d(8, 16, 1, num_experts=4, strategy="autotune", tuning_budget_s=0.1)
+    with torch.no_grad():
+        quiet(torch.randn(3, 8, 5, 5))
+    assert not quiet.last_tuning.noisy and cache.cache_path().exists()  # the same layer on a quiet machine is persisted
+
+
+def test_the_budget_holds_when_every_call_is_slow(monkeypatch) -> None:
+    clock = FakeClock()
+    only(monkeypatch, costing(clock, {f"s{i}": 0.04 + 0.001 * i for i in range(6)}))
+    monkeypatch.setattr(tuning, "default_clock", clock)
+    layer = CondConv2d(8, 16, 1, num_experts=4, strategy="autotune", tuning_budget_s=0.3)
+    with torch.no_grad():
+        layer(torch.randn(2, 8, 5, 5))
+    measured = layer.last_tuning
+    assert measured.seconds <= tuning.BUDGET_SLACK * 0.3
+    assert measured.strategy == "s0"  # the likeliest goes first, and the budget still separates it
+
+
+def test_hopeless_candidates_get_a_single_call(monkeypatch) -> None:
+    clock = FakeClock()
+    calls = {"quick": 0, "hopeless": 0}
+    costs = {"quick": 1e-3, "hopeless": 20e-3}
+
+    def counted(name):
+        def cost():
+            calls[name] += 1
+            return costs[name]
+        return cost
+
+    only(monkeypatch, costing(clock, {name: counted(name) for name in costs}))
+    monkeypatch.setattr(tuning, "default_clock", clock)
+    layer = CondConv2d(8, 16, 1, num_experts=4, strategy="autotune", tuning_budget_s=0.05)
+    with torch.no_grad():
+        layer(torch.randn(2, 8, 5, 5))
+    assert layer.last_strategy == "quick" and calls["hopeless"] == 1 and "hopeless" in layer.last_tuning.pruned
+
+
+def test_training_tuning_includes_the_routing_weights_gradient(monkeypatch) -> None:
+    seen = []
+
+    class Recording(GroupedConv):
+        def conditional_forward(self, x, routing_weights):
+            seen.append(routing_weights.requires_grad)
+            return GroupedConv.conditional_forward(self, x, routing_weights)
+
+    only(monkeypatch, {"recording": Recording, "grouped_conv": GroupedConv})
+    layer = CondConv2d(6, 8, 1, num_experts=3, strategy="autotune")
+    x = torch.randn(2, 6, 4, 4, requires_grad=True)
+    routing = torch.sigmoid(torch.nn.Linear(6, 3)(x.mean((2, 3))))  # a block's shared routing, as in a model
+    layer(x, routing)
+    assert seen and all(seen)  # the tuned step differentiates the routing weights too, as the model's backward does
+
+
+def test_a_choice_measured_fast_in_one_process_and_slow_in_the_next_is_replaced(tmp_path) -> None:
+    script = tmp_path / "tune_once.py"
+    script.write_text(textwrap.dedent('''
+        import os, sys, time
+        import torch
+        from condconv_bench import CondConv2d
+        from condconv_bench.dispatch import layer as auto_module
+        from condconv_bench.impls.grouped_conv import GroupedConv
+
+        def spinning(name):
+            def conditional_forward(self, x, routing_weights):
+                until = time.perf_counter() + float(os.environ[name.upper() + "_SPIN"])
+                while time.perf_counter() < until:
+                    pass
+                return GroupedConv.conditional_forward(self, x, routing_weights)
+            return type(name, (GroupedConv,), {"conditional_forward": conditional_forward})
+
+        torch.set_num_threads(1)  # a tiny conv on a loaded machine: no threads spinning for a core
+        strategies = {name: spinning(name) for name in ("plain", "tricky")}
+        auto_module.dispatchable_impls = lambda: strategies
+        layer = CondConv2d(8, 16, 1, num_experts=4, strategy="autotune", tuning_budget_s=0.2)
+        with torch.no_grad():
+            layer(torch.randn(2, 8, 5, 5))
+        print(layer.last_strategy, layer.last_tuning.confirmed)
+    '''))
+    env = {**os.environ, cache.CACHE_VARIABLE: str(tmp_path / "cache.json")}
+
+    def process(plain_spin: float, tricky_spin: float) -> list[str]:
+        result = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, check=True, timeout=120,
+                                env={**env, "PLAIN_SPIN": str(plain_spin), "TRICKY_SPIN": str(tricky_spin)})
+        return result.stdout.split()
+
+    assert process(0.003, 0.0) == ["tricky", "None"]  # artificially fast in the first process: tuned, cached
+    assert process(0.0, 0.003) == ["plain", "tricky"]  # normal in the second: the cached choice fails its confirmation
+    assert process(0.0, 0.003) == ["plain", "plain"]  # and the next process starts from the replacement
+
+
+def test_the_default_layer_is_quiet_in_a_plain_process(tmp_path) -> None:
+    program = textwrap.dedent('''
+        import warnings
+        warnings.simplefilter("always")
+        with warnings.catch_warnings(record=True) as caught:
+            import torch
+            from condconv_bench import CondConv2d, CondConvLinear
+            with torch.no_grad():
+                CondConv2d(112, 672, 1, bias=False)(torch.randn(2, 112, 14, 14))
+                CondConvLinear(1280, 1000)(torch.randn(2, 1280))
+            CondConv2d(16, 16, 3, padding=1, groups=16)(torch.randn(2, 16, 7, 7)).sum().backward()
+        print([f"{w.filename}: {w.message}" for w in caught if "condconv_bench" in w.filename or "condconv_bench" in str(w.message)])
+    ''')
+    env = {**os.environ, cache.CACHE_VARIABLE: str(tmp_path / "cache.json")}
+    env.pop("PYTHONWARNINGS", None)
+    result = subprocess.run([sys.executable, "-c", program], capture_output=True, text=True, check=True, timeout=120, env=env)
+    assert result.stdout.strip() == "[]", result.stdout
+    assert not (tmp_path / "cache.json").exists()  # the default measures nothing and writes nothing
+
+
+def test_auto_prefers_what_this_machine_measured_over_the_table(monkeypatch) -> None:
+    spec = LayerSpec("conv2d", 8, 16, 4)
+    x = torch.randn(2, 8, 5, 5)
+    table = DispatchTable([entry("grouped_conv", 2, spec, size=(5, 5))])
+    assert CondConv2d(8, 16, 1, num_experts=4, dispatch_table=table).choose(x) == "grouped_conv"
+    planted_entry("pixel_major_matmul", ("grouped_conv",), x, spec)
+    layer = CondConv2d(8, 16, 1, num_experts=4, dispatch_table=table)
+    with torch.no_grad():
+        layer(x)
+    assert layer.last_strategy == "pixel_major_matmul" and layer.last_tuning is None  # looked up, never measured
 
 
 def test_global_switch_makes_auto_layers_built_elsewhere_autotune() -> None:
@@ -86,13 +302,13 @@ def test_global_switch_makes_auto_layers_built_elsewhere_autotune() -> None:
 
 
 def test_a_broken_cache_file_costs_a_measurement_not_the_model() -> None:
-    autotune.cache_path().write_bytes(b"\xff not json")
+    cache.cache_path().write_bytes(b"\xff not json")
     fresh_process_cache()
     layer = CondConv2d(8, 8, 1, num_experts=2, strategy="autotune")
     with pytest.warns(UserWarning, match="autotuning afresh"), torch.no_grad():
         layer(torch.randn(2, 8, 4, 4))
     assert layer.last_tuning is not None
-    assert json.loads(autotune.cache_path().read_text())["entries"][0]["strategy"] == layer.last_strategy
+    assert json.loads(cache.cache_path().read_text())["entries"][0]["strategy"] == layer.last_strategy
 
 
 def test_tuning_in_training_measures_the_backward_and_leaves_grads_alone() -> None:
@@ -108,28 +324,10 @@ def test_tuning_in_training_measures_the_backward_and_leaves_grads_alone() -> No
 
 
 def test_ties_are_broken_by_name_not_by_noise() -> None:
-    strategy, tied = autotune.pick({"grouped_conv": 1.015e-3, "batched_matmul": 1.0e-3, "naive_moe": 5e-3})
+    strategy, tied = tuning.pick({"grouped_conv": 1.015e-3, "batched_matmul": 1.0e-3, "naive_moe": 5e-3})
     assert (strategy, tied) == ("batched_matmul", ("batched_matmul", "grouped_conv"))
-    strategy, tied = autotune.pick({"grouped_conv": 1.0e-3, "batched_matmul": 1.03e-3})
+    strategy, tied = tuning.pick({"grouped_conv": 1.0e-3, "batched_matmul": 1.03e-3})
     assert (strategy, tied) == ("grouped_conv", ("grouped_conv",))
-
-
-def test_table_measured_under_another_allocator_warns_once(tmp_path) -> None:
-    elsewhere = "jemalloc" if allocators.current() != "jemalloc" else "glibc"
-    spec = LayerSpec("conv2d", 8, 16, 4, kernel_size=3, padding=1)
-    table = DispatchTable([entry("grouped_conv", 2, spec, allocator=elsewhere)], "measured-elsewhere.json")
-    layer = CondConv2d(8, 16, 3, padding=1, num_experts=4, dispatch_table=table)
-    with warnings.catch_warnings(record=True) as caught, torch.no_grad():
-        warnings.simplefilter("always")
-        layer(torch.randn(2, 8, 6, 6))
-        layer(torch.randn(3, 8, 6, 6))
-    messages = [str(w.message) for w in caught if "measured under" in str(w.message)]
-    assert len(messages) == 1 and elsewhere in messages[0] and "autotune" in messages[0]
-    at_home = DispatchTable([entry("grouped_conv", 2, spec)], "measured-here.json")
-    with warnings.catch_warnings(record=True) as caught, torch.no_grad():
-        warnings.simplefilter("always")
-        CondConv2d(8, 16, 3, padding=1, num_experts=4, dispatch_table=at_home)(torch.randn(2, 8, 6, 6))
-    assert not [w for w in caught if "measured under" in str(w.message)]
 
 
 @pytest.mark.parametrize("training", [False, True], ids=["forward", "backward"])
@@ -139,7 +337,7 @@ def test_table_measured_under_another_allocator_warns_once(tmp_path) -> None:
     (LayerSpec("linear", 16, 10, 4, bias=True), (1, 1)),
 ], ids=["pointwise", "grouped_bias", "linear"])
 def test_chunked_matmul_matches_the_oracle_over_several_chunks(monkeypatch, spec, size, training) -> None:
-    monkeypatch.setattr(chunked_matmul, "_l2_bytes", lambda: 1)  # one example per chunk
+    monkeypatch.setattr(chunked_matmul, "_l2_budget_bytes", lambda: 1)  # one example per chunk
     torch.manual_seed(0)
     module = create_impl("chunked_matmul", spec)
     x = torch.randn(spec.input_shape(5, size))
@@ -171,7 +369,7 @@ def test_tuning_for_compile_measures_compiled_variants_and_the_graph_uses_their_
         expected = layer(x)  # the eager warm-up call tunes for compilation
         tuning = layer.last_tuning
         assert tuning is not None and tuning.compile_s > 0 and set(tuning.medians_s) | set(tuning.pruned) == {"grouped_conv", "batched_matmul"}
-        (saved,) = json.loads(autotune.cache_path().read_text())["entries"]
+        (saved,) = json.loads(cache.cache_path().read_text())["entries"]
         assert saved["mode"] == "inference+compiled" and saved["strategy"] == tuning.strategy
         baked = []
         original = auto_module._lookup
@@ -189,7 +387,7 @@ def test_tuning_for_compile_measures_compiled_variants_and_the_graph_uses_their_
 
 def test_strategies_with_several_times_the_work_are_not_measured_on_convs_but_are_on_linear_layers() -> None:
     strategies = dispatchable_impls()
-    conv = autotune.cheap_enough(strategies, LayerSpec("conv2d", 64, 64, 8), 8, (14, 14))
+    conv = tuning.cheap_enough(strategies, LayerSpec("conv2d", 64, 64, 8), 8, (14, 14))
     assert {"naive_moe", "stacked_moe"}.isdisjoint(conv) and {"grouped_conv", "pixel_major_matmul"} <= set(conv)
-    linear = autotune.cheap_enough(strategies, LayerSpec("linear", 1280, 1000, 8), 8, (1, 1))
+    linear = tuning.cheap_enough(strategies, LayerSpec("linear", 1280, 1000, 8), 8, (1, 1))
     assert "stacked_moe" in linear  # E·P MACs, as much as mixing the kernels: the classifier's fastest

@@ -19,7 +19,7 @@ from hypothesis import strategies as st
 from condconv_bench import atomic
 from condconv_bench.gate.baseline import load_snapshot, save_baseline
 from condconv_bench.cli import main
-from condconv_bench.dispatch import DispatchTable
+from condconv_bench.dispatch.table import DispatchTable
 from condconv_bench.footprint import estimated_bytes
 from condconv_bench.results import COLUMNS, RunDirectory, load_results
 from condconv_bench.runner import CaseFilter, run_suite

@@ -20,7 +20,8 @@ import tempfile
 import time
 from dataclasses import dataclass
 
-from condconv_bench.autotune import AUTOTUNE_VARIABLE, CACHE_VARIABLE
+from condconv_bench.dispatch.cache import CACHE_VARIABLE
+from condconv_bench.dispatch.switch import AUTOTUNE_VARIABLE
 from condconv_bench.measure.allocators import worker_environment
 from condconv_bench.measure.protocol import BUILDING, READY, TIMING, Visit, VisitResult, read_message, write_message
 

@@ -1,28 +1,29 @@
 """`auto` and `autotune`: per call, the strategy measured fastest for this layer and input.
 
 Source: this project's measurements (no public CondConv layer chooses its strategy: timm's folds
-the batch into groups, the TF original loops). `auto` looks the choice up in a dispatch table,
-keyed by device type, dtype, training or inference, thread count, memory format, allocator,
-layer shape and batch size (`condconv_bench.dispatch`); `autotune` measures the strategies in
-this process on the first call of each new input signature (`condconv_bench.autotune`) and
-remembers the answer per machine. Either resolves once per new input shape; later calls cost one
-dictionary lookup on the input's shape, strides, dtype and device. It runs the chosen strategy's
-`conditional_forward` on its own parameters, so only strategies that use nothing but the shared
-parameters (`dispatchable`) are candidates. Limit of `auto`: as good as the table, which may come
-from another machine (it warns once when the table never saw this process's allocator and thread
-count); `autotune` pays instead about half a second per new signature, once per machine.
+the batch into groups, the TF original loops). Either resolves once per new input signature;
+later calls cost one dictionary lookup on the input's shape, strides, dtype and device. It runs
+the chosen strategy's `conditional_forward` on its own parameters, so only strategies that use
+nothing but the shared parameters (`dispatchable`) are candidates.
+
+- `auto` (the default) measures nothing: it takes the choice this machine's autotune cache holds
+  for the query, else the dispatch table's (`table`). It never warns: where the table came from
+  and what it was measured under is what `condconv-bench list` shows.
+- `autotune` measures on the first call of each new signature (`tuning.measure`); a choice the
+  per-machine cache holds from another process is confirmed first (`tuning.confirm`), so a
+  tuning from a bad moment cannot stick.
 """
 
 from __future__ import annotations
 
-import warnings
 from collections.abc import Callable
 from pathlib import Path
 
 import torch
 
-from condconv_bench import autotune
-from condconv_bench.dispatch import DispatchTable, Query, resolve_table
+from condconv_bench.dispatch import switch, tuning
+from condconv_bench.dispatch.cache import MachineCache, machine_cache
+from condconv_bench.dispatch.table import DispatchTable, Query, resolve_table
 from condconv_bench.errors import UnknownImplError
 from condconv_bench.layer import CondConvBase
 from condconv_bench.measure import allocators
@@ -48,17 +49,31 @@ def _query(spec: LayerSpec, input_size: tuple[int, ...], device: str, dtype: str
     )
 
 
+def _cached_choice(cache: MachineCache, query: Query) -> str | None:
+    entry = cache.lookup(query)
+    return entry.strategy if entry is not None and entry.strategy in dispatchable_impls() else None
+
+
+def _machine_choice(query: Query, tuned: bool, compiling: bool = False) -> str | None:
+    """What this machine measured for `query` — while `compiling`, preferably among compiled
+    variants. An autotuning layer (`tuned`) also sees what this process measured with the cache
+    file off; an `auto` layer only the file, so that with the cache off (as in the benchmark's own
+    processes) `auto` is the table alone, whatever autotuned beside it."""
+    cache = machine_cache()
+    if not tuned and cache.path is None:
+        return None
+    for tuned_query in (switch.compiled_query(query), query) if compiling else (query,):
+        choice = _cached_choice(cache, tuned_query)
+        if choice is not None:
+            return choice
+    return None
+
+
 def _lookup(table: DispatchTable | str | Path | None, tuned: bool, compiling: bool, spec: LayerSpec,
             input_size: tuple[int, ...], device: str, dtype: str, grad_enabled: bool, channels_last: bool, batch_size: int) -> str:
-    """The strategy for a query: a choice autotuned on this machine if `tuned` and there is one —
-    while `compiling`, preferably one measured among compiled variants — else the table's."""
+    """The strategy for a query without measuring: this machine's choice, else the table's."""
     query = _query(spec, input_size, device, dtype, grad_enabled, channels_last, batch_size)
-    if tuned:
-        for tuned_query in (autotune.compiled_query(query), query) if compiling else (query,):
-            entry = autotune.machine_cache().lookup(tuned_query)
-            if entry is not None and entry.strategy in dispatchable_impls():
-                return entry.strategy
-    return resolve_table(table).choose(query)
+    return _machine_choice(query, tuned, compiling) or resolve_table(table).choose(query)
 
 
 # Under torch.compile the lookup runs eagerly while tracing and its answer is baked into the graph.
@@ -71,29 +86,10 @@ def _lookup(table: DispatchTable | str | Path | None, tuned: bool, compiling: bo
 # graph per shape, each with its own choice baked in.
 _lookup._dynamo_marked_constant = True  # type: ignore[attr-defined]
 
-_warned: set[tuple[str, str, int]] = set()
 
-
-class MeasuredElsewhereWarning(RuntimeWarning):
-    """The dispatch table never measured this process's allocator and thread count."""
-
-
-def _warn_if_measured_elsewhere(table: DispatchTable, query: Query) -> None:
-    """Once per process and table: say so when the table never saw this allocator and thread count."""
-    under = table.measured_under(query.device, query.dtype)
-    if not under or (query.allocator, query.threads) in under:
-        return
-    key = (table.source, query.allocator, query.threads)
-    if key in _warned:
-        return
-    _warned.add(key)
-    seen = ", ".join(f"{allocator} with {threads} threads" for allocator, threads in sorted(under))
-    warnings.warn(
-        f"condconv_bench: the dispatch table {table.source or '(in memory)'} was measured under {seen}; this process runs "
-        f"allocator {query.allocator} with {query.threads} threads, where other strategies may be faster. "
-        "strategy='autotune' (or condconv_bench.set_autotune(True)) measures them here.",
-        MeasuredElsewhereWarning, stacklevel=4,
-    )
+def _tracing() -> bool:
+    """Whether the call is being traced (torch.compile or torch.export) rather than run."""
+    return torch.compiler.is_compiling() or torch.compiler.is_exporting()
 
 
 @register_impl("auto")
@@ -117,12 +113,12 @@ class Auto(CondConvBase):
         self.tuning_budget_s = tuning_budget_s
         self.last_strategy: str | None = None  # chosen for the most recent new input shape
         self.last_guessed = False  # whether that choice was a rule of thumb (no table entry for the device and dtype)
-        self.last_tuning: autotune.Tuning | None = None  # the most recent measurement this layer made
+        self.last_tuning: tuning.Tuning | None = None  # the most recent measurement this layer made
         self._choices: dict[tuple[object, ...], tuple[str, Forward]] = {}
 
     def autotunes(self) -> bool:
         """Whether this layer measures strategies itself: `autotune`, or `auto` under the global switch."""
-        return self.strategy == "autotune" or (self.strategy == "auto" and autotune.autotune_enabled())
+        return self.strategy == "autotune" or (self.strategy == "auto" and switch.autotune_enabled())
 
     def _query_args(self, x: torch.Tensor) -> tuple[object, ...]:
         channels_last = x.dim() == 4 and not x.is_contiguous() and x.is_contiguous(memory_format=torch.channels_last)
@@ -133,8 +129,39 @@ class Auto(CondConvBase):
         """The strategy key this layer runs for an input like `x`, without measuring anything."""
         if self.strategy not in SELECTORS:
             return self.strategy
-        compiling = torch.compiler.is_compiling()
-        return _lookup(self.dispatch_table, self.autotunes(), compiling, *self._query_args(x))  # type: ignore[arg-type]
+        return _lookup(self.dispatch_table, self.autotunes(), torch.compiler.is_compiling(), *self._query_args(x))  # type: ignore[arg-type]
+
+    def _candidates(self, x: torch.Tensor, first: str) -> dict[str, type[CondConvBase]]:
+        """The strategies worth measuring for an input like `x`, `first` (the table's pick) first."""
+        supported = {k: cls for k, cls in dispatchable_impls().items() if cls.unsupported_reason(self.spec, x.device, x.dtype) is None}
+        ordered = dict(sorted(supported.items(), key=lambda item: item[0] != first))
+        input_size = tuple(x.shape[2:4]) if x.dim() == 4 else (1, 1)
+        return tuning.cheap_enough(ordered, self.spec, x.shape[0], input_size)  # type: ignore[arg-type]
+
+    def _tune(self, x: torch.Tensor, routing_weights: torch.Tensor) -> str:
+        """Measure, or confirm what this machine measured before, and remember the answer."""
+        query = _query(*self._query_args(x))  # type: ignore[arg-type]
+        compiled = switch.for_compile()
+        if compiled:  # the model is about to be compiled: this eager call tunes for that
+            query = switch.compiled_query(query)
+        cache = machine_cache()
+        cached = _cached_choice(cache, query)
+        if cached is not None and cache.trusted(query):
+            return cached
+        budget = self.tuning_budget_s or switch.default_budget_s()
+        candidates = self._candidates(x, resolve_table(self.dispatch_table).choose(query))
+        entry = cache.lookup(query)
+        rivals = {k: candidates[k] for k in (entry.rivals if entry else ()) if k in candidates and k != cached}
+        if cached is not None and cached in candidates and rivals and not compiled:
+            measured = tuning.confirm(self, x, routing_weights, cached, rivals, candidates, budget * tuning.CONFIRM_SHARE)
+            changed = measured.strategy != cached
+        else:
+            measured = tuning.measure(self, x, routing_weights, candidates, budget, compiled=compiled)
+            changed = True
+        self.last_tuning = measured
+        cache.add([query.entry(measured.strategy, measured.margin, "autotune", measured.rivals, measured.evidence,
+                               measured.spread, measured.load)], persist=changed and not measured.noisy)
+        return measured.strategy
 
     def _resolve(self, x: torch.Tensor, routing_weights: torch.Tensor) -> tuple[str, Forward]:
         strategies = dispatchable_impls()
@@ -142,31 +169,17 @@ class Auto(CondConvBase):
         if self.strategy not in SELECTORS:
             key = self.strategy
         elif self.autotunes():
-            query = _query(*self._query_args(x))  # type: ignore[arg-type]
-            compiled = autotune.for_compile()
-            if compiled:  # the model is about to be compiled: this eager call tunes for that
-                query = autotune.compiled_query(query)
-            cache = autotune.machine_cache()
-            known = cache.lookup(query)
-            if known is not None and known.strategy in strategies:
-                key = known.strategy
-            else:
-                candidates = {k: cls for k, cls in strategies.items() if cls.unsupported_reason(self.spec, x.device, x.dtype) is None}
-                budget = self.tuning_budget_s or autotune.default_budget_s()
-                self.last_tuning = autotune.measure(self, x, routing_weights, candidates, budget, compiled=compiled)
-                key = self.last_tuning.strategy
-                cache.add([query.entry(key, self.last_tuning.margin, "autotune")])
+            key = self._tune(x, routing_weights)
         else:
-            table = resolve_table(self.dispatch_table)
             query = _query(*self._query_args(x))  # type: ignore[arg-type]
-            key = table.choose(query)
-            self.last_guessed = not table.covers(query.device, query.dtype)
-            _warn_if_measured_elsewhere(table, query)
+            cached, table = _machine_choice(query, tuned=False), resolve_table(self.dispatch_table)
+            key = cached or table.choose(query)
+            self.last_guessed = cached is None and not table.covers(query.device, query.dtype)
         self.last_strategy = key
         return key, strategies[key].conditional_forward
 
     def conditional_forward(self, x: torch.Tensor, routing_weights: torch.Tensor) -> torch.Tensor:
-        if torch.compiler.is_compiling():  # choose while tracing; the compiled graph bakes the choice in
+        if _tracing():  # choose while tracing; the traced graph bakes the choice in
             return dispatchable_impls()[self.choose(x)].conditional_forward(self, x, routing_weights)
         key = (x.shape, x.stride(), x.dtype, x.device, torch.is_grad_enabled(), torch.get_num_threads())
         choice = self._choices.get(key)

@@ -2,7 +2,9 @@
 
 An entry records, for one layer shape on one device type, dtype, mode, thread count, memory
 format and allocator at one batch size, the fastest strategy that passed the equivalence check (and by how much
-it beat the runner-up). `condconv-bench tune` builds a table from a suite's run; the package ships
+it beat the runner-up), with the evidence a later process needs to confirm it: the rivals it was
+measured against, fastest first, the medians, how much the rounds disagreed about the comparison
+and the machine's load at the time. A table's document also says which machine it was measured on. `condconv-bench tune` builds a table from a suite's run; the package ships
 tables measured on the machines this project was benchmarked on; `CONDCONV_BENCH_DISPATCH` or a
 layer's `dispatch_table` argument points at another.
 
@@ -19,7 +21,7 @@ import functools
 import json
 import math
 import os
-from dataclasses import asdict, dataclass, fields
+from dataclasses import MISSING, asdict, dataclass, field, fields
 from importlib import resources
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -35,8 +37,10 @@ if TYPE_CHECKING:
     import pandas as pd
 
 TABLE_FORMAT = "condconv-bench-dispatch"
-TABLE_VERSION = 2  # 2 added the allocator to every entry
+TABLE_VERSION = 3  # 2 added the allocator to every entry; 3 the evidence fields and the table's machine
+READABLE_VERSIONS = (2, 3)  # a version-2 entry reads with no evidence
 ENVIRONMENT_VARIABLE = "CONDCONV_BENCH_DISPATCH"
+RIVALS = 2  # runners-up an entry keeps: what a later process confirms the choice against
 
 
 def signature(spec: LayerSpec, input_size: Pair) -> str:
@@ -88,6 +92,10 @@ class Entry:
     strategy: str
     margin: float  # runner-up latency / winner latency (1.0 when only one strategy was measured)
     layer: str  # the layer's name in the suite it was tuned on
+    rivals: tuple[str, ...] = ()  # the other strategies still in the race at the end, fastest first
+    medians_s: dict[str, float] = field(default_factory=dict)  # per-call median of the strategy and its rivals
+    spread: float = 0.0  # IQR / median of the runner-up / choice ratio over the rounds (0: not recorded)
+    load: float = -1.0  # the machine's 1-minute load average per CPU while it was measured (-1: not recorded)
 
     @classmethod
     def from_json(cls, raw: object) -> Entry:
@@ -98,17 +106,27 @@ class Entry:
         """
         if not isinstance(raw, dict):
             raise ValueError("not a JSON object")
-        expected = {f.name for f in fields(cls)}
-        if set(raw) != expected:
-            missing, extra = sorted(expected - set(raw)), sorted(set(raw) - expected)
+        known = {f.name: f for f in fields(cls)}
+        required = {name for name, f in known.items() if f.default is MISSING and f.default_factory is MISSING}
+        missing, extra = sorted(required - set(raw)), sorted(set(raw) - set(known))
+        if missing or extra:
             raise ValueError(f"fields missing {missing}" if missing else f"unknown fields {extra}")
-        for field in fields(cls):
-            value = raw[field.name]
-            if isinstance(value, bool) or not isinstance(value, _JSON_TYPES[str(field.type)]):
-                raise ValueError(f"{field.name}: {str(value)[:40]!r} is not {field.type}")
-        if raw["batch_size"] < 1:
-            raise ValueError(f"batch_size: {raw['batch_size']} is below 1")
-        return cls(**raw)
+        values = {}
+        for name, value in raw.items():
+            kind = str(known[name].type)
+            if isinstance(value, bool) or not isinstance(value, _JSON_TYPES[kind]):
+                raise ValueError(f"{name}: {str(value)[:40]!r} is not {kind}")
+            if kind == "tuple[str, ...]":
+                if not all(isinstance(v, str) for v in value):
+                    raise ValueError(f"{name}: not a list of strategy names")
+                value = tuple(value)
+            elif kind == "dict[str, float]" and not all(
+                    isinstance(v, (int, float)) and not isinstance(v, bool) for v in value.values()):
+                raise ValueError(f"{name}: not a mapping of strategy names to seconds")
+            values[name] = value
+        if values["batch_size"] < 1:
+            raise ValueError(f"batch_size: {values['batch_size']} is below 1")
+        return cls(**values)
 
     def identity(self) -> tuple[object, ...]:
         """Everything that makes this entry a measurement of one query (`Query.identity`)."""
@@ -116,7 +134,9 @@ class Entry:
                 self.signature, self.batch_size)
 
 
-_JSON_TYPES: dict[str, type | tuple[type, ...]] = {"str": str, "int": int, "float": (int, float)}
+_JSON_TYPES: dict[str, type | tuple[type, ...]] = {
+    "str": str, "int": int, "float": (int, float), "tuple[str, ...]": list, "dict[str, float]": dict,
+}
 
 
 @dataclass(frozen=True)
@@ -137,14 +157,17 @@ class Query:
         """What an entry measured for exactly this query shares with it (see `Entry.identity`)."""
         return self.entry("", 1.0, "").identity()
 
-    def entry(self, strategy: str, margin: float, layer: str) -> Entry:
-        """The entry recording `strategy` as measured fastest for this query (by `margin`)."""
+    def entry(self, strategy: str, margin: float, layer: str, rivals: tuple[str, ...] = (),
+              medians_s: dict[str, float] | None = None, spread: float = 0.0, load: float = -1.0) -> Entry:
+        """The entry recording `strategy` as measured fastest for this query (by `margin`), with
+        the evidence of that measurement (see `Entry`)."""
         return Entry(
             device=self.device, dtype=self.dtype, mode=self.mode, threads=self.threads, memory_format=self.memory_format,
             allocator=self.allocator, signature=signature(self.spec, self.input_size),
             shape_class=shape_class(self.spec, self.input_size), batch_size=self.batch_size,
             conv_macs_per_example=conv_macs(self.spec, 1, self.input_size), strategy=strategy, margin=round(margin, 4),
-            layer=layer,
+            layer=layer, rivals=tuple(rivals), medians_s={k: float(f"{v:.4g}") for k, v in (medians_s or {}).items()},
+            spread=round(spread, 4), load=round(load, 3),
         )
 
 
@@ -156,9 +179,10 @@ def _narrow(entries: list[Entry], keep: Any) -> list[Entry]:
 class DispatchTable:
     """A set of measured entries and the lookup rule described in the module docstring."""
 
-    def __init__(self, entries: list[Entry], source: str = "") -> None:
+    def __init__(self, entries: list[Entry], source: str = "", measured_on: str = "") -> None:
         self.entries = tuple(entries)
         self.source = source
+        self.measured_on = measured_on  # the machine and torch build, in words (`condconv-bench list` shows it)
 
     def covers(self, device: str, dtype: str) -> bool:
         """Whether any entry was measured on this device type and dtype (else `choose` guesses)."""
@@ -167,6 +191,14 @@ class DispatchTable:
     def measured_under(self, device: str, dtype: str) -> set[tuple[str, int]]:
         """The (allocator, threads) pairs this table's entries for a device and dtype were measured under."""
         return {(e.allocator, e.threads) for e in self.entries if e.device == device and e.dtype == dtype}
+
+    def provenance(self) -> list[str]:
+        """Where the table's entries come from, a line per device, dtype, allocator and thread count."""
+        counts: dict[tuple[str, str, str, int], int] = {}
+        for e in self.entries:
+            counts[(e.device, e.dtype, e.allocator, e.threads)] = counts.get((e.device, e.dtype, e.allocator, e.threads), 0) + 1
+        return [f"{n} entries for {device} {dtype}, measured under allocator {allocator} with {threads} threads"
+                for (device, dtype, allocator, threads), n in sorted(counts.items())]
 
     def choose(self, query: Query) -> str:
         candidates = [e for e in self.entries if e.device == query.device and e.dtype == query.dtype]
@@ -187,7 +219,8 @@ class DispatchTable:
         return min(candidates, key=distance).strategy
 
     def to_json(self) -> str:
-        document = {"format": TABLE_FORMAT, "version": TABLE_VERSION, "entries": [asdict(e) for e in self.entries]}
+        document = {"format": TABLE_FORMAT, "version": TABLE_VERSION, "measured_on": self.measured_on,
+                    "entries": [asdict(e) for e in self.entries]}
         return json.dumps(document, indent=1, sort_keys=True) + "\n"
 
     def save(self, path: Path) -> Path:
@@ -198,11 +231,14 @@ class DispatchTable:
         path = Path(path)
         try:
             document = json.loads(path.read_text(encoding="utf-8"))
-            if document.get("format") != TABLE_FORMAT or document.get("version") != TABLE_VERSION:
-                raise ValueError(f"not a {TABLE_FORMAT} version {TABLE_VERSION} file")
+            if document.get("format") != TABLE_FORMAT or document.get("version") not in READABLE_VERSIONS:
+                raise ValueError(f"not a {TABLE_FORMAT} file of version {' or '.join(map(str, READABLE_VERSIONS))}")
             raw_entries = document["entries"]
             if not isinstance(raw_entries, list):
                 raise ValueError("entries is not a list")
+            measured_on = document.get("measured_on", "")
+            if not isinstance(measured_on, str):
+                raise ValueError("measured_on is not a string")
         except FileNotFoundError:
             raise ResultsError(f"{path}: dispatch table not found") from None
         except (OSError, ValueError, TypeError, KeyError, AttributeError, RecursionError) as exc:
@@ -213,11 +249,12 @@ class DispatchTable:
                 entries.append(Entry.from_json(raw))
             except ValueError as exc:
                 set_aside(path, f"entries[{index}]", str(exc))
-        return cls(entries, str(path))
+        return cls(entries, str(path), measured_on)
 
     @classmethod
     def merged(cls, tables: list[DispatchTable]) -> DispatchTable:
-        return cls([e for t in tables for e in t.entries], ", ".join(t.source for t in tables))
+        return cls([e for t in tables for e in t.entries], ", ".join(t.source for t in tables),
+                   "; ".join(t.measured_on for t in tables if t.measured_on))
 
 
 def entries_from_results(frame: pd.DataFrame, workloads: dict[str, tuple[LayerSpec, Pair]], eligible: set[str],
@@ -233,9 +270,14 @@ def entries_from_results(frame: pd.DataFrame, workloads: dict[str, tuple[LayerSp
         ranked = group.sort_values("latency_median_s")
         best = ranked.iloc[0]
         margin = float(ranked.iloc[1]["latency_median_s"] / best["latency_median_s"]) if len(ranked) > 1 else 1.0
+        raced = ranked.iloc[:1 + RIVALS]
         query = Query(spec=spec, input_size=input_size, device=str(device).split(":")[0], dtype=str(dtype), mode=str(mode),
                       threads=int(threads), memory_format=str(memory_format), allocator=allocator, batch_size=int(batch_size))
-        entries.append(query.entry(str(best["impl"]), margin, str(layer)))
+        entries.append(query.entry(
+            str(best["impl"]), margin, str(layer), rivals=tuple(str(i) for i in raced["impl"].iloc[1:]),
+            medians_s={str(r["impl"]): float(r["latency_median_s"]) for _, r in raced.iterrows()},
+            spread=float(best["latency_iqr_s"] / best["latency_median_s"]),  # the run's rows keep no per-round ratios
+        ))
     return entries
 
 
