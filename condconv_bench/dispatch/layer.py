@@ -10,8 +10,10 @@ nothing but the shared parameters (`dispatchable`) are candidates.
   for the query, else the dispatch table's (`table`). It never warns: where the table came from
   and what it was measured under is what `condconv-bench list` shows.
 - `autotune` measures on the first call of each new signature (`tuning.measure`); a choice the
-  per-machine cache holds from another process is confirmed first (`tuning.confirm`), so a
-  tuning from a bad moment cannot stick.
+  per-machine cache holds from another process is confirmed first (`tuning.confirm`: raced
+  against the rivals it was measured against and the table's choice), so a tuning from a bad
+  moment cannot stick. An entry with no rival to race (none recorded, and the table agreeing) is
+  measured afresh.
 """
 
 from __future__ import annotations
@@ -149,9 +151,11 @@ class Auto(CondConvBase):
         if cached is not None and cache.trusted(query):
             return cached
         budget = self.tuning_budget_s or switch.default_budget_s()
-        candidates = self._candidates(x, resolve_table(self.dispatch_table).choose(query))
+        table_choice = resolve_table(self.dispatch_table).choose(query)
+        candidates = self._candidates(x, table_choice)
         entry = cache.lookup(query)
-        rivals = {k: candidates[k] for k in (entry.rivals if entry else ()) if k in candidates and k != cached}
+        recorded = (*entry.rivals, table_choice) if entry else ()
+        rivals = {k: candidates[k] for k in recorded if k in candidates and k != cached}
         if cached is not None and cached in candidates and rivals and not compiled:
             measured = tuning.confirm(self, x, routing_weights, cached, rivals, candidates, budget * tuning.CONFIRM_SHARE)
             changed = measured.strategy != cached

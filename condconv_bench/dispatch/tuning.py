@@ -18,8 +18,9 @@ within a budget (`DEFAULT_BUDGET_S` per signature, ended by `BUDGET_SLACK`× it 
 - the rest are timed in interleaved rounds of ~`BLOCK_S` blocks in a fixed-seed shuffled order
   (drift lands on all of them alike); after the first round those over `ROUND_PRUNE_FACTOR`× the
   best median drop, from round `MIN_ROUNDS` on those over `PRUNE_FACTOR`×, and the finalists get
-  rounds until the budget is spent; a round that would overrun the deadline first drops the
-  slowest contenders (down to two), else is not started;
+  rounds while the next one ends within the budget; one of the first `MIN_ROUNDS` that would
+  overrun the deadline first drops the slowest contenders (down to two), else is not started;
+  candidates not reached when the first calls of two or more have spent the budget are skipped;
 - every strategy within `TIE_TOLERANCE` of the fastest median is tied, and the choice among the
   tied is fixed by name rather than by noise, so two processes agree.
 
@@ -161,8 +162,8 @@ def measure(layer: torch.nn.Module, x: torch.Tensor, routing_weights: torch.Tens
             budget_s: float, clock: Clock | None = None, compiled: bool = False) -> Tuning:
     """Time `candidates` (strategy key → class, the likeliest first) on this call's input as the
     module docstring says; with `compiled`, their inductor-compiled variants. Candidates not
-    reached once the budget is spent by the first calls are not measured (a layer whose every call
-    is slow ends near its budget rather than after two calls of each)."""
+    reached once the budget is spent by the first calls of two or more are not measured (a layer
+    whose every call is slow ends near its budget rather than after two calls of each)."""
     clock = clock or default_clock
     sync = _sync_for(x)
     forwards = {key: cls.conditional_forward for key, cls in candidates.items()}
@@ -176,7 +177,7 @@ def measure(layer: torch.nn.Module, x: torch.Tensor, routing_weights: torch.Tens
     estimate: dict[str, float] = {}  # the latest per-call estimate of every strategy that got a settled call
     with gc_paused():
         for key, step in steps.items():
-            if estimate and clock() - started >= budget_s:
+            if len(estimate) >= 2 and clock() - started >= budget_s:  # two, so that a later process has a rival to race
                 break
             first = time_block(step, 1, clock, sync)
             if first > HOPELESS_FACTOR * min(estimate.values(), default=math.inf):
@@ -186,8 +187,8 @@ def measure(layer: torch.nn.Module, x: torch.Tensor, routing_weights: torch.Tens
         rounds: list[Round] = []
         rng = random.Random(0)
         while len(contenders) > 1 and len(rounds) < MAX_ROUNDS:
-            if len(rounds) >= MIN_ROUNDS and clock() - started >= budget_s:
-                break
+            if len(rounds) >= MIN_ROUNDS and clock() + _round_cost(estimate, contenders) > started + budget_s:
+                break  # the finalists' rounds end within the budget
             while len(contenders) > 2 and clock() + _round_cost(estimate, contenders) > deadline:
                 contenders.remove(max(contenders, key=estimate.__getitem__))
             if rounds and clock() + _round_cost(estimate, contenders) > deadline:
