@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 import importlib.metadata
+from pathlib import Path
 
 import pytest
 
@@ -9,12 +10,20 @@ from condconv_bench import registry
 from condconv_bench.errors import DuplicateImplError, UnknownImplError
 from condconv_bench.impls.grouped_conv import GroupedConv
 
-BUILTINS = {"per_sample_loop", "grouped_conv", "batched_matmul", "naive_moe", "compiled", "static", "stacked_moe", "auto"}
+import condconv_bench.impls
+
+# One module per strategy, named by its key, and the two dispatching layers: the registry must
+# list exactly these, so a built-in that stops registering (or a file whose key differs) fails here.
+STRATEGY_FILES = {p.stem for p in Path(condconv_bench.impls.__path__[0]).glob("*.py") if p.stem != "__init__"}
+BUILTINS = STRATEGY_FILES | {"auto", "autotune"}
 
 
 def test_builtins_are_listed_with_descriptions() -> None:
     infos = {info.key: info for info in list_impls()}
-    assert BUILTINS <= set(infos)
+    assert {"per_sample_loop", "grouped_conv", "batched_matmul", "naive_moe", "compiled", "static", "stacked_moe",
+            "workspace_matmul", "pixel_major_matmul", "chunked_matmul"} <= STRATEGY_FILES
+    assert set(infos) == BUILTINS  # nothing else registers in a plain install
+    assert all(infos[key].key == key and get_impl(key).__module__.endswith(f".{key}") for key in STRATEGY_FILES)
     assert all(info.description and "\n" not in info.description for info in infos.values())
     assert infos["static"].is_baseline
     assert "static" not in {info.key for info in list_impls(include_baselines=False)}
