@@ -1,18 +1,32 @@
-"""The machine's measured matmul throughput: the ceiling that achieved GFLOP/s is read against.
+"""The machine's measured ceilings: matmul and depthwise-conv FLOP/s, and memory bandwidths.
 
 A dense square matmul is the best case for any BLAS or tensor-core path, so its FLOP/s is a
-practical peak for the device, dtype and thread count a case ran with. Reports show each
-strategy's achieved FLOP/s (analytic FLOPs / latency) beside it. It is a context figure, measured
-in the runner's own process: no verdict depends on it.
+practical compute peak for the device, dtype and thread count a case ran with. It is the wrong
+peak for a depthwise conv, whose every weight is used only H'·W' times and which no library runs
+at matmul speed (a static depthwise conv ran at 2–4.5× a limit computed from the matmul peak),
+so a depthwise conv's FLOP/s is measured too, as the best of a 3×3 and a 5×5 one.
+
+Memory bandwidth is measured twice per device and thread count, with TF32 off like the peak:
+`dram` on buffers well beyond the last-level cache (at least 256 MiB on CPU, 1 GiB on CUDA, and
+at least four times the LLC), `llc` on buffers that fit in it (an eighth of the LLC, at most
+4 MiB). Each is the better of a copy (read + write) and a read-only reduction, because a read
+stream can outrun a copy (write-allocate traffic is invisible to the count): a ceiling must be
+an upper bound, or a case would beat its limit. Bandwidth does not depend on the cases' dtype.
+
+These are context figures measured in the runner's own process; no verdict depends on them.
+The limits of each case (`condconv_bench.limits`) are read against them.
 """
 
 from __future__ import annotations
 
 import statistics
 import time
+from collections.abc import Callable
 
 import torch
+import torch.nn.functional as F
 
+from condconv_bench.environment import cache_bytes
 from condconv_bench.fixtures import synchronize, use_exact_float32
 from condconv_bench.measure.rounds import calls_per_block, time_block
 
@@ -20,6 +34,23 @@ from condconv_bench.measure.rounds import calls_per_block, time_block
 _SIZE = {"cpu": 1024, "cuda": 8192, "mps": 4096}
 _BLOCK_S = 0.03
 _BLOCKS = 7
+_DRAM_MIN_BYTES = {"cpu": 256 * 2**20, "cuda": 2**30}
+_LLC_MAX_BUFFER = 4 * 2**20
+# Depthwise shapes: EfficientNet-like channel counts at 14x14, batch 8 (several MB, in cache).
+_DEPTHWISE = ((8, 256, 14, 14, 3), (8, 256, 14, 14, 5))
+
+
+def _median_s(step: Callable[[], object], device: torch.device, threads: int) -> float:
+    """Median seconds per call of `step` over a few timed blocks, at `threads` threads."""
+    previous = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    sync = lambda: synchronize(device)  # noqa: E731
+    try:
+        with torch.inference_mode():
+            number = calls_per_block({"step": step}, _BLOCK_S, 2, time.perf_counter, sync)["step"]
+            return statistics.median(time_block(step, number, time.perf_counter, sync) for _ in range(_BLOCKS))
+    finally:
+        torch.set_num_threads(previous)
 
 
 def matmul_peak_flops(device: torch.device, dtype: torch.dtype, threads: int) -> float:
@@ -29,14 +60,49 @@ def matmul_peak_flops(device: torch.device, dtype: torch.dtype, threads: int) ->
     a = torch.randn(n, n, generator=generator).to(device=device, dtype=dtype)
     b = torch.randn(n, n, generator=generator).to(device=device, dtype=dtype)
     use_exact_float32(device)  # the peak of the arithmetic the cases run: IEEE float32, not TF32
-    previous = torch.get_num_threads()
-    torch.set_num_threads(threads)
-    sync = lambda: synchronize(device)  # noqa: E731
-    try:
-        with torch.inference_mode():
-            step = lambda: a @ b  # noqa: E731
-            number = calls_per_block({"matmul": step}, _BLOCK_S, 2, time.perf_counter, sync)["matmul"]
-            median_s = statistics.median(time_block(step, number, time.perf_counter, sync) for _ in range(_BLOCKS))
-    finally:
-        torch.set_num_threads(previous)
-    return 2 * n**3 / median_s
+    return 2 * n**3 / _median_s(lambda: a @ b, device, threads)
+
+
+def depthwise_peak_flops(device: torch.device, dtype: torch.dtype, threads: int) -> float:
+    """FLOP/s of the faster of a 3×3 and a 5×5 depthwise conv ("same" padding) on a cache-sized input."""
+    use_exact_float32(device)
+    best = 0.0
+    for batch, channels, height, width, k in _DEPTHWISE:
+        x = torch.randn(batch, channels, height, width).to(device=device, dtype=dtype)
+        w = torch.randn(channels, 1, k, k).to(device=device, dtype=dtype)
+        seconds = _median_s(lambda: F.conv2d(x, w, padding=k // 2, groups=channels), device, threads)
+        best = max(best, 2 * batch * channels * height * width * k * k / seconds)
+    return best
+
+
+def last_level_cache_bytes(device: torch.device) -> int | None:
+    """The size of the cache that keeps a layer's tensors between calls: CPU 0's L3 (else L2),
+    a CUDA device's L2; None where the system does not say."""
+    if device.type == "cuda":
+        return int(torch.cuda.get_device_properties(device).L2_cache_size) or None
+    return cache_bytes("L3") or cache_bytes("L2")
+
+
+def _bandwidth(device: torch.device, threads: int, nbytes: int) -> float:
+    """Bytes/s of the better of a copy (2·nbytes moved) and a sum (nbytes read) of an nbytes buffer."""
+    source = torch.rand(nbytes // 4, device=device)
+    target = torch.empty_like(source)
+    copy_s = _median_s(lambda: target.copy_(source), device, threads)
+    read_s = _median_s(lambda: source.sum(), device, threads)
+    return max(2 * nbytes / copy_s, nbytes / read_s)
+
+
+def memory_bandwidths(device: torch.device, threads: int) -> dict[str, float | int | None]:
+    """Sustained DRAM and last-level-cache bandwidth (bytes/s) of `device` at `threads` threads,
+    with the buffer sizes used and the LLC size the limits compare working sets with."""
+    use_exact_float32(device)
+    llc = last_level_cache_bytes(device)
+    dram_buffer = max(_DRAM_MIN_BYTES.get(device.type, 2**30), 4 * (llc or 0))
+    llc_buffer = min(_LLC_MAX_BUFFER, llc // 8) if llc else _LLC_MAX_BUFFER
+    return {
+        "dram_bytes_per_s": _bandwidth(device, threads, dram_buffer),
+        "llc_bytes_per_s": _bandwidth(device, threads, llc_buffer),
+        "llc_bytes": llc,
+        "dram_buffer_bytes": dram_buffer,
+        "llc_buffer_bytes": llc_buffer,
+    }
