@@ -10,9 +10,9 @@ algorithm (its own limit far above the compulsory one) or slow execution (far ab
 The static floor is no CondConv: both of its limits are those of the plain layer.
 
 Ceilings, and which one applies:
-- Compute: the matmul peak for matrix products; for the conv of a depthwise layer the measured
-  depthwise-conv peak (the matmul peak is out of a depthwise conv's reach). Compute seconds are
-  summed over the two kinds of MACs.
+- Compute: the dense peak (the best of a matmul and a 1×1 conv) for matrix products and convs;
+  for the conv of a depthwise layer the measured depthwise-conv peak (the dense peak is out of a
+  depthwise conv's reach). Compute seconds are summed over the two kinds of MACs.
 - Memory: in a layer benchmark the same input and experts are used call after call, so they stay
   in the last-level cache when they fit. The rule: the compulsory working set (input, output,
   experts, routing) up to the LLC's size is read at LLC bandwidth; what exceeds the LLC streams
@@ -38,22 +38,22 @@ from condconv_bench.traffic import Traffic
 class Ceilings:
     """A device's measured ceilings at one dtype and thread count."""
 
-    matmul_flops_per_s: float
-    depthwise_flops_per_s: float | None  # None in runs measured before it was: the matmul peak stands in
+    dense_flops_per_s: float  # the best of a matmul and a 1x1 conv (`machine_peak.dense_peak_flops`)
+    depthwise_flops_per_s: float
     dram_bytes_per_s: float
     llc_bytes_per_s: float
     llc_bytes: int | None  # None where the system does not say: everything is taken to fit
 
     @classmethod
     def from_metadata(cls, metadata: dict[str, Any], device: str, dtype: str, threads: int) -> Ceilings | None:
-        """The ceilings a run measured for this context, or None when it measured no bandwidth."""
+        """The ceilings a run measured for this context, or None when it measured none (before version 4)."""
         peak = next((p for p in metadata.get("matmul_peaks", [])
                      if (p["device"], p["dtype"], int(p["threads"])) == (device, dtype, threads)), None)
         memory = next((m for m in metadata.get("memory_bandwidths", [])
                        if (m["device"], int(m["threads"])) == (device, threads)), None)
-        if peak is None or memory is None:
+        if peak is None or memory is None or not peak.get("dense_flops_per_s") or not peak.get("depthwise_flops_per_s"):
             return None
-        return cls(float(peak["flops_per_s"]), peak.get("depthwise_flops_per_s"), float(memory["dram_bytes_per_s"]),
+        return cls(float(peak["dense_flops_per_s"]), float(peak["depthwise_flops_per_s"]), float(memory["dram_bytes_per_s"]),
                    float(memory["llc_bytes_per_s"]), memory.get("llc_bytes"))
 
 
@@ -78,8 +78,8 @@ def memory_seconds(moved_bytes: int, working_set_bytes: int, ceilings: Ceilings)
 
 def limit(macs: AnalyticMacs, traffic: Traffic, working_set_bytes: int, depthwise: bool, ceilings: Ceilings) -> Limit:
     """`max(MACs / peak, bytes / bandwidth)` of one forward pass (2 FLOP per MAC)."""
-    conv_peak = (ceilings.depthwise_flops_per_s or ceilings.matmul_flops_per_s) if depthwise else ceilings.matmul_flops_per_s
-    compute = 2 * macs.conv / conv_peak + 2 * (macs.mixing + macs.routing) / ceilings.matmul_flops_per_s
+    conv_peak = ceilings.depthwise_flops_per_s if depthwise else ceilings.dense_flops_per_s
+    compute = 2 * macs.conv / conv_peak + 2 * (macs.mixing + macs.routing) / ceilings.dense_flops_per_s
     memory, level = memory_seconds(traffic.moved, working_set_bytes, ceilings)
     return Limit(max(compute, memory), compute, memory, level)
 

@@ -57,6 +57,7 @@ class MatmulPeak(BaseModel):
     dtype: str
     threads: int
     flops_per_s: float = Field(gt=0)
+    dense_flops_per_s: float | None = Field(default=None, gt=0)  # since version 4: best of matmul and 1x1 conv
     depthwise_flops_per_s: float | None = Field(default=None, gt=0)  # since version 4
 
 

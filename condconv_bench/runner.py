@@ -38,7 +38,7 @@ from condconv_bench.fixtures import (
 from condconv_bench.footprint import memory_reason
 from condconv_bench.layer import CondConvBase
 from condconv_bench.limits import Ceilings, distance_columns, limit_columns
-from condconv_bench.machine_peak import depthwise_peak_flops, matmul_peak_flops, memory_bandwidths
+from condconv_bench.machine_peak import dense_peak_flops, depthwise_peak_flops, matmul_peak_flops, memory_bandwidths
 from condconv_bench.measure import allocators
 from condconv_bench.measure.group import CaseTiming, GroupMeasurement, GroupTiming, MeasureSettings, measure_groups
 from condconv_bench.measure.pool import WorkerPool
@@ -370,13 +370,14 @@ def default_output(suite: Suite) -> Path:
 
 
 def _matmul_peaks(cases: list[Case]) -> list[dict[str, Any]]:
-    """The machine's matmul and depthwise-conv FLOP/s for each device, dtype and thread count the cases use."""
+    """The machine's matmul, dense and depthwise-conv FLOP/s for each device, dtype and thread count the cases use."""
     peaks = []
     for device, dtype, threads in dict.fromkeys((c.device, c.dtype, c.threads) for c in cases):
         if device_unavailable_reason(torch.device(device)) is None:
             target, torch_dtype = torch.device(device), TORCH_DTYPES[dtype]
             peaks.append({"device": device, "dtype": dtype, "threads": threads,
                           "flops_per_s": matmul_peak_flops(target, torch_dtype, threads),
+                          "dense_flops_per_s": dense_peak_flops(target, torch_dtype, threads),
                           "depthwise_flops_per_s": depthwise_peak_flops(target, torch_dtype, threads)})
     return peaks
 
