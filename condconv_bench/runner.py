@@ -267,7 +267,7 @@ def _probe(case: Case, cls: type[CondConvBase], device: torch.device, ctx: _Grou
         row.update(limit_columns(work, ctx.ceilings))
     with grad_mode(case.mode):
         row["peak_memory_bytes"] = memory.peak_memory_bytes(step, device)
-        return record_profile(case.id, step, traces_dir, device) if traces_dir is not None else None
+        return record_profile(case.id, step, traces_dir, device, workload.num_experts) if traces_dir is not None else None
 
 
 def probe_case(case: Case, ctx: _GroupContext, traces_dir: Path | None = None) -> tuple[dict[str, Any], dict[str, Any] | None]:
