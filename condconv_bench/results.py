@@ -26,6 +26,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from condconv_bench.atomic import write_text_atomically
 from condconv_bench.errors import ResultsError, first_problem
+from condconv_bench.phases import phases_of
 from condconv_bench.set_aside import set_aside
 from condconv_bench.timing import Timing
 
@@ -359,10 +360,13 @@ class RunDirectory:
             except json.JSONDecodeError as exc:
                 set_aside(self.profiles_file, f"line {number}", str(exc))
                 continue
-            if isinstance(record, dict):
-                records.append(record)
-            else:
+            if not isinstance(record, dict):
                 set_aside(self.profiles_file, f"line {number}", "not a JSON object")
+                continue
+            if "phases_us" in record and phases_of(record) is None:
+                set_aside(self.profiles_file, f"line {number} phases", "not a mapping of phase names to microseconds")
+                record = {key: value for key, value in record.items() if key not in ("phases_us", "step_us")}
+            records.append(record)
         return records
 
     def results(self) -> pd.DataFrame:
