@@ -214,6 +214,22 @@ def profile_command(suite: str, layers: tuple[str, ...], batch_sizes: tuple[int,
     click.echo(phase_table(profiled))
 
 
+@main.command("trace-diff")
+@click.argument("run_dir", type=click.Path(path_type=Path))
+@click.argument("control")
+@click.argument("test")
+@click.option("--top", type=click.IntRange(min=1), default=15, show_default=True, help="Operators to show.")
+def trace_diff_command(run_dir: Path, control: str, test: str, top: int) -> None:
+    """Compare the traces of two profiled cases of RUN_DIR (case ids), operator by operator.
+
+    HolisticTraceAnalysis's TraceDiff (install the `hta` extra) on the traces `run --profile`
+    wrote: calls and total µs per operator in each, and the differences TEST − CONTROL.
+    """
+    from condconv_bench.trace_diff import diff_traces
+
+    click.echo(diff_traces(run_dir, control, test).head(top).to_string())
+
+
 @main.command()
 @click.argument("run_dirs", nargs=-1, required=True, type=click.Path(path_type=Path))
 @click.option("-o", "--output", type=click.Path(dir_okay=False, path_type=Path),

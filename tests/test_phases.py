@@ -99,3 +99,17 @@ def test_profile_command_rejects_an_unknown_layer_in_one_line() -> None:
     result = CliRunner().invoke(main, ["profile", str(TINY), "--layer", "nope", "--batch-size", "2"])
     assert result.exit_code == 2
     assert result.output.strip().splitlines() == [f"error: --layer nope: not in {TINY} (it has: pw, dw3, fc)"]
+
+
+def test_trace_diff_compares_two_profiled_strategies_with_hta(tmp_path: Path) -> None:
+    pytest.importorskip("hta", reason="HolisticTraceAnalysis is an optional extra (pip install -e '.[hta]')")
+    from condconv_bench.runner import CaseFilter, run_suite
+    from condconv_bench.trace_diff import diff_traces
+
+    run_suite(TINY, tmp_path / "run", case_filter=CaseFilter(layers=("pw",), batch_sizes=(2,), devices=("cpu",)), profile=True)
+    control, test = (f"pw/{impl}/b2/cpu/float32/inference/t1/contiguous" for impl in ("grouped_conv", "per_sample_loop"))
+    diff = diff_traces(tmp_path / "run", control, test)
+    assert diff.loc["aten::cat", "counts_test"] >= 1 and diff.loc["aten::cat", "counts_control"] == 0  # the loop concatenates
+    assert (diff["diff_counts"] == diff["counts_test"] - diff["counts_control"]).all()
+    result = CliRunner().invoke(main, ["trace-diff", str(tmp_path / "run"), control, "nope"])
+    assert result.exit_code == 2 and "no trace of case nope" in result.output

@@ -72,8 +72,9 @@ def _figures(run: LoadedRun, context_label: str, rows: pd.DataFrame, plots_dir: 
         "latency_vs_batch": ("Latency vs batch size", plots.latency_vs_batch(rows, colours)),
         "speed_vs_static": ("Speed relative to the static floor", plots.speed_vs_static(rows)),
         "peak_memory": ("Peak memory", plots.peak_memory(rows, colours)),
-        "achieved_gflops": ("Achieved GFLOP/s and the machine's matmul peak", plots.achieved_gflops(rows, colours, peak)),
     }
+    if not tables.achieved_flops(rows).empty:  # forward FLOPs only: nothing to show for training rows
+        drawn["achieved_gflops"] = ("Achieved GFLOP/s and the machine's matmul peak", plots.achieved_gflops(rows, colours, peak))
     ceilings = Ceilings.from_metadata(run.metadata, first["device"], first["dtype"], int(first["threads"]))
     if ceilings is not None and rows["achieved_gflop_per_s"].notna().any():
         drawn["roofline"] = ("Roofline: achieved GFLOP/s against arithmetic intensity, under the measured ceilings",
