@@ -8,17 +8,15 @@ nothing is written: this is the terminal view of what `run --profile` stores per
 
 from __future__ import annotations
 
-import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
-from condconv_bench import autotune
 from condconv_bench.case import Case
+from condconv_bench.dispatch.cache import cache_off
 from condconv_bench.errors import CondConvBenchError, first_line
 from condconv_bench.fixtures import GroupInputs, build_module, first_call, grad_mode, layer_state, step_function, use_exact_float32
-from condconv_bench.impls.auto import MeasuredElsewhereWarning
 from condconv_bench.phases import PhaseBreakdown, measure_phases
 from condconv_bench.registry import get_impl
 from condconv_bench.runner import CaseFilter, skip_reason
@@ -39,9 +37,7 @@ def profile_phases(suite: Suite | str | Path, case_filter: CaseFilter) -> list[C
     cases = case_filter.apply(suite.cases(), suite)
     if not cases:
         raise CondConvBenchError(f"{suite.path}: no cases to profile after filters")
-    # As in a run: the dispatch table's provenance warning and the machine's autotune cache stay out.
-    with warnings.catch_warnings(), autotune.cache_off():
-        warnings.filterwarnings("ignore", category=MeasuredElsewhereWarning)
+    with cache_off():  # as in a run: the machine's autotune cache is neither read nor filled
         return [_profile_case(case, suite.model.seed) for case in cases]
 
 

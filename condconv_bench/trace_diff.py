@@ -11,6 +11,7 @@ extra (`pip install -e ".[hta]"`; it installs jupyterlab and plotly, but no torc
 from __future__ import annotations
 
 import logging
+import warnings
 from pathlib import Path
 
 import pandas as pd
@@ -40,11 +41,13 @@ def diff_traces(run_dir: str | Path, control: str, test: str) -> pd.DataFrame:
     files = {label: _trace_file(run, case_id) for label, case_id in (("control", control), ("test", test))}
     logging.getLogger("hta").setLevel(logging.ERROR)  # HTA logs every parsing step at INFO
     labelled = {}
-    for label, path in files.items():
-        trace = Trace(trace_files={0: path.name}, trace_dir=str(path.parent))
-        trace.parse_traces()
-        labelled[label] = LabeledTrace(label=label, t=trace)
-    frame = TraceDiff.compare_traces(labelled["control"], labelled["test"], device_type=DeviceType.CPU)
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", module="hta")  # its pandas deprecation warnings are not the user's
+        for label, path in files.items():
+            trace = Trace(trace_files={0: path.name}, trace_dir=str(path.parent))
+            trace.parse_traces()
+            labelled[label] = LabeledTrace(label=label, t=trace)
+        frame = TraceDiff.compare_traces(labelled["control"], labelled["test"], device_type=DeviceType.CPU)
     frame = frame.rename(columns={
         "control_counts": "counts_control", "control_total_duration": "duration_us_control", "test_counts": "counts_test",
         "test_total_duration": "duration_us_test", "diff_duration": "diff_duration_us",
