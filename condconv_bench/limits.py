@@ -2,8 +2,9 @@
 
 `limit_s = max(compute_s, memory_s)` (the roofline): compute is the MACs over the measured FLOP
 rate, memory the bytes over the measured bandwidth (`machine_peak`). A case gets two limits: that
-of the *compulsory* work of the CondConv computation (conv, mixing and routing MACs; every expert
-read once, input, output — `traffic.compulsory_traffic`), which no exact strategy can beat, and
+of the *compulsory* work of the CondConv computation (the routing, and the cheaper of mixing B
+kernels then one conv or E convs — `flops.compulsory_macs`; every expert read once, input,
+output — `traffic.compulsory_traffic`), which no exact strategy can beat, and
 that of the strategy's *own* modelled work (its `analytic_macs` and `analytic_bytes`). Latency over
 the first says how far a strategy is from the machine; over the second, whether it is a slow
 algorithm (its own limit far above the compulsory one) or slow execution (far above its own).
@@ -16,7 +17,7 @@ Ceilings, and which one applies:
 - Memory: in a layer benchmark the same input and experts are used call after call, so they stay
   in the last-level cache when they fit. The rule: the compulsory working set (input, output,
   experts, routing) up to the LLC's size is read at LLC bandwidth; what exceeds the LLC streams
-  from DRAM at DRAM bandwidth, and so does nothing else. `limit_memory` says `llc` when the
+  from DRAM at DRAM bandwidth; every other byte moves at LLC bandwidth. `limit_memory` says `llc` when the
   working set fits, `dram` when part of it cannot. Inside a model the experts stream from DRAM
   between layers, so a model's limit is higher than its layers' limits.
 
@@ -59,6 +60,9 @@ class Ceilings:
 
 @dataclass(frozen=True)
 class Limit:
+    """One roofline limit: its seconds, the compute and memory times it is the larger of, and the
+    memory level the memory time assumes."""
+
     seconds: float
     compute_s: float
     memory_s: float
