@@ -29,8 +29,11 @@ from condconv_bench.dispatch.table import DispatchTable, default_table
 from condconv_bench.gate.baseline_gate import run_gate
 from condconv_bench.measure import allocators
 from condconv_bench.measure.allocators import ALLOCATORS
+from condconv_bench.phase_profile import profile_phases
+from condconv_bench.phases import PHASES
 from condconv_bench.registry import list_impls
 from condconv_bench.report import ab as ab_report
+from condconv_bench import formatting
 from condconv_bench.report import tables, verdicts, write_report
 from condconv_bench.report.reproducibility import reproducibility
 from condconv_bench.results import RunDirectory, merge_runs
@@ -171,6 +174,60 @@ def run(suite: str, output: Path | None, resume: bool, shard: str | None, impls:
         click.echo(f"equivalence failure: {case_id}", err=True)
     if outcome.equivalence_failures or (strict and counts["error"]):
         sys.exit(EXIT_FAILURE)
+
+
+def phase_table(profiled: list[Any]) -> str:
+    """One line per case: the step's time and each phase's share of it."""
+    rows = []
+    for item in profiled:
+        case, breakdown = item.case, item.breakdown
+        row: dict[str, Any] = {"case": f"{case.impl} b{case.batch_size} {case.device} {case.dtype} {case.mode}"}
+        if breakdown is None:
+            row["step"] = f"not profiled: {item.reason}"
+        else:
+            row["step"] = formatting.seconds(breakdown.step_us * 1e-6)
+            for phase in PHASES:
+                share = breakdown.phases.get(phase, 0.0) / breakdown.step_us if breakdown.step_us else 0.0
+                row[phase] = f"{share:.0%}" if share >= 0.005 else "-"
+        rows.append(row)
+    frame = pd.DataFrame(rows)
+    return frame.drop(columns=[c for c in frame.columns if (frame[c].fillna("-") == "-").all()]).fillna("").to_string(index=False)
+
+
+@main.command("profile")
+@click.argument("suite")
+@click.option("--layer", "layers", multiple=True, required=True, help="The layer to profile (repeatable).")
+@click.option("--batch-size", "batch_sizes", multiple=True, type=int, required=True, help="Its batch size (repeatable).")
+@click.option("--impl", "impls", multiple=True, help="Only this implementation (repeatable).")
+@click.option("--device", "devices", multiple=True, help="Only this device (repeatable).")
+@click.option("--dtype", "dtypes", multiple=True, help="Only this dtype (repeatable).")
+@click.option("--mode", "modes", multiple=True, type=click.Choice(["inference", "training"]), help="Only this mode (repeatable).")
+def profile_command(suite: str, layers: tuple[str, ...], batch_sizes: tuple[int, ...], impls: tuple[str, ...],
+                    devices: tuple[str, ...], dtypes: tuple[str, ...], modes: tuple[str, ...]) -> None:
+    """Where each strategy's step goes for one layer and batch size of SUITE, measured here.
+
+    Each case is built and warmed up as in a run, then a few steps are profiled and their time is
+    split into phases (routing, mixing, layout, product, epilogue, backward, overhead) from the
+    profiler's operator events; shares are of the profiled step. Nothing is written.
+    """
+    profiled = profile_phases(suite, CaseFilter(impls, devices, batch_sizes, layers, dtypes, modes))
+    click.echo(phase_table(profiled))
+
+
+@main.command("trace-diff")
+@click.argument("run_dir", type=click.Path(path_type=Path))
+@click.argument("control")
+@click.argument("test")
+@click.option("--top", type=click.IntRange(min=1), default=15, show_default=True, help="Operators to show.")
+def trace_diff_command(run_dir: Path, control: str, test: str, top: int) -> None:
+    """Compare the traces of two profiled cases of RUN_DIR (case ids), operator by operator.
+
+    HolisticTraceAnalysis's TraceDiff (install the `hta` extra) on the traces `run --profile`
+    wrote: calls and total µs per operator in each, and the differences TEST − CONTROL.
+    """
+    from condconv_bench.trace_diff import diff_traces
+
+    click.echo(diff_traces(run_dir, control, test).head(top).to_string())
 
 
 @main.command()

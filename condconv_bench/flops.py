@@ -51,6 +51,20 @@ def mixing_macs(spec: LayerSpec, batch_size: int) -> int:
     return batch_size * spec.num_experts * per_expert
 
 
+def compulsory_macs(spec: LayerSpec, batch_size: int, input_size: Pair) -> AnalyticMacs:
+    """The least MACs any exact CondConv strategy needs: the routing, and the cheaper of mixing B
+    kernels then one conv (`B·E·P + conv`) or E convs (`E · conv`, output- or input-side mixture).
+
+    The mix is cheaper wherever a kernel is used at more than one output pixel; for a linear layer
+    (one pixel) the E products are, which is why stacked_moe wins on the classifier.
+    """
+    conv = conv_macs(spec, batch_size, input_size)
+    mixing = mixing_macs(spec, batch_size)
+    if spec.num_experts * conv < conv + mixing:
+        return AnalyticMacs(routing_macs(spec, batch_size), 0, spec.num_experts * conv)
+    return AnalyticMacs(routing_macs(spec, batch_size), mixing, conv)
+
+
 @dataclass(frozen=True)
 class FlopCounts:
     """What the two counters saw on one forward pass, next to the analytic count."""

@@ -11,6 +11,7 @@ from __future__ import annotations
 import math
 from abc import ABC, abstractmethod
 from collections.abc import Callable
+from dataclasses import replace
 from typing import ClassVar
 
 import torch
@@ -19,6 +20,7 @@ from torch import nn
 
 from condconv_bench.flops import AnalyticMacs, conv_macs, mixing_macs, routing_macs
 from condconv_bench.spec import LayerSpec, Pair
+from condconv_bench.traffic import Traffic, compulsory_traffic, kernel_bytes
 
 
 def initial_parameters(spec: LayerSpec, generator: torch.Generator | None = None) -> dict[str, torch.Tensor]:
@@ -92,6 +94,14 @@ class CondConvBase(nn.Module, ABC):
         """This strategy's cost model: route, mix B kernels, run one conv's worth of MACs."""
         return AnalyticMacs(routing_macs(spec, batch_size), mixing_macs(spec, batch_size), conv_macs(spec, batch_size, input_size))
 
+    @classmethod
+    def analytic_bytes(cls, spec: LayerSpec, batch_size: int, input_size: Pair, itemsize: int) -> Traffic:
+        """This strategy's traffic model (`condconv_bench.traffic`), beside its MACs: the compulsory
+        bytes, plus the B per-example kernels (and mixed bias) written and read again when it
+        materialises them, as one mix and one grouped conv do (grouped_conv)."""
+        kernels = kernel_bytes(spec, batch_size, itemsize) if cls.materialises_kernels else 0
+        return replace(compulsory_traffic(spec, batch_size, input_size, itemsize), kernels=kernels)
+
     def strategy_class(self) -> type[CondConvBase]:
         """The class whose strategy this module runs; a dispatching layer answers with its choice."""
         return type(self)
@@ -99,6 +109,10 @@ class CondConvBase(nn.Module, ABC):
     def cost(self, batch_size: int, input_size: Pair) -> AnalyticMacs:
         """The analytic MACs of the strategy this module runs."""
         return self.strategy_class().analytic_macs(self.spec, batch_size, input_size)
+
+    def traffic(self, batch_size: int, input_size: Pair) -> Traffic:
+        """The modelled bytes of the strategy this module runs, at its parameters' element size."""
+        return self.strategy_class().analytic_bytes(self.spec, batch_size, input_size, self.weight.element_size())
 
     def kernel_bytes(self, batch_size: int) -> int:
         """Bytes of per-example kernels one call materialises (0 for strategies that build none)."""

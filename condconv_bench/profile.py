@@ -3,8 +3,9 @@
 `tensorboard_trace_handler` writes `<worker>.<time_ns>.pt.trace.json` into `RUN_DIR/traces/`;
 `tensorboard --logdir RUN_DIR/traces` (with torch-tb-profiler) shows them, and Perfetto UI or
 chrome://tracing opens the same JSON. Profiling runs after a case's timing, on its own steps, so
-the profiler's overhead never reaches the latency figures. The top operators of each profile are
-kept as data for the report.
+the profiler's overhead never reaches the latency figures. The top operators of each profile and
+its phases (`condconv_bench.phases`: routing, mixing, layout, product, …) are kept as data for
+the report.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ import torch
 from torch.autograd.profiler_util import FunctionEventAvg
 from torch.profiler import ProfilerActivity, profile, schedule, tensorboard_trace_handler
 
+from condconv_bench.phases import attribute
 from condconv_bench.quiet import native_stderr_silenced
 
 TOP_OPERATORS = 10
@@ -37,8 +39,9 @@ def _self_time_column(device: torch.device) -> str:
     return "self_device_time_total" if hasattr(FunctionEventAvg, "self_device_time_total") else "self_cuda_time_total"
 
 
-def record_profile(case_id: str, step: Callable[[], object], traces_dir: Path, device: torch.device) -> dict[str, Any]:
-    """Profile a few steps of one case; returns its trace file and top operators by self time."""
+def record_profile(case_id: str, step: Callable[[], object], traces_dir: Path, device: torch.device, num_experts: int) -> dict[str, Any]:
+    """Profile a few steps of one case; returns its trace file, top operators by self time and
+    time per phase (`phases_us`, µs per step; `step_us`)."""
     traces_dir.mkdir(parents=True, exist_ok=True)
     name = worker_name(case_id)
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
@@ -70,4 +73,5 @@ def record_profile(case_id: str, step: Callable[[], object], traces_dir: Path, d
         for event in averages[:TOP_OPERATORS]
     ]
     traces = sorted(traces_dir.glob(f"{name}.*.pt.trace.json"), key=lambda p: p.stat().st_mtime)
-    return {"case_id": case_id, "trace_file": traces[-1].name if traces else None, "top_operators": top}
+    phases = attribute(prof.events(), num_experts, device.type, active).as_record()
+    return {"case_id": case_id, "trace_file": traces[-1].name if traces else None, "top_operators": top, **phases}

@@ -26,13 +26,17 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from condconv_bench.atomic import write_text_atomically
 from condconv_bench.errors import ResultsError, first_problem
+from condconv_bench.phases import phases_of
 from condconv_bench.set_aside import set_aside
 from condconv_bench.timing import Timing
 
 # Schema history: 1 — first release; 2 — `dispatched` column (what `auto` ran); 3 — interleaved
 # rounds in worker processes: `role`, paired ratios with intervals, ties, `processes`,
-# `process_spread`, `stopped_because`, `tf32`; `noisy` means "not reproducible".
-SCHEMA_VERSION = 3
+# `process_spread`, `stopped_because`, `tf32`; `noisy` means "not reproducible"; 4 — each case's
+# limits (`limit_s`, `vs_limit`, …) and the run's memory bandwidths. Version 3 directories still
+# load (their limit cells are empty), but a run is only continued in its own version.
+SCHEMA_VERSION = 4
+READABLE_VERSIONS = (3, 4)
 RUN_FILE = "run.json"
 RESULTS_FILE = "results.csv"
 SAMPLES_FILE = "samples.jsonl"
@@ -54,16 +58,31 @@ class MatmulPeak(BaseModel):
     dtype: str
     threads: int
     flops_per_s: float = Field(gt=0)
+    dense_flops_per_s: float | None = Field(default=None, gt=0)  # since version 4: best of matmul and 1x1 conv
+    depthwise_flops_per_s: float | None = Field(default=None, gt=0)  # since version 4
+
+
+class MemoryBandwidth(BaseModel):
+    """A device's measured bandwidths at one thread count (`machine_peak.memory_bandwidths`)."""
+
+    model_config = ConfigDict(extra="allow")
+
+    device: str
+    threads: int
+    dram_bytes_per_s: float = Field(gt=0)
+    llc_bytes_per_s: float = Field(gt=0)
+    llc_bytes: int | None = None
 
 
 class RunMetadata(_Record):
-    """`run.json`, version 3: what readers rely on is typed; the rest (timing settings, allocator,
-    timestamps, the environment's details) is kept as written."""
+    """`run.json`, version 3 or 4: what readers rely on is typed; the rest (timing settings,
+    allocator, timestamps, the environment's details) is kept as written."""
 
-    schema_version: Literal[3]
+    schema_version: Literal[3, 4]
     suite: SuiteRecord
     environment: dict[str, Any] = {}
     matmul_peaks: list[MatmulPeak] = []
+    memory_bandwidths: list[MemoryBandwidth] = []
     shard: str | None = None
 
 
@@ -122,6 +141,19 @@ COLUMNS: dict[str, str] = {
     "input_bytes": "Int64",
     "output_bytes": "Int64",
     "kernel_bytes": "Int64",  # per-sample kernels the strategy materialises (B·P), 0 if none
+    # Limits (`condconv_bench.limits`), forward pass of a layer; empty for training and stacks.
+    "macs_compulsory": "Int64",  # MAC any exact strategy needs (routing, and mixing + conv or E convs)
+    "bytes_compulsory": "Int64",  # bytes any exact strategy moves: experts once, input, routing, output
+    "bytes_modelled": "Int64",  # bytes this strategy moves by its traffic model (intermediates twice)
+    "limit_s": "float64",  # max(compute, memory) of the compulsory work on this machine's ceilings
+    "limit_own_s": "float64",  # the same of this strategy's own modelled work
+    "limit_bound": "string",  # compute | memory: what bounds limit_s
+    "limit_memory": "string",  # llc (the working set fits in the last-level cache) | dram
+    "arithmetic_intensity": "float64",  # FLOP per modelled byte of this strategy
+    "vs_limit": "float64",  # latency / limit_s (≥ 1 unless a ceiling or a model is wrong)
+    "vs_limit_own": "float64",  # latency / limit_own_s
+    "achieved_gflop_per_s": "float64",  # 2 × macs_analytic / latency
+    "achieved_gb_per_s": "float64",  # bytes_modelled / latency
     "max_rel_error": "float64",  # worst norm-wise relative error vs the float64 oracle
     "max_abs_error": "float64",
     "worst_tensor": "string",
@@ -130,6 +162,12 @@ COLUMNS: dict[str, str] = {
     "wall_s": "float64",  # the runner's time on the case: its probes and its share of the group's timing
     "timed_s": "float64",  # time inside its timed blocks, all worker processes together
 }
+
+
+LIMIT_COLUMNS = ("macs_compulsory", "bytes_compulsory", "bytes_modelled", "limit_s", "limit_own_s", "limit_bound",
+                 "limit_memory", "arithmetic_intensity", "vs_limit", "vs_limit_own", "achieved_gflop_per_s", "achieved_gb_per_s")
+# The header each readable version wrote.
+HEADERS: dict[int, list[str]] = {3: [c for c in COLUMNS if c not in LIMIT_COLUMNS], 4: list(COLUMNS)}
 
 
 def _format_row(row: dict[str, Any]) -> str:
@@ -162,17 +200,18 @@ def _parse_value(text: str, dtype: str) -> Any:
     return float(text)
 
 
-def _parse_row(fields: list[str]) -> list[Any]:
-    """One CSV row as typed values; ValueError naming the column when a value does not fit."""
-    if len(fields) != len(COLUMNS):
-        raise ValueError(f"{len(fields)} fields, the schema has {len(COLUMNS)}")
-    values = []
-    for (column, dtype), text in zip(COLUMNS.items(), fields):
+def _parse_row(fields: list[str], header: list[str]) -> list[Any]:
+    """One CSV row written under `header` as typed values in `COLUMNS` order (columns an older
+    version did not write are None); ValueError naming the column when a value does not fit."""
+    if len(fields) != len(header):
+        raise ValueError(f"{len(fields)} fields, the schema has {len(header)}")
+    values = dict.fromkeys(COLUMNS)
+    for column, text in zip(header, fields):
         try:
-            values.append(_parse_value(text, dtype))
+            values[column] = _parse_value(text, COLUMNS[column])
         except ValueError as exc:
             raise ValueError(f"column {column}: {str(exc)[:80]}") from None
-    return values
+    return list(values.values())
 
 
 def _append_durably(path: Path, text: str) -> None:
@@ -260,8 +299,9 @@ class RunDirectory:
                 header = handle.readline().strip()
         except (OSError, UnicodeDecodeError) as exc:
             raise ResultsError(f"{run.results_file}: cannot be read ({exc})") from None
-        if header != ",".join(COLUMNS):
-            raise ResultsError(f"{run.results_file}: header does not match schema version {SCHEMA_VERSION}")
+        version = run.metadata()["schema_version"]
+        if header != ",".join(HEADERS[version]):
+            raise ResultsError(f"{run.results_file}: header does not match schema version {version}")
         return run
 
     def metadata(self) -> dict[str, Any]:
@@ -272,9 +312,10 @@ class RunDirectory:
             raise ResultsError(f"{file}: missing; is {self.path} a condconv-bench run directory?") from None
         except (OSError, UnicodeDecodeError, json.JSONDecodeError, RecursionError) as exc:
             raise ResultsError(f"{file}: not valid JSON ({exc})") from None
-        if not isinstance(data, dict) or data.get("schema_version") != SCHEMA_VERSION:
+        if not isinstance(data, dict) or data.get("schema_version") not in READABLE_VERSIONS:
             found = data.get("schema_version") if isinstance(data, dict) else None
-            raise ResultsError(f"{file}: schema_version is {found!r}, this condconv-bench reads {SCHEMA_VERSION}")
+            raise ResultsError(f"{file}: schema_version is {found!r}, this condconv-bench reads "
+                               f"{' and '.join(map(str, READABLE_VERSIONS))}")
         try:
             return RunMetadata.model_validate(data).model_dump()
         except ValidationError as exc:
@@ -319,10 +360,13 @@ class RunDirectory:
             except json.JSONDecodeError as exc:
                 set_aside(self.profiles_file, f"line {number}", str(exc))
                 continue
-            if isinstance(record, dict):
-                records.append(record)
-            else:
+            if not isinstance(record, dict):
                 set_aside(self.profiles_file, f"line {number}", "not a JSON object")
+                continue
+            if "phases_us" in record and phases_of(record) is None:
+                set_aside(self.profiles_file, f"line {number} phases", "not a mapping of phase names to microseconds")
+                record = {key: value for key, value in record.items() if key not in ("phases_us", "step_us")}
+            records.append(record)
         return records
 
     def results(self) -> pd.DataFrame:
@@ -332,8 +376,9 @@ class RunDirectory:
             header = next(reader, [])
         except (OSError, UnicodeDecodeError, csv.Error) as exc:
             raise ResultsError(f"{self.results_file}: cannot be read as results ({str(exc).splitlines()[0]})") from None
-        if header != list(COLUMNS):
-            raise ResultsError(f"{self.results_file}: header does not match schema version {SCHEMA_VERSION}")
+        version = self.metadata()["schema_version"]
+        if header != HEADERS[version]:
+            raise ResultsError(f"{self.results_file}: header does not match schema version {version}")
         records = []
         while True:
             try:
@@ -344,7 +389,7 @@ class RunDirectory:
                 set_aside(self.results_file, f"line {reader.line_num}", str(exc))
                 continue
             try:
-                records.append(_parse_row(fields))
+                records.append(_parse_row(fields, header))
             except ValueError as exc:
                 set_aside(self.results_file, f"line {reader.line_num}", str(exc))
         return pd.DataFrame(records, columns=list(COLUMNS)).astype(COLUMNS)
@@ -393,6 +438,7 @@ def merge_runs(sources: list[str | Path], output: str | Path) -> RunDirectory:
         **{k: v for k, v in metadata[0].items() if k not in ("shard", "schema_version")},
         "shard": None,
         "matmul_peaks": [dict(p) for p in dict.fromkeys(tuple(sorted(p.items())) for p in peaks)],
+        "memory_bandwidths": list({(m["device"], m["threads"]): m for d in metadata for m in d.get("memory_bandwidths", [])}.values()),
         "merged_from": [{"path": str(r.path), "shard": m.get("shard"), "environment": m.get("environment")} for r, m in zip(runs, metadata)],
     }
     target = RunDirectory.create(output, merged_meta)

@@ -37,7 +37,8 @@ from condconv_bench.fixtures import (
 )
 from condconv_bench.footprint import memory_reason
 from condconv_bench.layer import CondConvBase
-from condconv_bench.machine_peak import matmul_peak_flops
+from condconv_bench.limits import Ceilings, distance_columns, limit_columns
+from condconv_bench.machine_peak import dense_peak_flops, depthwise_peak_flops, matmul_peak_flops, memory_bandwidths
 from condconv_bench.measure import allocators
 from condconv_bench.measure.group import CaseTiming, GroupMeasurement, GroupTiming, MeasureSettings, measure_groups
 from condconv_bench.measure.pool import WorkerPool
@@ -45,7 +46,7 @@ from condconv_bench.measure.protocol import Visit
 from condconv_bench.measure.ratios import Interval
 from condconv_bench.profile import record_profile
 from condconv_bench.registry import get_impl
-from condconv_bench.results import RunDirectory, writer_lock
+from condconv_bench.results import SCHEMA_VERSION, RunDirectory, writer_lock
 from condconv_bench.suite import Suite, load_suite
 from condconv_bench.timing import Timing
 from condconv_bench.workload import Workload
@@ -177,8 +178,9 @@ class _GroupContext:
     """The layer's parameters, the group's inputs and its float64 oracle, each built once per group
     and only when a case of the group gets to run (a skipped device never allocates)."""
 
-    def __init__(self, case: Case, seed: int) -> None:
+    def __init__(self, case: Case, seed: int, ceilings: Ceilings | None = None) -> None:
         self._case, self._seed = case, seed
+        self.ceilings = ceilings  # the run's measured ceilings for the group's context, for its limits
         self._reference: equivalence.Reference | None = None
 
     @cached_property
@@ -260,9 +262,12 @@ def _probe(case: Case, cls: type[CondConvBase], device: torch.device, ctx: _Grou
         row.update(equivalence.check_equivalence(module, x, inputs.routing_weights, inputs.grad_output, reference).columns())
     analytic = workload.analytic_macs(module, case.batch_size)
     row.update(flops.count_flops(module.eager_module(), x, inputs.routing_weights, analytic).columns())
+    work = workload.work(module, case.batch_size) if case.mode == "inference" else None
+    if work is not None and ctx.ceilings is not None:
+        row.update(limit_columns(work, ctx.ceilings))
     with grad_mode(case.mode):
         row["peak_memory_bytes"] = memory.peak_memory_bytes(step, device)
-        return record_profile(case.id, step, traces_dir, device) if traces_dir is not None else None
+        return record_profile(case.id, step, traces_dir, device, workload.num_experts) if traces_dir is not None else None
 
 
 def probe_case(case: Case, ctx: _GroupContext, traces_dir: Path | None = None) -> tuple[dict[str, Any], dict[str, Any] | None]:
@@ -341,6 +346,7 @@ def _record_timing(measured: GroupTiming, rows: dict[str, dict[str, Any]]) -> di
         row["wall_s"] += share
         if case_id in measured.cases:
             row.update(_timing_columns(measured.cases[case_id], row["batch_size"]), stopped_because=measured.stopped_because)
+            row.update(distance_columns(row))
             if case_id in measured.dispatched:
                 row["dispatched"] = _dispatch_summary(measured.dispatched[case_id])
         else:
@@ -363,20 +369,46 @@ def default_output(suite: Suite) -> Path:
     return Path("reports") / f"{slug}-{stamp}"
 
 
+# Ceilings are upper bounds, and another process's burst only ever lowers a measurement (once, a
+# 2-thread LLC copy measured 0.8 GB/s against 100 GB/s a minute before): each is taken as the best
+# of a few passes over all of them, so a burst must last the whole measurement to lower it.
+CEILING_PASSES = 3
+
+
+def _best(measure: Callable[[], float]) -> float:
+    return max(measure() for _ in range(CEILING_PASSES))
+
+
 def _matmul_peaks(cases: list[Case]) -> list[dict[str, Any]]:
-    """The machine's matmul FLOP/s for each device, dtype and thread count the cases use."""
+    """The machine's matmul, dense and depthwise-conv FLOP/s for each device, dtype and thread count the cases use."""
     peaks = []
     for device, dtype, threads in dict.fromkeys((c.device, c.dtype, c.threads) for c in cases):
         if device_unavailable_reason(torch.device(device)) is None:
-            flops_per_s = matmul_peak_flops(torch.device(device), TORCH_DTYPES[dtype], threads)
-            peaks.append({"device": device, "dtype": dtype, "threads": threads, "flops_per_s": flops_per_s})
+            target, torch_dtype = torch.device(device), TORCH_DTYPES[dtype]
+            peaks.append({"device": device, "dtype": dtype, "threads": threads,
+                          "flops_per_s": matmul_peak_flops(target, torch_dtype, threads),
+                          "dense_flops_per_s": _best(lambda: dense_peak_flops(target, torch_dtype, threads)),
+                          "depthwise_flops_per_s": _best(lambda: depthwise_peak_flops(target, torch_dtype, threads))})
     return peaks
+
+
+def _memory_bandwidths(cases: list[Case]) -> list[dict[str, Any]]:
+    """The machine's DRAM and last-level-cache bandwidth for each device and thread count the cases use."""
+    measured = []
+    for device, threads in dict.fromkeys((c.device, c.threads) for c in cases):
+        if device_unavailable_reason(torch.device(device)) is None:
+            passes = [memory_bandwidths(torch.device(device), threads) for _ in range(CEILING_PASSES)]
+            best = {key: max(p[key] for p in passes) for key in ("dram_bytes_per_s", "llc_bytes_per_s")}
+            measured.append({"device": device, "threads": threads, **passes[0], **best})
+    return measured
 
 
 def _open_run(suite: Suite, output: Path, resume: bool, shard: Shard | None, cases: list[Case]) -> RunDirectory:
     if resume and (output / "results.csv").exists():
         run = RunDirectory.open(output)
         metadata = run.metadata()
+        if metadata["schema_version"] != SCHEMA_VERSION:
+            raise ResultsError(f"{output}: was written by an older condconv-bench (schema {metadata['schema_version']}); start a new run")
         if metadata["suite"]["sha256"] != suite.sha256:
             raise ResultsError(f"{output}: was started from a different version of {suite.path}; start a new run")
         if metadata.get("shard") != (str(shard) if shard else None):
@@ -394,6 +426,7 @@ def _open_run(suite: Suite, output: Path, resume: bool, shard: Shard | None, cas
         "shard": str(shard) if shard else None,
         "cases_total": len(cases),
         "matmul_peaks": _matmul_peaks(cases),
+        "memory_bandwidths": _memory_bandwidths(cases),
     }
     return RunDirectory.create(output, metadata)
 
@@ -474,7 +507,7 @@ def _run_cases(suite: Suite, cases: list[Case], settings: MeasureSettings, alloc
                 if (first.device, first.dtype) not in warmed and device_unavailable_reason(torch.device(first.device)) is None:
                     warm_up_device(torch.device(first.device), first.torch_dtype)
                     warmed.add((first.device, first.dtype))
-                ctx = _GroupContext(first, suite.model.seed)
+                ctx = _GroupContext(first, suite.model.seed, Ceilings.from_metadata(run.metadata(), first.device, first.dtype, first.threads))
                 rows = {}
                 for case in group:
                     if listener:

@@ -17,10 +17,12 @@ from torch import nn
 
 from condconv_bench import equivalence
 from condconv_bench.blocks import CondConvStack, StackSpec, stack_analytic_macs
-from condconv_bench.flops import AnalyticMacs
+from condconv_bench.flops import AnalyticMacs, compulsory_macs
 from condconv_bench.layer import CondConvBase, initial_parameters
+from condconv_bench.limits import CaseWork, Work
 from condconv_bench.registry import get_impl
 from condconv_bench.spec import LayerSpec, Pair
+from condconv_bench.traffic import compulsory_traffic
 
 REFERENCE_IMPL = "naive_moe"  # Σ_e α_e (W_e ∗ x): the defining formula, used as a stack's reference
 
@@ -65,6 +67,11 @@ class Workload(ABC):
     def reference(self, module: nn.Module, x: torch.Tensor, routing_weights: torch.Tensor | None,
                   grad_output: torch.Tensor | None) -> equivalence.Reference: ...
 
+    def work(self, module: nn.Module, batch_size: int) -> CaseWork | None:
+        """The compulsory and the strategy's own work of one forward pass, for the case's limits;
+        None where no traffic model exists (`condconv_bench.limits`)."""
+        return None
+
     @abstractmethod
     def layer_specs(self) -> list[LayerSpec]:
         """The CondConv layers an implementation must support to run this workload."""
@@ -105,6 +112,16 @@ class LayerWorkload(Workload):
 
     def analytic_macs(self, module: nn.Module, batch_size: int) -> AnalyticMacs:
         return module.cost(batch_size, self.input_size)
+
+    def work(self, module: nn.Module, batch_size: int) -> CaseWork:
+        """The floor's compulsory work is its own (it is the plain layer, not CondConv)."""
+        own = Work(module.cost(batch_size, self.input_size), module.traffic(batch_size, self.input_size))
+        if module.strategy_class().is_baseline:
+            return CaseWork(own, own, self.spec.is_depthwise)
+        itemsize = module.weight.element_size()
+        compulsory = Work(compulsory_macs(self.spec, batch_size, self.input_size),
+                          compulsory_traffic(self.spec, batch_size, self.input_size, itemsize))
+        return CaseWork(compulsory, own, self.spec.is_depthwise)
 
     def reference(self, module: nn.Module, x: torch.Tensor, routing_weights: torch.Tensor | None,
                   grad_output: torch.Tensor | None) -> equivalence.Reference:

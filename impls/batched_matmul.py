@@ -10,11 +10,15 @@ which BLAS runs poorly.
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import torch
 import torch.nn.functional as F
 
 from condconv_bench.layer import CondConvBase
 from condconv_bench.registry import register_impl
+from condconv_bench.spec import LayerSpec, Pair
+from condconv_bench.traffic import Traffic, bias_epilogue, compulsory_traffic, kernel_bytes, unfold_bytes
 
 
 @register_impl("batched_matmul")
@@ -25,6 +29,19 @@ class BatchedMatmul(CondConvBase):
 
     def conditional_forward(self, x: torch.Tensor, routing_weights: torch.Tensor) -> torch.Tensor:
         return batched_matmul(self, x, routing_weights, reuse_workspace=False)
+
+    @classmethod
+    def analytic_bytes(cls, spec: LayerSpec, batch_size: int, input_size: Pair, itemsize: int) -> Traffic:
+        return batched_matmul_traffic(spec, batch_size, input_size, itemsize)
+
+
+def batched_matmul_traffic(spec: LayerSpec, batch_size: int, input_size: Pair, itemsize: int) -> Traffic:
+    """The compulsory bytes, B mixed kernels, the unfolded columns (none for an unpadded 1×1 at
+    stride 1 or a linear layer) and an out-of-place bias add."""
+    return replace(
+        compulsory_traffic(spec, batch_size, input_size, itemsize), kernels=kernel_bytes(spec, batch_size, itemsize),
+        columns=unfold_bytes(spec, batch_size, input_size, itemsize), epilogue=bias_epilogue(spec, batch_size, input_size, itemsize),
+    )
 
 
 def batched_matmul(layer: CondConvBase, x: torch.Tensor, routing_weights: torch.Tensor, reuse_workspace: bool) -> torch.Tensor:

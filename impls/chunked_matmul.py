@@ -18,13 +18,16 @@ at chunks of 2–8 examples, within 10% of it only at 16.
 
 from __future__ import annotations
 
+from dataclasses import replace
 
 import torch
 
 from condconv_bench.environment import cache_bytes
-from condconv_bench.impls.pixel_major_matmul import as_output, columns_pixel_major, pixel_major_kernels
+from condconv_bench.impls.pixel_major_matmul import as_output, columns_pixel_major, pixel_major_kernels, pixel_major_traffic
 from condconv_bench.layer import CondConvBase
 from condconv_bench.registry import register_impl
+from condconv_bench.spec import LayerSpec, Pair
+from condconv_bench.traffic import Traffic, output_bytes
 
 _FALLBACK_L2_BYTES = 2**20
 
@@ -49,7 +52,11 @@ _l2_budget_bytes._dynamo_marked_constant = True  # type: ignore[attr-defined]
 
 def chunk_size(layer: CondConvBase, batch_size: int, itemsize: int) -> int:
     """Examples whose mixed kernels fit together in the L2 caches of the threads in use."""
-    return max(1, min(batch_size, _l2_budget_bytes() // (layer.spec.kernel_numel * itemsize)))
+    return _examples_per_chunk(layer.spec, batch_size, itemsize)
+
+
+def _examples_per_chunk(spec: LayerSpec, batch_size: int, itemsize: int) -> int:
+    return max(1, min(batch_size, _l2_budget_bytes() // (spec.kernel_numel * itemsize)))
 
 
 @register_impl("chunked_matmul")
@@ -74,3 +81,12 @@ class ChunkedMatmul(CondConvBase):
             out = products.squeeze(1)
             return out if bias is None else out + bias
         return as_output(self, products, x, bias)
+
+    @classmethod
+    def analytic_bytes(cls, spec: LayerSpec, batch_size: int, input_size: Pair, itemsize: int) -> Traffic:
+        """pixel_major_matmul's bytes (all B kernels are still written and read, a chunk at a time,
+        from L2 rather than memory), plus the concatenation of the chunks' products when there are
+        several (at this process's thread count)."""
+        traffic = pixel_major_traffic(spec, batch_size, input_size, itemsize)
+        chunked = _examples_per_chunk(spec, batch_size, itemsize) < batch_size
+        return replace(traffic, copies=traffic.copies + (output_bytes(spec, batch_size, input_size, itemsize) if chunked else 0))

@@ -7,12 +7,15 @@ temporaries: the expensive reference point that shows what CondConv saves.
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import torch
 
 from condconv_bench.flops import AnalyticMacs, conv_macs, routing_macs
 from condconv_bench.layer import CondConvBase
 from condconv_bench.registry import register_impl
 from condconv_bench.spec import LayerSpec, Pair
+from condconv_bench.traffic import Traffic, compulsory_traffic, output_bytes
 
 
 @register_impl("naive_moe")
@@ -35,3 +38,11 @@ class NaiveMoE(CondConvBase):
     def analytic_macs(cls, spec: LayerSpec, batch_size: int, input_size: Pair) -> AnalyticMacs:
         """E full convs (one per expert) and no kernel mixing; the bias rides on each conv."""
         return AnalyticMacs(routing_macs(spec, batch_size), 0, spec.num_experts * conv_macs(spec, batch_size, input_size))
+
+    @classmethod
+    def analytic_bytes(cls, spec: LayerSpec, batch_size: int, input_size: Pair, itemsize: int) -> Traffic:
+        """The compulsory bytes and 3E−2 output-sized temporaries: E conv outputs, E of them scaled
+        by α, and E−1 running sums of which the last is the output."""
+        temporaries = 3 * spec.num_experts - 2
+        return replace(compulsory_traffic(spec, batch_size, input_size, itemsize),
+                       expanded=temporaries * output_bytes(spec, batch_size, input_size, itemsize))

@@ -8,10 +8,14 @@ where launches dominate (small layers, large batches on GPU).
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import torch
 
 from condconv_bench.layer import CondConvBase
 from condconv_bench.registry import register_impl
+from condconv_bench.spec import LayerSpec, Pair
+from condconv_bench.traffic import Traffic, compulsory_traffic, kernel_bytes, output_bytes
 
 
 @register_impl("per_sample_loop")
@@ -30,3 +34,10 @@ class PerSampleLoop(CondConvBase):
             bias = None if self.bias is None else (alpha @ self.bias).view(-1)
             outputs.append(self.static_op(x[index : index + 1], kernel, bias))
         return torch.cat(outputs)
+
+    @classmethod
+    def analytic_bytes(cls, spec: LayerSpec, batch_size: int, input_size: Pair, itemsize: int) -> Traffic:
+        """The compulsory bytes, B kernels mixed one at a time (each written, then read by its conv),
+        and B per-example outputs concatenated into the output (a copy)."""
+        return replace(compulsory_traffic(spec, batch_size, input_size, itemsize), kernels=kernel_bytes(spec, batch_size, itemsize),
+                       copies=output_bytes(spec, batch_size, input_size, itemsize))

@@ -16,11 +16,15 @@ glibc thresholds fixed): 0.72–0.92× of batched_matmul on the six 1×1 shapes 
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import torch
 import torch.nn.functional as F
 
 from condconv_bench.layer import CondConvBase
 from condconv_bench.registry import register_impl
+from condconv_bench.spec import LayerSpec, Pair
+from condconv_bench.traffic import Traffic, bias_epilogue, compulsory_traffic, kernel_bytes, output_bytes, unfold_bytes
 
 
 def experts_pixel_major(weight: torch.Tensor, groups: int) -> torch.Tensor:
@@ -72,3 +76,21 @@ class PixelMajorMatmul(CondConvBase):
             out = torch.bmm(x.unsqueeze(1), kernels).squeeze(1)
             return out if bias is None else out + bias
         return as_output(self, torch.bmm(columns_pixel_major(self, x), kernels), x, bias)
+
+    @classmethod
+    def analytic_bytes(cls, spec: LayerSpec, batch_size: int, input_size: Pair, itemsize: int) -> Traffic:
+        return pixel_major_traffic(spec, batch_size, input_size, itemsize)
+
+
+def pixel_major_traffic(spec: LayerSpec, batch_size: int, input_size: Pair, itemsize: int) -> Traffic:
+    """batched_matmul's bytes (the experts' transposed layout is cached across calls), plus the
+    copy back to NCHW that a grouped layer's pixel-major output needs (a view when each group has
+    one output channel, as in a depthwise layer, or the output one pixel)."""
+    out_h, out_w = spec.output_size(input_size)
+    regrouped = spec.kind == "conv2d" and spec.groups > 1 and spec.out_channels > spec.groups and out_h * out_w > 1
+    return replace(
+        compulsory_traffic(spec, batch_size, input_size, itemsize), kernels=kernel_bytes(spec, batch_size, itemsize),
+        columns=unfold_bytes(spec, batch_size, input_size, itemsize),
+        copies=output_bytes(spec, batch_size, input_size, itemsize) if regrouped else 0,
+        epilogue=bias_epilogue(spec, batch_size, input_size, itemsize),
+    )

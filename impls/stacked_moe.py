@@ -18,6 +18,8 @@ grouped_conv's latency at batch 1, 8 and 32 (the fastest strategy there at every
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import torch
 import torch.nn.functional as F
 
@@ -25,6 +27,7 @@ from condconv_bench.flops import AnalyticMacs, conv_macs, routing_macs
 from condconv_bench.layer import CondConvBase
 from condconv_bench.registry import register_impl
 from condconv_bench.spec import LayerSpec, Pair
+from condconv_bench.traffic import Traffic, bias_epilogue, compulsory_traffic, input_bytes
 
 
 def _concatenate_experts(weight: torch.Tensor) -> torch.Tensor:
@@ -61,3 +64,14 @@ class StackedMoE(CondConvBase):
         """E× the conv on the stacked input; only the bias is mixed."""
         mixing = batch_size * spec.num_experts * spec.out_channels if spec.bias else 0
         return AnalyticMacs(routing_macs(spec, batch_size), mixing, spec.num_experts * conv_macs(spec, batch_size, input_size))
+
+    @classmethod
+    def analytic_bytes(cls, spec: LayerSpec, batch_size: int, input_size: Pair, itemsize: int) -> Traffic:
+        """The compulsory bytes (the concatenated experts are cached across calls), the E× stacked
+        input, and where there is bias its B mixed vectors and an out-of-place add."""
+        return replace(
+            compulsory_traffic(spec, batch_size, input_size, itemsize),
+            kernels=batch_size * spec.out_channels * itemsize if spec.bias else 0,
+            expanded=spec.num_experts * input_bytes(spec, batch_size, input_size, itemsize),
+            epilogue=bias_epilogue(spec, batch_size, input_size, itemsize),
+        )

@@ -13,6 +13,7 @@ from condconv_bench.flops import AnalyticMacs, conv_macs
 from condconv_bench.layer import CondConvBase
 from condconv_bench.registry import register_impl
 from condconv_bench.spec import LayerSpec, Pair
+from condconv_bench.traffic import Traffic, input_bytes, kernel_bytes, output_bytes
 
 
 @register_impl("static")
@@ -31,3 +32,9 @@ class Static(CondConvBase):
     @classmethod
     def analytic_macs(cls, spec: LayerSpec, batch_size: int, input_size: Pair) -> AnalyticMacs:
         return AnalyticMacs(0, 0, conv_macs(spec, batch_size, input_size))
+
+    @classmethod
+    def analytic_bytes(cls, spec: LayerSpec, batch_size: int, input_size: Pair, itemsize: int) -> Traffic:
+        """Input and output, one kernel (and bias) read, no routing: the plain layer."""
+        return Traffic(input_bytes(spec, batch_size, input_size, itemsize), output_bytes(spec, batch_size, input_size, itemsize),
+                       kernel_bytes(spec, 1, itemsize), 0)

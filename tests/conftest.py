@@ -78,3 +78,17 @@ def private_autotune(tmp_path, monkeypatch) -> None:
     monkeypatch.setenv(cache.CACHE_VARIABLE, str(tmp_path / "autotune-cache.json"))
     monkeypatch.delenv(switch.AUTOTUNE_VARIABLE, raising=False)
     monkeypatch.setattr(switch, "_switch", {"enabled": False, "budget_s": 0.05, "compiled": False})
+
+
+@pytest.fixture(autouse=True)
+def fixed_ceilings(request, monkeypatch) -> None:
+    """Runs measure memory bandwidth and the dense and depthwise peaks in about two seconds; tests that do not
+    read them get fixed figures (the test suite runs dozens of suites). `real_ceilings` measures."""
+    if request.node.get_closest_marker("real_ceilings"):
+        return
+    from condconv_bench import runner
+
+    monkeypatch.setattr(runner, "memory_bandwidths", lambda device, threads: {
+        "dram_bytes_per_s": 3e10, "llc_bytes_per_s": 1.5e11, "llc_bytes": 32 * 2**20})
+    monkeypatch.setattr(runner, "depthwise_peak_flops", lambda device, dtype, threads: 3e10)
+    monkeypatch.setattr(runner, "dense_peak_flops", lambda device, dtype, threads: 1e11)

@@ -8,11 +8,14 @@ from __future__ import annotations
 import os
 import sys
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import torch
 
 from condconv_bench.impls.grouped_conv import GroupedConv
+from condconv_bench.spec import LayerSpec, Pair
+from condconv_bench.traffic import Traffic, input_bytes
 
 HUNDRED_MB = 100 * 2**20
 
@@ -86,3 +89,20 @@ class DoublesGradients(GroupedConv):
     def conditional_forward(self, x: torch.Tensor, routing_weights: torch.Tensor) -> torch.Tensor:
         out = super().conditional_forward(x, routing_weights)
         return out.detach() + 2 * (out - out.detach())
+
+
+class CopiesInputTenTimes(GroupedConv):
+    """grouped_conv after ten redundant copies of its input, declared in its traffic model: a
+    planted slow algorithm whose modelled bytes and distance to the limit must rise."""
+
+    COPIES = 10
+
+    def conditional_forward(self, x: torch.Tensor, routing_weights: torch.Tensor) -> torch.Tensor:
+        for _ in range(self.COPIES):
+            x = x.clone()
+        return super().conditional_forward(x, routing_weights)
+
+    @classmethod
+    def analytic_bytes(cls, spec: LayerSpec, batch_size: int, input_size: Pair, itemsize: int) -> Traffic:
+        traffic = super().analytic_bytes(spec, batch_size, input_size, itemsize)
+        return replace(traffic, copies=traffic.copies + cls.COPIES * input_bytes(spec, batch_size, input_size, itemsize))

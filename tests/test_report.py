@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 import base64
+import json
 import re
 import shutil
 import subprocess
@@ -12,7 +13,7 @@ import yaml
 from bs4 import BeautifulSoup
 
 from condconv_bench.report import write_report
-from condconv_bench.results import load_results
+from condconv_bench.results import RunDirectory, load_results
 from condconv_bench.report.runs import cross_run, load_runs
 from condconv_bench.runner import CaseFilter, run_suite
 
@@ -65,7 +66,11 @@ def test_report_has_every_section_and_is_self_contained(runs, single) -> None:
     for expected in ("Headline", "Plots", "FLOPs", "Equivalence", "Unstable", "Skipped and errored", "Compile times", "Profiles", "Environment"):
         assert any(t.startswith(expected) for t in titles), (expected, titles)
     images = soup.find_all("img")
-    assert len(images) == 4 * 2  # four plots for each context: inference and training (the fc layer)
+    # Inference: latency, speed, memory, achieved GFLOP/s, roofline, phases; training (the fc layer)
+    # has no forward-only figures (achieved GFLOP/s, roofline), and its phases include the backward.
+    titles_of = [image["alt"].split(" (")[0] for image in images]
+    assert len(images) == 6 + 4, titles_of
+    assert sum(t.startswith("Roofline") for t in titles_of) == 1 and sum(t.startswith("Phases") for t in titles_of) == 2
     for image in images:
         src = image["src"]
         assert src.startswith("data:image/png;base64,")
@@ -90,13 +95,13 @@ def test_suite_name_with_markup_is_escaped(single) -> None:
 def test_headline_names_the_fastest_and_ratios(single) -> None:
     table = soup_of(single).find("h3", string=lambda s: s and s.startswith("Headline")).find_next("table")
     header = [th.get_text(strip=True) for th in table.find("tr").find_all("th")]
-    assert header[-4:] == ["fastest", "latency", "vs static", "vs grouped_conv"]
+    assert header[-5:] == ["fastest", "latency", "vs static", "vs limit", "vs grouped_conv"]
     rows = [tr for tr in table.find_all("tr")[1:] if "summary" not in (tr.get("class") or [])]
     cells = [[td.get_text(strip=True) for td in row.find_all("td")] for row in rows]
     assert len(rows) == 2 * 2 + 2 * 2, cells  # pw, dw3 × 2 batch sizes; fc × 2 batch sizes × 2 modes
     for row in cells:
-        assert {name.strip() for name in row[-4].split("(")[0].split("≈")} <= {"grouped_conv", "batched_matmul", "compiled"}, row
-        assert re.fullmatch(r"\d+\.\d\d× \[\d+\.\d\d–\d+\.\d\d\]", row[-2]), row  # ratio [95% CI]
+        assert {name.strip() for name in row[-5].split("(")[0].split("≈")} <= {"grouped_conv", "batched_matmul", "compiled"}, row
+        assert re.fullmatch(r"\d+\.\d\d× \[\d+\.\d\d–\d+\.\d\d\]", row[-3]), row  # ratio [95% CI]
         assert row[-1].endswith("×"), row
     summaries = table.find_all("tr", class_="summary")
     assert {s.get_text().split(":")[1].split("(")[0].strip() for s in summaries} == {"static", "grouped_conv", "batched_matmul", "compiled"}
@@ -170,4 +175,37 @@ def test_report_fits_1280_pixels_in_a_real_browser(runs, compared) -> None:
     )
     title = BeautifulSoup(result.stdout, "html.parser").find("title").get_text()
     _, width, broken, images = title.split()
-    assert int(width) <= 1280 and int(broken) == 0 and int(images) == 16
+    # profiled run: 6 inference + 4 training figures; the other: no phase bars (5 + 3)
+    assert int(width) <= 1280 and int(broken) == 0 and int(images) == 18
+
+
+def test_headline_shows_the_distance_to_the_limit(single) -> None:
+    soup = soup_of(single)
+    table = soup.find("h3", string=lambda t: t and t.startswith("Headline")).find_next("table")
+    header = [th.get_text(strip=True) for th in table.find("tr").find_all("th")]
+    assert header.index("vs limit") == header.index("vs static") + 1
+    limit_cells = [row.find_all("td")[header.index("vs limit")].get_text(" ", strip=True) for row in table.find_all("tr")[1:]
+                   if "summary" not in (row.get("class") or [])]
+    inference = [cell for cell in limit_cells if cell != "-"]
+    assert inference and all(cell.endswith(("llc", "dram")) and float(cell.split("×")[0]) > 0.9 for cell in inference)
+    summary = [row.get_text(" ", strip=True) for row in table.find_all("tr", class_="summary")]
+    assert all("own)" in row for row in summary)
+    assert soup.find("h3", string="Limits") is not None
+    environment = soup.find("h3", string="Environment").find_next("dl").get_text(" ", strip=True)
+    assert "dense peak" in environment and "depthwise-conv peak" in environment and "DRAM" in environment
+
+
+def test_damaged_phases_cost_only_their_record(runs, tmp_path) -> None:
+    import warnings
+
+    copy = tmp_path / "damaged"
+    shutil.copytree(runs["one"], copy)
+    lines = (copy / "profiles.jsonl").read_text().splitlines()
+    first = json.loads(lines[0])
+    first["phases_us"] = {"product": "lots"}
+    (copy / "profiles.jsonl").write_text("\n".join([json.dumps(first), *lines[1:]]) + "\n")
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        profiles = RunDirectory(copy).profiles()
+    assert len(profiles) == len(lines) and "phases_us" not in profiles[0] and "phases_us" in profiles[1]
+    assert any("line 1 phases set aside" in str(w.message) for w in caught)

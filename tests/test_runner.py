@@ -14,7 +14,7 @@ import torch
 import yaml
 
 from condconv_bench.errors import CondConvBenchError, ResultsError
-from condconv_bench.results import COLUMNS, SCHEMA_VERSION, RunDirectory, load_results, merge_runs, writer_lock
+from condconv_bench.results import COLUMNS, LIMIT_COLUMNS, SCHEMA_VERSION, RunDirectory, load_results, merge_runs, writer_lock
 from condconv_bench.runner import CaseFilter, Shard, run_suite
 from condconv_bench.suite import load_suite
 
@@ -213,7 +213,11 @@ def test_every_probe_fills_its_columns(tiny_run: pd.DataFrame) -> None:
     # routing; a linear layer has no image size.
     may_be_empty = {"reason", "dispatched", "tf32", "flops_problems", "fvcore_uncounted_ops", "input_size"}
     for impl, rows in on_cpu.groupby("impl"):
-        empty = {column for column in COLUMNS if rows[column].isna().any()} - may_be_empty
+        empty = {column for column in COLUMNS if column not in LIMIT_COLUMNS and rows[column].isna().any()} - may_be_empty
+        # Limits model a layer's forward pass: every inference row has them, no training row does.
+        inference = rows["mode"] == "inference"
+        assert rows.loc[inference, list(LIMIT_COLUMNS)].notna().all().all(), impl
+        assert rows.loc[~inference, list(LIMIT_COLUMNS)].isna().all().all(), impl
         if impl == "static":  # the floor is not CondConv: no equivalence check, no ratio to itself
             assert empty == {"equivalent", "max_abs_error", "max_rel_error", "tolerance", "worst_tensor",
                              "tied_fastest", "vs_best", "vs_best_ci_high", "vs_best_ci_low", "vs_floor",

@@ -163,7 +163,8 @@ def snapshot_of_runs(paths: list[Path]) -> Snapshot:
         )
     suite = metadata[0]["suite"]
     source = ", ".join(str(p) for p in paths)
-    environment = {**metadata[0].get("environment", {}), "matmul_peaks": metadata[0].get("matmul_peaks", [])}
+    environment = {**metadata[0].get("environment", {}), "matmul_peaks": metadata[0].get("matmul_peaks", []),
+                   "memory_bandwidths": metadata[0].get("memory_bandwidths", [])}
     return Snapshot(source, suite["name"], suite["sha256"], environment, cases)
 
 

@@ -21,6 +21,7 @@ import pandas as pd
 from condconv_bench import __version__
 from condconv_bench.atomic import write_bytes_atomically, write_text_atomically
 from condconv_bench import formatting
+from condconv_bench.limits import Ceilings
 from condconv_bench.report import plots, tables
 from condconv_bench.report.runs import LoadedRun, comparison_summary, cross_run
 
@@ -71,8 +72,17 @@ def _figures(run: LoadedRun, context_label: str, rows: pd.DataFrame, plots_dir: 
         "latency_vs_batch": ("Latency vs batch size", plots.latency_vs_batch(rows, colours)),
         "speed_vs_static": ("Speed relative to the static floor", plots.speed_vs_static(rows)),
         "peak_memory": ("Peak memory", plots.peak_memory(rows, colours)),
-        "achieved_gflops": ("Achieved GFLOP/s and the machine's matmul peak", plots.achieved_gflops(rows, colours, peak)),
     }
+    if not tables.achieved_flops(rows).empty:  # forward FLOPs only: nothing to show for training rows
+        drawn["achieved_gflops"] = ("Achieved GFLOP/s and the machine's matmul peak", plots.achieved_gflops(rows, colours, peak))
+    ceilings = Ceilings.from_metadata(run.metadata, first["device"], first["dtype"], int(first["threads"]))
+    if ceilings is not None and rows["achieved_gflop_per_s"].notna().any():
+        drawn["roofline"] = ("Roofline: achieved GFLOP/s against arithmetic intensity, under the measured ceilings",
+                             plots.roofline(rows, colours, ceilings))
+    shares = tables.phase_shares(rows, run.profiles)
+    if not shares.empty:
+        drawn["phases"] = ("Phases of each profiled step (routing, mixing, layout, product, epilogue, backward, overhead)",
+                           plots.phase_bars(shares))
     figures = []
     for kind, (title, figure) in drawn.items():
         png = plots.to_png(figure)

@@ -34,6 +34,7 @@ def render_markdown(runs: list[LoadedRun]) -> str:
             "geomean vs static": summary["geomean_vs_static"].map(formatting.ratio),
             "geomean vs grouped_conv": summary["geomean_vs_grouped_conv"].map(formatting.ratio),
             "geomean vs fastest": summary["geomean_vs_fastest"].map(formatting.ratio),
+            **({"geomean vs limit": summary["geomean_vs_limit"].map(formatting.ratio)} if summary["geomean_vs_limit"].notna().any() else {}),
             "within 5% of fastest": summary["within_5pct"].astype(int),
         })))
         failures = tables.equivalence_failures(frame)

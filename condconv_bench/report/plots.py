@@ -10,7 +10,9 @@ from __future__ import annotations
 import io
 
 import matplotlib
+import matplotlib.patches
 import matplotlib.pyplot as plt
+import matplotlib.ticker
 import numpy as np
 import pandas as pd
 import seaborn as sns
@@ -18,6 +20,8 @@ from matplotlib.colors import TwoSlopeNorm
 from matplotlib.figure import Figure
 from matplotlib.ticker import NullLocator
 
+from condconv_bench.limits import Ceilings
+from condconv_bench.phases import PHASES
 from condconv_bench.report import tables
 
 matplotlib.use("Agg")  # reports are files; never open a window
@@ -115,5 +119,61 @@ def achieved_gflops(rows: pd.DataFrame, colours: dict[str, tuple], peak_flops: f
                       xycoords=("axes fraction", "data"), textcoords="offset points", xytext=(0, 4), fontsize=8)
     axis.set_title("How far each strategy is from the hardware's dense-matmul rate")
     axis.tick_params(axis="x", labelsize=8)
+    figure.tight_layout()
+    return figure
+
+
+def roofline(rows: pd.DataFrame, colours: dict[str, tuple], ceilings: Ceilings) -> Figure:
+    """Achieved GFLOP/s against arithmetic intensity (FLOP per modelled byte), one marker per case
+    coloured by implementation, under the machine's roofs: the dense and depthwise compute peaks,
+    and the LLC and DRAM bandwidth slopes."""
+    data = rows[rows["arithmetic_intensity"].notna() & rows["achieved_gflop_per_s"].notna()]
+    figure, axis = plt.subplots(figsize=(9, 4.8))
+    sns.scatterplot(data=data, x="arithmetic_intensity", y="achieved_gflop_per_s", hue="impl", palette=colours,
+                    style="layer" if data["layer"].nunique() <= 12 else None, ax=axis, s=28, alpha=0.85)
+    intensities = np.logspace(np.log10(max(1e-3, data["arithmetic_intensity"].min() / 3)),
+                              np.log10(data["arithmetic_intensity"].max() * 3), 200)
+    dense, depthwise = ceilings.dense_flops_per_s / 1e9, ceilings.depthwise_flops_per_s / 1e9
+    for bandwidth, label, style in ((ceilings.llc_bytes_per_s, "LLC", "-"), (ceilings.dram_bytes_per_s, "DRAM", "--")):
+        axis.plot(intensities, np.minimum(dense, intensities * bandwidth / 1e9), color="black", linestyle=style, linewidth=1,
+                  label=f"{label} {bandwidth / 1e9:.3g} GB/s, dense peak {dense:.3g} GFLOP/s")
+    axis.axhline(depthwise, color="grey", linestyle=":", linewidth=1, label=f"depthwise-conv peak {depthwise:.3g} GFLOP/s")
+    axis.set(xscale="log", yscale="log", xlabel="arithmetic intensity (FLOP per modelled byte)",
+             ylabel="achieved GFLOP/s (analytic FLOPs / latency)")
+    axis.set_title("Roofline: each case against the machine's ceilings (forward pass)")
+    axis.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0))
+    figure.tight_layout()
+    return figure
+
+
+PHASE_COLOURS = dict(zip(PHASES, sns.color_palette("tab10", n_colors=10)))
+
+
+def phase_bars(shares: pd.DataFrame) -> Figure:
+    """Per profiled case, a bar of its step split into phases (share of the step), one facet per layer."""
+    layers = list(dict.fromkeys(shares["layer"]))
+    columns = min(3, len(layers))
+    grid_rows = int(np.ceil(len(layers) / columns))
+    bars_per_layer = max(shares.groupby("layer")["case_id"].nunique())
+    figure, axes = plt.subplots(grid_rows, columns, figsize=(4.4 * columns, 0.9 + 0.22 * bars_per_layer * grid_rows + 0.6 * grid_rows),
+                                squeeze=False)
+    present = [phase for phase in PHASES if phase in set(shares["phase"])]
+    for axis, layer in zip(axes.flat, layers):
+        table = shares[shares["layer"] == layer].assign(case=lambda f: f["impl"] + " b" + f["batch_size"].astype(str))
+        wide = table.pivot_table(index="case", columns="phase", values="share", aggfunc="sum", sort=False).reindex(columns=present).fillna(0)
+        left = np.zeros(len(wide))
+        for phase in present:
+            axis.barh(wide.index, wide[phase], left=left, color=PHASE_COLOURS[phase], label=phase, height=0.8)
+            left += wide[phase].to_numpy()
+        axis.invert_yaxis()
+        axis.set_xlim(0, 1)
+        axis.set_title(layer, fontsize=8)
+        axis.tick_params(labelsize=7)
+        axis.xaxis.set_major_formatter(matplotlib.ticker.PercentFormatter(1.0))
+    for axis in list(axes.flat)[len(layers):]:
+        axis.set_visible(False)
+    handles = [matplotlib.patches.Patch(color=PHASE_COLOURS[phase], label=phase) for phase in present]
+    figure.legend(handles=handles, loc="upper center", ncol=min(len(present), 6), fontsize=8, bbox_to_anchor=(0.5, 1.0))
+    figure.suptitle("Where each step goes (share of the profiled step)", y=1.04)
     figure.tight_layout()
     return figure

@@ -14,6 +14,7 @@ import pandas as pd
 
 from condconv_bench.case import GROUP_KEYS
 from condconv_bench import formatting
+from condconv_bench.phases import phases_of
 
 COMMON_IMPL = "grouped_conv"  # what timm and most open-source ports do
 GROUP_COLUMNS = list(GROUP_KEYS)
@@ -36,14 +37,16 @@ def with_ratios(frame: pd.DataFrame) -> pd.DataFrame:
 
 
 HEADLINE_COLUMNS = [*GROUP_COLUMNS, "fastest", "fastest_set", "latency_median_s", "vs_static", "vs_static_ci_low",
-                    "vs_static_ci_high", "vs_grouped_conv", "noisy", "auto_latency_s", "auto_vs_fastest",
+                    "vs_static_ci_high", "vs_limit", "limit_memory", "vs_grouped_conv", "noisy", "auto_latency_s", "auto_vs_fastest",
                     "auto_vs_fastest_ci_high", "auto_tied", "auto_picked"]
 
 
 def headline(frame: pd.DataFrame) -> pd.DataFrame:
     """Per group: the fastest verified strategy, the set tied with it, its ratios, and what `auto` did.
 
-    `fastest_set` lists every strategy that cannot be told apart from the fastest (`tied_fastest`:
+    `vs_limit` is the fastest strategy's latency over the case's compulsory limit (`limits`), with
+    the memory level that limit assumes. `fastest_set` lists every strategy that cannot be told
+    apart from the fastest (`tied_fastest`:
     its paired ratio to the fastest is not surely above 1 + the suite's tie margin), fastest first,
     joined by ` ≈ `. `noisy` marks a group where any of them is not reproducible. The dispatcher
     (`auto`) is not in the race: it runs one of the strategies, so its paired ratio to the fastest,
@@ -83,7 +86,8 @@ NEAR_FASTEST = 1.05
 
 
 def geomean_by_impl(frame: pd.DataFrame) -> pd.DataFrame:
-    """Per implementation: geometric means of its ratios over the groups where it ran, wins, and in
+    """Per implementation: geometric means of its ratios over the groups where it ran (to the floor,
+    to grouped_conv, to the fastest, to the compulsory limit and to its own limit), wins, and in
     how many groups it came within 5% of the fastest strategy (the measure a dispatcher answers to)."""
     rows = with_ratios(frame)
     wins = headline(frame)["fastest"].value_counts()
@@ -93,6 +97,8 @@ def geomean_by_impl(frame: pd.DataFrame) -> pd.DataFrame:
         geomean_vs_static=("vs_static", geometric_mean),
         geomean_vs_grouped_conv=("vs_grouped_conv", geometric_mean),
         geomean_vs_fastest=("vs_best", geometric_mean),
+        geomean_vs_limit=("vs_limit", geometric_mean),
+        geomean_vs_limit_own=("vs_limit_own", geometric_mean),
         within_5pct=("near_fastest", "sum"),
     )
     summary["wins"] = wins.reindex(summary.index).fillna(0).astype(int)
@@ -201,6 +207,9 @@ def headline_display(frame: pd.DataFrame) -> pd.DataFrame:
         "fastest": fastest,
         "latency": best["latency_median_s"].map(formatting.seconds),
         "vs static [95% CI]": [formatting.interval(*values) for values in best[["vs_static", "vs_static_ci_low", "vs_static_ci_high"]].itertuples(index=False)],
+        **({"vs limit": [f"{formatting.ratio(ratio)} ({level})" if not formatting.missing(ratio) else "-"
+                         for ratio, level in best[["vs_limit", "limit_memory"]].itertuples(index=False)]}
+           if best["vs_limit"].notna().any() else {}),
         "vs grouped_conv": best["vs_grouped_conv"].map(formatting.ratio),
     })
     if best["auto_latency_s"].notna().any():
@@ -210,3 +219,20 @@ def headline_display(frame: pd.DataFrame) -> pd.DataFrame:
         ]
         shown["auto picked"] = best["auto_picked"].fillna("-")
     return shown
+
+
+def phase_shares(frame: pd.DataFrame, profiles: tuple[dict, ...] | list[dict]) -> pd.DataFrame:
+    """Per profiled case: each phase's microseconds per step and share of the step, joined with the
+    case's identity; profile records without (valid) phases are left out."""
+    records = []
+    for record in profiles:
+        phases = phases_of(record)
+        step = record.get("step_us")
+        if phases is None or not isinstance(step, (int, float)) or step <= 0:
+            continue
+        records += [{"case_id": record.get("case_id"), "phase": phase, "us_per_step": us, "share": us / step}
+                    for phase, us in phases.items()]
+    if not records:
+        return pd.DataFrame(columns=["case_id", "phase", "us_per_step", "share", *GROUP_COLUMNS, "impl"])
+    identity = frame.set_index("case_id")[[*GROUP_COLUMNS, "impl"]]
+    return pd.DataFrame(records).join(identity, on="case_id", how="inner")
