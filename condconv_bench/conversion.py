@@ -106,7 +106,7 @@ def convert(
     if id(model) in built:
         return Conversion(built[id(model)], replaced)
     for parent in list(model.modules()):
-        for name, child in list(parent.named_children()):
-            if id(child) in built:
+        for name, child in list(parent._modules.items()):  # named_children() would skip a repeated child
+            if child is not None and id(child) in built:
                 setattr(parent, name, built[id(child)])
     return Conversion(model, replaced)
