@@ -5,7 +5,8 @@ project can make: impossible layers (via `LayerSpec`), input sizes smaller than 
 implementation names the registry does not know. Every problem becomes one line naming the file
 and the key path, e.g. `suites/x.yaml: layers[3].groups: 5 does not divide in_channels 64`.
 
-Axes resolve per layer, then per device, then for the suite (the first that sets one wins).
+Axes resolve per layer, then per device, then for the suite (the first that sets one wins); a layer
+may name its own `devices` instead of the suite's.
 Cases are ordered so that one group — a layer, device, dtype, mode, batch size, memory format and
 thread count — runs all its implementations back to back: ratios to the `static` floor are then
 measured minutes apart at most, and the float64 oracle is computed once per group.
@@ -115,6 +116,10 @@ class LayerFields(_Model):
     input_size: IntOrPair | None = None
 
 
+class DeviceEntry(AxisOverrides):
+    name: StrictStr
+
+
 class LayerEntry(LayerFields, AxisOverrides):
     name: Annotated[StrictStr, Field(pattern=r"^[A-Za-z0-9_.\-]+$")]
     in_channels: BoundedInt | None = None  # required by every kind but model (default 3 there)
@@ -124,10 +129,7 @@ class LayerEntry(LayerFields, AxisOverrides):
     stages: list[StageEntry] | None = Field(default=None, min_length=1)  # kind stack only
     count: PositiveInt = 1  # occurrences in the network it comes from (for network-level totals)
     impls: list[StrictStr] | None = Field(default=None, min_length=1)
-
-
-class DeviceEntry(AxisOverrides):
-    name: StrictStr
+    devices: list[StrictStr | DeviceEntry] | None = Field(default=None, min_length=1)  # instead of the suite's
 
 
 class SuiteModel(_Model):
@@ -179,7 +181,7 @@ class Suite:
         """The full grid, in run order (see the module docstring)."""
         cases = []
         for layer in self.layers:
-            for device_entry in self.model.devices:
+            for device_entry in layer.entry.devices or self.model.devices:
                 device, device_overrides = _device_entry(device_entry)
                 threads = self.model.threads or [torch.get_num_threads()]
                 if device != "cpu":
@@ -416,11 +418,14 @@ def parse_suite(data: Any, source: Path, resolve_impl: Callable[[str], object] =
     for layer in layers:
         if layer.entry.kind != "model" and not layer.entry.impls and set(MODEL_ONLY_IMPLS) & set(model.impls):
             problems.append(f"{label}: impls: {', '.join(MODEL_ONLY_IMPLS)} runs only model entries, and {layer.name} is a {layer.entry.kind}")
-    for index, entry in enumerate(model.devices):
-        device, _ = _device_entry(entry)
-        if not DEVICE_PATTERN.match(device):
-            where = f"devices[{index}]" + ("" if isinstance(entry, str) else ".name")
-            problems.append(f"{label}: {where}: {device!r} is not a device (expected cpu, cuda, cuda:N or mps)")
+    device_lists = [("devices", model.devices)]
+    device_lists += [(f"layers[{i}].devices", layer.entry.devices) for i, layer in enumerate(layers) if layer.entry.devices]
+    for prefix, devices in device_lists:
+        for index, entry in enumerate(devices):
+            device, _ = _device_entry(entry)
+            if not DEVICE_PATTERN.match(device):
+                where = f"{prefix}[{index}]" + ("" if isinstance(entry, str) else ".name")
+                problems.append(f"{label}: {where}: {device!r} is not a device (expected cpu, cuda, cuda:N or mps)")
     if problems:
         raise SuiteError(problems)
     digest = hashlib.sha256(yaml.safe_dump(data, sort_keys=True).encode()).hexdigest()

@@ -35,12 +35,15 @@ def unavailable_reason(source: str) -> str | None:
     """Why the library `source` comes from cannot be imported here (with how to install it), or None."""
     library, _ = split(source)
     if library == TIMM:
-        return None if importlib.util.find_spec(TIMM) else f"timm is not installed: {INSTALL_LINE}"
+        return None if _importable(TIMM) else f"timm is not installed: {INSTALL_LINE}"
+    return None if _importable(library) else f"cannot import module {library!r} for model {source!r}"
+
+
+def _importable(name: str) -> bool:
     try:
-        found = importlib.util.find_spec(library)
-    except ImportError:
-        found = None
-    return None if found else f"cannot import module {library!r} for model {source!r}"
+        return importlib.util.find_spec(name) is not None
+    except (ImportError, ValueError, AttributeError):  # a parent that is not a package; an entry of None in sys.modules
+        return False
 
 
 def import_timm() -> ModuleType:
