@@ -31,7 +31,7 @@ from condconv_bench.flops import AnalyticMacs, mixing_macs
 from condconv_bench.layer import CondConvBase
 from condconv_bench.models import sources
 from condconv_bench.registry import get_impl
-from condconv_bench.same_padding import SamePadCondConv2d, same_padding
+from condconv_bench.same_padding import SamePadCondConv2d
 from condconv_bench.spec import LayerSpec, Pair
 from condconv_bench.workload import Workload
 
