@@ -67,6 +67,20 @@ def test_the_report_has_a_section_per_model(tiny_run) -> None:
     assert "grouped_conv / floor" in headers and "auto / floor" in headers
 
 
+def test_compare_baseline_and_gate_take_model_rows(tiny_run, tmp_path) -> None:
+    from click.testing import CliRunner
+
+    from condconv_bench.cli import main
+
+    path, _ = tiny_run
+    compared = CliRunner().invoke(main, ["compare", str(path), str(path)])
+    assert compared.exit_code == 0 and "within ±5% in 10/10" in compared.output, compared.output
+    baseline = tmp_path / "models.json"
+    assert CliRunner().invoke(main, ["baseline", "save", str(path), "-o", str(baseline)]).exit_code == 0
+    gated = CliRunner().invoke(main, ["gate", str(path), "--baseline", str(baseline), "--no-latency"])
+    assert gated.exit_code == 0 and "PASS: 12 cases" in gated.output, gated.output
+
+
 def test_a_timm_model_probes_exactly_at_a_small_size() -> None:
     workload = ModelWorkload("timm:efficientnet_cc_b0_4e", (64, 64), "timm:efficientnet_b0")
     assert len(workload.layer_specs()) == 24 and workload.output_shape(2) == (2, 1000)
