@@ -13,14 +13,16 @@ from __future__ import annotations
 import copy as copying
 from dataclasses import dataclass
 from pathlib import Path
-from typing import NamedTuple
+from typing import TYPE_CHECKING, NamedTuple
 
 from torch import nn
 
 from condconv_bench.adapters import LayerAdapter, NotExact, Target, adapters
-from condconv_bench.dispatch import DispatchTable
 from condconv_bench.errors import UnmappableLayerError
 from condconv_bench.spec import LayerSpec
+
+if TYPE_CHECKING:  # the layer module knows where the dispatch table lives
+    from condconv_bench.modules import DispatchTable
 
 
 @dataclass(frozen=True)

@@ -17,13 +17,15 @@ import pkgutil
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
 from pathlib import Path
-from typing import ClassVar
+from typing import TYPE_CHECKING, ClassVar
 
 from torch import nn
 
-from condconv_bench.dispatch import DispatchTable
 from condconv_bench.errors import DuplicateImplError, UnknownImplError
 from condconv_bench.spec import LayerSpec
+
+if TYPE_CHECKING:  # the layer module knows where the dispatch table lives
+    from condconv_bench.modules import DispatchTable
 
 ENTRY_POINT_GROUP = "condconv_bench.adapters"
 
