@@ -18,6 +18,7 @@ _HOMES = {
     "CondConvBase": "condconv_bench.layer",
     "CondConvBenchError": "condconv_bench.errors",
     "DispatchTable": "condconv_bench.dispatch.table",
+    "convert": "condconv_bench.conversion",
     "LayerSpec": "condconv_bench.spec",
     "create_impl": "condconv_bench.registry",
     "get_impl": "condconv_bench.registry",
@@ -31,6 +32,7 @@ _HOMES = {
 __all__ = sorted([*_HOMES, "__version__"])
 
 if TYPE_CHECKING:
+    from condconv_bench.conversion import convert
     from condconv_bench.dispatch.table import DispatchTable
     from condconv_bench.errors import CondConvBenchError
     from condconv_bench.layer import CondConvBase

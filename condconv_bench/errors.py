@@ -71,6 +71,14 @@ class ImplUnavailableError(CondConvBenchError):
     """An implementation that cannot run here (no compiler, unsupported device); not a bug."""
 
 
+class UnmappableLayerError(CondConvBenchError):
+    """`convert()` met a CondConv layer it cannot replace exactly; it is refused, never approximated."""
+
+
+class ModelError(CondConvBenchError):
+    """A model a suite names cannot be built: an unknown name, a callable that fails, or its library missing."""
+
+
 class DeviceUnavailableError(CondConvBenchError):
     """A device asked for on the command line that this machine does not have."""
 

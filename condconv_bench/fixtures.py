@@ -58,9 +58,7 @@ def layer_state(case: Case, seed: int) -> dict[str, torch.Tensor]:
 
 def build_module(case: Case, cls: type[nn.Module], state: dict[str, torch.Tensor], device: torch.device) -> nn.Module:
     """The case's implementation with the layer's parameters, on its device and dtype, in its mode."""
-    module = case.workload.build(cls)
-    module.load_state_dict(state)
-    return module.to(device=device, dtype=case.torch_dtype).train(case.mode == "training")
+    return case.workload.instantiate(cls, state).to(device=device, dtype=case.torch_dtype).train(case.mode == "training")
 
 
 def step_function(module: nn.Module, x: torch.Tensor, inputs: GroupInputs, mode: str) -> Callable[[], Any]:

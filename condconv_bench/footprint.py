@@ -33,10 +33,9 @@ REFERENCE_ITEMSIZE = 8  # the float64 oracle
 
 def _elements(case: Case, unfolds: bool) -> int:
     workload, batch = case.workload, case.batch_size
-    input_shape = workload.input_shape(batch)
-    spatial = math.prod(input_shape[2:]) if len(input_shape) == 4 else 1
-    total = math.prod(input_shape) + math.prod(workload.output_shape(batch))
-    for spec in workload.layer_specs():
+    total = math.prod(workload.input_shape(batch)) + math.prod(workload.output_shape(batch))
+    for spec, input_size in workload.layer_inputs():
+        spatial = math.prod(input_size)
         e_fold = 2 * spec.num_experts * batch * max(spec.in_channels, spec.out_channels) * spatial
         unfold = batch * spec.in_channels * math.prod(spec.kernel_size) * spatial if unfolds and spec.kind == "conv2d" else 0
         total += (spec.num_experts + 2 * batch) * spec.kernel_numel + max(e_fold, unfold)

@@ -45,7 +45,6 @@ from condconv_bench.measure.pool import WorkerPool
 from condconv_bench.measure.protocol import Visit
 from condconv_bench.measure.ratios import Interval
 from condconv_bench.profile import record_profile
-from condconv_bench.registry import get_impl
 from condconv_bench.results import SCHEMA_VERSION, RunDirectory, writer_lock
 from condconv_bench.suite import Suite, load_suite
 from condconv_bench.timing import Timing
@@ -148,8 +147,8 @@ def skip_reason(cls: type[CondConvBase], case: Case, device: torch.device) -> st
     """Why `case` cannot run here (no such device, implementation unavailable, layer unsupported,
     more memory than is available), or None."""
     unsupported = (cls.unsupported_reason(spec, device, case.torch_dtype) for spec in case.workload.layer_specs())
-    return (device_unavailable_reason(device) or cls.unavailable_reason() or next(filter(None, unsupported), None)
-            or memory_reason(case, device))
+    return (device_unavailable_reason(device) or case.workload.unavailable_reason() or cls.unavailable_reason()
+            or next(filter(None, unsupported), None) or memory_reason(case, device))
 
 
 def _role(cls: type[CondConvBase]) -> str:
@@ -261,7 +260,7 @@ def _probe(case: Case, cls: type[CondConvBase], device: torch.device, ctx: _Grou
         reference = ctx.reference(workload, module)
         row.update(equivalence.check_equivalence(module, x, inputs.routing_weights, inputs.grad_output, reference).columns())
     analytic = workload.analytic_macs(module, case.batch_size)
-    row.update(flops.count_flops(module.eager_module(), x, inputs.routing_weights, analytic).columns())
+    row.update(flops.count_flops(workload.eager_module(module), x, inputs.routing_weights, analytic).columns())
     work = workload.work(module, case.batch_size) if case.mode == "inference" else None
     if work is not None and ctx.ceilings is not None:
         row.update(limit_columns(work, ctx.ceilings))
@@ -279,7 +278,7 @@ def probe_case(case: Case, ctx: _GroupContext, traces_dir: Path | None = None) -
     row = _identity(case)
     started = time.perf_counter()
     device = torch.device(case.device)
-    cls = get_impl(case.impl)
+    cls = case.workload.impl_class(case.impl)
     row["role"] = _role(cls)
     profile_record = None
     reason = skip_reason(cls, case, device)
@@ -327,7 +326,7 @@ def _measurement(cases: list[Case], rows: dict[str, dict[str, Any]], suite: Suit
     timed = [case for case in cases if rows[case.id]["status"] == "ok"]
     if not timed:
         return None
-    classes = {case.id: get_impl(case.impl) for case in timed}
+    classes = {case.id: case.workload.impl_class(case.impl) for case in timed}
     roles = {case.id: rows[case.id]["role"] for case in timed}
     floor = next((case_id for case_id, role in roles.items() if role == "floor"), None)
     candidates = {c for c, role in roles.items() if role == "strategy" and rows[c].get("equivalent") is True}

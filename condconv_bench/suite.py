@@ -5,7 +5,8 @@ project can make: impossible layers (via `LayerSpec`), input sizes smaller than 
 implementation names the registry does not know. Every problem becomes one line naming the file
 and the key path, e.g. `suites/x.yaml: layers[3].groups: 5 does not divide in_channels 64`.
 
-Axes resolve per layer, then per device, then for the suite (the first that sets one wins).
+Axes resolve per layer, then per device, then for the suite (the first that sets one wins); a layer
+may name its own `devices` instead of the suite's.
 Cases are ordered so that one group — a layer, device, dtype, mode, batch size, memory format and
 thread count — runs all its implementations back to back: ratios to the `static` floor are then
 measured minutes apart at most, and the float64 oracle is computed once per group.
@@ -33,6 +34,8 @@ from condconv_bench.blocks import StackSpec, StageSpec
 from condconv_bench.spec import LayerSpec, as_pair
 from condconv_bench.gate.statistics import DEFAULT_ALPHA
 from condconv_bench.workload import LayerWorkload, StackWorkload, Workload
+
+MODEL_ONLY_IMPLS = ("as_shipped",)  # condconv_bench.models.workload.AS_SHIPPED, named here without importing it
 
 DType = Literal["float32", "bfloat16", "float16"]
 Mode = Literal["inference", "training"]
@@ -99,7 +102,7 @@ class StageEntry(_Model):
 class LayerFields(_Model):
     """The layer keys that `layer_defaults` may set for every layer."""
 
-    kind: Literal["conv2d", "linear", "stack"] = "conv2d"
+    kind: Literal["conv2d", "linear", "stack", "model"] = "conv2d"
     kernel_size: IntOrPair = 1
     stride: IntOrPair = 1
     padding: IntOrPair | None = None  # None: dilation·(k−1)/2, the "same" padding of MobileNet/EfficientNet
@@ -113,17 +116,20 @@ class LayerFields(_Model):
     input_size: IntOrPair | None = None
 
 
+class DeviceEntry(AxisOverrides):
+    name: StrictStr
+
+
 class LayerEntry(LayerFields, AxisOverrides):
     name: Annotated[StrictStr, Field(pattern=r"^[A-Za-z0-9_.\-]+$")]
-    in_channels: BoundedInt
+    in_channels: BoundedInt | None = None  # required by every kind but model (default 3 there)
+    model: StrictStr | None = None  # kind model only: timm:<name> or package.module:callable
+    floor: StrictStr | None = None  # kind model only: the same network without CondConv
     out_channels: BoundedInt | None = None  # every kind but stack
     stages: list[StageEntry] | None = Field(default=None, min_length=1)  # kind stack only
     count: PositiveInt = 1  # occurrences in the network it comes from (for network-level totals)
     impls: list[StrictStr] | None = Field(default=None, min_length=1)
-
-
-class DeviceEntry(AxisOverrides):
-    name: StrictStr
+    devices: list[StrictStr | DeviceEntry] | None = Field(default=None, min_length=1)  # instead of the suite's
 
 
 class SuiteModel(_Model):
@@ -175,7 +181,7 @@ class Suite:
         """The full grid, in run order (see the module docstring)."""
         cases = []
         for layer in self.layers:
-            for device_entry in self.model.devices:
+            for device_entry in layer.entry.devices or self.model.devices:
                 device, device_overrides = _device_entry(device_entry)
                 threads = self.model.threads or [torch.get_num_threads()]
                 if device != "cpu":
@@ -262,6 +268,46 @@ def _schema_problems(exc: ValidationError, data: Any, prefix: str = "") -> list[
     return [f"{path}: {' or '.join(texts)}" for path, texts in merged.items()]
 
 
+def _model(entry: LayerEntry) -> Workload:
+    """A `kind: model` entry; its model is not built here (its library may be missing: the cases then skip)."""
+    from condconv_bench.errors import ModelError
+    from condconv_bench.models import sources
+    from condconv_bench.models.workload import ModelWorkload
+
+    if entry.model is None:
+        raise SpecError("model", "a model entry needs model: timm:<model name> or package.module:callable")
+    if entry.input_size is None:
+        raise SpecError("input_size", "a model needs input_size (an integer or [height, width])")
+    for name in ("out_channels", "stages", "kernel_size", "stride", "padding", "dilation", "groups", "bias",
+                 "experts", "routing", "temperature", "routing_weights"):
+        if name in entry.model_fields_set:
+            raise SpecError(name, "a model takes its layers from the model itself")
+    for name in ("model", "floor"):
+        value = getattr(entry, name)
+        if value is not None:
+            try:
+                sources.split(value)
+            except ModelError as exc:
+                raise SpecError(name, str(exc)) from None
+    return ModelWorkload(entry.model, as_pair("input_size", entry.input_size), entry.floor,
+                         3 if entry.in_channels is None else entry.in_channels)
+
+
+def _check_model_impls(names: list[str], entry: LayerEntry, path: str) -> list[str]:
+    """What a model case can run: as_shipped, the floor (static, with a floor model), or what convert() takes."""
+    from condconv_bench.registry import dispatchable_impls
+
+    convertible = ("auto", "autotune", *dispatchable_impls())
+    problems = []
+    for index, name in enumerate(names):
+        if name == "static" and entry.floor is None:
+            problems.append(f"{path}[{index}]: static is a model's floor; set floor: (the network without CondConv)")
+        elif name not in (*MODEL_ONLY_IMPLS, "static", *convertible):
+            problems.append(f"{path}[{index}]: {name!r} cannot run a model: expected as_shipped, static, "
+                            f"or a strategy convert() takes ({', '.join(convertible)})")
+    return problems
+
+
 def _stack(entry: LayerEntry) -> StackWorkload:
     if entry.stages is None:
         raise SpecError("stages", "a stack needs stages (out_channels, kernel_size, stride, expand_ratio, se_ratio, repeats)")
@@ -304,7 +350,13 @@ def _layer_workload(entry: LayerEntry) -> LayerWorkload:
 
 def _layer(entry: LayerEntry, path: str) -> Layer:
     try:
-        workload = _stack(entry) if entry.kind == "stack" else _layer_workload(entry)
+        if entry.kind != "model":
+            for name in ("model", "floor"):
+                if name in entry.model_fields_set:
+                    raise SpecError(name, "only a model entry (kind: model) names a model")
+            if entry.in_channels is None:
+                raise SpecError("in_channels", "required key is missing")
+        workload = {"stack": _stack, "model": _model}.get(entry.kind, _layer_workload)(entry)
     except SpecError as exc:
         field = {"num_experts": "experts"}.get(exc.field, exc.field)
         raise SuiteError([f"{path}.{field}: {exc.message}"]) from None
@@ -353,17 +405,27 @@ def parse_suite(data: Any, source: Path, resolve_impl: Callable[[str], object] =
         except SuiteError as exc:
             problems += [f"{label}: {p}" for p in exc.problems]
             continue
-        if entry.impls:
+        if entry.kind == "model":
+            where = f"{path}.impls" if entry.impls else "impls"
+            problems += [f"{label}: {p}" for p in _check_model_impls(entry.impls or model.impls, entry, where)]
+        elif entry.impls:
             problems += [f"{label}: {p}" for p in _check_impls(entry.impls, f"{path}.impls", resolve_impl)]
     names = [layer.name for layer in layers]
     for name in sorted({n for n in names if names.count(n) > 1}):
         problems.append(f"{label}: layers: the name {name!r} is used by more than one layer")
-    problems += [f"{label}: {p}" for p in _check_impls(model.impls, "impls", resolve_impl)]
-    for index, entry in enumerate(model.devices):
-        device, _ = _device_entry(entry)
-        if not DEVICE_PATTERN.match(device):
-            where = f"devices[{index}]" + ("" if isinstance(entry, str) else ".name")
-            problems.append(f"{label}: {where}: {device!r} is not a device (expected cpu, cuda, cuda:N or mps)")
+    resolve_top = lambda name: None if name in MODEL_ONLY_IMPLS else resolve_impl(name)  # noqa: E731
+    problems += [f"{label}: {p}" for p in _check_impls(model.impls, "impls", resolve_top)]
+    for layer in layers:
+        if layer.entry.kind != "model" and not layer.entry.impls and set(MODEL_ONLY_IMPLS) & set(model.impls):
+            problems.append(f"{label}: impls: {', '.join(MODEL_ONLY_IMPLS)} runs only model entries, and {layer.name} is a {layer.entry.kind}")
+    device_lists = [("devices", model.devices)]
+    device_lists += [(f"layers[{i}].devices", layer.entry.devices) for i, layer in enumerate(layers) if layer.entry.devices]
+    for prefix, devices in device_lists:
+        for index, entry in enumerate(devices):
+            device, _ = _device_entry(entry)
+            if not DEVICE_PATTERN.match(device):
+                where = f"{prefix}[{index}]" + ("" if isinstance(entry, str) else ".name")
+                problems.append(f"{label}: {where}: {device!r} is not a device (expected cpu, cuda, cuda:N or mps)")
     if problems:
         raise SuiteError(problems)
     digest = hashlib.sha256(yaml.safe_dump(data, sort_keys=True).encode()).hexdigest()

@@ -55,6 +55,29 @@ class Workload(ABC):
     def initial_state(self, generator: torch.Generator) -> dict[str, torch.Tensor]:
         """The shared parameter set every implementation loads."""
 
+    def instantiate(self, impl: type[CondConvBase], state: dict[str, torch.Tensor]) -> nn.Module:
+        """The module for `impl` with the shared parameters `state` loaded."""
+        module = self.build(impl)
+        module.load_state_dict(state)
+        return module
+
+    def impl_class(self, name: str) -> type[CondConvBase]:
+        """The class a case's implementation name stands for (a model workload adds `as_shipped`)."""
+        return get_impl(name)
+
+    def unavailable_reason(self) -> str | None:
+        """Why no case of this workload can run here (e.g. its model's library is missing), or None."""
+        return None
+
+    def eager_module(self, module: nn.Module) -> nn.Module:
+        """What the FLOP counters trace for `module` (built by `build`)."""
+        return module.eager_module()
+
+    def layer_inputs(self) -> list[tuple[LayerSpec, Pair]]:
+        """Each CondConv layer with the spatial size of its input, for the memory estimate."""
+        size = tuple(self.input_shape(1)[2:]) or (1, 1)
+        return [(spec, size) for spec in self.layer_specs()]  # type: ignore[misc]
+
     @abstractmethod
     def analytic_macs(self, module: nn.Module, batch_size: int) -> AnalyticMacs:
         """The cost model of the strategy `module` runs (built by `build`)."""

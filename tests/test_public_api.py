@@ -26,3 +26,15 @@ def test_the_layer_imports_without_the_harness() -> None:
     )
     loaded = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.split()
     assert loaded == [], f"importing and running the layer loaded {loaded}"
+
+
+def test_convert_imports_without_the_harness_or_timm() -> None:
+    """convert() recognises timm's layers by class and attributes: converting a model imports no model library."""
+    code = (
+        "import sys, torch; from condconv_bench import CondConv2d, convert; "
+        "model = torch.nn.Sequential(CondConv2d(8, 16, 1, num_experts=4, strategy='grouped_conv')); "
+        "model, replaced = convert(model, 'batched_matmul'); model(torch.randn(2, 8, 5, 5)); assert len(replaced) == 1; "
+        f"print(' '.join(m for m in {(*NOT_FOR_THE_LAYER, 'timm', 'torchvision')!r} if m in sys.modules))"
+    )
+    loaded = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.split()
+    assert loaded == [], f"importing and running convert loaded {loaded}"

@@ -23,6 +23,7 @@ from condconv_bench.atomic import write_bytes_atomically, write_text_atomically
 from condconv_bench import formatting
 from condconv_bench.limits import Ceilings
 from condconv_bench.report import plots, tables
+from condconv_bench.report.models import ModelTable, model_tables
 from condconv_bench.report.runs import LoadedRun, comparison_summary, cross_run
 
 
@@ -58,6 +59,7 @@ class RunSection:
     not_measured: pd.DataFrame
     compile_times: pd.DataFrame
     profiles: list[dict[str, Any]] = field(default_factory=list)
+    models: list[ModelTable] = field(default_factory=list)
 
 
 def _slug(text: str) -> str:
@@ -122,6 +124,7 @@ def build_section(run: LoadedRun, plots_dir: Path, report_dir: Path, prefix: str
         not_measured=tables.not_measured(frame),
         compile_times=tables.compile_times(frame),
         profiles=_profiles(run, report_dir),
+        models=model_tables(frame),
     )
 
 

@@ -7,6 +7,7 @@ import pandas as pd
 from condconv_bench.environment import hardware_label
 from condconv_bench import formatting
 from condconv_bench.report import tables
+from condconv_bench.report.models import ModelTable, model_tables
 from condconv_bench.report.runs import LoadedRun, comparison_summary, cross_run
 
 
@@ -37,6 +38,7 @@ def render_markdown(runs: list[LoadedRun]) -> str:
             **({"geomean vs limit": summary["geomean_vs_limit"].map(formatting.ratio)} if summary["geomean_vs_limit"].notna().any() else {}),
             "within 5% of fastest": summary["within_5pct"].astype(int),
         })))
+        parts += [_model_table(model) for model in model_tables(frame)]
         failures = tables.equivalence_failures(frame)
         if not failures.empty:
             parts.append("**Equivalence failures:** " + ", ".join(f"`{c}`" for c in failures["case_id"]))
@@ -48,3 +50,17 @@ def render_markdown(runs: list[LoadedRun]) -> str:
         ratios.columns = [f"{v} / {variants[0]}" for v in variants[1:]]
         parts.append(formatting.markdown_table(pd.concat([summary[["impl", "cases"]].rename(columns={"impl": "implementation"}), ratios], axis=1)))
     return "\n\n".join(parts) + "\n"
+
+
+def _model_table(model: ModelTable) -> str:
+    """A model's ratios to its floor per batch size, as the README's "Speed up your model" shows them."""
+    rows = model.rows
+    shown = pd.DataFrame({"batch": rows["batch_size"]})
+    if "floor_latency_s" in rows:
+        shown["floor"] = rows["floor_latency_s"].map(formatting.seconds)
+    for column in model.columns:
+        if f"{column} low" in rows:
+            shown[column] = [formatting.interval(*v) for v in rows[[column, f"{column} low", f"{column} high"]].itertuples(index=False)]
+        else:
+            shown[column] = rows[column].map(formatting.ratio)
+    return f"### {model.description} — {model.context}\n\n" + formatting.markdown_table(shown)

@@ -1,0 +1,141 @@
+"""Whole-model workloads: a suite with a model runs end to end; timm models probe exactly; a missing library skips."""
+
+from __future__ import annotations
+
+import sys
+
+import pytest
+import yaml
+
+from condconv_bench.case import Case
+from condconv_bench.errors import SuiteError
+from condconv_bench.models.workload import ModelWorkload
+from condconv_bench.runner import _GroupContext, probe_case, run_suite
+from condconv_bench.suite import load_suite
+
+TINY = {
+    "name": "tiny-model",
+    "impls": ["as_shipped", "static", "grouped_conv", "batched_matmul", "auto", "autotune"],
+    "batch_sizes": [2],
+    "modes": ["inference", "training"],
+    "threads": [1],
+    "timing": {"processes": 1, "rounds": 2, "block_time": 0.001, "warmup": 0, "budget": 0.1},
+    "layers": [{"name": "tiny", "kind": "model", "model": "tiny_models:tiny_condconv_net",
+                "floor": "tiny_models:tiny_floor_net", "input_size": 15}],
+}
+
+
+def write_suite(tmp_path, suite: dict) -> str:
+    path = tmp_path / "suite.yaml"
+    path.write_text(yaml.safe_dump(suite))
+    return str(path)
+
+
+@pytest.fixture(scope="module")
+def tiny_run(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("model")
+    outcome = run_suite(write_suite(folder, TINY), folder / "run")
+    return outcome.run.path, outcome.run.results()
+
+
+def test_a_model_suite_runs_every_case_through_the_runner(tiny_run) -> None:
+    _, rows = tiny_run
+    assert (rows["status"] == "ok").all(), rows[["case_id", "reason"]]
+    assert set(rows["kind"]) == {"model"} and len(rows) == 12
+    roles = rows.drop_duplicates("impl").set_index("impl")["role"]
+    assert roles["static"] == "floor" and roles["as_shipped"] == "strategy" and roles["auto"] == "dispatcher"
+    converted = rows[rows["impl"] != "static"]
+    assert converted["equivalent"].all(), converted[["case_id", "max_rel_error", "worst_tensor"]]
+    assert converted["vs_floor"].notna().all() and rows["flops_agree"].all(), rows[["case_id", "flops_problems"]]
+    floor = rows[rows["impl"] == "static"].iloc[0]
+    condconv = rows[rows["impl"] == "grouped_conv"].iloc[0]
+    assert floor["macs_analytic_mixing"] == 0 < condconv["macs_analytic_mixing"]
+    assert condconv["dispatched"] == "grouped_conv×2" and rows.loc[rows["impl"] == "batched_matmul", "kernel_bytes"].gt(0).all()
+
+
+def test_the_report_has_a_section_per_model(tiny_run) -> None:
+    from bs4 import BeautifulSoup
+
+    from condconv_bench.report import write_report
+
+    path, _ = tiny_run
+    soup = BeautifulSoup(write_report([path], path / "report.html").read_text(), "html.parser")
+    section = soup.find(id="model-1-tiny")
+    assert section is not None, "no section for the model"
+    headers = [th.get_text(" ", strip=True) for th in section.find_all("th")]
+    assert "as shipped / floor" in headers and "as shipped / autotune" in headers
+    assert "grouped_conv / floor" in headers and "auto / floor" in headers
+
+
+def test_compare_baseline_and_gate_take_model_rows(tiny_run, tmp_path) -> None:
+    from click.testing import CliRunner
+
+    from condconv_bench.cli import main
+
+    path, _ = tiny_run
+    compared = CliRunner().invoke(main, ["compare", str(path), str(path)])
+    assert compared.exit_code == 0 and "within ±5% in 10/10" in compared.output, compared.output
+    baseline = tmp_path / "models.json"
+    assert CliRunner().invoke(main, ["baseline", "save", str(path), "-o", str(baseline)]).exit_code == 0
+    gated = CliRunner().invoke(main, ["gate", str(path), "--baseline", str(baseline), "--no-latency"])
+    assert gated.exit_code == 0 and "PASS: 12 cases" in gated.output, gated.output
+
+
+def test_a_timm_model_probes_exactly_at_a_small_size() -> None:
+    workload = ModelWorkload("timm:efficientnet_cc_b0_4e", (64, 64), "timm:efficientnet_b0")
+    assert len(workload.layer_specs()) == 24 and workload.output_shape(2) == (2, 1000)
+    ctx = None
+    rows = {}
+    for impl in ("as_shipped", "static", "pixel_major_matmul"):
+        case = Case("cc_b0_4e", workload, impl, 2, "cpu", "float32", "inference", 2, "contiguous")
+        ctx = ctx or _GroupContext(case, 0)
+        rows[impl], _ = probe_case(case, ctx)
+    assert all(row["status"] == "ok" for row in rows.values()), rows
+    assert rows["pixel_major_matmul"]["equivalent"] and rows["pixel_major_matmul"]["max_rel_error"] < 1e-4
+    assert all(row["flops_agree"] for row in rows.values()), [row["flops_problems"] for row in rows.values()]
+    shipped, floor = rows["as_shipped"], rows["static"]
+    assert shipped["macs_analytic_mixing"] > 0 == floor["macs_analytic_mixing"] and shipped["macs_fvcore"] > floor["macs_fvcore"]
+
+
+def test_without_timm_a_model_case_is_skipped_with_the_install_line(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setitem(sys.modules, "timm", None)  # what `import timm` meets when timm is not installed
+    case = Case("cc", ModelWorkload("timm:efficientnet_cc_b0_4e", (64, 64)), "grouped_conv", 1, "cpu", "float32",
+                "inference", 1, "contiguous")
+    row, _ = probe_case(case, _GroupContext(case, 0))
+    assert row["status"] == "skipped"
+    assert 'pip install "condconv-bench[models]"' in row["reason"] and "torchvision" in row["reason"]
+
+
+@pytest.mark.parametrize(("change", "expected"), [
+    ({"model": None}, "layers[0].model: a model entry needs model"),
+    ({"floor": None}, "impls[1]: static is a model's floor"),
+    ({"model": "efficientnet_b0"}, "layers[0].model: model 'efficientnet_b0': expected timm:<model name>"),
+    ({"kernel_size": 3}, "layers[0].kernel_size: a model takes its layers from the model itself"),
+    ({"impls": ["as_shipped", "compiled"]}, "layers[0].impls[1]: 'compiled' cannot run a model"),
+])
+def test_bad_model_entries_are_one_line_naming_file_and_key(tmp_path, change: dict, expected: str) -> None:
+    entry = {k: v for k, v in {**TINY["layers"][0], **change}.items() if v is not None}
+    path = write_suite(tmp_path, {**TINY, "layers": [entry]})
+    with pytest.raises(SuiteError) as caught:
+        load_suite(path)
+    assert any(problem == f"{path}: {expected}" or problem.startswith(f"{path}: {expected}") for problem in caught.value.problems), caught.value.problems
+
+
+def test_as_shipped_runs_only_model_entries(tmp_path) -> None:
+    layer = {"name": "pw", "in_channels": 8, "out_channels": 8, "input_size": 5}
+    path = write_suite(tmp_path, {**TINY, "layers": [layer]})
+    with pytest.raises(SuiteError, match="as_shipped runs only model entries"):
+        load_suite(path)
+
+
+def test_the_shipped_models_suite_validates_without_building_a_model() -> None:
+    suite = load_suite("models")
+    models = {layer.workload.source: layer.workload.floor for layer in suite.layers}
+    assert models == {
+        "timm:efficientnet_cc_b0_4e": "timm:efficientnet_b0", "timm:efficientnet_cc_b0_8e": "timm:efficientnet_b0",
+        "timm:efficientnet_cc_b1_8e": "timm:efficientnet_b1", "timm:tf_efficientnet_cc_b0_8e": "timm:tf_efficientnet_b0",
+    }
+    cpu = {(c.mode, c.batch_size) for c in suite.cases() if c.device == "cpu"}
+    cuda = {(c.dtype, c.batch_size) for c in suite.cases() if c.device == "cuda"}
+    assert {b for _, b in cpu} == {1, 8, 32} and {m for m, _ in cpu} == {"inference", "training"}
+    assert cuda == {(d, b) for d in ("float32", "bfloat16") for b in (64, 256)}
