@@ -42,7 +42,7 @@ from condconv_bench.runner import CaseFilter, Shard, default_output, run_suite
 from condconv_bench.case import Case
 from condconv_bench.gate.statistics import DEFAULT_ALPHA
 from condconv_bench.suite import GateSettings, load_suite, shipped_suites
-from condconv_bench.tune import tune
+from condconv_bench.tune import tune, tune_model
 
 
 _show_warning = warnings.showwarning
@@ -406,6 +406,31 @@ def gate(run_dirs: tuple[Path, ...], against: str | None, baseline_path: Path | 
     result = run_gate(list(run_dirs), baseline_path, _gate_settings(run_dirs[0], overrides), fail_on_improvement, latency=not no_latency)
     click.echo(_render(result.comparison, fmt, everything, list(result.failures)))
     sys.exit(result.exit_code)
+
+
+@main.command("tune-model")
+@click.argument("model")
+@click.option("--batch-size", "batch_sizes", multiple=True, type=int, required=True, help="A batch size the model will serve (repeatable).")
+@click.option("--input-size", type=int, default=224, show_default=True, help="Height and width of its input images.")
+@click.option("--in-channels", type=int, default=3, show_default=True, help="Channels of its input images.")
+@click.option("--mode", "modes", multiple=True, type=click.Choice(["inference", "training"]), help="Inference, training, or both (repeatable) [inference].")
+@click.option("--budget", type=float, help="Tuning budget per layer signature, seconds [autotune's default].")
+def tune_model_command(model: str, batch_sizes: tuple[int, ...], input_size: int, in_channels: int, modes: tuple[str, ...],
+                       budget: float | None) -> None:
+    """Autotune MODEL's CondConv layers here, into this machine's autotune cache.
+
+    MODEL is timm:NAME or package.module:callable. One first call per mode and batch size, in this
+    process: the cache file then holds every layer signature the model meets, for machines with
+    this fingerprint (and torch build) to ship with the model; each still confirms what it reads.
+    """
+    if any(b < 1 for b in batch_sizes) or input_size < 1 or in_channels < 1 or (budget is not None and budget <= 0):
+        raise CondConvBenchError("tune-model: --batch-size, --input-size, --in-channels and --budget must be positive")
+    layers, calls, cache = tune_model(model, batch_sizes, input_size, modes or ("inference",), budget, in_channels)
+    click.echo(f"{model}: {layers} CondConv layers converted to autotune")
+    for call in calls:
+        click.echo(f"  {call.mode:<9} batch {call.batch_size:>4}: first call {call.seconds:6.2f} s, "
+                   f"{call.measured} signatures tuned, {call.confirmed} confirmed from the cache")
+    click.echo(f"autotune cache: {cache}")
 
 
 @main.command("tune")

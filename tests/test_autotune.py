@@ -395,3 +395,24 @@ def test_strategies_with_several_times_the_work_are_not_measured_on_convs_but_ar
     assert {"naive_moe", "stacked_moe"}.isdisjoint(conv) and {"grouped_conv", "pixel_major_matmul"} <= set(conv)
     linear = tuning.cheap_enough(strategies, LayerSpec("linear", 1280, 1000, 8), 8, (1, 1))
     assert "stacked_moe" in linear  # E·P MACs, as much as mixing the kernels: the classifier's fastest
+
+
+def test_tune_model_fills_the_cache_a_fleet_ships_and_the_next_process_confirms_it(monkeypatch) -> None:
+    from click.testing import CliRunner
+
+    from condconv_bench.cli import main
+
+    result = CliRunner().invoke(main, ["tune-model", "tiny_models:tiny_condconv_net", "--batch-size", "1", "--batch-size", "2",
+                                       "--input-size", "15", "--budget", "0.02"])
+    assert result.exit_code == 0, result.output
+    assert result.output.count("2 signatures tuned, 0 confirmed") == 2  # its two CondConv layers, at each batch size
+    entries = json.loads(cache.cache_path().read_text())["entries"]
+    assert {e["batch_size"] for e in entries} == {1, 2} and all(e["mode"] == "inference" for e in entries)
+    fresh_process_cache()  # another machine of the fleet, with the shipped file
+    monkeypatch.setattr(tuning, "measure", lambda *a, **k: pytest.fail("tuned afresh although the shipped cache holds the signature"))
+    again = CliRunner().invoke(main, ["tune-model", "tiny_models:tiny_condconv_net", "--batch-size", "1", "--input-size", "15",
+                                      "--budget", "0.02"])
+    assert again.exit_code == 0 and "0 signatures tuned, 2 confirmed" in again.output, again.output
+    off = CliRunner().invoke(main, ["tune-model", "tiny_models:tiny_condconv_net", "--batch-size", "1"],
+                             env={cache.CACHE_VARIABLE: "off"})
+    assert off.exit_code == 2 and "cache is off" in off.output
