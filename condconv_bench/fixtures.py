@@ -17,6 +17,8 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import nn
 
+from condconv_bench.dispatch.cache import forget_this_process
+
 if TYPE_CHECKING:
     from condconv_bench.case import Case
 
@@ -57,7 +59,13 @@ def layer_state(case: Case, seed: int) -> dict[str, torch.Tensor]:
 
 
 def build_module(case: Case, cls: type[nn.Module], state: dict[str, torch.Tensor], device: torch.device) -> nn.Module:
-    """The case's implementation with the layer's parameters, on its device and dtype, in its mode."""
+    """The case's implementation with the layer's parameters, on its device and dtype, in its mode.
+
+    What autotuning measured in this process before is forgotten first: an `autotune` case's
+    first call then costs what it costs a fresh process, whatever cases of the same layer
+    signatures this process built before (the runs' processes have no cache file to read).
+    """
+    forget_this_process()
     return case.workload.instantiate(cls, state).to(device=device, dtype=case.torch_dtype).train(case.mode == "training")
 
 

@@ -113,6 +113,11 @@ def _cache_for(path: Path | None) -> MachineCache:
     return MachineCache(path)
 
 
+def forget_this_process() -> None:
+    """Drop what this process measured and read; the next lookup starts from the file alone."""
+    _cache_for.cache_clear()
+
+
 def machine_cache() -> MachineCache:
     """The process-wide cache of the file `cache_path()` names now."""
     return _cache_for(cache_path())
