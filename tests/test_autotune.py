@@ -416,3 +416,29 @@ def test_tune_model_fills_the_cache_a_fleet_ships_and_the_next_process_confirms_
     off = CliRunner().invoke(main, ["tune-model", "tiny_models:tiny_condconv_net", "--batch-size", "1"],
                              env={cache.CACHE_VARIABLE: "off"})
     assert off.exit_code == 2 and "cache is off" in off.output
+
+
+@pytest.mark.parametrize(("costs", "expected"), [
+    ({"quick": 1e-3, "slow": 1.5e-3}, "quick"),  # clearly slower: settled
+    ({"b_first": 1.0e-3, "a_second": 1.005e-3}, "a_second"),  # clearly tied: settled, the first by name
+])
+def test_rounds_stop_once_they_have_settled_the_answer(monkeypatch, costs, expected) -> None:
+    clock = FakeClock()
+    only(monkeypatch, costing(clock, costs))
+    monkeypatch.setattr(tuning, "default_clock", clock)
+    layer = CondConv2d(8, 16, 1, num_experts=4, strategy="autotune", tuning_budget_s=0.5)
+    with torch.no_grad():
+        layer(torch.randn(2, 8, 5, 5))
+    assert layer.last_strategy == expected
+    assert layer.last_tuning.rounds <= tuning.SETTLE_ROUNDS and layer.last_tuning.seconds < 0.1  # far inside the budget
+
+
+def test_rounds_go_on_while_the_answer_is_open(monkeypatch) -> None:
+    clock = FakeClock()
+    draws = random.Random(3)
+    only(monkeypatch, costing(clock, {"one": lambda: draws.uniform(0.85e-3, 1.15e-3), "two": lambda: draws.uniform(0.85e-3, 1.15e-3)}))
+    monkeypatch.setattr(tuning, "default_clock", clock)
+    layer = CondConv2d(8, 16, 1, num_experts=4, strategy="autotune", tuning_budget_s=0.2)
+    with torch.no_grad():
+        layer(torch.randn(2, 8, 5, 5))
+    assert layer.last_tuning.rounds > tuning.SETTLE_ROUNDS and layer.last_tuning.seconds > 0.1  # the budget, spent

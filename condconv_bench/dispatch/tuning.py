@@ -18,7 +18,9 @@ within a budget (`DEFAULT_BUDGET_S` per signature, ended by `BUDGET_SLACK`× it 
 - the rest are timed in interleaved rounds of ~`BLOCK_S` blocks in a fixed-seed shuffled order
   (drift lands on all of them alike); after the first round those over `ROUND_PRUNE_FACTOR`× the
   best median drop, from round `MIN_ROUNDS` on those over `PRUNE_FACTOR`×, and the finalists get
-  rounds while the next one ends within the budget; one of the first `MIN_ROUNDS` that would
+  rounds while the next one ends within the budget, until `SETTLE_ROUNDS` or more rounds have settled the
+  answer (`_settled`: each rival clearly slower than the best in three rounds of four, or clearly tied
+  with it); one of the first `MIN_ROUNDS` that would
   overrun the deadline first drops the slowest contenders (down to two), else is not started;
   candidates not reached when the first calls of two or more have spent the budget are skipped;
 - every strategy within `TIE_TOLERANCE` of the fastest median is tied, and the choice among the
@@ -68,6 +70,7 @@ CONFIRM_SHARE = 0.2
 BLOCK_S = 0.002
 WARM_BELOW_S = 0.02  # a block of calls shorter than this starts with an untimed call (caches matter)
 MIN_ROUNDS = 3
+SETTLE_ROUNDS = 5  # the fewest rounds whose quartiles may settle the answer before the budget is spent
 MAX_ROUNDS = 200
 
 Forward = Callable[..., torch.Tensor]
@@ -196,6 +199,8 @@ def measure(layer: torch.nn.Module, x: torch.Tensor, routing_weights: torch.Tens
             rounds.append(_round(steps, estimate, contenders, rng, clock, sync))
             estimate.update(_medians(rounds, contenders))
             contenders = _within({k: estimate[k] for k in contenders}, PRUNE_FACTOR if len(rounds) >= MIN_ROUNDS else ROUND_PRUNE_FACTOR)
+            if len(rounds) >= SETTLE_ROUNDS and _settled(rounds, contenders, min(contenders, key=estimate.__getitem__)):
+                break
     medians = {key: estimate[key] for key in contenders}
     strategy, tied = pick(medians)
     rivals = tuple(sorted((k for k in estimate if k != strategy), key=estimate.__getitem__)[:RIVALS])
@@ -267,6 +272,24 @@ def _within(seconds: dict[str, float], factor: float) -> list[str]:
 
 def _medians(rounds: list[Round], keys: list[str]) -> dict[str, float]:
     return {key: statistics.median(r.per_call_s[key] for r in rounds if key in r.per_call_s) for key in keys}
+
+
+def _settled(rounds: list[Round], contenders: list[str], best: str) -> bool:
+    """Whether more rounds could not change the answer: round by round, every other contender is
+    clearly slower than `best` (its time over the best's above 1 + TIE_TOLERANCE in three rounds of
+    four) or clearly tied with it (within TIE_TOLERANCE either way, the middle half of the rounds)."""
+    for key in contenders:
+        if key == best:
+            continue
+        ratios = [r.per_call_s[key] / r.per_call_s[best] for r in rounds if key in r.per_call_s and best in r.per_call_s]
+        if len(ratios) < SETTLE_ROUNDS:
+            return False
+        low, _, high = statistics.quantiles(ratios, n=4, method="inclusive")
+        slower = low > 1 + TIE_TOLERANCE
+        tied = 1 - TIE_TOLERANCE < low and high < 1 + TIE_TOLERANCE
+        if not (slower or tied):
+            return False
+    return True
 
 
 def _spread(rounds: list[Round], key: str, rivals: tuple[str, ...]) -> float:
