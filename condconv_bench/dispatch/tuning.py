@@ -215,8 +215,9 @@ def measure(layer: torch.nn.Module, x: torch.Tensor, routing_weights: torch.Tens
 def confirm(layer: torch.nn.Module, x: torch.Tensor, routing_weights: torch.Tensor, cached: str, rivals: dict[str, type],
             candidates: dict[str, type], budget_s: float, clock: Clock | None = None) -> Tuning:
     """Race the `cached` choice against its recorded `rivals` on this call's input, at least
-    MIN_ROUNDS rounds and then until `budget_s`; the choice holds unless a rival is faster by more
-    than TIE_TOLERANCE, and then the fastest rival is the answer."""
+    MIN_ROUNDS rounds and then until `budget_s` or until the rounds have settled the answer; the
+    choice holds unless a rival is faster by more than TIE_TOLERANCE, and then the fastest rival
+    is the answer."""
     clock = clock or default_clock
     sync = _sync_for(x)
     racing = {cached: candidates[cached], **rivals}
@@ -231,6 +232,9 @@ def confirm(layer: torch.nn.Module, x: torch.Tensor, routing_weights: torch.Tens
         rng = random.Random(0)
         while len(rounds) < MIN_ROUNDS or (clock() - started < budget_s and len(rounds) < MAX_ROUNDS):
             rounds.append(_round(steps, estimate, list(racing), rng, clock, sync))
+            medians = _medians(rounds, list(racing))
+            if len(rounds) >= SETTLE_ROUNDS and _settled(rounds, list(racing), min(medians, key=medians.__getitem__)):
+                break
     medians = _medians(rounds, list(racing))
     best = min(medians.values())
     holds = medians[cached] <= best * (1 + TIE_TOLERANCE)
