@@ -70,10 +70,11 @@ def costing(clock: FakeClock, seconds: dict[str, float]) -> dict[str, type]:
     return {name: strategy(name) for name in seconds}
 
 
-def planted_entry(strategy: str, rivals: tuple[str, ...], x: torch.Tensor, spec: LayerSpec) -> None:
-    """A cache file holding `strategy` as this machine's choice for `x`, as an earlier process wrote it."""
+def planted_entry(strategy: str, rivals: tuple[str, ...], x: torch.Tensor, spec: LayerSpec, recorded_s: float = 1e-3) -> None:
+    """A cache file holding `strategy` as this machine's choice for `x`, as an earlier process wrote
+    it, with `recorded_s` as the strategy's measured time."""
     measured = query(x.shape[0], spec, tuple(x.shape[2:]))
-    DispatchTable([measured.entry(strategy, 1.3, "autotune", rivals, {strategy: 1e-3}, 0.01, 0.5)]).save(cache.cache_path())
+    DispatchTable([measured.entry(strategy, 1.3, "autotune", rivals, {strategy: recorded_s}, 0.01, 0.5)]).save(cache.cache_path())
     fresh_process_cache()
 
 
@@ -120,7 +121,7 @@ def test_a_cached_choice_now_twice_as_slow_is_replaced_within_the_confirmation_b
     monkeypatch.setattr(tuning, "default_clock", clock)
     spec = LayerSpec("conv2d", 8, 16, 4, kernel_size=3, padding=1)
     x = torch.randn(4, 8, 6, 6)
-    planted_entry("slow", ("fast",), x, spec)
+    planted_entry("slow", ("fast",), x, spec, recorded_s=2e-3)  # it runs as it did; its rival got faster
     layer = CondConv2d(8, 16, 3, padding=1, num_experts=4, strategy="autotune", tuning_budget_s=0.25)
     with torch.no_grad():
         layer(x)
@@ -135,6 +136,19 @@ def test_a_cached_choice_now_twice_as_slow_is_replaced_within_the_confirmation_b
     with torch.no_grad():
         again(x)
     assert again.last_strategy == "fast" and again.last_tuning.confirmed == "fast"
+
+
+def test_a_cached_choice_that_now_runs_at_another_speed_than_recorded_is_tuned_afresh(monkeypatch) -> None:
+    clock = FakeClock()
+    only(monkeypatch, costing(clock, {"best": 1e-3, "cached": 2e-3, "rival": 2.5e-3}))
+    monkeypatch.setattr(tuning, "default_clock", clock)
+    spec = LayerSpec("conv2d", 8, 16, 4)
+    x = torch.randn(2, 8, 5, 5)
+    planted_entry("cached", ("rival",), x, spec, recorded_s=1e-3)  # tuned in another state: its rivals are suspect too
+    layer = CondConv2d(8, 16, 1, num_experts=4, strategy="autotune", tuning_budget_s=0.05)
+    with torch.no_grad():
+        layer(x)
+    assert layer.last_strategy == "best" and layer.last_tuning.confirmed is None  # a full tuning found the unrecorded one
 
 
 def test_a_cached_choice_that_holds_is_trusted_after_one_confirmation_per_process(monkeypatch) -> None:
@@ -253,7 +267,8 @@ def test_a_choice_measured_fast_in_one_process_and_slow_in_the_next_is_replaced(
         return result.stdout.split()
 
     assert process(0.003, 0.0) == ["tricky", "None"]  # artificially fast in the first process: tuned, cached
-    assert process(0.0, 0.003) == ["plain", "tricky"]  # normal in the second: the cached choice fails its confirmation
+    second = process(0.0, 0.003)  # normal in the second: 3 ms slower than recorded, so it drifted and is tuned afresh
+    assert second[0] == "plain" and second[1] in ("tricky", "None")
     assert process(0.0, 0.003)[0] == "plain"  # and stays replaced (persisted unless that moment was noisy)
 
 

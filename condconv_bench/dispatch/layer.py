@@ -11,8 +11,9 @@ nothing but the shared parameters (`dispatchable`) are candidates.
   and what it was measured under is what `condconv-bench list` shows.
 - `autotune` measures on the first call of each new signature (`tuning.measure`); a choice the
   per-machine cache holds from another process is confirmed first (`tuning.confirm`: raced
-  against the rivals it was measured against and the table's choice), so a tuning from a bad
-  moment cannot stick. An entry with no rival to race (none recorded, and the table agreeing) is
+  against the rivals it was measured against and the table's choice; where the choice now runs
+  over `DRIFT_FACTOR` faster or slower than its entry recorded, the machine is in another state
+  than when it was tuned and the layer tunes afresh), so a tuning from a bad moment cannot stick. An entry with no rival to race (none recorded, and the table agreeing) is
   measured afresh.
 """
 
@@ -159,6 +160,9 @@ class Auto(CondConvBase):
         if cached is not None and cached in candidates and rivals and not compiled:
             measured = tuning.confirm(self, x, routing_weights, cached, rivals, candidates, budget * tuning.CONFIRM_SHARE)
             changed = measured.strategy != cached
+            if tuning.drifted(entry, measured):  # another moment than the one measured: its rivals are suspect too
+                measured = tuning.measure(self, x, routing_weights, candidates, budget)
+                changed = True
         else:
             measured = tuning.measure(self, x, routing_weights, candidates, budget, compiled=compiled)
             changed = True

@@ -31,7 +31,8 @@ range / median of the runner-up's time over the choice's, round by round) could 
 candidates from the machine's noise: it is used in the process
 and not written to the per-machine cache. A choice read from that cache is confirmed before it is
 trusted (`confirm`): it and its recorded rivals are raced for `CONFIRM_SHARE` of the budget, and
-a rival faster by more than the tie tolerance replaces it.
+a rival faster by more than the tie tolerance replaces it; a choice that now runs over
+`DRIFT_FACTOR` faster or slower than recorded (`drifted`) is tuned afresh.
 
 With autograd recording, a step is the forward and its backward (`torch.autograd.grad`, which
 leaves `.grad` alone) to the parameters, the input and the routing weights that require a
@@ -54,7 +55,7 @@ from dataclasses import dataclass
 
 import torch
 
-from condconv_bench.dispatch.table import RIVALS
+from condconv_bench.dispatch.table import RIVALS, Entry
 from condconv_bench.measure.rounds import Round, gc_paused, time_block
 from condconv_bench.spec import LayerSpec, Pair
 
@@ -66,6 +67,7 @@ PRUNE_FACTOR = 1.25
 TIE_TOLERANCE = 0.02  # medians within 2% are tied: about a process's own round-to-round spread
 NOISY_SPREAD = 0.10  # IQR / median beyond which a timing is noisy (torch.utils.benchmark warns there too)
 BUDGET_SLACK = 1.5
+DRIFT_FACTOR = 1.5  # a cached choice now this much faster or slower than recorded was measured in another state
 CONFIRM_SHARE = 0.2
 BLOCK_S = 0.002
 WARM_BELOW_S = 0.02  # a block of calls shorter than this starts with an untimed call (caches matter)
@@ -245,6 +247,17 @@ def confirm(layer: torch.nn.Module, x: torch.Tensor, routing_weights: torch.Tens
         strategy=strategy, seconds=clock() - started, medians_s=medians, pruned=(), tied=tied, rounds=len(rounds),
         spread=_spread(rounds, strategy, others), load=load, rivals=others, confirmed=cached,
     )
+
+
+def drifted(entry: Entry | None, confirmation: Tuning) -> bool:
+    """Whether a confirmed choice now runs over DRIFT_FACTOR faster or slower than its entry
+    recorded: the machine (load, clock, memory state) differs from when it was tuned, so the
+    rivals raced may not be the ones that matter now, and a full tuning is due."""
+    recorded = entry.medians_s.get(confirmation.confirmed or "") if entry is not None else None
+    now = confirmation.medians_s.get(confirmation.confirmed or "")
+    if not recorded or not now:
+        return False
+    return not 1 / DRIFT_FACTOR <= now / recorded <= DRIFT_FACTOR
 
 
 def _compiled_forwards(forwards: dict[str, Forward], layer: torch.nn.Module, x: torch.Tensor, routing_weights: torch.Tensor,
