@@ -21,7 +21,9 @@ from condconv_bench.layer import CondConvBase
 from condconv_bench.spec import LayerSpec
 
 ENTRY_POINT_GROUP = "condconv_bench.impls"
-DISPATCHING_LAYERS = "condconv_bench.dispatch.layer"  # `auto` and `autotune`: built in, but not strategies
+# `auto` and `autotune`: built in, but not strategies. Relative to this package, so that a tree the
+# A/B gate serves under another package name registers its own.
+DISPATCHING_LAYERS = ".dispatch.layer"
 
 _registry: dict[str, type[CondConvBase]] = {}
 _loaded = False
@@ -59,7 +61,7 @@ def _load_sources() -> None:
 
     for module in pkgutil.iter_modules(builtin.__path__):
         importlib.import_module(f"{builtin.__name__}.{module.name}")
-    importlib.import_module(DISPATCHING_LAYERS)
+    importlib.import_module(DISPATCHING_LAYERS, __package__)
     for entry_point in importlib.metadata.entry_points(group=ENTRY_POINT_GROUP):
         _add(entry_point.name, entry_point.load(), f"entry point {entry_point.value!r}")
 
