@@ -227,6 +227,8 @@ def test_a_served_tree_imports_its_own_modules_and_is_forgotten_after(tmp_path: 
         worker = importlib.import_module(f"{alias}.measure.worker")
         assert revised.__doc__.startswith("REVISED") and revised.__module__ == f"{alias}.impls.grouped_conv"
         assert revised.__mro__[1].__module__ == f"{alias}.layer"  # its own base class, not the installed one
+        dispatching = importlib.import_module(f"{alias}.registry").get_impl("auto")
+        assert dispatching.__module__ == f"{alias}.dispatch.layer"  # the selectors a suite names resolve in the tree too
         assert worker.condconv_bench.__name__ == alias  # `import condconv_bench.workload` bound to the alias
     from condconv_bench.registry import get_impl
 
