@@ -31,7 +31,8 @@ DPI = 110
 
 
 def palette(impls: list[str]) -> dict[str, tuple[float, float, float]]:
-    colours = sns.color_palette("tab10", n_colors=max(10, len(impls)))
+    # tab10 repeats its colours past ten (a suite of twelve implementations drew auto like static); tab20 does not
+    colours = sns.color_palette("tab10" if len(impls) <= 10 else "tab20", n_colors=max(10, len(impls)))
     return {impl: colours[i] for i, impl in enumerate(impls)}
 
 
