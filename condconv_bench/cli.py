@@ -23,7 +23,7 @@ from condconv_bench.gate.ab.verdict import (
 )
 from condconv_bench.gate.baseline import load_snapshot, save_baseline
 from condconv_bench.gate.compare import CaseComparison, Comparison, compare_snapshots
-from condconv_bench.errors import EXIT_FAILURE, CondConvBenchError, RunInterruptedError
+from condconv_bench.errors import EXIT_FAILURE, CondConvBenchError, ResultsError, RunInterruptedError
 from condconv_bench.dispatch.cache import CACHE_VARIABLE, machine_cache
 from condconv_bench.dispatch.table import DispatchTable, default_table
 from condconv_bench.gate.baseline_gate import run_gate
@@ -271,7 +271,10 @@ def list_command() -> None:
     if cache.path is None:
         click.echo(f"  autotune cache     off (${CACHE_VARIABLE})")
     else:
-        state = f"{len(DispatchTable.load(cache.path).entries)} entries" if cache.path.exists() else "nothing measured yet"
+        try:
+            state = f"{len(DispatchTable.load(cache.path).entries)} entries" if cache.path.exists() else "nothing measured yet"
+        except ResultsError as exc:  # as the layers treat it: measured afresh and replaced, never fatal
+            state = f"unreadable, autotune measures afresh and replaces it: {exc}"
         click.echo(f"  autotune cache     {cache.path} ({state}; this machine and torch build only)")
     table = default_table()
     click.echo(f"  dispatch table     {table.source or '(none)'}")

@@ -457,3 +457,13 @@ def test_rounds_go_on_while_the_answer_is_open(monkeypatch) -> None:
     with torch.no_grad():
         layer(torch.randn(2, 8, 5, 5))
     assert layer.last_tuning.rounds > tuning.SETTLE_ROUNDS and layer.last_tuning.seconds > 0.1  # the budget, spent
+
+
+def test_list_reports_a_broken_cache_file_instead_of_failing() -> None:
+    from click.testing import CliRunner
+
+    from condconv_bench.cli import main
+
+    cache.cache_path().write_bytes(b"\xff not json")
+    result = CliRunner().invoke(main, ["list"])
+    assert result.exit_code == 0 and "unreadable, autotune measures afresh" in result.output, result.output
