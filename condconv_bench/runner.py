@@ -40,7 +40,8 @@ from condconv_bench.layer import CondConvBase
 from condconv_bench.limits import Ceilings, distance_columns, limit_columns
 from condconv_bench.machine_peak import dense_peak_flops, depthwise_peak_flops, matmul_peak_flops, memory_bandwidths
 from condconv_bench.measure import allocators
-from condconv_bench.measure.group import CaseTiming, GroupMeasurement, GroupTiming, MeasureSettings, measure_groups
+from condconv_bench.measure.group import CaseTiming, GroupMeasurement, GroupTiming, measure_groups
+from condconv_bench.settings import MeasureSettings
 from condconv_bench.measure.pool import WorkerPool
 from condconv_bench.measure.protocol import Visit
 from condconv_bench.measure.ratios import Interval
@@ -438,16 +439,6 @@ def _groups(cases: list[Case]) -> list[list[Case]]:
     return list(groups.values())
 
 
-def measure_settings(suite: Suite, processes: int | None = None) -> MeasureSettings:
-    """The suite's `timing:` section as the instrument's settings, `processes` overriding it."""
-    timing = suite.model.timing
-    return MeasureSettings(
-        processes=processes or timing.processes, rounds=timing.rounds, block_s=float(timing.block_time),
-        warmup=timing.warmup, precision=float(timing.precision), budget_s=float(timing.budget), tie_margin=float(timing.tie_margin),
-        sweep_groups=timing.sweep_groups,
-    )
-
-
 def run_suite(
     suite: Suite | str | Path,
     output: str | Path | None = None,
@@ -476,20 +467,19 @@ def run_suite(
         cases = shard.select(cases)
     if not cases:
         raise CondConvBenchError(f"{suite.path}: no cases to run after filters and sharding")
-    settings = measure_settings(suite, processes)
-    allocator = allocator or suite.model.timing.allocator
-    pool = WorkerPool(settings.processes, allocator)
+    settings = suite.model.timing.settings(processes, allocator)
+    pool = WorkerPool(settings.processes, settings.allocator)
     output = Path(output) if output else default_output(suite)
     # Like the workers, the probes neither read nor fill the machine's autotune cache: a run
     # measures what a fresh machine gets.
     with writer_lock(output), cache_off():
-        return _run_cases(suite, cases, settings, allocator, pool, _open_run(suite, output, resume, shard, cases), listener, profile)
+        return _run_cases(suite, cases, settings, pool, _open_run(suite, output, resume, shard, cases), listener, profile)
 
 
-def _run_cases(suite: Suite, cases: list[Case], settings: MeasureSettings, allocator: str, pool: WorkerPool,
+def _run_cases(suite: Suite, cases: list[Case], settings: MeasureSettings, pool: WorkerPool,
                run: RunDirectory, listener: CaseListener | None, profile: bool) -> RunOutcome:
     """The run's loop over sweeps of groups: probes here, timing in the pool, rows appended per sweep."""
-    run.update_metadata(allocator=allocators.describe(allocator), measurement=asdict(settings))
+    run.update_metadata(allocator=allocators.describe(settings.allocator), measurement=asdict(settings))
     done = run.completed_case_ids()
     outcome = RunOutcome(run, len(cases), len(done & {case.id for case in cases}))
     position = {case.id: index for index, case in enumerate(cases, start=1)}

@@ -29,10 +29,11 @@ from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictFloat, Stri
 
 from condconv_bench.case import Case
 from condconv_bench.errors import CondConvBenchError, SpecError, SuiteError
+from condconv_bench.measure.allocators import ALLOCATORS
 from condconv_bench.registry import get_impl
+from condconv_bench.settings import Comparison, GateSettings, MeasureSettings
 from condconv_bench.blocks import StackSpec, StageSpec
 from condconv_bench.spec import LayerSpec, as_pair
-from condconv_bench.gate.statistics import DEFAULT_ALPHA
 from condconv_bench.workload import LayerWorkload, StackWorkload, Workload
 
 MODEL_ONLY_IMPLS = ("as_shipped",)  # condconv_bench.models.workload.AS_SHIPPED, named here without importing it
@@ -54,32 +55,47 @@ class _Model(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
 
-class TimingSettings(_Model):
-    """How each group is timed (`condconv_bench.measure`): worker processes, rounds, stopping rule.
+_MEASURE, _GATE = MeasureSettings(), GateSettings()
+
+
+class TimingSection(_Model):
+    """A suite's `timing:` keys, validated into the instrument's `MeasureSettings` (which holds the defaults).
 
     Upper bounds keep a typo from asking for days of measurement.
     """
 
-    processes: Annotated[StrictInt, Field(ge=1, le=64)] = 3  # fresh worker processes; each measures every group
-    rounds: Annotated[StrictInt, Field(ge=1, le=10_000)] = 10  # interleaved rounds per worker visit
-    block_time: Annotated[Number, Field(gt=0, le=10)] = 0.005  # seconds one timed block lasts
-    warmup: Annotated[StrictInt, Field(ge=0, le=1000)] = 2  # untimed calls after the first, per worker
-    precision: Annotated[Number, Field(gt=0, lt=1)] = 0.02  # stop once every ratio's 95% CI is within ±this
-    budget: Annotated[Number, Field(gt=0, le=86_400)] = 10.0  # seconds of timing per group before stopping anyway
-    tie_margin: Annotated[Number, Field(ge=0, lt=1)] = 0.02  # gaps to the fastest below this are ties
-    sweep_groups: Annotated[StrictInt, Field(ge=1, le=10_000)] = 64  # groups whose first visits interleave (see measure.group)
-    allocator: Literal["fixed", "glibc", "jemalloc", "tcmalloc"] = "fixed"  # see condconv_bench.measure.allocators
+    processes: Annotated[StrictInt, Field(ge=1, le=64)] = _MEASURE.processes
+    rounds: Annotated[StrictInt, Field(ge=1, le=10_000)] = _MEASURE.rounds
+    block_time: Annotated[Number, Field(gt=0, le=10)] = _MEASURE.block_s
+    warmup: Annotated[StrictInt, Field(ge=0, le=1000)] = _MEASURE.warmup
+    precision: Annotated[Number, Field(gt=0, lt=1)] = _MEASURE.precision
+    budget: Annotated[Number, Field(gt=0, le=86_400)] = _MEASURE.budget_s
+    tie_margin: Annotated[Number, Field(ge=0, lt=1)] = _MEASURE.tie_margin
+    sweep_groups: Annotated[StrictInt, Field(ge=1, le=10_000)] = _MEASURE.sweep_groups
+    allocator: Literal[*ALLOCATORS] = _MEASURE.allocator  # type: ignore[valid-type]
+
+    def settings(self, processes: int | None = None, allocator: str | None = None) -> MeasureSettings:
+        """The instrument's settings, with the command line's `processes` and `allocator` overriding the suite's."""
+        return MeasureSettings(
+            processes=processes or self.processes, rounds=self.rounds, block_s=float(self.block_time), warmup=self.warmup,
+            precision=float(self.precision), budget_s=float(self.budget), tie_margin=float(self.tie_margin),
+            sweep_groups=self.sweep_groups, allocator=allocator or self.allocator,
+        )
 
 
-class GateSettings(_Model):
-    """Regression-gate tolerances, per suite (`gate:`) or from the command line (`condconv_bench.gate.compare`)."""
+class GateSection(_Model):
+    """A suite's `gate:` keys (or the command line's), validated into the baseline gate's `GateSettings`."""
 
-    time_threshold: Annotated[Number, Field(gt=0)] = 0.10  # relative slowdown that counts
-    time_min_delta_s: Annotated[Number, Field(ge=0)] = 0.0  # and the absolute change must exceed this
-    memory_threshold: Annotated[Number, Field(gt=0)] = 0.10  # relative peak-memory growth that counts
-    memory_min_bytes: Annotated[StrictInt, Field(ge=0, le=2**62)] = 16 * 1024  # and the growth must exceed this
-    alpha: Annotated[Number, Field(gt=0, lt=1)] = DEFAULT_ALPHA  # significance level of the rank test
-    comparison: Literal["auto", "absolute", "floor"] = "auto"
+    time_threshold: Annotated[Number, Field(gt=0)] = _GATE.time_threshold
+    time_min_delta_s: Annotated[Number, Field(ge=0)] = _GATE.time_min_delta_s
+    memory_threshold: Annotated[Number, Field(gt=0)] = _GATE.memory_threshold
+    memory_min_bytes: Annotated[StrictInt, Field(ge=0, le=2**62)] = _GATE.memory_min_bytes
+    alpha: Annotated[Number, Field(gt=0, lt=1)] = _GATE.alpha
+    comparison: Comparison = _GATE.comparison
+
+    def settings(self) -> GateSettings:
+        return GateSettings(float(self.time_threshold), float(self.time_min_delta_s), float(self.memory_threshold),
+                            self.memory_min_bytes, float(self.alpha), self.comparison)
 
 
 class AxisOverrides(_Model):
@@ -144,13 +160,13 @@ class SuiteModel(_Model):
     modes: list[Mode] = Field(default=["inference"], min_length=1)
     threads: list[PositiveInt] | None = Field(default=None, min_length=1)
     memory_formats: list[MemoryFormat] = Field(default=["contiguous"], min_length=1)
-    timing: TimingSettings = TimingSettings()
-    gate: GateSettings = GateSettings()
+    timing: TimingSection = TimingSection()
+    gate: GateSection = GateSection()
     seed: Annotated[StrictInt, Field(ge=0, le=2**63 - 1)] = 0
 
 
 _ALL_KEYS = sorted(
-    {name for model in (SuiteModel, LayerEntry, DeviceEntry, TimingSettings, GateSettings, StageEntry) for name in model.model_fields}
+    {name for model in (SuiteModel, LayerEntry, DeviceEntry, TimingSection, GateSection, StageEntry) for name in model.model_fields}
 )
 
 

@@ -19,7 +19,8 @@ from click.testing import CliRunner
 from condconv_bench.gate.ab import aliases, instructions
 from condconv_bench.gate.ab.gate import run_ab_gate
 from condconv_bench.gate.ab.instructions import InstructionCounts
-from condconv_bench.gate.ab.verdict import Thresholds, instructions_verdict
+from condconv_bench.gate.ab.verdict import instructions_verdict
+from condconv_bench.settings import ABSettings
 from condconv_bench.cli import main
 from condconv_bench.report import ab as ab_report
 
@@ -178,7 +179,7 @@ def test_a_failed_instruction_count_fails_the_gate_with_the_reason(repo: Path, m
 
 
 def test_instruction_changes_within_the_jitter_of_one_step_do_not_count() -> None:
-    t = Thresholds()
+    t = ABSettings()
     smallest_step_jitter = InstructionCounts(73_140, 74_921)  # +2.4%, seen on unchanged code
     assert instructions_verdict(smallest_step_jitter, t) == "same"
     planted = InstructionCounts(182_421, 190_450)  # +4.4%, a planted loop
@@ -192,23 +193,29 @@ def test_instructions_without_valgrind_are_skipped_with_the_reason(monkeypatch) 
     assert "valgrind is not installed" in instructions.unavailable_reason()
 
 
-@pytest.mark.parametrize(
-    ("arguments", "fragment"),
-    [
-        (["--against", "no-such-ref"], "no such commit"),
-        (["--against", "HEAD", "somerun"], "not both"),
-        ([], "give RUN_DIRS with --baseline FILE, or --against REF"),
-    ],
-)
-def test_bad_gate_invocations_are_one_line_exit_2(repo: Path, arguments: list[str], fragment: str) -> None:
-    result = CliRunner().invoke(main, ["gate", "--repo", str(repo), *arguments])
+def test_a_bad_ref_is_one_line_exit_2(repo: Path) -> None:
+    result = CliRunner().invoke(main, ["gate", "ab", "no-such-ref", "--repo", str(repo)])
     assert result.exit_code == 2, result.output
-    assert fragment in result.output and "Traceback" not in result.output
+    assert "no such commit" in result.output and "Traceback" not in result.output
     assert len(result.output.strip().splitlines()) == 1
 
 
+def test_options_of_the_other_gate_are_refused_not_ignored(repo: Path) -> None:
+    for other in (["--memory-threshold", "0.2"], ["--comparison", "floor"], ["--baseline", "x.json"]):
+        result = CliRunner().invoke(main, ["gate", "ab", "HEAD", "--repo", str(repo), *other])
+        assert result.exit_code == 2 and "No such option" in result.output, (other, result.output)
+
+
+def test_the_old_spelling_still_gates_with_a_deprecation_line(repo: Path) -> None:
+    result = CliRunner().invoke(main, ["gate", "--repo", str(repo), "--against", "no-such-ref"])
+    lines = result.output.strip().splitlines()
+    assert result.exit_code == 2 and len(lines) == 2, result.output
+    assert "deprecated" in lines[0] and f"gate ab no-such-ref --repo {repo}" in lines[0]
+    assert "no such commit" in lines[1] and "Traceback" not in result.output
+
+
 def test_outside_a_repository_is_exit_2(tmp_path: Path) -> None:
-    result = CliRunner().invoke(main, ["gate", "--against", "HEAD", "--repo", str(tmp_path)])
+    result = CliRunner().invoke(main, ["gate", "ab", "HEAD", "--repo", str(tmp_path)])
     assert result.exit_code == 2 and "not inside a git repository" in result.output
 
 

@@ -209,7 +209,7 @@ def test_damaged_run_directories_never_end_in_a_traceback(small_run: Path, edits
         _apply(run, edits)
         runner = CliRunner()
         _finished_without_traceback(runner.invoke(main, ["report", str(run), "--format", "markdown"]), (0, 2))
-        _finished_without_traceback(runner.invoke(main, ["gate", str(run), "--baseline", str(baseline), "--no-latency"]), (0, 1, 2))
+        _finished_without_traceback(runner.invoke(main, ["gate", "baseline", str(run), "--baseline", str(baseline), "--no-latency"]), (0, 1, 2))
         _finished_without_traceback(runner.invoke(main, ["baseline", "save", str(run), "-o", str(Path(folder) / "b.json")]), (0, 2))
         _finished_without_traceback(runner.invoke(main, ["compare", str(baseline), str(run)]), (0, 1, 2))
 

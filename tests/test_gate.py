@@ -16,7 +16,7 @@ from condconv_bench.gate.baseline_gate import run_gate
 from condconv_bench.gate.compare import compare_snapshots
 from condconv_bench.impls.grouped_conv import GroupedConv
 from condconv_bench.runner import run_suite
-from condconv_bench.suite import GateSettings
+from condconv_bench.settings import GateSettings
 
 import fake_impls
 
@@ -111,7 +111,7 @@ def test_planted_defect_fails_the_gate_naming_case_and_reason(tmp_path, baseline
 
 def test_gate_cli_names_the_regression_and_exits_1(tmp_path, baseline_file, isolated_registry) -> None:
     run = run_with(tmp_path, "current", fake_impls.WrongExpertOrder, isolated_registry)
-    result = CliRunner().invoke(main, ["gate", str(run), "--baseline", str(baseline_file)])
+    result = CliRunner().invoke(main, ["gate", "baseline", str(run), "--baseline", str(baseline_file)])
     assert result.exit_code == 1
     assert f"pw/{PLANTED}/b4" in result.stdout and "equivalence failed" in result.stdout
     assert "FAIL:" in result.stdout.strip().splitlines()[-1]
@@ -175,7 +175,7 @@ def test_latency_from_another_machine_is_refused_with_the_reason(tmp_path, basel
         refused = compare_snapshots(load_snapshot(other), load_snapshot(baseline_file), comparison)
         assert refused.mode is None and reason in refused.mode_reason and "gate --against" in refused.mode_reason
         assert {c.verdict for c in refused.cases} == {"latency not compared"} and not refused.regressions
-    result = CliRunner().invoke(main, ["gate", str(baseline_file.parent.parent / "baseline-run"), "--baseline", str(other)])
+    result = CliRunner().invoke(main, ["gate", "baseline", str(baseline_file.parent.parent / "baseline-run"), "--baseline", str(other)])
     assert result.exit_code == 0 and "latency not compared: the baseline comes from another machine, or this one in another state" in result.output
 
 
@@ -222,7 +222,7 @@ def test_baseline_is_small_sorted_and_reads_well_in_a_diff(baseline_file) -> Non
 def test_corrupt_baseline_is_exit_2_and_one_line(tmp_path, baseline_file, content, fragment) -> None:
     bad = tmp_path / "bad.json"
     bad.write_text(content)
-    result = CliRunner().invoke(main, ["gate", str(baseline_file.parent.parent / "baseline-run"), "--baseline", str(bad)])
+    result = CliRunner().invoke(main, ["gate", "baseline", str(baseline_file.parent.parent / "baseline-run"), "--baseline", str(bad)])
     assert result.exit_code == 2, result.output
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1 and fragment in lines[0] and str(bad) in lines[0]
@@ -234,11 +234,11 @@ def test_mismatched_suite_and_missing_baseline_are_exit_2(tmp_path, baseline_fil
     other = tmp_path / "other.json"
     other.write_text(json.dumps(document))
     run_dir = str(baseline_file.parent.parent / "baseline-run")
-    mismatched = CliRunner().invoke(main, ["gate", run_dir, "--baseline", str(other)])
+    mismatched = CliRunner().invoke(main, ["gate", "baseline", run_dir, "--baseline", str(other)])
     assert mismatched.exit_code == 2 and "cannot be compared with baseline" in mismatched.stderr
-    missing = CliRunner().invoke(main, ["gate", run_dir, "--baseline", str(tmp_path / "nope.json")])
+    missing = CliRunner().invoke(main, ["gate", "baseline", run_dir, "--baseline", str(tmp_path / "nope.json")])
     assert missing.exit_code == 2 and "baseline file not found" in missing.stderr
-    bad_option = CliRunner().invoke(main, ["gate", run_dir, "--baseline", str(baseline_file), "--time-threshold", "-1"])
+    bad_option = CliRunner().invoke(main, ["gate", "baseline", run_dir, "--baseline", str(baseline_file), "--time-threshold", "-1"])
     assert bad_option.exit_code == 2 and bad_option.stderr.startswith("error: --time-threshold:")
 
 

@@ -18,7 +18,8 @@ import yaml
 
 from condconv_bench.measure import allocators
 from condconv_bench.measure.allocators import AllocatorUnavailableError, worker_environment
-from condconv_bench.measure.group import GroupMeasurement, GroupTiming, MeasureSettings, measure_groups
+from condconv_bench.measure.group import GroupMeasurement, GroupTiming, measure_groups
+from condconv_bench.settings import MeasureSettings
 from condconv_bench.measure.pool import WorkerFailure
 from condconv_bench.measure.protocol import Visit, VisitResult, read_message, write_message
 from condconv_bench.measure.ratios import Interval, hierarchical_interval, is_tied

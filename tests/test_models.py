@@ -77,7 +77,7 @@ def test_compare_baseline_and_gate_take_model_rows(tiny_run, tmp_path) -> None:
     assert compared.exit_code == 0 and "within ±5% in 10/10" in compared.output, compared.output
     baseline = tmp_path / "models.json"
     assert CliRunner().invoke(main, ["baseline", "save", str(path), "-o", str(baseline)]).exit_code == 0
-    gated = CliRunner().invoke(main, ["gate", str(path), "--baseline", str(baseline), "--no-latency"])
+    gated = CliRunner().invoke(main, ["gate", "baseline", str(path), "--baseline", str(baseline), "--no-latency"])
     assert gated.exit_code == 0 and "PASS: 12 cases" in gated.output, gated.output
 
 

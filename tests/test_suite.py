@@ -126,3 +126,14 @@ def test_several_problems_are_all_reported() -> None:
     with pytest.raises(SuiteError) as info:
         parse_suite(data, Path("t.yaml"))
     assert len(info.value.problems) == 2
+
+
+def test_a_suites_sections_take_their_defaults_from_the_settings_types() -> None:
+    from condconv_bench.measure.allocators import ALLOCATORS
+    from condconv_bench.settings import GateSettings, MeasureSettings
+    from condconv_bench.suite import GateSection, TimingSection
+
+    assert TimingSection().settings() == MeasureSettings()
+    assert GateSection().settings() == GateSettings()
+    assert TimingSection().settings(processes=5, allocator="glibc") == MeasureSettings(processes=5, allocator="glibc")
+    assert set(TimingSection.model_fields["allocator"].annotation.__args__) == set(ALLOCATORS)

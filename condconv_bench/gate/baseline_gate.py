@@ -16,7 +16,7 @@ from pathlib import Path
 from condconv_bench.gate.baseline import load_snapshot
 from condconv_bench.gate.compare import CaseComparison, Comparison, compare_snapshots
 from condconv_bench.errors import GateVerdict
-from condconv_bench.suite import GateSettings
+from condconv_bench.settings import GateSettings
 
 
 @dataclass(frozen=True)

@@ -32,7 +32,7 @@ from condconv_bench.environment import machine_differences
 from condconv_bench.errors import ResultsError
 from condconv_bench.formatting import count, size
 from condconv_bench.gate.statistics import compare_samples
-from condconv_bench.suite import GateSettings
+from condconv_bench.settings import GateSettings
 
 # Environment keys a comparison's header reports when they differ.
 REPORTED_KEYS = ("hostname", "cpu_model", "cpu_count", "gpus", "torch", "cuda", "cudnn")

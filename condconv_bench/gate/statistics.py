@@ -20,7 +20,8 @@ from typing import Literal
 import numpy as np
 from scipy.stats import mannwhitneyu, wilcoxon
 
-DEFAULT_ALPHA = 0.002
+from condconv_bench.settings import DEFAULT_ALPHA
+
 Direction = Literal["slower", "faster", "unchanged"]
 
 

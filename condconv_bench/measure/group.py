@@ -28,6 +28,7 @@ import numpy as np
 from condconv_bench.measure.protocol import Visit, VisitResult
 from condconv_bench.measure.ratios import Interval, hierarchical_interval, is_tied, process_medians
 from condconv_bench.measure.rounds import Round
+from condconv_bench.settings import MeasureSettings
 from condconv_bench.timing import Timing
 
 UNSTABLE_HALF_WIDTH = 0.05  # a ratio known no better than ±5% is flagged
@@ -38,21 +39,6 @@ MIN_ROUNDS_PER_VISIT = 3  # every worker contributes a few paired samples, howev
 # a single synchronised block per case, as a plain blocked timer gives, cannot show a regression.
 MIN_SAMPLES_ON_DEVICE = 30
 _STATISTICS_SEED = 20191  # the bootstrap is seeded: the same samples always give the same verdict
-
-
-@dataclass(frozen=True)
-class MeasureSettings:
-    """How a group is measured (a suite's `timing:` section)."""
-
-    processes: int = 3
-    rounds: int = 10
-    block_s: float = 0.005
-    warmup: int = 2
-    precision: float = 0.02
-    budget_s: float = 10.0
-    tie_margin: float = 0.02
-    max_passes: int = 8
-    sweep_groups: int = 64
 
 
 class Pool(Protocol):

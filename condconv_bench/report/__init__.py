@@ -1,31 +1,36 @@
-"""Reports from run directories: `tables` computes DataFrames, one module renders each format."""
+"""Reports from run directories: `tables` computes DataFrames, one module renders each format.
+
+`RUN_FORMATS` names the formats of a report of runs and the module that renders each (`html`,
+`markdown`, `csv`, each with a `render(runs, ...)`); the comparisons have theirs beside their
+renderers (`verdicts.RENDERERS` for `compare` and `gate baseline`, `ab.RENDERERS` for `gate ab`).
+The command line offers exactly these names.
+"""
 
 from __future__ import annotations
 
+import importlib
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal
-
-import pandas as pd
 
 from condconv_bench.atomic import write_text_atomically
 from condconv_bench.report.runs import load_runs
 
-ReportFormat = Literal["html", "markdown", "csv"]
+
+@dataclass(frozen=True)
+class RunFormat:
+    module: str  # under condconv_bench.report, imported only when used (html loads seaborn and matplotlib)
+    writes_page: bool  # html writes a page with its plots beside it; the text formats return their text
 
 
-def write_report(run_dirs: list[Path], output: Path | None, fmt: ReportFormat = "html") -> str | Path:
-    """Render the runs in `fmt`; returns the file written, or the text when `output` is None (markdown, csv)."""
+RUN_FORMATS = {"html": RunFormat("html", True), "markdown": RunFormat("markdown", False), "csv": RunFormat("csv", False)}
+
+
+def write_report(run_dirs: list[Path], output: Path | None, fmt: str = "html") -> str | Path:
+    """Render the runs in `fmt`; returns the file written, or the text when `output` is None (text formats)."""
     runs = load_runs(run_dirs)
-    if fmt == "html":
-        from condconv_bench.report.html import render_html  # seaborn and matplotlib load only when needed
-
-        return render_html(runs, output or Path(run_dirs[0]) / "report.html")
-    if fmt == "markdown":
-        from condconv_bench.report.markdown import render_markdown
-
-        text = render_markdown(runs)
-    else:
-        text = pd.concat([run.results.assign(run=run.label) for run in runs], ignore_index=True).to_csv(index=False)
-    if output is None:
-        return text
-    return write_text_atomically(output, text)
+    chosen = RUN_FORMATS[fmt]
+    renderer = importlib.import_module(f".{chosen.module}", __package__)
+    if chosen.writes_page:
+        return renderer.render(runs, output or Path(run_dirs[0]) / "report.html")
+    text = renderer.render(runs)
+    return text if output is None else write_text_atomically(output, text)

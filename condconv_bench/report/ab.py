@@ -43,9 +43,9 @@ def _header(result: ABResult) -> list[str]:
         f"base: {result.base.label}",
         f"head: {result.head.label}",
         f"suite: {result.suite}; both sides timed in the same interleaved rounds of {result.processes} worker processes",
-        f"thresholds: paired time ratio +{t.time:.0%} with signed-rank p < {t.alpha:g} and the 95% interval above "
-        f"{1 + t.time / 2:g}; "
-        f"instructions +{t.instructions:.0%} and > {t.instructions_min_delta:,} per step{counted}",
+        f"thresholds: paired time ratio +{t.time_threshold:.0%} with signed-rank p < {t.alpha:g} and the 95% interval above "
+        f"{1 + t.time_threshold / 2:g}; "
+        f"instructions +{t.instruction_threshold:.0%} and > {t.instruction_min_delta:,} per step{counted}",
     ]
 
 
@@ -98,7 +98,8 @@ def _json_case(case: ABCase) -> dict[str, Any]:
     return document
 
 
-def render_json(result: ABResult) -> str:
+def render_json(result: ABResult, everything: bool = True) -> str:
+    """Every case, whatever `everything` says: a program reading it filters for itself."""
     return json.dumps({
         "base": {"name": result.base.name, "commit": result.base.commit},
         "head": {"name": result.head.name, "root": str(result.head.root)},
@@ -109,3 +110,6 @@ def render_json(result: ABResult) -> str:
         "passed": result.passed,
         "cases": [_json_case(c) for c in result.cases],
     }, indent=2)
+
+
+RENDERERS = {"text": render_text, "markdown": render_markdown, "json": render_json}  # the formats of `gate ab`

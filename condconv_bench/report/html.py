@@ -144,7 +144,7 @@ def _environment() -> jinja2.Environment:
     return env
 
 
-def render_html(runs: list[LoadedRun], output: Path) -> Path:
+def render(runs: list[LoadedRun], output: Path) -> Path:
     """Write the report for `runs` to `output` (and its plots to `plots/` beside it)."""
     report_dir = output.parent
     plots_dir = report_dir / "plots"

@@ -11,7 +11,7 @@ from condconv_bench.report.models import ModelTable, model_tables
 from condconv_bench.report.runs import LoadedRun, comparison_summary, cross_run
 
 
-def render_markdown(runs: list[LoadedRun]) -> str:
+def render(runs: list[LoadedRun]) -> str:
     """Headline and per-implementation summary of each run, then the cross-run ratios."""
     parts = []
     for run in runs:

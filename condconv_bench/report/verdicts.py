@@ -77,7 +77,8 @@ def render_markdown(comparison: Comparison, everything: bool = True, failures: l
     return "\n".join(lines) + "\n"
 
 
-def render_json(comparison: Comparison, failures: list[CaseComparison] | None = None) -> str:
+def render_json(comparison: Comparison, everything: bool = True, failures: list[CaseComparison] | None = None) -> str:
+    """Every case, changed or not, whatever `everything` says: a program reading it filters for itself."""
     failures = comparison.regressions if failures is None else failures
     document = {
         "baseline": comparison.baseline,
@@ -85,8 +86,11 @@ def render_json(comparison: Comparison, failures: list[CaseComparison] | None = 
         "mode": comparison.mode,
         "mode_reason": comparison.mode_reason,
         "environment_notes": list(comparison.environment_notes),
-        "thresholds": comparison.thresholds.model_dump(),
+        "thresholds": asdict(comparison.thresholds),
         "passed": not failures,
         "cases": [asdict(c) for c in comparison.cases],
     }
     return json.dumps(document, indent=2)
+
+
+RENDERERS = {"text": render_text, "markdown": render_markdown, "json": render_json}  # the formats of `compare` and `gate baseline`

@@ -15,12 +15,12 @@ from condconv_bench.gate.ab import aliases, instructions
 from condconv_bench.gate.ab.paired import measure_pairs
 from condconv_bench.gate.ab.pairs import SIDES, pair_cases
 from condconv_bench.gate.ab.revision import checked_out, repository_root, working_tree
-from condconv_bench.gate.ab.verdict import ABResult, Thresholds, decide
+from condconv_bench.gate.ab.verdict import ABResult, decide
 from condconv_bench.measure.pool import WorkerPool
-from condconv_bench.runner import measure_settings
+from condconv_bench.settings import ABSettings
 
 
-def run_ab_gate(against: str, suite: str = "smoke", repo: Path | None = None, thresholds: Thresholds = Thresholds(),
+def run_ab_gate(against: str, suite: str = "smoke", repo: Path | None = None, thresholds: ABSettings = ABSettings(),
                 processes: int | None = None, allocator: str | None = None, count_instructions: bool = True) -> ABResult:
     """Measure the working tree of `repo` (default: the repository around the current directory)
     against revision `against`, case by case, and decide."""
@@ -33,14 +33,13 @@ def run_ab_gate(against: str, suite: str = "smoke", repo: Path | None = None, th
             pairs, head_suite = pair_cases(suite, base, head, repo)
             # A group holds both versions of every case, so its rounds take twice as long as in a
             # run: twice the budget keeps as many rounds per case.
-            settings = measure_settings(head_suite, processes)
+            settings = head_suite.model.timing.settings(processes, allocator)
             settings = replace(settings, budget_s=2 * settings.budget_s)
-            allocator = allocator or head_suite.model.timing.allocator
             seed = head_suite.model.seed
-            timed, errors = measure_pairs(pairs, seed, settings, WorkerPool(settings.processes, allocator, extra_env))
+            timed, errors = measure_pairs(pairs, seed, settings, WorkerPool(settings.processes, settings.allocator, extra_env))
             unavailable = instructions.unavailable_reason() if count_instructions else "not asked for (--no-instructions)"
             counts, count_errors = ({}, {}) if unavailable else instructions.count_instructions(
-                [p for p in pairs if p.not_compared is None and p.case_id in timed], seed, allocator, extra_env)
+                [p for p in pairs if p.not_compared is None and p.case_id in timed], seed, settings.allocator, extra_env)
     cases = []
     for pair in pairs:
         note = None if pair.not_compared else instructions.not_counted_reason(pair)

@@ -30,19 +30,7 @@ from condconv_bench.gate.ab.paired import PairedTiming
 from condconv_bench.gate.ab.pairs import CasePair
 from condconv_bench.gate.ab.revision import Revision
 from condconv_bench.errors import GateVerdict
-
-DEFAULT_TIME_THRESHOLD = 0.05
-DEFAULT_INSTRUCTION_THRESHOLD = 0.02
-DEFAULT_INSTRUCTION_MIN_DELTA = 5000
-
-
-@dataclass(frozen=True)
-class Thresholds:
-    time: float = DEFAULT_TIME_THRESHOLD
-    instructions: float = DEFAULT_INSTRUCTION_THRESHOLD
-    instructions_min_delta: int = DEFAULT_INSTRUCTION_MIN_DELTA  # per step
-    alpha: float = 0.002
-
+from condconv_bench.settings import ABSettings
 
 @dataclass(frozen=True)
 class ABCase:
@@ -64,7 +52,7 @@ class ABResult(GateVerdict):
     base: Revision
     head: Revision
     suite: str
-    thresholds: Thresholds
+    thresholds: ABSettings
     processes: int
     instructions_unavailable: str | None  # why no case has an instruction count
     cases: tuple[ABCase, ...]
@@ -74,9 +62,9 @@ class ABResult(GateVerdict):
         return [case for case in self.cases if case.problems]
 
 
-def _time_verdict(timing: PairedTiming, t: Thresholds) -> str:
-    direction = timing.change.direction(t.time, t.alpha)
-    surely = 1 + t.time / 2
+def _time_verdict(timing: PairedTiming, t: ABSettings) -> str:
+    direction = timing.change.direction(t.time_threshold, t.alpha)
+    surely = 1 + t.time_threshold / 2
     if direction == "slower" and timing.ratio.low > surely:
         return "slower"
     if direction == "faster" and timing.ratio.high < 1 / surely:
@@ -84,16 +72,16 @@ def _time_verdict(timing: PairedTiming, t: Thresholds) -> str:
     return "unchanged"
 
 
-def instructions_verdict(counts: InstructionCounts, t: Thresholds) -> str:
-    if abs(counts.head - counts.base) <= t.instructions_min_delta:
+def instructions_verdict(counts: InstructionCounts, t: ABSettings) -> str:
+    if abs(counts.head - counts.base) <= t.instruction_min_delta:
         return "same"
-    if counts.ratio > 1 + t.instructions:
+    if counts.ratio > 1 + t.instruction_threshold:
         return "more"
-    return "fewer" if counts.ratio < 1 / (1 + t.instructions) else "same"
+    return "fewer" if counts.ratio < 1 / (1 + t.instruction_threshold) else "same"
 
 
 def decide(pair: CasePair, timing: PairedTiming | None, error: str | None, counts: InstructionCounts | None,
-           count_note: str | None, count_failure: str | None, t: Thresholds) -> ABCase:
+           count_note: str | None, count_failure: str | None, t: ABSettings) -> ABCase:
     """The verdict of one case from its paired timing (or error) and instruction counts
     (`count_note`: why it has none by design; `count_failure`: why counting it failed)."""
     impl = pair.case.impl
