@@ -114,7 +114,7 @@ class CondConvBlock(nn.Module):
     def __init__(self, block: BlockSpec, impl: type[CondConvBase]) -> None:
         super().__init__()
         self.block = block
-        self.routes = not impl.is_baseline  # the static floor is a plain EfficientNet block: no routing
+        self.routes = not impl.is_floor  # the static floor is a plain EfficientNet block: no routing
         self.routing = nn.Linear(block.in_channels, block.num_experts)
         (_, expand, _), (_, depthwise, _), (_, project, _) = block.layers()
         self.expand, self.bn1 = impl(expand), nn.BatchNorm2d(block.mid_channels)

@@ -49,7 +49,7 @@ class CondConvBase(nn.Module, ABC):
     """Shared parameters and routing; subclasses decide how the conditional op is computed."""
 
     key: ClassVar[str] = ""  # set by the registry
-    is_baseline: ClassVar[bool] = False  # a floor to compare against, not a CondConv (no equivalence)
+    is_floor: ClassVar[bool] = False  # a floor to compare against, not a CondConv (no equivalence)
     compiles: ClassVar[bool] = False  # its first call must build a torch.compile graph, or it ran eager
     is_dispatcher: ClassVar[bool] = False  # runs one of the strategies (auto): judged against the fastest, never races
     materialises_kernels: ClassVar[bool] = True  # builds B per-sample kernels (memory B·P)

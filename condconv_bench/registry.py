@@ -105,7 +105,7 @@ def dispatchable_impls() -> dict[str, type[CondConvBase]]:
 class ImplInfo:
     key: str
     description: str
-    is_baseline: bool
+    is_floor: bool
     unavailable_reason: str | None
 
     @property
@@ -113,15 +113,15 @@ class ImplInfo:
         return self.unavailable_reason is None
 
 
-def list_impls(*, include_baselines: bool = True, available_only: bool = False) -> list[ImplInfo]:
+def list_impls(*, include_floor: bool = True, available_only: bool = False) -> list[ImplInfo]:
     """Every registered implementation, sorted by key, with its machine-wide availability."""
     _load_sources()
     infos = [
-        ImplInfo(key, cls.description(), cls.is_baseline, cls.unavailable_reason())
+        ImplInfo(key, cls.description(), cls.is_floor, cls.unavailable_reason())
         for key, cls in sorted(_registry.items())
     ]
     return [
         info
         for info in infos
-        if (include_baselines or not info.is_baseline) and (info.available or not available_only)
+        if (include_floor or not info.is_floor) and (info.available or not available_only)
     ]

@@ -27,7 +27,7 @@ import torch
 from torch import nn
 
 from condconv_bench import equivalence, flops, memory
-from condconv_bench.case import TORCH_DTYPES, Case
+from condconv_bench.case import TORCH_DTYPES, Case, Role, role_of
 from condconv_bench.dispatch.cache import cache_off
 from condconv_bench.environment import describe_environment
 from condconv_bench.errors import CondConvBenchError, DeviceUnavailableError, ImplUnavailableError, ResultsError, first_line
@@ -152,10 +152,6 @@ def skip_reason(cls: type[CondConvBase], case: Case, device: torch.device) -> st
             or next(filter(None, unsupported), None) or memory_reason(case, device))
 
 
-def _role(cls: type[CondConvBase]) -> str:
-    return "floor" if cls.is_baseline else "dispatcher" if cls.is_dispatcher else "strategy"
-
-
 def _identity(case: Case) -> dict[str, Any]:
     return {
         "case_id": case.id,
@@ -257,7 +253,7 @@ def _probe(case: Case, cls: type[CondConvBase], device: torch.device, ctx: _Grou
 
     row.update(asdict(_first_call(cls, module, step, case, device, row)))
     row.update(asdict(_sizes(case, module, inputs, x.element_size())))
-    if not cls.is_baseline:
+    if role_of(cls) is not Role.FLOOR:
         reference = ctx.reference(workload, module)
         row.update(equivalence.check_equivalence(module, x, inputs.routing_weights, inputs.grad_output, reference).columns())
     analytic = workload.analytic_macs(module, case.batch_size)
@@ -280,7 +276,7 @@ def probe_case(case: Case, ctx: _GroupContext, traces_dir: Path | None = None) -
     started = time.perf_counter()
     device = torch.device(case.device)
     cls = case.workload.impl_class(case.impl)
-    row["role"] = _role(cls)
+    row["role"] = str(role_of(cls))
     profile_record = None
     reason = skip_reason(cls, case, device)
     if reason:
@@ -329,9 +325,9 @@ def _measurement(cases: list[Case], rows: dict[str, dict[str, Any]], suite: Suit
         return None
     classes = {case.id: case.workload.impl_class(case.impl) for case in timed}
     roles = {case.id: rows[case.id]["role"] for case in timed}
-    floor = next((case_id for case_id, role in roles.items() if role == "floor"), None)
-    candidates = {c for c, role in roles.items() if role == "strategy" and rows[c].get("equivalent") is True}
-    dispatchers = {c for c, role in roles.items() if role == "dispatcher"}
+    floor = next((case_id for case_id, role in roles.items() if role == Role.FLOOR), None)
+    candidates = {c for c, role in roles.items() if role == Role.STRATEGY and rows[c].get("equivalent") is True}
+    dispatchers = {c for c, role in roles.items() if role == Role.DISPATCHER}
     visit = Visit(tuple(timed), classes, suite.model.seed, settings.rounds, settings.block_s, settings.warmup,
                   seed_of(suite.model.seed, *timed[0].group))
     return GroupMeasurement(visit, settings, floor=floor, candidates=candidates, dispatchers=dispatchers)

@@ -139,7 +139,7 @@ class LayerWorkload(Workload):
     def work(self, module: nn.Module, batch_size: int) -> CaseWork:
         """The floor's compulsory work is its own (it is the plain layer, not CondConv)."""
         own = Work(module.cost(batch_size, self.input_size), module.traffic(batch_size, self.input_size))
-        if module.strategy_class().is_baseline:
+        if module.strategy_class().is_floor:
             return CaseWork(own, own, self.spec.is_depthwise)
         itemsize = module.weight.element_size()
         compulsory = Work(compulsory_macs(self.spec, batch_size, self.input_size),

@@ -20,7 +20,7 @@ from condconv_bench.traffic import Traffic, input_bytes, kernel_bytes, output_by
 class Static(CondConvBase):
     """Baseline: one plain conv/linear with a fixed kernel; not CondConv."""
 
-    is_baseline = True
+    is_floor = True
     materialises_kernels = False
 
     def forward(self, x: torch.Tensor, routing_weights: torch.Tensor | None = None) -> torch.Tensor:

@@ -17,7 +17,7 @@ import torch
 from condconv_bench import CondConv2d, CondConvLinear, LayerSpec, set_autotune
 from condconv_bench.dispatch import cache, tuning
 from condconv_bench.dispatch import layer as auto_module
-from condconv_bench.dispatch.table import DispatchTable, Query
+from condconv_bench.dispatch.table import DispatchTable
 from condconv_bench.equivalence import check_equivalence
 from condconv_bench.impls import chunked_matmul
 from condconv_bench.impls.grouped_conv import GroupedConv

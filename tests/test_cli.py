@@ -35,7 +35,7 @@ def test_run_writes_results_and_prints_a_summary(tmp_path: Path) -> None:
     result = invoke("run", str(TINY), "-o", str(out), "--device", "cpu", "--quiet")
     assert result.exit_code == 0, result.output
     assert (out / "results.csv").exists() and (out / "run.json").exists()
-    assert "fastest" in result.stdout and "vs static" in result.stdout
+    assert "fastest" in result.stdout and "vs floor" in result.stdout
     assert "cases:" in result.stdout
 
 

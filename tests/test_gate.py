@@ -198,7 +198,7 @@ def test_baseline_is_small_sorted_and_reads_well_in_a_diff(baseline_file) -> Non
     assert document["environment"]["torch"] and document["suite"]["name"] == "gate-test"
     assert document["source_runs"] and document["format"] == "condconv-bench-baseline"
     case = document["cases"][f"pw/{PLANTED}/b4/cpu/float32/inference/t1/contiguous"]
-    for key in ("latency_median_s", "latency_iqr_s", "samples_s", "ratio_to_static", "macs_fvcore", "flops_torch",
+    for key in ("latency_median_s", "latency_iqr_s", "samples_s", "vs_floor", "macs_fvcore", "flops_torch",
                 "macs_analytic", "peak_memory_bytes", "equivalent"):
         assert key in case
     assert 2 <= len(case["samples_s"]) <= 64
@@ -214,7 +214,7 @@ def test_baseline_is_small_sorted_and_reads_well_in_a_diff(baseline_file) -> Non
         ("{not json", "not a valid baseline (invalid JSON"),
         ('{"format": "something-else"}', "not a condconv-bench baseline"),
         ('{"format": "condconv-bench-baseline", "version": 99}', "baseline version 99"),
-        ('{"format": "condconv-bench-baseline", "version": 1}', "baseline version 1, this condconv-bench reads 2"),
+        ('{"format": "condconv-bench-baseline", "version": 1}', "baseline version 1, this condconv-bench reads 2 and 3"),
         ('{"format": "condconv-bench-baseline", "version": 2, "suite": {}, "cases": {}}', "corrupt baseline"),
     ],
     ids=["invalid-json", "wrong-format", "future-version", "older-version", "missing-fields"],
@@ -278,3 +278,15 @@ def test_absolute_margin_ignores_changes_too_small_to_matter(tmp_path, baseline_
     assert [c.verdict for c in flagged.regressions] == ["slower"]
     margin = compare_snapshots(load_snapshot(baseline_file), load_snapshot(slower), GateSettings(time_min_delta_s=2 * delta))
     assert not margin.regressions
+
+
+def test_a_version_2_baseline_reads_as_the_current_one(tmp_path, baseline_file) -> None:
+    document = json.loads(baseline_file.read_text())
+    assert document["version"] == 3
+    old = {**document, "version": 2, "cases": {
+        case_id: {("ratio_to_static" if key == "vs_floor" else key): value for key, value in figures.items()}
+        for case_id, figures in document["cases"].items()}}
+    (tmp_path / "old.json").write_text(json.dumps(old))
+    current, read_old = load_snapshot(baseline_file), load_snapshot(tmp_path / "old.json")
+    assert read_old.cases == current.cases
+    assert any(figures.vs_floor is not None for figures in read_old.cases.values())

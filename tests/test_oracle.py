@@ -13,7 +13,7 @@ from condconv_bench.equivalence import RELATIVE_TOLERANCE, check_equivalence, co
 
 from conftest import SCENARIOS, Scenario
 
-CONDCONV_KEYS = [info.key for info in list_impls(include_baselines=False, available_only=True)]
+CONDCONV_KEYS = [info.key for info in list_impls(include_floor=False, available_only=True)]
 
 
 def build(key: str, scenario: Scenario, dtype: torch.dtype = torch.float32):

@@ -25,8 +25,8 @@ def test_builtins_are_listed_with_descriptions() -> None:
     assert set(infos) == BUILTINS  # nothing else registers in a plain install
     assert all(infos[key].key == key and get_impl(key).__module__.endswith(f".{key}") for key in STRATEGY_FILES)
     assert all(info.description and "\n" not in info.description for info in infos.values())
-    assert infos["static"].is_baseline
-    assert "static" not in {info.key for info in list_impls(include_baselines=False)}
+    assert infos["static"].is_floor
+    assert "static" not in {info.key for info in list_impls(include_floor=False)}
 
 
 def test_unknown_key_suggests_the_closest() -> None:

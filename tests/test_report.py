@@ -95,7 +95,7 @@ def test_suite_name_with_markup_is_escaped(single) -> None:
 def test_headline_names_the_fastest_and_ratios(single) -> None:
     table = soup_of(single).find("h3", string=lambda s: s and s.startswith("Headline")).find_next("table")
     header = [th.get_text(strip=True) for th in table.find("tr").find_all("th")]
-    assert header[-5:] == ["fastest", "latency", "vs static", "vs limit", "vs grouped_conv"]
+    assert header[-5:] == ["fastest", "latency", "vs floor", "vs limit", "vs grouped_conv"]
     rows = [tr for tr in table.find_all("tr")[1:] if "summary" not in (tr.get("class") or [])]
     cells = [[td.get_text(strip=True) for td in row.find_all("td")] for row in rows]
     assert len(rows) == 2 * 2 + 2 * 2, cells  # pw, dw3 × 2 batch sizes; fc × 2 batch sizes × 2 modes
@@ -122,7 +122,7 @@ def test_two_runs_compare_side_by_side(runs, compared) -> None:
 
 def test_markdown_and_csv_formats(runs) -> None:
     markdown = write_report([runs["one"], runs["two"]], None, "markdown")
-    assert "| layer |" in markdown and "vs static" in markdown
+    assert "| layer |" in markdown and "vs floor" in markdown
     assert "## Side by side" in markdown
     csv_text = write_report([runs["one"], runs["two"]], None, "csv")
     header = csv_text.splitlines()[0].split(",")
@@ -183,7 +183,7 @@ def test_headline_shows_the_distance_to_the_limit(single) -> None:
     soup = soup_of(single)
     table = soup.find("h3", string=lambda t: t and t.startswith("Headline")).find_next("table")
     header = [th.get_text(strip=True) for th in table.find("tr").find_all("th")]
-    assert header.index("vs limit") == header.index("vs static") + 1
+    assert header.index("vs limit") == header.index("vs floor") + 1
     limit_cells = [row.find_all("td")[header.index("vs limit")].get_text(" ", strip=True) for row in table.find_all("tr")[1:]
                    if "summary" not in (row.get("class") or [])]
     inference = [cell for cell in limit_cells if cell != "-"]

@@ -28,7 +28,7 @@ class CondConvBenchLayers(LayerAdapter):
 
     def spec(self, module: nn.Module) -> LayerSpec:
         cls = type(module)
-        if cls.is_baseline:
+        if cls.is_floor:
             raise NotExact(f"{cls.__qualname__} is a floor with one fixed kernel, not a CondConv layer")
         registered = "key" in cls.__dict__  # the registry sets it on the class itself: oracle-tested
         if not registered and cls.forward not in (CondConvBase.forward, SamePadCondConv2d.forward):

@@ -24,13 +24,16 @@ from pydantic import BaseModel, ConfigDict, TypeAdapter, ValidationError
 
 from condconv_bench.atomic import write_text_atomically
 from condconv_bench.errors import ResultsError, first_problem
-from condconv_bench.case import GROUP_KEYS
+from condconv_bench.case import GROUP_KEYS, Role
 from condconv_bench.results import RunDirectory, SuiteRecord
 from condconv_bench.set_aside import set_aside
 from condconv_bench.timing import Timing
 
 BASELINE_FORMAT = "condconv-bench-baseline"
-BASELINE_VERSION = 2  # 2: identity fields per case, machine fingerprint and matmul peaks in the environment
+# 2: identity fields per case, machine fingerprint and matmul peaks in the environment;
+# 3: a case's ratio to its floor is `vs_floor`, as in result rows (version 2 called it `ratio_to_static`).
+BASELINE_VERSION = 3
+READABLE_VERSIONS = (2, 3)
 MAX_SAMPLES = 64  # enough for rank tests; more only lengthens the file
 
 
@@ -45,8 +48,8 @@ class CaseFigures:
     samples_s: tuple[float, ...]  # per-call times (thinned); empty unless status is ok
     latency_median_s: float | None
     latency_iqr_s: float | None
-    floor_case: str | None  # the `static` case of the same group, if it ran
-    ratio_to_static: float | None
+    floor_case: str | None  # the floor case of the same group, if it ran
+    vs_floor: float | None
     macs_fvcore: int | None
     flops_torch: int | None
     macs_analytic: int | None
@@ -59,13 +62,13 @@ _CASE_FIGURES = TypeAdapter(CaseFigures)  # validates a baseline's entry, types 
 
 
 class BaselineDocument(BaseModel):
-    """A baseline file, version 2. Its entries are validated one by one (`CaseFigures`), so a bad
+    """A baseline file, version 2 or 3. Its entries are validated one by one (`CaseFigures`), so a bad
     entry costs that case only."""
 
     model_config = ConfigDict(extra="allow")
 
     format: Literal["condconv-bench-baseline"]
-    version: Literal[2]
+    version: Literal[*READABLE_VERSIONS]  # type: ignore[valid-type]
     suite: SuiteRecord
     environment: dict[str, Any] = {}
     cases: dict[str, Any]
@@ -153,13 +156,13 @@ def snapshot_of_runs(paths: list[Path]) -> Snapshot:
             if row["case_id"] in samples and row["status"] == "ok":
                 timings.setdefault(row["case_id"], []).append(samples[row["case_id"]])
     combined = {case_id: _combined_case(case_rows, timings.get(case_id, [])) for case_id, case_rows in rows.items()}
-    floors = {key[:-1]: case_id for case_id, key in groups.items() if key[-1] == "floor" and combined[case_id]["latency_median_s"]}
+    floors = {key[:-1]: case_id for case_id, key in groups.items() if key[-1] == Role.FLOOR and combined[case_id]["latency_median_s"]}
     cases = {}
     for case_id, figures in combined.items():
         floor = floors.get(groups[case_id][:-1])
         median, floor_median = figures["latency_median_s"], combined[floor]["latency_median_s"] if floor else None
         cases[case_id] = CaseFigures(
-            **figures, floor_case=floor, ratio_to_static=median / floor_median if median and floor_median else None
+            **figures, floor_case=floor, vs_floor=median / floor_median if median and floor_median else None
         )
     suite = metadata[0]["suite"]
     source = ", ".join(str(p) for p in paths)
@@ -202,8 +205,9 @@ def _load_baseline_file(path: Path) -> Snapshot:
         raise ResultsError(f"{path}: not a valid baseline (invalid JSON: {exc})") from None
     if not isinstance(document, dict) or document.get("format") != BASELINE_FORMAT:
         raise ResultsError(f"{path}: not a condconv-bench baseline (format is not {BASELINE_FORMAT!r})")
-    if document.get("version") != BASELINE_VERSION:
-        raise ResultsError(f"{path}: baseline version {document.get('version')!r}, this condconv-bench reads {BASELINE_VERSION}")
+    if document.get("version") not in READABLE_VERSIONS:
+        raise ResultsError(f"{path}: baseline version {document.get('version')!r}, this condconv-bench reads "
+                           f"{' and '.join(map(str, READABLE_VERSIONS))}")
     try:
         envelope = BaselineDocument.model_validate(document)
     except ValidationError as exc:
@@ -211,10 +215,17 @@ def _load_baseline_file(path: Path) -> Snapshot:
     cases = {}
     for case_id, figures in envelope.cases.items():
         try:
-            cases[case_id] = _CASE_FIGURES.validate_python(figures)
+            cases[case_id] = _CASE_FIGURES.validate_python(_current_names(figures, envelope.version))
         except ValidationError as exc:
             set_aside(path, f"case {case_id}", first_problem(exc))
     return Snapshot(str(path), envelope.suite.name, envelope.suite.sha256, envelope.environment, cases)
+
+
+def _current_names(figures: Any, version: int) -> Any:
+    """A case entry of a baseline file with this version's field names."""
+    if version == 2 and isinstance(figures, dict) and "ratio_to_static" in figures:
+        figures = {("vs_floor" if key == "ratio_to_static" else key): value for key, value in figures.items()}
+    return figures
 
 
 def load_snapshot(paths: str | Path | list[Path]) -> Snapshot:

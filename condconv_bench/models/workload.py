@@ -140,7 +140,7 @@ class ModelWorkload(Workload):
         return [(spec, contractions[path].input_size) for path, spec in self._survey().layers]
 
     def _source_of(self, impl: type[CondConvBase]) -> str:
-        if impl.is_baseline:
+        if impl.is_floor:
             if self.floor is None:
                 raise ValueError(f"{self.source} has no floor model to run as {impl.key}")
             return self.floor
@@ -150,7 +150,7 @@ class ModelWorkload(Workload):
         return self._finish(sources.build_model(self._source_of(impl)), impl)
 
     def _finish(self, model: nn.Module, impl: type[CondConvBase]) -> nn.Module:
-        if impl is AsShipped or impl.is_baseline:
+        if impl is AsShipped or impl.is_floor:
             return model
         converted = convert(model, impl.key)
         if not converted.replaced:
@@ -158,7 +158,7 @@ class ModelWorkload(Workload):
         return converted.model
 
     def instantiate(self, impl: type[CondConvBase], state: dict[str, torch.Tensor]) -> nn.Module:
-        prefix = _FLOOR if impl.is_baseline else _SHIPPED
+        prefix = _FLOOR if impl.is_floor else _SHIPPED
         model = sources.build_model(self._source_of(impl))
         model.load_state_dict({k.removeprefix(prefix): v for k, v in state.items() if k.startswith(prefix)})
         return self._finish(model, impl)

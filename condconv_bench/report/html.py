@@ -72,7 +72,7 @@ def _figures(run: LoadedRun, context_label: str, rows: pd.DataFrame, plots_dir: 
     peak = run.matmul_peak(first["device"], first["dtype"], int(first["threads"]))
     drawn = {
         "latency_vs_batch": ("Latency vs batch size", plots.latency_vs_batch(rows, colours)),
-        "speed_vs_static": ("Speed relative to the static floor", plots.speed_vs_static(rows)),
+        "speed_vs_floor": ("Speed relative to the static floor", plots.speed_vs_floor(rows)),
         "peak_memory": ("Peak memory", plots.peak_memory(rows, colours)),
     }
     if not tables.achieved_flops(rows).empty:  # forward FLOPs only: nothing to show for training rows

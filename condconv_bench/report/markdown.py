@@ -32,7 +32,7 @@ def render(runs: list[LoadedRun]) -> str:
             "implementation": summary["impl"],
             "cases": summary["cases"],
             "fastest in": summary["wins"],
-            "geomean vs static": summary["geomean_vs_static"].map(formatting.ratio),
+            "geomean vs floor": summary["geomean_vs_floor"].map(formatting.ratio),
             "geomean vs grouped_conv": summary["geomean_vs_grouped_conv"].map(formatting.ratio),
             "geomean vs fastest": summary["geomean_vs_fastest"].map(formatting.ratio),
             **({"geomean vs limit": summary["geomean_vs_limit"].map(formatting.ratio)} if summary["geomean_vs_limit"].notna().any() else {}),

@@ -63,18 +63,18 @@ def latency_vs_batch(rows: pd.DataFrame, colours: dict[str, tuple]) -> Figure:
     return grid.figure
 
 
-def speed_vs_static(rows: pd.DataFrame) -> Figure:
+def speed_vs_floor(rows: pd.DataFrame) -> Figure:
     """Heatmap per layer: latency / static latency, implementation × batch size; green is cheap."""
     ratios = tables.with_ratios(rows)
     layers = list(dict.fromkeys(ratios["layer"]))
     columns = _wrap(ratios)
     grid_rows = int(np.ceil(len(layers) / columns))
     figure, axes = plt.subplots(grid_rows, columns, figsize=(3.0 * columns, 2.3 * grid_rows), squeeze=False)
-    log_ratios = np.log2(ratios["vs_static"].dropna().astype(float))
+    log_ratios = np.log2(ratios["vs_floor"].dropna().astype(float))
     bound = max(1.0, float(log_ratios.abs().max())) if len(log_ratios) else 1.0
     norm = TwoSlopeNorm(vcenter=0.0, vmin=-bound, vmax=bound)
     for axis, layer in zip(axes.flat, layers):
-        table = ratios[ratios["layer"] == layer].pivot_table(index="impl", columns="batch_size", values="vs_static", sort=False)
+        table = ratios[ratios["layer"] == layer].pivot_table(index="impl", columns="batch_size", values="vs_floor", sort=False)
         values = table.astype(float)
         labels = values.map(lambda v: "" if np.isnan(v) else (f"{v:.2g}" if v < 10 else f"{v:.0f}"))
         sns.heatmap(

@@ -14,6 +14,7 @@ from dataclasses import dataclass
 import numpy as np
 import pandas as pd
 
+from condconv_bench.case import Role
 from condconv_bench.report import tables
 
 MOVED = 0.10  # a ratio that moved more than this between the runs should have been flagged
@@ -37,7 +38,7 @@ class Reproducibility:
     def lines(self) -> list[str]:
         share = lambda n, d: f"{n}/{d} ({n / d:.0%})" if d else "0/0"  # noqa: E731
         lines = [
-            f"reproducibility: impl/static ratio within ±5% in {share(self.within_5, self.cases)} cases, "
+            f"reproducibility: impl/floor ratio within ±5% in {share(self.within_5, self.cases)} cases, "
             f"within ±10% in {share(self.within_10, self.cases)}",
             f"worst moves: {self.lowest:.2f}× ({self.lowest_case}) and {self.highest:.2f}× ({self.highest_case})",
             f"fastest (tied sets) agree in {share(self.winners_agree, self.groups)} groups",
@@ -49,7 +50,7 @@ class Reproducibility:
 
 def _ratios(frame: pd.DataFrame) -> pd.DataFrame:
     rows = tables.with_ratios(frame)
-    return rows[rows["role"] != "floor"].set_index("case_id")[["vs_static", "noisy"]].dropna(subset=["vs_static"])
+    return rows[rows["role"] != Role.FLOOR].set_index("case_id")[["vs_floor", "noisy"]].dropna(subset=["vs_floor"])
 
 
 def _fastest_sets(frame: pd.DataFrame) -> pd.Series:
@@ -62,7 +63,7 @@ def reproducibility(first: pd.DataFrame, second: pd.DataFrame) -> Reproducibilit
     """Agreement of two runs' results (the rows of `RunDirectory.results()`)."""
     a, b = _ratios(first), _ratios(second)
     both = a.add_suffix("_a").join(b.add_suffix("_b"), how="inner")
-    moved = both["vs_static_b"] / both["vs_static_a"]
+    moved = both["vs_floor_b"] / both["vs_floor_a"]
     off = np.abs(moved.astype(float) - 1)
     far = off > MOVED
     flagged = both["noisy_a"].fillna(False).astype(bool) | both["noisy_b"].fillna(False).astype(bool)

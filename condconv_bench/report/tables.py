@@ -12,7 +12,7 @@ from __future__ import annotations
 import numpy as np
 import pandas as pd
 
-from condconv_bench.case import GROUP_KEYS
+from condconv_bench.case import GROUP_KEYS, Role
 from condconv_bench import formatting
 from condconv_bench.phases import phases_of
 
@@ -27,17 +27,17 @@ def measured(frame: pd.DataFrame) -> pd.DataFrame:
 
 
 def with_ratios(frame: pd.DataFrame) -> pd.DataFrame:
-    """`measured(frame)` plus `vs_static` (the paired ratio to the floor) and `vs_grouped_conv`."""
+    """`measured(frame)`, the floor's own `vs_floor` set to 1, and `vs_grouped_conv`."""
     rows = measured(frame).copy()
-    rows["vs_static"] = rows["vs_floor"].where(rows["role"] != "floor", 1.0)
+    rows["vs_floor"] = rows["vs_floor"].where(rows["role"] != Role.FLOOR, 1.0)
     reference = rows[rows["impl"] == COMMON_IMPL].set_index(GROUP_COLUMNS)["latency_median_s"].rename("vs_grouped_conv")
     rows = rows.join(reference, on=GROUP_COLUMNS)
     rows["vs_grouped_conv"] = rows["latency_median_s"] / rows["vs_grouped_conv"]
     return rows
 
 
-HEADLINE_COLUMNS = [*GROUP_COLUMNS, "fastest", "fastest_set", "latency_median_s", "vs_static", "vs_static_ci_low",
-                    "vs_static_ci_high", "vs_limit", "limit_memory", "vs_grouped_conv", "noisy", "auto_latency_s", "auto_vs_fastest",
+HEADLINE_COLUMNS = [*GROUP_COLUMNS, "fastest", "fastest_set", "latency_median_s", "vs_floor", "vs_floor_ci_low",
+                    "vs_floor_ci_high", "vs_limit", "limit_memory", "vs_grouped_conv", "noisy", "auto_latency_s", "auto_vs_fastest",
                     "auto_vs_fastest_ci_high", "auto_tied", "auto_picked"]
 
 
@@ -54,7 +54,7 @@ def headline(frame: pd.DataFrame) -> pd.DataFrame:
     """
     rows = with_ratios(frame)
     verified = rows["equivalent"].fillna(False).astype(bool)
-    candidates = rows[(rows["role"] == "strategy") & verified]
+    candidates = rows[(rows["role"] == Role.STRATEGY) & verified]
     if candidates.empty:
         return pd.DataFrame(columns=HEADLINE_COLUMNS)
     best = candidates.loc[candidates.groupby(GROUP_COLUMNS, sort=False)["vs_best"].idxmin()]
@@ -62,8 +62,7 @@ def headline(frame: pd.DataFrame) -> pd.DataFrame:
     tied = candidates[candidates["tied_fastest"].fillna(False).astype(bool)].sort_values("vs_best")
     best["fastest_set"] = tied.groupby(GROUP_COLUMNS, sort=False)["impl"].agg(TIE.join).reindex(best.index)
     best["noisy"] = tied.groupby(GROUP_COLUMNS, sort=False)["noisy"].any().reindex(best.index)
-    best["vs_static_ci_low"], best["vs_static_ci_high"] = best["vs_floor_ci_low"], best["vs_floor_ci_high"]
-    dispatchers = rows[(rows["role"] == "dispatcher") & verified]
+    dispatchers = rows[(rows["role"] == Role.DISPATCHER) & verified]
     # One dispatcher fills these columns (`auto` where the suite runs it); every dispatcher's
     # distance to the fastest is in `geomean_by_impl` (within_5pct, geomean_vs_fastest).
     shown = "auto" if (dispatchers["impl"] == "auto").any() else dispatchers["impl"].min()
@@ -94,7 +93,7 @@ def geomean_by_impl(frame: pd.DataFrame) -> pd.DataFrame:
     rows["near_fastest"] = rows["vs_best"] <= NEAR_FASTEST
     summary = rows.groupby("impl", sort=False).agg(
         cases=("latency_median_s", "size"),
-        geomean_vs_static=("vs_static", geometric_mean),
+        geomean_vs_floor=("vs_floor", geometric_mean),
         geomean_vs_grouped_conv=("vs_grouped_conv", geometric_mean),
         geomean_vs_fastest=("vs_best", geometric_mean),
         geomean_vs_limit=("vs_limit", geometric_mean),
@@ -102,7 +101,7 @@ def geomean_by_impl(frame: pd.DataFrame) -> pd.DataFrame:
         within_5pct=("near_fastest", "sum"),
     )
     summary["wins"] = wins.reindex(summary.index).fillna(0).astype(int)
-    return summary.sort_values("geomean_vs_static").reset_index()
+    return summary.sort_values("geomean_vs_floor").reset_index()
 
 
 def varying(frame: pd.DataFrame, columns: list[str]) -> list[str]:
@@ -206,7 +205,7 @@ def headline_display(frame: pd.DataFrame) -> pd.DataFrame:
         "batch": best["batch_size"],
         "fastest": fastest,
         "latency": best["latency_median_s"].map(formatting.seconds),
-        "vs static [95% CI]": [formatting.interval(*values) for values in best[["vs_static", "vs_static_ci_low", "vs_static_ci_high"]].itertuples(index=False)],
+        "vs floor [95% CI]": [formatting.interval(*values) for values in best[["vs_floor", "vs_floor_ci_low", "vs_floor_ci_high"]].itertuples(index=False)],
         **({"vs limit": [f"{formatting.ratio(ratio)} ({level})" if not formatting.missing(ratio) else "-"
                          for ratio, level in best[["vs_limit", "limit_memory"]].itertuples(index=False)]}
            if best["vs_limit"].notna().any() else {}),
