@@ -9,6 +9,7 @@ aside (`RowSetAside`) becomes one `warning: …` line.
 from __future__ import annotations
 
 import sys
+import time
 import warnings
 from pathlib import Path
 from typing import Any, get_args
@@ -35,9 +36,10 @@ from condconv_bench.report import RUN_FORMATS, tables, verdicts, write_report
 from condconv_bench.report.reproducibility import reproducibility
 from condconv_bench.results import RunDirectory, merge_runs
 from condconv_bench.set_aside import RowSetAside
-from condconv_bench.runner import CaseFilter, Shard, default_output, run_suite
+from condconv_bench.runner import default_output, run_suite
+from condconv_bench.selection import CaseFilter, Shard
 from condconv_bench.case import Case
-from condconv_bench.settings import ABSettings, Comparison, GateSettings
+from condconv_bench.settings import ABSettings, Comparison, GateSettings, MeasureSettings
 from condconv_bench.suite import GateSection, load_suite, shipped_suites
 from condconv_bench.tune import tune, tune_model
 
@@ -85,6 +87,9 @@ class _ProgressBar:
         bar = self._ensure(total)
         bar.update(index - 1 - bar.pos, case)
 
+    def timing_started(self, groups: int, budget_s: float) -> None:
+        pass  # the bar keeps showing the last case probed until the sweep's rows arrive
+
     def case_finished(self, index: int, total: int, case: Case, row: dict[str, Any]) -> None:
         bar = self._ensure(total)
         bar.update(index - bar.pos, case)
@@ -94,10 +99,52 @@ class _ProgressBar:
             self.bar.__exit__(None, None, None)
 
 
+class _ProgressLines:
+    """Runner listener for a log (stderr is not a terminal, where a bar draws nothing): a line per
+    group probed and per sweep timed, each with the elapsed time and what is left."""
+
+    def __init__(self, label: str) -> None:
+        self.label = label
+        self.started = time.monotonic()
+        self.group: tuple[Any, ...] | None = None
+
+    def _say(self, text: str) -> None:
+        click.echo(f"[{formatting.duration(time.monotonic() - self.started)}] {self.label}: {text}", err=True)
+
+    def case_started(self, index: int, total: int, case: Case) -> None:
+        if case.group == self.group:
+            return
+        self.group = case.group
+        elapsed = time.monotonic() - self.started
+        left = f"; probes left about {formatting.duration(elapsed / (index - 1) * (total - index + 1))}" if index > 1 else ""
+        self._say(f"probing case {index}/{total} ({case.layer} b{case.batch_size} {case.device} {case.dtype} {case.mode}){left}")
+
+    def timing_started(self, groups: int, budget_s: float) -> None:
+        self._say(f"timing {groups} groups in the worker processes: at most {formatting.duration(groups * budget_s)} "
+                  f"({budget_s:g} s budget per group)")
+
+    def case_finished(self, index: int, total: int, case: Case, row: dict[str, Any]) -> None:
+        if index == total:
+            self._say(f"{total}/{total} cases done")
+
+    def close(self) -> None:
+        pass
+
+
+def _progress(label: str, quiet: bool) -> _ProgressBar | _ProgressLines | None:
+    """A bar on a terminal, lines in a log, nothing with --quiet."""
+    if quiet:
+        return None
+    return _ProgressBar(label) if sys.stderr.isatty() else _ProgressLines(label)
+
+
 def summary_table(frame: pd.DataFrame) -> str:
     """Per layer and batch size: the fastest implementation and its ratios, as plain text."""
     shown = tables.headline_display(frame)
     return shown.to_string(index=False) if not shown.empty else "no implementation produced a verified latency"
+
+
+_MEASURE, _GATE, _AB = MeasureSettings(), GateSettings(), ABSettings()
 
 
 @click.group(cls=_Group, context_settings={"help_option_names": ["-h", "--help"]})
@@ -125,9 +172,9 @@ def main() -> None:
 @click.option("--strict", is_flag=True, help="Exit 1 if any case ended in an error.")
 @click.option("--profile", is_flag=True, help="Also record torch.profiler traces per case into RUN_DIR/traces.")
 @click.option("--no-report", is_flag=True, help="Do not write RUN_DIR/report.html at the end.")
-@click.option("--processes", type=click.IntRange(1, 64), help="Worker processes that each time every group [suite's timing.processes].")
-@click.option("--allocator", type=click.Choice(ALLOCATORS), help="Allocator of the worker processes [suite's timing.allocator, else fixed].")
-@click.option("-q", "--quiet", is_flag=True, help="No progress bar (for CI logs).")
+@click.option("--processes", type=click.IntRange(1, 64), help=f"Worker processes that each time every group [suite's timing.processes, else {_MEASURE.processes}].")
+@click.option("--allocator", type=click.Choice(ALLOCATORS), help=f"Allocator of the worker processes [suite's timing.allocator, else {_MEASURE.allocator}].")
+@click.option("-q", "--quiet", is_flag=True, help="No progress (a bar on a terminal, a line per group in a log).")
 def run(suite: str, output: Path | None, resume: bool, shard: str | None, impls: tuple[str, ...],
         devices: tuple[str, ...], batch_sizes: tuple[int, ...], layers: tuple[str, ...], dtypes: tuple[str, ...],
         modes: tuple[str, ...], strict: bool, profile: bool, no_report: bool, processes: int | None, allocator: str | None, quiet: bool) -> None:
@@ -141,7 +188,7 @@ def run(suite: str, output: Path | None, resume: bool, shard: str | None, impls:
         raise CondConvBenchError("--resume needs -o/--output: the run directory to continue")
     loaded = load_suite(suite)
     output = output or default_output(loaded)
-    progress = None if quiet else _ProgressBar(loaded.name)
+    progress = _progress(loaded.name, quiet)
     try:
         outcome = run_suite(
             loaded, output, resume=resume, shard=Shard.parse(shard) if shard else None,
@@ -305,7 +352,6 @@ def _gate_settings(run_dir: Path, overrides: dict[str, Any]) -> GateSettings:
         raise CondConvBenchError(f"--{str(error['loc'][0]).replace('_', '-')}: {error['msg']}") from None
 
 
-_GATE, _AB = GateSettings(), ABSettings()
 
 
 def _threshold_options(command: Any) -> Any:
@@ -402,8 +448,8 @@ def gate() -> None:
 @click.argument("ref")
 @click.option("--suite", default="smoke", show_default=True, help="The suite to measure (a shipped name or a path).")
 @click.option("--repo", type=click.Path(file_okay=False, path_type=Path), help="The git repository [the one around the current directory].")
-@click.option("--processes", type=click.IntRange(1, 64), help="Worker processes [suite's timing.processes].")
-@click.option("--allocator", type=click.Choice(ALLOCATORS), help="Allocator of the worker processes [suite's timing.allocator].")
+@click.option("--processes", type=click.IntRange(1, 64), help=f"Worker processes [suite's timing.processes, else {_MEASURE.processes}].")
+@click.option("--allocator", type=click.Choice(ALLOCATORS), help=f"Allocator of the worker processes [suite's timing.allocator, else {_MEASURE.allocator}].")
 @click.option("--time-threshold", type=float, default=_AB.time_threshold, show_default=True,
               help="Relative slowdown of the paired ratio head / base that fails.")
 @click.option("--instruction-threshold", type=float, default=_AB.instruction_threshold, show_default=True,
@@ -476,7 +522,7 @@ def tune_model_command(model: str, batch_sizes: tuple[int, ...], input_size: int
 @click.option("--device", "devices", multiple=True, help="Only this device (repeatable).")
 @click.option("--batch-size", "batch_sizes", multiple=True, type=int, help="Only this batch size (repeatable).")
 @click.option("--layer", "layers", multiple=True, help="Only this layer (repeatable).")
-@click.option("--allocator", type=click.Choice(ALLOCATORS), help="Allocator of the worker processes [suite's timing.allocator, else fixed]; "
+@click.option("--allocator", type=click.Choice(ALLOCATORS), help=f"Allocator of the worker processes [suite's timing.allocator, else {_MEASURE.allocator}]; "
               "glibc tunes for a plain Python process.")
 @click.option("-q", "--quiet", is_flag=True, help="No progress bar.")
 def tune_command(suite: str, output: Path, run_dir: Path | None, from_run: Path | None, devices: tuple[str, ...],
@@ -489,7 +535,7 @@ def tune_command(suite: str, output: Path, run_dir: Path | None, from_run: Path 
     loaded = load_suite(suite)
     default = default_output(loaded)
     target = from_run or run_dir or default.with_name("tune-" + default.name)
-    progress = None if quiet or from_run else _ProgressBar(f"tune {loaded.name}")
+    progress = _progress(f"tune {loaded.name}", quiet or from_run is not None)
     try:
         table, cache = tune(loaded, output, target, reuse_run=from_run is not None,
                             case_filter=CaseFilter((), devices, batch_sizes, layers), listener=progress, allocator=allocator)

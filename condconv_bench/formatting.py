@@ -30,6 +30,16 @@ def seconds(value: float | None) -> str:
     return f"{value / 1e-9:.3g} ns"
 
 
+def duration(value: float) -> str:
+    """A wall-clock span for a progress line: `42s`, `7m05s`, `1h02m`."""
+    total = int(round(value))
+    if total < 60:
+        return f"{total}s"
+    if total < 3600:
+        return f"{total // 60}m{total % 60:02d}s"
+    return f"{total // 3600}h{total % 3600 // 60:02d}m"
+
+
 def ratio(value: float | None) -> str:
     return "-" if missing(value) else f"{float(value):.2f}×"  # type: ignore[arg-type]
 

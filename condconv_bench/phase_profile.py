@@ -16,10 +16,13 @@ import torch
 from condconv_bench.case import Case
 from condconv_bench.dispatch.cache import cache_off
 from condconv_bench.errors import CondConvBenchError, first_line
-from condconv_bench.fixtures import GroupInputs, build_module, first_call, grad_mode, layer_state, step_function, use_exact_float32
+from condconv_bench.devices import use_exact_float32
+from condconv_bench.inputs import GroupInputs, layer_state
+from condconv_bench.steps import build_module, first_call, grad_mode, step_function
 from condconv_bench.phases import PhaseBreakdown, measure_phases
 from condconv_bench.registry import get_impl
-from condconv_bench.runner import CaseFilter, skip_reason
+from condconv_bench.probes import skip_reason
+from condconv_bench.selection import CaseFilter
 from condconv_bench.suite import Suite, load_suite
 
 

@@ -29,7 +29,8 @@ from condconv_bench.errors import CondConvBenchError, ModelError, ResultsError
 from condconv_bench.models.sources import build_model
 from condconv_bench.registry import dispatchable_impls
 from condconv_bench.results import RunDirectory
-from condconv_bench.runner import CaseFilter, CaseListener, run_suite
+from condconv_bench.runner import CaseListener, run_suite
+from condconv_bench.selection import CaseFilter
 from condconv_bench.suite import Suite
 from condconv_bench.workload import LayerWorkload
 

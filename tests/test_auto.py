@@ -17,7 +17,8 @@ from condconv_bench.equivalence import check_equivalence
 from condconv_bench.errors import ResultsError, UnknownImplError
 from condconv_bench.measure import allocators
 from condconv_bench.registry import dispatchable_impls
-from condconv_bench.runner import CaseFilter, run_suite
+from condconv_bench.runner import run_suite
+from condconv_bench.selection import CaseFilter
 
 DATA = Path(__file__).parent / "data"
 TINY = DATA / "valid" / "tiny.yaml"
@@ -190,10 +191,10 @@ def test_runner_records_what_auto_and_autotune_dispatched_in_the_workers(tmp_pat
 def test_dispatch_summary_gives_each_choice_its_share_of_the_builds() -> None:
     from collections import Counter
 
-    from condconv_bench.runner import _dispatch_summary
+    from condconv_bench.rows import dispatch_summary
 
-    assert _dispatch_summary(Counter({"grouped_conv": 3})) == "grouped_conv"
-    assert _dispatch_summary(Counter({"b": 1, "a": 1, "c": 5})) == "c 5/7; a 1/7; b 1/7"
+    assert dispatch_summary(Counter({"grouped_conv": 3})) == "grouped_conv"
+    assert dispatch_summary(Counter({"b": 1, "a": 1, "c": 5})) == "c 5/7; a 1/7; b 1/7"
 
 
 @pytest.mark.slow

@@ -20,9 +20,10 @@ from condconv_bench import atomic
 from condconv_bench.gate.baseline import load_snapshot, save_baseline
 from condconv_bench.cli import main
 from condconv_bench.dispatch.table import DispatchTable
-from condconv_bench.footprint import estimated_bytes
+from condconv_bench.memory_estimate import estimated_bytes
 from condconv_bench.results import COLUMNS, RunDirectory, load_results
-from condconv_bench.runner import CaseFilter, run_suite
+from condconv_bench.runner import run_suite
+from condconv_bench.selection import CaseFilter
 from condconv_bench.set_aside import RowSetAside
 from condconv_bench.suite import load_suite
 

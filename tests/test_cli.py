@@ -39,6 +39,18 @@ def test_run_writes_results_and_prints_a_summary(tmp_path: Path) -> None:
     assert "cases:" in result.stdout
 
 
+def test_a_run_logged_to_a_file_prints_a_line_per_group_and_sweep(tmp_path: Path) -> None:
+    result = invoke("run", str(TINY), "-o", str(tmp_path / "run"), "--device", "cpu", "--layer", "pw", "--no-report")
+    assert result.exit_code == 0, result.output
+    lines = result.stderr.splitlines()
+    probing = [line for line in lines if ": probing case " in line]
+    groups = len(RunDirectory.open(tmp_path / "run").results().groupby(["layer", "batch_size", "mode"]))
+    assert len(probing) == groups and probing[0].startswith("[0s] ") and "probing case 1/" in probing[0]
+    assert "probes left about" in probing[-1]
+    assert any(": timing " in line and " groups in the worker processes: at most " in line for line in lines)
+    assert lines[-1].endswith(" cases done") and "[" in lines[-1]
+
+
 def test_equivalence_failure_exits_1(tmp_path: Path) -> None:
     data = yaml.safe_load(TINY.read_text())
     data["impls"] = ["static", "fake_impls:WrongExpertOrder"]
@@ -117,3 +129,17 @@ def test_ctrl_c_keeps_the_run_and_says_how_to_resume(tmp_path) -> None:
         f"error: interrupted: the finished cases are in {out}; continue with: condconv-bench run {suite} -o {out} --resume"
     )
     assert RunDirectory.open(out).results() is not None  # still a readable run directory
+
+
+def test_the_gates_options_show_the_settings_defaults() -> None:
+    from dataclasses import asdict
+
+    from condconv_bench.cli import gate
+    from condconv_bench.settings import ABSettings, GateSettings
+
+    ab = {p.name: p.default for p in gate.commands["ab"].params}
+    assert {name: ab[name] for name in asdict(ABSettings())} == asdict(ABSettings())
+    helps = {p.name: p.help for p in gate.commands["baseline"].params}
+    defaults = GateSettings()
+    assert helps["time_threshold"].endswith(f"else {defaults.time_threshold:g}].")
+    assert helps["alpha"].endswith(f"else {defaults.alpha:g}].")

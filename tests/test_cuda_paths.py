@@ -15,10 +15,12 @@ from click.testing import CliRunner
 from condconv_bench import CondConv2d, DispatchTable, LayerSpec, runner
 from condconv_bench import environment
 from condconv_bench.cli import main
-from condconv_bench.fixtures import dispatched, use_exact_float32
+from condconv_bench.devices import use_exact_float32
+from condconv_bench.steps import dispatched
 from condconv_bench.impls.compiled import Compiled
 from condconv_bench.profile import _self_time_column
-from condconv_bench.runner import CaseFilter, run_suite
+from condconv_bench.runner import run_suite
+from condconv_bench.selection import CaseFilter
 
 TINY = Path(__file__).parent / "data" / "valid" / "tiny.yaml"
 

@@ -9,7 +9,7 @@ import pytest
 import yaml
 from click.testing import CliRunner
 
-from condconv_bench import runner
+from condconv_bench import machine_peak
 from condconv_bench.cli import main
 from condconv_bench.gate.baseline import load_snapshot, save_baseline
 from condconv_bench.gate.baseline_gate import run_gate
@@ -53,7 +53,7 @@ def steady_matmul_peak():
     of the fingerprint, halves when other work shares the cores; the tests that need it to differ
     change it explicitly."""
     with pytest.MonkeyPatch.context() as patch:
-        patch.setattr(runner, "matmul_peak_flops", lambda device, dtype, threads: 5e10)
+        patch.setattr(machine_peak, "matmul_peak_flops", lambda device, dtype, threads: 5e10)
         yield
 
 

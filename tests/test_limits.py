@@ -18,7 +18,8 @@ from condconv_bench.limits import Ceilings, limit, memory_seconds
 from condconv_bench.machine_peak import memory_bandwidths
 from condconv_bench.registry import get_impl
 from condconv_bench.results import HEADERS, LIMIT_COLUMNS, load_results
-from condconv_bench.runner import CaseFilter, run_suite
+from condconv_bench.runner import run_suite
+from condconv_bench.selection import CaseFilter
 from condconv_bench.spec import LayerSpec
 from condconv_bench.traffic import Traffic, compulsory_traffic
 

@@ -25,7 +25,8 @@ from condconv_bench.measure.protocol import Visit, VisitResult, read_message, wr
 from condconv_bench.measure.ratios import Interval, hierarchical_interval, is_tied
 from condconv_bench.measure.rounds import Round, calls_per_block, run_rounds
 from condconv_bench.results import RunDirectory
-from condconv_bench.runner import CaseFilter, run_suite
+from condconv_bench.runner import run_suite
+from condconv_bench.selection import CaseFilter
 
 TINY = Path(__file__).parent / "data" / "valid" / "tiny.yaml"
 

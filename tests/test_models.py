@@ -10,7 +10,8 @@ import yaml
 from condconv_bench.case import Case
 from condconv_bench.errors import SuiteError
 from condconv_bench.models.workload import ModelWorkload
-from condconv_bench.runner import _GroupContext, probe_case, run_suite
+from condconv_bench.probes import GroupContext, probe_case
+from condconv_bench.runner import run_suite
 from condconv_bench.suite import load_suite
 
 TINY = {
@@ -88,7 +89,7 @@ def test_a_timm_model_probes_exactly_at_a_small_size() -> None:
     rows = {}
     for impl in ("as_shipped", "static", "pixel_major_matmul"):
         case = Case("cc_b0_4e", workload, impl, 2, "cpu", "float32", "inference", 2, "contiguous")
-        ctx = ctx or _GroupContext(case, 0)
+        ctx = ctx or GroupContext(case, 0)
         rows[impl], _ = probe_case(case, ctx)
     assert all(row["status"] == "ok" for row in rows.values()), rows
     assert rows["pixel_major_matmul"]["equivalent"] and rows["pixel_major_matmul"]["max_rel_error"] < 1e-4
@@ -101,7 +102,7 @@ def test_without_timm_a_model_case_is_skipped_with_the_install_line(monkeypatch:
     monkeypatch.setitem(sys.modules, "timm", None)  # what `import timm` meets when timm is not installed
     case = Case("cc", ModelWorkload("timm:efficientnet_cc_b0_4e", (64, 64)), "grouped_conv", 1, "cpu", "float32",
                 "inference", 1, "contiguous")
-    row, _ = probe_case(case, _GroupContext(case, 0))
+    row, _ = probe_case(case, GroupContext(case, 0))
     assert row["status"] == "skipped"
     assert 'pip install "condconv-bench[models]"' in row["reason"] and "torchvision" in row["reason"]
 

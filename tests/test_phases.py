@@ -103,7 +103,8 @@ def test_profile_command_rejects_an_unknown_layer_in_one_line() -> None:
 
 def test_trace_diff_compares_two_profiled_strategies_with_hta(tmp_path: Path) -> None:
     pytest.importorskip("hta", reason="HolisticTraceAnalysis is an optional extra (pip install -e '.[hta]')")
-    from condconv_bench.runner import CaseFilter, run_suite
+    from condconv_bench.runner import run_suite
+    from condconv_bench.selection import CaseFilter
     from condconv_bench.trace_diff import diff_traces
 
     run_suite(TINY, tmp_path / "run", case_filter=CaseFilter(layers=("pw",), batch_sizes=(2,), devices=("cpu",)), profile=True)

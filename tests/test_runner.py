@@ -15,7 +15,8 @@ import yaml
 
 from condconv_bench.errors import CondConvBenchError, ResultsError
 from condconv_bench.results import COLUMNS, LIMIT_COLUMNS, SCHEMA_VERSION, RunDirectory, load_results, merge_runs, writer_lock
-from condconv_bench.runner import CaseFilter, Shard, run_suite
+from condconv_bench.runner import run_suite
+from condconv_bench.selection import CaseFilter, Shard
 from condconv_bench.suite import load_suite
 
 DATA = Path(__file__).parent / "data"

@@ -26,6 +26,7 @@ from pathlib import Path
 
 import torch
 
+from condconv_bench.dispatch.switch import AUTOTUNE_VARIABLE
 from condconv_bench.dispatch.table import DispatchTable, Entry, Query
 from condconv_bench.environment import machine_fingerprint
 from condconv_bench.errors import ResultsError
@@ -106,6 +107,13 @@ def cache_off() -> Iterator[None]:
             del os.environ[CACHE_VARIABLE]
         else:
             os.environ[CACHE_VARIABLE] = before
+
+
+# What a measuring process must not inherit from the user's shell, for the worker processes
+# (`measure.pool.WorkerPool`; None removes a variable): `auto` is measured as the table and
+# `autotune` as its own in-process tuning, so neither may read choices a user's earlier process
+# left in the machine's cache, nor add to it, nor be switched on globally.
+FRESH_MACHINE: dict[str, str | None] = {CACHE_VARIABLE: "off", AUTOTUNE_VARIABLE: None}
 
 
 @functools.cache

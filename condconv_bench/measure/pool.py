@@ -18,10 +18,9 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Mapping
 from dataclasses import dataclass
 
-from condconv_bench.dispatch.cache import CACHE_VARIABLE
-from condconv_bench.dispatch.switch import AUTOTUNE_VARIABLE
 from condconv_bench.measure.allocators import worker_environment
 from condconv_bench.measure.protocol import BUILDING, READY, TIMING, Visit, VisitResult, read_message, write_message
 
@@ -79,17 +78,23 @@ class _Worker:
 
 
 class WorkerPool:
-    """`size` worker processes under one allocator policy; use as a context manager. `extra_env`
-    reaches the workers too (an A/B gate's source trees, `condconv_bench.gate.ab.aliases`)."""
+    """`size` worker processes under one allocator policy; use as a context manager.
 
-    def __init__(self, size: int, allocator: str, extra_env: dict[str, str] | None = None) -> None:
-        env = {**os.environ, **(extra_env or {})}
+    `environment` sets variables in the workers' environment, or removes those it maps to None:
+    the caller says what a worker must not inherit from the user's shell (the runner: the
+    machine's autotune cache) and what it needs (an A/B gate: its source trees, and
+    `WORKER_SETUP` to serve them).
+    """
+
+    def __init__(self, size: int, allocator: str, environment: Mapping[str, str | None] | None = None) -> None:
+        env = dict(os.environ)
+        for name, value in (environment or {}).items():
+            if value is None:
+                env.pop(name, None)
+            else:
+                env[name] = value
         # Workers import what this process can import (tests' `module:Class` implementations too).
         env["PYTHONPATH"] = os.pathsep.join(path for path in sys.path if path)
-        # `auto` measures the table and `autotune` its own in-process tuning: neither may read
-        # choices a user's earlier process left in the machine's autotune cache, nor add to it.
-        env[CACHE_VARIABLE] = "off"
-        env.pop(AUTOTUNE_VARIABLE, None)
         self.env = worker_environment(allocator, env)
         self.size = size
         self._workers: list[_Worker] = []

@@ -20,6 +20,9 @@ from typing import Any
 from condconv_bench.measure.rounds import Round
 
 _LENGTH = struct.Struct("<Q")
+# `module:function` a worker calls before it says READY, named by whoever starts the pool (an A/B
+# gate serves two source trees with it): the instrument runs it without knowing what it does.
+SETUP_VARIABLE = "CONDCONV_BENCH_WORKER_SETUP"
 READY = "ready"  # a worker's first message: imports done, nothing else will compete for the CPU
 # A worker logs (on stderr) what it is about to do, so that if the process dies the runner knows
 # which case killed it: `BUILDING <case id>` before building a case, `TIMING` before the rounds.

@@ -12,6 +12,7 @@ warm-up; the next group replaces it.
 
 from __future__ import annotations
 
+import importlib
 import os
 import random
 import sys
@@ -21,12 +22,11 @@ from dataclasses import dataclass, field
 import torch
 
 import condconv_bench.workload  # noqa: F401  (imported before `READY`, not during the first visit)
-from condconv_bench.gate.ab.aliases import install_from_environment
 from condconv_bench.errors import first_line
-from condconv_bench.fixtures import (
-    GroupInputs, build_module, dispatched, first_call, grad_mode, layer_state, step_function, synchronize, use_exact_float32,
-)
-from condconv_bench.measure.protocol import BUILDING, READY, TIMING, Visit, VisitResult, read_message, write_message
+from condconv_bench.devices import synchronize, use_exact_float32
+from condconv_bench.inputs import GroupInputs, layer_state
+from condconv_bench.measure.protocol import BUILDING, READY, SETUP_VARIABLE, TIMING, Visit, VisitResult, read_message, write_message
+from condconv_bench.steps import build_module, dispatched, first_call, grad_mode, step_function
 from condconv_bench.measure.rounds import Step, calls_per_block, run_rounds
 
 STDIN = 0
@@ -97,8 +97,16 @@ def _serve(visit: Visit, group: BuiltGroup | None) -> tuple[VisitResult, BuiltGr
                        dispatched=dict(group.dispatched) if built_here else {}), group
 
 
+def _run_setup() -> None:
+    """The setup hook the pool's starter named (`SETUP_VARIABLE`), before any visit names a class."""
+    hook = os.environ.get(SETUP_VARIABLE)
+    if hook:
+        module, _, function = hook.partition(":")
+        getattr(importlib.import_module(module), function)()
+
+
 def main() -> None:
-    install_from_environment()  # an A/B gate's two revisions, before any visit names their classes
+    _run_setup()
     answers = os.dup(1)
     os.dup2(2, 1)
     write_message(answers, READY)

@@ -34,6 +34,8 @@ else:  # pragma: no cover - Python 3.10
 
 PACKAGE = "condconv_bench"
 ALIAS_PREFIX = "condconv_bench_rev_"
+from condconv_bench.measure.protocol import SETUP_VARIABLE  # noqa: E402  (after the tomllib fallback)
+
 TREES_VARIABLE = "CONDCONV_BENCH_TREES"  # JSON {alias: root}: worker processes serve the same trees
 
 
@@ -133,8 +135,10 @@ def serving(trees: dict[str, Path]) -> Iterator[None]:
 
 
 def environment_for(trees: dict[str, Path]) -> dict[str, str]:
-    """Environment variables that make a worker process serve the same trees (`install_from_environment`)."""
-    return {TREES_VARIABLE: json.dumps({alias: str(root) for alias, root in trees.items()})}
+    """Environment variables that make a worker process serve the same trees: the trees, and the
+    worker's setup hook naming `install_from_environment`."""
+    return {TREES_VARIABLE: json.dumps({alias: str(root) for alias, root in trees.items()}),
+            SETUP_VARIABLE: f"{__name__}:{install_from_environment.__name__}"}
 
 
 def install_from_environment() -> None:

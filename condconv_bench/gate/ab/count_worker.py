@@ -25,7 +25,7 @@ import torch
 
 from condconv_bench.gate.ab.aliases import install_from_environment
 from condconv_bench.errors import first_line
-from condconv_bench.fixtures import grad_mode
+from condconv_bench.steps import grad_mode
 from condconv_bench.measure.rounds import gc_paused
 from condconv_bench.measure.worker import build_group
 

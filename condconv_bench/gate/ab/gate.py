@@ -16,6 +16,7 @@ from condconv_bench.gate.ab.paired import measure_pairs
 from condconv_bench.gate.ab.pairs import SIDES, pair_cases
 from condconv_bench.gate.ab.revision import checked_out, repository_root, working_tree
 from condconv_bench.gate.ab.verdict import ABResult, decide
+from condconv_bench.dispatch.cache import FRESH_MACHINE
 from condconv_bench.measure.pool import WorkerPool
 from condconv_bench.settings import ABSettings
 
@@ -36,7 +37,8 @@ def run_ab_gate(against: str, suite: str = "smoke", repo: Path | None = None, th
             settings = head_suite.model.timing.settings(processes, allocator)
             settings = replace(settings, budget_s=2 * settings.budget_s)
             seed = head_suite.model.seed
-            timed, errors = measure_pairs(pairs, seed, settings, WorkerPool(settings.processes, settings.allocator, extra_env))
+            pool = WorkerPool(settings.processes, settings.allocator, {**FRESH_MACHINE, **extra_env})
+            timed, errors = measure_pairs(pairs, seed, settings, pool)
             unavailable = instructions.unavailable_reason() if count_instructions else "not asked for (--no-instructions)"
             counts, count_errors = ({}, {}) if unavailable else instructions.count_instructions(
                 [p for p in pairs if p.not_compared is None and p.case_id in timed], seed, settings.allocator, extra_env)

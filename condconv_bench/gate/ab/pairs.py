@@ -21,9 +21,9 @@ from condconv_bench.gate.ab.aliases import alias_for
 from condconv_bench.gate.ab.revision import Revision
 from condconv_bench.case import Case
 from condconv_bench.errors import CondConvBenchError, first_line
-from condconv_bench.fixtures import seed_of
+from condconv_bench.inputs import seed_of
 from condconv_bench.measure.protocol import Visit
-from condconv_bench.runner import skip_reason
+from condconv_bench.probes import skip_reason
 from condconv_bench.suite import Suite, load_suite
 
 SIDES = ("base", "head")

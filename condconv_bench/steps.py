@@ -1,61 +1,25 @@
-"""Seeded parameters, inputs and the timed step of a case, built the same way in every process.
+"""The module and the timed step of a case, built the same way in every process, and its cold first call.
 
-The runner probes a case (equivalence, FLOPs, memory) in its own process and times it in worker
-processes; both build the module, load the layer's one parameter set and draw the group's inputs
-from here, so every process measures exactly the same tensors. Seeds derive from the suite's
-seed and the case's identity, never from the order in which cases run.
+A step is what one timed call runs: a forward in inference, a forward and backward in training.
+The first call is separate because it is where a compiling implementation compiles (and must
+build a graph, or it would be timed running eager) and where a dispatcher decides what it runs.
 """
 
 from __future__ import annotations
 
-import zlib
 from collections import Counter
 from collections.abc import Callable
-from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
 
+from condconv_bench.devices import synchronize
 from condconv_bench.dispatch.cache import forget_this_process
+from condconv_bench.inputs import GroupInputs
 
 if TYPE_CHECKING:
     from condconv_bench.case import Case
-
-
-def seed_of(*parts: object) -> int:
-    return zlib.crc32("/".join(map(str, parts)).encode())
-
-
-@dataclass
-class GroupInputs:
-    """Seeded tensors of one group, shared by every implementation in it."""
-
-    x: torch.Tensor
-    routing_weights: torch.Tensor | None
-    grad_output: torch.Tensor | None
-
-    @classmethod
-    def draw(cls, case: Case, seed: int, device: torch.device) -> GroupInputs:
-        workload, batch = case.workload, case.batch_size
-        generator = torch.Generator().manual_seed(seed_of(seed, case.layer, batch))
-        x = torch.randn(workload.input_shape(batch), generator=generator)
-        routing = torch.rand(batch, workload.num_experts, generator=generator) if workload.routing_given else None
-        grad_output = torch.randn(workload.output_shape(batch), generator=generator) if case.mode == "training" else None
-
-        def place(t: torch.Tensor | None) -> torch.Tensor | None:
-            return None if t is None else t.to(device=device, dtype=case.torch_dtype)
-
-        return cls(place(x), place(routing), place(grad_output))
-
-    def formatted_x(self, case: Case) -> torch.Tensor:
-        """The input in the case's memory format."""
-        return self.x.contiguous(memory_format=torch.channels_last) if case.memory_format == "channels_last" else self.x
-
-
-def layer_state(case: Case, seed: int) -> dict[str, torch.Tensor]:
-    """The shared parameter set of the case's layer (the same for every implementation)."""
-    return case.workload.initial_state(torch.Generator().manual_seed(seed_of(seed, case.layer)))
 
 
 def build_module(case: Case, cls: type[nn.Module], state: dict[str, torch.Tensor], device: torch.device) -> nn.Module:
@@ -94,30 +58,6 @@ def grad_mode(mode: str) -> Any:
     return torch.inference_mode() if mode == "inference" else torch.enable_grad()
 
 
-def use_exact_float32(device: torch.device) -> bool | None:
-    """Turn TF32 off in cuDNN and cuBLAS on CUDA, so `float32` means IEEE float32 in every strategy.
-
-    By default cuDNN convolutions run float32 in TF32 on tensor cores while cuBLAS matmuls do not,
-    so conv-based strategies (and the static floor) would get a 10-bit mantissa and matmul-based
-    ones full precision: a float32 ranking would compare different arithmetic. Returns whether
-    TF32 is allowed now (False) on CUDA, for the result row; None elsewhere, where it does not apply.
-    """
-    if device.type != "cuda":
-        return None
-    torch.backends.cudnn.allow_tf32 = False
-    torch.backends.cuda.matmul.allow_tf32 = False
-    return False
-
-
-def warm_up_device(device: torch.device, dtype: torch.dtype) -> None:
-    """One small conv and one batched matmul, so that library handles (cuDNN, cuBLAS) and lazily
-    loaded kernels are ready before the first case's cold first call is timed."""
-    x = torch.randn(2, 8, 8, 8, device=device, dtype=dtype)
-    torch.nn.functional.conv2d(x, torch.randn(8, 8, 3, 3, device=device, dtype=dtype), padding=1)
-    torch.bmm(x.view(2, 8, 64), x.view(2, 64, 8))
-    synchronize(device)
-
-
 class CompileFellBackError(RuntimeError):
     """A compiling implementation's first call built no graph: it would be timed running eager."""
 
@@ -138,12 +78,6 @@ def first_call(step: Callable[[], Any], compiles: bool, device: torch.device) ->
     if compiles and not graphs:
         raise CompileFellBackError("torch.compile built no graph on the first call, so it would time eager code")
     return graphs
-
-
-def synchronize(device: torch.device) -> None:
-    """Wait for the device's queued work, so a clock read after it covers the work."""
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
 
 
 def dispatched(module: nn.Module) -> str | None:
