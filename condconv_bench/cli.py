@@ -305,7 +305,7 @@ def list_command() -> None:
     click.echo("Implementations:")
     for info in list_impls():
         status = "available" if info.available else f"unavailable: {info.unavailable_reason}"
-        role = " (baseline)" if info.is_floor else ""
+        role = " (the floor)" if info.is_floor else ""
         click.echo(f"  {info.key:<18} {info.description}{role}  [{status}]")
     click.echo("\nAllocators for the worker processes (run --allocator):")
     for name, reason in allocators.available().items():
