@@ -18,7 +18,7 @@ from condconv_bench.traffic import Traffic, input_bytes, kernel_bytes, output_by
 
 @register_impl("static")
 class Static(CondConvBase):
-    """The floor: one plain conv/linear with a fixed kernel; not CondConv."""
+    """One plain conv/linear with a fixed kernel; not CondConv."""
 
     is_floor = True
     materialises_kernels = False
