@@ -116,6 +116,68 @@ def test_planted_slowdown_fails_exactly_its_cases(repo: Path) -> None:
     assert len(rows) == 1 and slower.case_id in rows[0]  # unchanged cases are not listed
 
 
+MODEL_SUITE = {
+    "name": "ab-model-test", "impls": ["as_shipped", "batched_matmul"], "batch_sizes": [8], "devices": ["cpu"], "threads": [1],
+    "timing": {"processes": 2, "rounds": 8, "block_time": 0.002, "warmup": 2, "budget": 2},
+    "layers": [{"name": "tiny", "kind": "model", "model": "ab_timm_net:net", "input_size": 14}],
+}
+# A model of timm's own CondConv layers, which every revision's convert() recognises (a model of
+# this package's layers would be the installed package's, which an aliased tree does not own).
+TIMM_NET = """
+import torch
+from torch import nn
+from condconv_bench.models.sources import import_timm
+
+
+class Net(nn.Module):
+    def __init__(self):
+        super().__init__()
+        condconv = import_timm().layers.CondConv2d
+        self.stem = nn.Conv2d(3, 32, 3, padding=1)
+        self.routing = nn.Linear(32, 4)
+        self.expand = condconv(32, 128, 1, num_experts=4)
+        self.project = condconv(128, 32, 1, num_experts=4)
+
+    def forward(self, x):
+        x = self.stem(x)
+        routing = torch.sigmoid(self.routing(x.mean((2, 3))))
+        return self.project(torch.relu(self.expand(x, routing)), routing)
+
+
+def net():
+    return Net()
+"""
+# Appended to impls/batched_matmul.py: its conditional op spins until it has lasted FACTOR times as long.
+SPIN_MATMUL = """
+import time as _planted_time
+_unplanted = BatchedMatmul.conditional_forward
+def _planted(self, *args, **kwargs):
+    started = _planted_time.perf_counter()
+    out = _unplanted(self, *args, **kwargs)
+    deadline = started + FACTOR * (_planted_time.perf_counter() - started)
+    while _planted_time.perf_counter() < deadline:
+        pass
+    return out
+BatchedMatmul.conditional_forward = _planted
+"""
+
+
+@pytest.mark.slow
+def test_a_model_is_converted_by_each_sides_own_code(repo: Path, tmp_path: Path, monkeypatch) -> None:
+    """A model case converts the model by strategy name: each side must convert it with its own
+    revision's convert() and strategies, and resolve `as_shipped`, which no registry names."""
+    (tmp_path / "ab_timm_net.py").write_text(TIMM_NET)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    (repo / "suites" / "ab-model.yaml").write_text(yaml.safe_dump(MODEL_SUITE))
+    _git(repo, "add", ".")
+    _git(repo, "commit", "--quiet", "-m", "model suite")
+    path = repo / "impls" / "batched_matmul.py"
+    path.write_text(path.read_text() + SPIN_MATMUL.replace("FACTOR", "4.0"))
+    result = run_ab_gate("HEAD", str(repo / "suites" / "ab-model.yaml"), repo, count_instructions=False)
+    verdicts = {c.impl: c.verdict for c in result.cases}
+    assert verdicts == {"as_shipped": "unchanged", "batched_matmul": "slower"}, [(c.case_id, c.verdict, c.note, c.timing) for c in result.cases]
+
+
 @pytest.mark.slow
 def test_unchanged_code_passes_with_every_case_compared(repo: Path, monkeypatch) -> None:
     # Run from the checkout's root with its worker module broken: the instrument's must be used.

@@ -11,7 +11,7 @@ says why — new, removed, redefined, failing to import, or skipped on this mach
 from __future__ import annotations
 
 import importlib
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from types import ModuleType
 
@@ -23,25 +23,28 @@ from condconv_bench.case import Case
 from condconv_bench.errors import CondConvBenchError, first_line
 from condconv_bench.inputs import seed_of
 from condconv_bench.measure.protocol import Visit
+from condconv_bench.models.workload import ModelWorkload
 from condconv_bench.probes import skip_reason
 from condconv_bench.suite import Suite, load_suite
+from condconv_bench.workload import Workload
 
 SIDES = ("base", "head")
 
 
 @dataclass(frozen=True)
 class CasePair:
-    """One case id on both sides: the head's case and each side's class, or why it is not compared."""
+    """One case id on both sides: the head's case, each side's class and workload, or why it is not compared."""
 
     case_id: str
     case: Case
     classes: dict[str, type]  # by side; empty when not compared
     not_compared: str | None = None
+    workloads: dict[str, Workload] = field(default_factory=dict)  # by side, where a side builds the workload its own way
 
     def tagged(self, side: str) -> Case:
         """The case as measured for `side`: its implementation named `<impl>@<side>`, so that both
-        versions can be timed in one round under distinct ids."""
-        return replace(self.case, impl=f"{self.case.impl}@{side}")
+        versions can be timed in one round under distinct ids, and its workload as that side builds it."""
+        return replace(self.case, impl=f"{self.case.impl}@{side}", workload=self.workloads.get(side, self.case.workload))
 
 
 def suite_file(suite: str, root: Path, repo: Path) -> Path:
@@ -69,23 +72,36 @@ def _load(suite: str, side: str, revision: Revision, repo: Path) -> tuple[Suite 
         return None, f"{revision.label}: its suite does not load with this harness ({first_line(exc)})"
 
 
+def _side_workload(workload: Workload, side: str) -> Workload:
+    """`workload` as `side`'s tree builds it. A layer or a stack is built by the instrument around
+    each side's class; a model is converted by name (`convert()`), so it must be converted by the
+    side's own `ModelWorkload`, or both sides would measure the head's conversion and strategies."""
+    if not isinstance(workload, ModelWorkload):
+        return workload
+    module = importlib.import_module(f"{alias_for(side)}.models.workload")
+    return module.ModelWorkload(workload.source, workload.input_size, workload.floor, workload.in_channels)
+
+
 def _pair(case_id: str, cases: dict[str, Case | None]) -> CasePair:
     base, head = cases["base"], cases["head"]
     if base is None or head is None:
         return CasePair(case_id, head or base, {}, f"only in {'head' if base is None else 'base'}")  # type: ignore[arg-type]
     if base != head:
         return CasePair(case_id, head, {}, "the suite defines it differently in base and head")
-    classes = {}
+    classes, workloads = {}, {}
     for side in SIDES:
         try:
-            classes[side] = _registry(side).get_impl(head.impl)
+            workloads[side] = _side_workload(head.workload, side)
+            # The side's workload resolves the name: a model's `as_shipped` is no registry entry.
+            classes[side] = workloads[side].impl_class(head.impl) if workloads[side] is not head.workload \
+                else _registry(side).get_impl(head.impl)
         except Exception as exc:  # the revision's code fails to import: that side cannot be measured
             return CasePair(case_id, head, {}, f"{side}: {first_line(exc)}")
     device = torch.device(head.device)
-    skipped = next(filter(None, (skip_reason(classes[side], head, device) for side in SIDES)), None)
+    skipped = next(filter(None, (skip_reason(classes[side], replace(head, workload=workloads[side]), device) for side in SIDES)), None)
     if skipped:
         return CasePair(case_id, head, {}, f"skipped: {skipped}")
-    return CasePair(case_id, head, classes)
+    return CasePair(case_id, head, classes, workloads=workloads)
 
 
 def pair_cases(suite: str, base: Revision, head: Revision, repo: Path) -> tuple[list[CasePair], Suite]:
