@@ -134,7 +134,7 @@ def test_ctrl_c_keeps_the_run_and_says_how_to_resume(tmp_path) -> None:
 def test_the_gates_options_show_the_settings_defaults() -> None:
     from dataclasses import asdict
 
-    from condconv_bench.cli import gate
+    from condconv_bench.cli.gates import gate
     from condconv_bench.settings import ABSettings, GateSettings
 
     ab = {p.name: p.default for p in gate.commands["ab"].params}

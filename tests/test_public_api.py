@@ -38,3 +38,15 @@ def test_convert_imports_without_the_harness_or_timm() -> None:
     )
     loaded = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.split()
     assert loaded == [], f"importing and running convert loaded {loaded}"
+
+
+def test_every_package_of_the_tree_is_listed_for_installation() -> None:
+    """pyproject lists the packages: one left out installs nothing of it (a fresh clone's CLI would not import)."""
+    import tomllib
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    listed = set(tomllib.loads((root / "pyproject.toml").read_text())["tool"]["setuptools"]["packages"])
+    found = {".".join(init.parent.relative_to(root).parts) for init in (root / "condconv_bench").rglob("__init__.py")}
+    found |= {"condconv_bench.impls", "condconv_bench.suites"}  # the top-level impls/ and suites/ folders, installed under the package
+    assert found - listed == set()
