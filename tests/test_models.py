@@ -139,3 +139,65 @@ def test_the_shipped_models_suite_validates_without_building_a_model() -> None:
     cuda = {(c.dtype, c.batch_size) for c in suite.cases() if c.device == "cuda"}
     assert {b for _, b in cpu} == {1, 8, 32} and {m for m, _ in cpu} == {"inference", "training"}
     assert cuda == {(d, b) for d in ("float32", "bfloat16") for b in (64, 256)}
+
+
+def tiny_case(impl: str, mode: str = "inference") -> Case:
+    workload = ModelWorkload("tiny_models:tiny_condconv_net", (15, 15), "tiny_models:tiny_floor_net")
+    return Case("tiny", workload, impl, 2, "cpu", "float32", mode, 1, "contiguous")
+
+
+@pytest.mark.parametrize(("mode", "tolerance"), [("inference", 2e-4), ("training", 5e-4)])
+def test_where_the_float64_oracle_does_not_fit_the_model_is_checked_against_its_shipped_self(
+        monkeypatch: pytest.MonkeyPatch, mode: str, tolerance: float) -> None:
+    import torch
+
+    from condconv_bench import footprint
+    from condconv_bench.adapters.condconv_bench_layers import CondConvBenchLayers
+
+    case = tiny_case("batched_matmul", mode)
+    training = mode == "training"
+    alone = footprint.case_bytes(case.workload, 2, training, torch.float32)
+    fallback = case.workload.fallback_reference_bytes(2, training, torch.float32)
+    assert footprint.estimated_bytes(case) > alone + fallback, "the float64 oracle must be what does not fit"
+    monkeypatch.setattr(footprint, "available_bytes", lambda device: alone + fallback)
+    row, _ = probe_case(case, _GroupContext(case, 0))
+    assert row["status"] == "ok" and row["equivalent"], row
+    assert row["tolerance"] == pytest.approx(tolerance) and "as-shipped model in float32" in row["reason"]
+
+    original = CondConvBenchLayers.replacement
+
+    def planted(self, module, spec, target):  # what a bad weight copy would do
+        layer = original(self, module, spec, target)
+        with torch.no_grad():
+            layer.weight.copy_(layer.weight.flip(0).clone())
+        return layer
+
+    monkeypatch.setattr(CondConvBenchLayers, "replacement", planted)
+    row, _ = probe_case(case, _GroupContext(case, 0))
+    assert row["status"] == "ok" and not row["equivalent"], row
+
+    monkeypatch.setattr(footprint, "available_bytes", lambda device: alone + fallback - 1)
+    row, _ = probe_case(case, _GroupContext(case, 0))
+    assert row["status"] == "skipped" and "the float32 reference the float64 one falls back to" in row["reason"]
+
+
+def test_where_the_float64_oracle_fits_the_row_names_no_other_check(monkeypatch: pytest.MonkeyPatch) -> None:
+    import torch
+
+    from condconv_bench.adapters.condconv_bench_layers import CondConvBenchLayers
+
+    case = tiny_case("batched_matmul")
+    row, _ = probe_case(case, _GroupContext(case, 0))
+    assert row["status"] == "ok" and row["equivalent"] and row["tolerance"] == 1e-4 and row.get("reason") is None
+
+    original = CondConvBenchLayers.replacement
+
+    def planted(self, module, spec, target):  # the oracle is built from the parameters before conversion
+        layer = original(self, module, spec, target)
+        with torch.no_grad():
+            layer.weight.copy_(layer.weight.transpose(-1, -2).clone())
+        return layer
+
+    monkeypatch.setattr(CondConvBenchLayers, "replacement", planted)
+    row, _ = probe_case(case, _GroupContext(case, 0))
+    assert row["status"] == "ok" and not row["equivalent"], row
