@@ -21,6 +21,7 @@ from dataclasses import replace
 import torch
 import torch.nn.functional as F
 
+from condconv_bench.impls.batched_matmul import not_for_depthwise
 from condconv_bench.layer import CondConvBase
 from condconv_bench.registry import register_impl
 from condconv_bench.spec import LayerSpec, Pair
@@ -76,6 +77,10 @@ class PixelMajorMatmul(CondConvBase):
             out = torch.bmm(x.unsqueeze(1), kernels).squeeze(1)
             return out if bias is None else out + bias
         return as_output(self, torch.bmm(columns_pixel_major(self, x), kernels), x, bias)
+
+    @classmethod
+    def unsuited_reason(cls, spec: LayerSpec) -> str | None:
+        return not_for_depthwise(spec)
 
     @classmethod
     def analytic_bytes(cls, spec: LayerSpec, batch_size: int, input_size: Pair, itemsize: int) -> Traffic:

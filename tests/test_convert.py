@@ -58,7 +58,7 @@ def test_unusual_timm_layers_convert_exactly(name: str, size: tuple[int, int]) -
     x = torch.randn(2, 8, *size)
     with torch.no_grad():
         expected = block(x)
-        converted, replaced = convert(block, "batched_matmul", copy=True)
+        converted, replaced = convert(block, "batched_matmul", copy=True, elsewhere=None)
         actual = converted(x)
     assert [r.path for r in replaced] == ["layers.0"] and replaced[0].from_class == "timm.layers.cond_conv2d.CondConv2d"
     assert isinstance(converted.layers[0], SamePadCondConv2d) == layer.dynamic_padding
@@ -153,3 +153,22 @@ def test_own_layers_keep_their_routing_and_shared_modules_stay_shared() -> None:
         converted, replaced = convert(model, "stacked_moe")
         assert len(replaced) == 1 and converted[0] is converted[2] and converted[0].strategy == "stacked_moe"
         assert relative_error(converted(x), expected) < 1e-5
+
+
+def test_a_fixed_matmul_strategy_runs_only_where_it_is_an_algorithm_and_the_record_says_so(efficientnet_cc: nn.Module) -> None:
+    x = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        expected = efficientnet_cc(x)
+    model, replaced = convert(efficientnet_cc, "pixel_major_matmul", copy=True, elsewhere="grouped_conv")
+    depthwise = [r for r in replaced if r.spec.is_depthwise]
+    assert len(depthwise) == 8 and {r.strategy for r in depthwise} == {"grouped_conv"}
+    assert all(r.reason.startswith("pixel_major_matmul is not for depthwise layers") for r in depthwise)
+    others = [r for r in replaced if not r.spec.is_depthwise]
+    assert len(others) == 16 and {(r.strategy, r.reason) for r in others} == {("pixel_major_matmul", None)}
+    assert {model.get_submodule(r.path).strategy for r in replaced} == {"pixel_major_matmul", "grouped_conv"}
+    with torch.no_grad():
+        assert relative_error(model(x), expected) < 1e-4
+    assert {r.strategy for r in convert(efficientnet_cc, "batched_matmul", copy=True).replaced if r.spec.is_depthwise} == {"auto"}
+    assert {r.strategy for r in convert(efficientnet_cc, "batched_matmul", copy=True, elsewhere=None).replaced} == {"batched_matmul"}
+    assert {r.strategy for r in convert(efficientnet_cc, "grouped_conv", copy=True).replaced} == {"grouped_conv"}, \
+        "a strategy for every kind of layer runs everywhere"

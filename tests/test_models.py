@@ -51,6 +51,8 @@ def test_a_model_suite_runs_every_case_through_the_runner(tiny_run) -> None:
     condconv = rows[rows["impl"] == "grouped_conv"].iloc[0]
     assert floor["macs_analytic_mixing"] == 0 < condconv["macs_analytic_mixing"]
     assert condconv["dispatched"] == "grouped_conv×2" and rows.loc[rows["impl"] == "batched_matmul", "kernel_bytes"].gt(0).all()
+    # batched_matmul is not for the depthwise layer: timm's algorithm runs there, and the row says so
+    assert set(rows.loc[rows["impl"] == "batched_matmul", "dispatched"]) == {"batched_matmul×1 grouped_conv×1"}
 
 
 def test_the_report_has_a_section_per_model(tiny_run) -> None:
