@@ -203,3 +203,30 @@ def test_where_the_float64_oracle_fits_the_row_names_no_other_check(monkeypatch:
     monkeypatch.setattr(CondConvBenchLayers, "replacement", planted)
     row, _ = probe_case(case, _GroupContext(case, 0))
     assert row["status"] == "ok" and not row["equivalent"], row
+
+
+def test_model_cases_shard_like_layer_cases_and_merge(tmp_path) -> None:
+    """`run --shard i/N` splits a model suite by whole groups (a model at one batch size and mode with
+    its floor and as-shipped self), the shards are disjoint and cover the suite, and `merge` joins them."""
+    from click.testing import CliRunner
+
+    from condconv_bench.cli import main
+    from condconv_bench.results import RunDirectory
+
+    suite = {**TINY, "impls": ["as_shipped", "static", "grouped_conv"], "batch_sizes": [1, 2, 3], "modes": ["inference"],
+             "timing": {**TINY["timing"], "rounds": 1, "budget": 0.05}}
+    path = write_suite(tmp_path, suite)
+    parts = [tmp_path / f"shard{i}" for i in (1, 2)]
+    for index, part in enumerate(parts, start=1):
+        ran = CliRunner().invoke(main, ["run", path, "--shard", f"{index}/2", "-o", str(part), "--no-report", "-q"])
+        assert ran.exit_code == 0, ran.output
+    frames = [RunDirectory(part).results() for part in parts]
+    assert [sorted(set(f["batch_size"])) for f in frames] == [[1, 3], [2]]
+    for frame in frames:
+        assert (frame["status"] == "ok").all() and set(frame["kind"]) == {"model"}
+        for _, group in frame.groupby("batch_size"):  # each group whole: the floor beside what it divides
+            assert set(group["impl"]) == {"as_shipped", "static", "grouped_conv"}
+            assert group.loc[group["impl"] != "static", "vs_floor"].notna().all()
+    merged = CliRunner().invoke(main, ["merge", *map(str, parts), "-o", str(tmp_path / "merged")])
+    assert merged.exit_code == 0 and "9 cases" in merged.output, merged.output
+    assert set(RunDirectory(tmp_path / "merged").results()["case_id"]) == {c.id for c in load_suite(path).cases()}
