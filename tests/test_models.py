@@ -230,3 +230,35 @@ def test_model_cases_shard_like_layer_cases_and_merge(tmp_path) -> None:
     merged = CliRunner().invoke(main, ["merge", *map(str, parts), "-o", str(tmp_path / "merged")])
     assert merged.exit_code == 0 and "9 cases" in merged.output, merged.output
     assert set(RunDirectory(tmp_path / "merged").results()["case_id"]) == {c.id for c in load_suite(path).cases()}
+
+
+def test_stage_attribution_times_every_stage_and_finds_the_mixing_where_the_condconv_layers_are() -> None:
+    import torch
+
+    from condconv_bench.conversion import convert
+    from condconv_bench.models.stages import stage_phases, stage_table, stages_of, time_stages
+    from tiny_models import tiny_staged_floor, tiny_staged_net
+
+    torch.manual_seed(0)
+    converted, floor = convert(tiny_staged_net().eval(), "pixel_major_matmul").model, tiny_staged_floor().eval()
+    assert [name for name, _ in stages_of(converted)] == ["stem", "blocks.0", "blocks.1", "head"]
+    x = torch.randn(2, 3, 16, 16)
+    times = time_stages({"converted": converted, "floor": floor}, x, rounds=3)
+    for label in ("converted", "floor"):
+        assert all(len(times.seconds[label][stage]) == 3 for stage in times.stages)
+        assert sum(times.median(label, stage) for stage in times.stages) <= times.median(label)
+    phases = {label: stage_phases(model, x, num_experts=4) for label, model in (("converted", converted), ("floor", floor))}
+    assert phases["converted"]["blocks.0"]["mixing"] > 0 and phases["converted"]["blocks.1"]["mixing"] > 0
+    assert phases["converted"]["stem"]["mixing"] == 0 and all(p["mixing"] == 0 for p in phases["floor"].values())
+    table = stage_table(times, "converted", "floor", phases)
+    assert table.count("\n| ") == 5 and "| blocks.1 |" in table and "**whole forward**" in table
+
+
+def test_stage_attribution_refuses_models_whose_stages_differ() -> None:
+    import torch
+
+    from condconv_bench.models.stages import time_stages
+    from tiny_models import tiny_condconv_net, tiny_staged_floor
+
+    with pytest.raises(ValueError, match="stages differ"):
+        time_stages({"a": tiny_condconv_net(), "b": tiny_staged_floor()}, torch.randn(1, 3, 8, 8), rounds=1)
