@@ -236,11 +236,12 @@ def test_stage_attribution_times_every_stage_and_finds_the_mixing_where_the_cond
     import torch
 
     from condconv_bench.conversion import convert
-    from condconv_bench.models.stages import stage_phases, stage_table, stages_of, time_stages
+    from condconv_bench.models.stages import condconv_paths, stage_phases, stage_table, stages_of, time_stages
     from tiny_models import tiny_staged_floor, tiny_staged_net
 
     torch.manual_seed(0)
-    converted, floor = convert(tiny_staged_net().eval(), "pixel_major_matmul").model, tiny_staged_floor().eval()
+    converted = convert(tiny_staged_net().eval(), "pixel_major_matmul", elsewhere="grouped_conv").model
+    floor = tiny_staged_floor().eval()
     assert [name for name, _ in stages_of(converted)] == ["stem", "blocks.0", "blocks.1", "head"]
     x = torch.randn(2, 3, 16, 16)
     times = time_stages({"converted": converted, "floor": floor}, x, rounds=3)
@@ -253,6 +254,15 @@ def test_stage_attribution_times_every_stage_and_finds_the_mixing_where_the_cond
     table = stage_table(times, "converted", "floor", phases)
     assert table.count("\n| ") == 5 and "| blocks.1 |" in table and "**whole forward**" in table
 
+    paths = condconv_paths(converted)  # per layer: the floor has plain convs at the same paths
+    assert paths == [f"blocks.{s}.0.{i}" for s in (0, 1) for i in (0, 2, 4)]
+    layers = time_stages({"converted": converted, "floor": floor}, x, rounds=2, paths=paths)
+    assert layers.stages == paths and all(len(layers.seconds["floor"][p]) == 2 for p in paths)
+    per_layer = {label: stage_phases(model, x, 4, paths=paths) for label, model in (("converted", converted), ("floor", floor))}
+    assert all(per_layer["converted"][p]["mixing"] > 0 == per_layer["floor"][p]["mixing"] for p in paths)
+    ran = {p: converted.get_submodule(p).last_strategy for p in paths}
+    assert "| blocks.0.0.2 | grouped_conv |" in stage_table(layers, "converted", "floor", per_layer, ran)
+
 
 def test_stage_attribution_refuses_models_whose_stages_differ() -> None:
     import torch
@@ -262,3 +272,17 @@ def test_stage_attribution_refuses_models_whose_stages_differ() -> None:
 
     with pytest.raises(ValueError, match="stages differ"):
         time_stages({"a": tiny_condconv_net(), "b": tiny_staged_floor()}, torch.randn(1, 3, 8, 8), rounds=1)
+
+
+def test_the_model_section_says_which_batch_sizes_were_checked_against_the_shipped_model(tiny_run) -> None:
+    from condconv_bench.report.markdown import _model_table
+    from condconv_bench.report.models import model_tables
+
+    _, rows = tiny_run
+    assert all(not table.notes for table in model_tables(rows))
+    checked = "equivalence checked against the as-shipped model in float32 (the float64 one does not fit in memory), tolerance 2e-04"
+    rows = rows.copy()
+    rows.loc[(rows["mode"] == "inference") & (rows["impl"] != "static"), "reason"] = checked
+    inference = next(t for t in model_tables(rows) if "inference" in t.context)
+    assert inference.notes == (f"batch 2: {checked}",)
+    assert _model_table(inference).endswith(f"\n\nbatch 2: {checked}")

@@ -15,7 +15,8 @@ a stage of the CondConv model and the same stage of its floor compute the same s
   to the operators inside each label. The profiler's per-operator overhead inflates these times;
   they are shares, and the timed rounds are the latencies.
 
-Forward only (inference): stage hooks cannot time the backward without wrapping every stage in
+With `--layers`, the rows are the CondConv layers instead (the floor's layers of the same paths),
+and say which strategy each ran. Forward only (inference): stage hooks cannot time the backward without wrapping every stage in
 autograd hooks that change what is measured. Run it as
 `python -m condconv_bench.models.stages timm:efficientnet_cc_b0_8e timm:efficientnet_b0 --batch-size 8`.
 """
@@ -52,10 +53,18 @@ def stages_of(model: nn.Module) -> list[tuple[str, nn.Module]]:
     return found
 
 
+def condconv_paths(model: nn.Module) -> list[str]:
+    """The paths of a model's CondConv layers: its per-layer "stages" (timm's EfficientNets and their
+    floors share them, e.g. `blocks.5.1.conv_pw`)."""
+    return [found.path for found in find_layers(model)]
+
+
 @contextmanager
-def _hooked(model: nn.Module, before: Callable[[str], None], after: Callable[[str], None]) -> Iterator[None]:
+def _hooked(model: nn.Module, before: Callable[[str], None], after: Callable[[str], None],
+            paths: list[str] | None = None) -> Iterator[None]:
     handles = []
-    for name, stage in stages_of(model):
+    named = stages_of(model) if paths is None else [(path, model.get_submodule(path)) for path in paths]
+    for name, stage in named:
         handles.append(stage.register_forward_pre_hook(lambda *_, n=name: before(n)))
         handles.append(stage.register_forward_hook(lambda *_, n=name: after(n)))
     try:
@@ -83,12 +92,17 @@ class StageTimes:
         return statistics.median(x / y for x, y in zip(a, b))
 
 
-def time_stages(models: dict[str, nn.Module], x: torch.Tensor, rounds: int, seed: int = 0) -> StageTimes:
-    """Interleaved, shuffled rounds of each model's forward (inference mode), every stage timed."""
-    names = {label: [n for n, _ in stages_of(m)] for label, m in models.items()}
-    stages = next(iter(names.values()))
-    if any(n != stages for n in names.values()):
-        raise ValueError(f"the models' stages differ: {names}")
+def time_stages(models: dict[str, nn.Module], x: torch.Tensor, rounds: int, seed: int = 0,
+                paths: list[str] | None = None) -> StageTimes:
+    """Interleaved, shuffled rounds of each model's forward (inference mode), every stage timed (or
+    every module of `paths`, e.g. `condconv_paths`, which all the models must have)."""
+    if paths is None:
+        names = {label: [n for n, _ in stages_of(m)] for label, m in models.items()}
+        stages = next(iter(names.values()))
+        if any(n != stages for n in names.values()):
+            raise ValueError(f"the models' stages differ: {names}")
+    else:
+        stages = paths
     seconds = {label: {s: [] for s in stages} for label in models}
     totals: dict[str, list[float]] = {label: [] for label in models}
     started: dict[str, float] = {}
@@ -106,15 +120,17 @@ def time_stages(models: dict[str, nn.Module], x: torch.Tensor, rounds: int, seed
                 def after(stage: str, label: str = label) -> None:
                     seconds[label][stage].append(time.perf_counter() - started[stage])
 
-                with _hooked(models[label], before, after):
+                with _hooked(models[label], before, after, paths):
                     begin = time.perf_counter()
                     models[label](x)
                     totals[label].append(time.perf_counter() - begin)
     return StageTimes(stages, seconds, totals)
 
 
-def stage_phases(model: nn.Module, x: torch.Tensor, num_experts: int, steps: int = 3) -> dict[str, dict[str, float]]:
-    """Microseconds per forward in each phase (`condconv_bench.phases`), per stage, from a profiled pass."""
+def stage_phases(model: nn.Module, x: torch.Tensor, num_experts: int, steps: int = 3,
+                 paths: list[str] | None = None) -> dict[str, dict[str, float]]:
+    """Microseconds per forward in each phase (`condconv_bench.phases`), per stage (or module of
+    `paths`), from a profiled pass."""
     labels: dict[str, record_function] = {}
 
     def before(stage: str) -> None:
@@ -126,7 +142,7 @@ def stage_phases(model: nn.Module, x: torch.Tensor, num_experts: int, steps: int
 
     with torch.inference_mode():
         model(x)
-        with _hooked(model, before, after), native_stderr_silenced(), \
+        with _hooked(model, before, after, paths), native_stderr_silenced(), \
                 profile(activities=[ProfilerActivity.CPU], record_shapes=True) as prof:
             for _ in range(steps):
                 model(x)
@@ -144,15 +160,19 @@ def stage_phases(model: nn.Module, x: torch.Tensor, num_experts: int, steps: int
     return phases
 
 
-def stage_table(times: StageTimes, converted: str, floor: str, phases: dict[str, dict[str, dict[str, float]]]) -> str:
+def stage_table(times: StageTimes, converted: str, floor: str, phases: dict[str, dict[str, dict[str, float]]],
+                strategies: dict[str, str] | None = None) -> str:
     """Markdown: per stage, floor and converted latency, their ratio, the difference, and what the
-    difference is made of by phase (converted's phase time less the floor's, profiled)."""
-    header = ("| stage | floor | converted | converted / floor | difference | of which (profiled, converted − floor) |\n"
-              "|---|---|---|---|---|---|\n")
+    difference is made of by phase (converted's phase time less the floor's, profiled); with
+    `strategies` (stage → what ran there), a column for it."""
+    ran = "" if strategies is None else " ran |"
+    header = (f"| stage |{ran} floor | converted | converted / floor | difference | of which (profiled, converted − floor) |\n"
+              f"|---|{'---|' if strategies else ''}---|---|---|---|---|\n")
     lines = []
     for stage in [*times.stages, None]:
         a, b = times.median(converted, stage), times.median(floor, stage)
         ratio = times.ratio(converted, floor, stage)
+        which = "" if strategies is None else f" {strategies.get(stage, '') if stage else ''} |"
         if stage is None:
             parts = ""
         else:
@@ -160,7 +180,7 @@ def stage_table(times: StageTimes, converted: str, floor: str, phases: dict[str,
             deltas = {p: mine.get(p, 0.0) - theirs.get(p, 0.0) for p in FORWARD_PHASES}
             parts = ", ".join(f"{p} {d / 1e3:+.2f} ms" for p, d in sorted(deltas.items(), key=lambda kv: -abs(kv[1]))
                               if abs(d) >= 0.05e3)
-        lines.append(f"| {stage or '**whole forward**'} | {b * 1e3:.2f} ms | {a * 1e3:.2f} ms | {ratio:.2f}× | "
+        lines.append(f"| {stage or '**whole forward**'} |{which} {b * 1e3:.2f} ms | {a * 1e3:.2f} ms | {ratio:.2f}× | "
                      f"{(a - b) * 1e3:+.2f} ms | {parts} |")
     return header + "\n".join(lines)
 
@@ -174,6 +194,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--strategy", default="autotune")
     parser.add_argument("--rounds", type=int, default=15)
     parser.add_argument("--threads", type=int, default=torch.get_num_threads())
+    parser.add_argument("--layers", action="store_true", help="one row per CondConv layer instead of per stage")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     with cache_off():  # as in a run: the machine's autotune cache is neither read nor filled
@@ -183,11 +204,13 @@ def main(argv: list[str] | None = None) -> None:
             experts = max(found.spec.num_experts for found in find_layers(shipped))
             models = {"floor": sources.build_model(args.floor).eval(), "converted": convert(shipped, args.strategy).model}
             x = torch.randn(batch, 3, args.input_size, args.input_size)
-            times = time_stages(models, x, args.rounds)
-            phases = {label: stage_phases(m, x, experts) for label, m in models.items()}
+            paths = condconv_paths(models["converted"]) if args.layers else None
+            times = time_stages(models, x, args.rounds, paths=paths)
+            phases = {label: stage_phases(m, x, experts, paths=paths) for label, m in models.items()}
             print(f"\n{args.model} converted to {args.strategy} vs {args.floor}, batch {batch}, "
                   f"{args.input_size}px, {args.threads} threads, {args.rounds} rounds\n")
-            print(stage_table(times, "converted", "floor", phases))
+            ran = {p: getattr(models["converted"].get_submodule(p), "last_strategy", "") for p in paths} if paths else None
+            print(stage_table(times, "converted", "floor", phases, ran))
 
 
 if __name__ == "__main__":
