@@ -47,12 +47,21 @@ def columns_pixel_major(layer: CondConvBase, x: torch.Tensor) -> torch.Tensor:
 
 
 def as_output(layer: CondConvBase, products: torch.Tensor, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
-    """`(B·g, H'W', C_out/g)` products as the layer's `(B, C_out, H', W')` output, bias added."""
+    """`(B·g, H'W', C_out/g)` products as the layer's `(B, C_out, H', W')` output, bias added.
+
+    Ungrouped, the output is the products viewed as channels-last with the canonical strides
+    `(H'W'·C_out, 1, W'·C_out, C_out)`, batch stride included even at batch 1: torch 2.13's CPU
+    batch-norm backward computes wrong gradients (relative error ~1.4) for a batch-1 input whose
+    batch stride is anything else, such as the `C_out` a `reshape` gives that size-1 dimension
+    (found by a training case of `efficientnet_cc_b0_8e` at batch 1; `tests/test_convert.py`)."""
     spec = layer.spec
     batch = x.shape[0]
     out_h, out_w = spec.output_size(x.shape[2:])
-    per_group = products.view(batch, spec.groups, out_h * out_w, spec.out_channels // spec.groups)
-    out = per_group.permute(0, 1, 3, 2).reshape(batch, spec.out_channels, out_h, out_w)
+    if spec.groups == 1:
+        out = products.view(batch, out_h, out_w, spec.out_channels).permute(0, 3, 1, 2)
+    else:
+        per_group = products.view(batch, spec.groups, out_h * out_w, spec.out_channels // spec.groups)
+        out = per_group.permute(0, 1, 3, 2).reshape(batch, spec.out_channels, out_h, out_w)
     return out if bias is None else out + bias.view(batch, -1, 1, 1)
 
 

@@ -172,3 +172,28 @@ def test_a_fixed_matmul_strategy_runs_only_where_it_is_an_algorithm_and_the_reco
     assert {r.strategy for r in convert(efficientnet_cc, "batched_matmul", copy=True, elsewhere=None).replaced} == {"batched_matmul"}
     assert {r.strategy for r in convert(efficientnet_cc, "grouped_conv", copy=True).replaced} == {"grouped_conv"}, \
         "a strategy for every kind of layer runs everywhere"
+
+
+@pytest.mark.parametrize("strategy", sorted(__import__("condconv_bench.registry", fromlist=["x"]).dispatchable_impls()))
+@pytest.mark.parametrize("batch", [1, 2])
+def test_batch_norm_after_any_strategy_trains_like_after_timms_layer(strategy: str, batch: int) -> None:
+    """What a converted model's training relies on: the batch norm after each layer gets the same
+    gradients whatever strides the strategy's output has. torch's CPU batch-norm backward is wrong
+    for a batch-1 channels-last input with a non-canonical batch stride, which pixel_major_matmul's
+    output once had (relative error 1.4 on efficientnet_cc_b0_8e at batch 1)."""
+    torch.manual_seed(0)
+    timm_layer = TimmCondConv2d(16, 24, 1, num_experts=4)
+    block = Block(timm_layer, experts=4)
+    block.layers.append(nn.BatchNorm2d(24))
+    x, grad = torch.randn(batch, 16, 5, 5), torch.randn(batch, 24, 5, 5)
+    converted = convert(block, strategy, copy=True, elsewhere=None).model
+
+    def gradients(model: nn.Module) -> dict[str, torch.Tensor]:
+        model.zero_grad()
+        routing = torch.sigmoid(model.routing(x.mean(dim=(2, 3))))
+        model.layers[1](model.layers[0](x, routing)).backward(grad)
+        return {name: p.grad.clone() for name, p in model.named_parameters()}
+
+    expected, actual = gradients(block), gradients(converted)
+    errors = {name: relative_error(actual[name].reshape(g.shape), g) for name, g in expected.items()}
+    assert max(errors.values()) < 1e-4, errors
