@@ -39,6 +39,10 @@ def columns_pixel_major(layer: CondConvBase, x: torch.Tensor) -> torch.Tensor:
     """The input as `(B·g, H'W', K)`: a view for an unpadded 1×1 layer, an unfold otherwise."""
     spec = layer.spec
     batch = x.shape[0]
+    if spec.is_pointwise and spec.groups == 1:
+        # permute, then merge the spatial dims: the gradient comes back as the canonical channels-last
+        # layout (batch stride H'W'·C_in even at batch 1), as the output does (see `as_output`)
+        return x[:, :, :: spec.stride[0], :: spec.stride[1]].permute(0, 2, 3, 1).reshape(batch, -1, spec.in_channels)
     if spec.is_pointwise:
         columns = x[:, :, :: spec.stride[0], :: spec.stride[1]].reshape(batch, spec.in_channels, -1)
     else:
@@ -53,7 +57,8 @@ def as_output(layer: CondConvBase, products: torch.Tensor, x: torch.Tensor, bias
     `(H'W'·C_out, 1, W'·C_out, C_out)`, batch stride included even at batch 1: torch 2.13's CPU
     batch-norm backward computes wrong gradients (relative error ~1.4) for a batch-1 input whose
     batch stride is anything else, such as the `C_out` a `reshape` gives that size-1 dimension
-    (found by a training case of `efficientnet_cc_b0_8e` at batch 1; `tests/test_convert.py`)."""
+    (found by a training case of `efficientnet_cc_b0_8e` at batch 1; `tests/test_convert.py`). The
+    input gradient is kept canonical the same way (`columns_pixel_major`)."""
     spec = layer.spec
     batch = x.shape[0]
     out_h, out_w = spec.output_size(x.shape[2:])
