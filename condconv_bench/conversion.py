@@ -18,7 +18,9 @@ from typing import TYPE_CHECKING, NamedTuple
 from torch import nn
 
 from condconv_bench.adapters import LayerAdapter, NotExact, Target, adapters
+from condconv_bench.dispatch.layer import SELECTORS
 from condconv_bench.errors import UnmappableLayerError
+from condconv_bench.registry import get_impl
 from condconv_bench.spec import LayerSpec
 
 if TYPE_CHECKING:  # the layer module knows where the dispatch table lives
@@ -32,8 +34,9 @@ class Replacement:
     path: str  # as in `model.named_modules()`; "" for the model itself
     from_class: str  # `module.Class` of the layer that was there
     to_class: str
-    strategy: str
+    strategy: str  # what runs there now
     spec: LayerSpec
+    reason: str | None = None  # why `strategy` is not the one asked for (it is not for this kind of layer)
 
 
 class Conversion(NamedTuple):
@@ -83,6 +86,7 @@ def convert(
     strategy: str = "autotune",
     *,
     copy: bool = False,
+    elsewhere: str | None = "auto",
     dispatch_table: DispatchTable | str | Path | None = None,
     tuning_budget_s: float | None = None,
 ) -> Conversion:
@@ -90,25 +94,39 @@ def convert(
 
     `strategy` is `"autotune"` (measure the strategies on each new input's first call, remembered per
     machine), `"auto"` (a dispatch table's choice: `dispatch_table`, or the shipped one) or a
-    dispatchable strategy's key. Weights, dtype, device, training mode and `requires_grad` carry
-    over; each replacement is called as the layer it replaces (timm's blocks pass their routing
-    weights). In place, unless `copy` (then `model` is untouched). Raises `UnmappableLayerError`
-    (one line: the module path and the reason) before changing anything when a recognised layer
-    cannot be mapped exactly.
+    dispatchable strategy's key. A fixed strategy runs only in the layers it is an algorithm for:
+    the matmul strategies (`batched_matmul`, `pixel_major_matmul`, `workspace_matmul`,
+    `chunked_matmul`) are not for depthwise layers, which have no matrix product to batch, so a
+    model converted "to batched_matmul" runs `elsewhere` (default `auto`; any strategy key or
+    `autotune`) in its depthwise layers, and its record says so (`Replacement.reason`);
+    `elsewhere=None` runs `strategy` in every layer regardless. Weights, dtype, device, training
+    mode and `requires_grad` carry over; each replacement is called as the layer it replaces
+    (timm's blocks pass their routing weights). In place, unless `copy` (then `model` is
+    untouched). Raises `UnmappableLayerError` (one line: the module path and the reason) before
+    changing anything when a recognised layer cannot be mapped exactly.
     """
     if copy:
         model = copying.deepcopy(model)
-    target = Target(strategy, dispatch_table, tuning_budget_s)
     found = find_layers(model)
-    built = {id(layer.module): layer.adapter.replacement(layer.module, layer.spec, target) for layer in found}
-    replaced = tuple(
-        Replacement(layer.path, _class_name(layer.module), _class_name(built[id(layer.module)]), strategy, layer.spec)
-        for layer in found
-    )
+    built: dict[int, nn.Module] = {}
+    replaced = []
+    for layer in found:
+        runs, reason = _strategy_for(layer.spec, strategy, elsewhere)
+        built[id(layer.module)] = layer.adapter.replacement(layer.module, layer.spec, Target(runs, dispatch_table, tuning_budget_s))
+        replaced.append(Replacement(layer.path, _class_name(layer.module), _class_name(built[id(layer.module)]), runs,
+                                    layer.spec, reason))
     if id(model) in built:
-        return Conversion(built[id(model)], replaced)
+        return Conversion(built[id(model)], tuple(replaced))
     for parent in list(model.modules()):
         for name, child in list(parent._modules.items()):  # named_children() would skip a repeated child
             if child is not None and id(child) in built:
                 setattr(parent, name, built[id(child)])
-    return Conversion(model, replaced)
+    return Conversion(model, tuple(replaced))
+
+
+def _strategy_for(spec: LayerSpec, strategy: str, elsewhere: str | None) -> tuple[str, str | None]:
+    """What runs in a layer of `spec` when `strategy` is asked for, and why, if it is not `strategy`."""
+    if elsewhere is None or strategy in SELECTORS:
+        return strategy, None
+    reason = get_impl(strategy).unsuited_reason(spec)
+    return (strategy, None) if reason is None else (elsewhere, f"{strategy} {reason}: runs {elsewhere}")

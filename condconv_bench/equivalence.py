@@ -62,6 +62,7 @@ class EquivalenceReport:
 
     comparisons: tuple[TensorComparison, ...]
     tolerance: float
+    checked_against: str | None = None  # what the reference was where it is not the float64 oracle
 
     @property
     def max_rel_error(self) -> float:
@@ -86,8 +87,11 @@ class EquivalenceReport:
 
     def columns(self) -> dict[str, object]:
         """This report's cells of a result row (`results.COLUMNS`)."""
-        return {"max_rel_error": self.max_rel_error, "max_abs_error": self.max_abs_error, "worst_tensor": self.worst,
-                "tolerance": self.tolerance, "equivalent": self.passed}
+        columns: dict[str, object] = {"max_rel_error": self.max_rel_error, "max_abs_error": self.max_abs_error,
+                                      "worst_tensor": self.worst, "tolerance": self.tolerance, "equivalent": self.passed}
+        if self.checked_against is not None:  # an ok row's reason says which check ran
+            columns["reason"] = f"equivalence checked against {self.checked_against}"
+        return columns
 
 
 @dataclass(frozen=True)
@@ -97,6 +101,7 @@ class Reference:
 
     tensors: dict[str, torch.Tensor]
     tolerance: float | None = None
+    checked_against: str | None = None  # None: the float64 oracle; else what the tensors are, for the row
 
 
 def _oracle_device(device: torch.device) -> torch.device:
@@ -233,4 +238,4 @@ def check_equivalence(
         reference = compute_reference(module, x, routing_weights, grad_output)
     actual = implementation_tensors(module, x, routing_weights, grad_output)
     comparisons = tuple(compare(name, actual.get(name), ref) for name, ref in reference.tensors.items())
-    return EquivalenceReport(comparisons, reference.tolerance or tolerance_for(x.dtype, x.device))
+    return EquivalenceReport(comparisons, reference.tolerance or tolerance_for(x.dtype, x.device), reference.checked_against)

@@ -90,6 +90,12 @@ class CondConvBase(nn.Module, ABC):
         return None
 
     @classmethod
+    def unsuited_reason(cls, spec: LayerSpec) -> str | None:
+        """Why this strategy, though exact there, is not an algorithm for this kind of layer (`convert()`
+        asked for it runs another in such a layer, and says so), or None."""
+        return None
+
+    @classmethod
     def analytic_macs(cls, spec: LayerSpec, batch_size: int, input_size: Pair) -> AnalyticMacs:
         """This strategy's cost model: route, mix B kernels, run one conv's worth of MACs."""
         return AnalyticMacs(routing_macs(spec, batch_size), mixing_macs(spec, batch_size), conv_macs(spec, batch_size, input_size))

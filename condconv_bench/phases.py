@@ -98,7 +98,7 @@ def classify_backward(node: str) -> str:
     return "backward: other"
 
 
-def _outermost(event: Any) -> bool:
+def outermost(event: Any) -> bool:
     parent = event.cpu_parent
     while parent is not None:
         if parent.name.startswith(("aten::", _BACKWARD_PREFIX)):
@@ -123,7 +123,7 @@ def attribute(events: Iterable[Any], num_experts: int, device_type: str, steps: 
             phase = classify(name, event.input_shapes or [], num_experts)
         else:
             continue
-        if not _outermost(event):
+        if not outermost(event):
             continue
         totals[phase] += event.device_time_total if cuda else event.cpu_time_total
     if not cuda:

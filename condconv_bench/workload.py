@@ -69,6 +69,12 @@ class Workload(ABC):
         """Why no case of this workload can run here (e.g. its model's library is missing), or None."""
         return None
 
+    def fallback_reference_bytes(self, batch_size: int, training: bool, dtype: torch.dtype) -> int | None:
+        """Bytes of the check `reference` falls back to where the float64 reference does not fit in
+        memory (`condconv_bench.memory_estimate`), or None where there is no such check: a case whose
+        oracle does not fit is then skipped."""
+        return None
+
     def eager_module(self, module: nn.Module) -> nn.Module:
         """What the FLOP counters trace for `module` (built by `build`)."""
         return module.eager_module()

@@ -21,6 +21,17 @@ from condconv_bench.spec import LayerSpec, Pair
 from condconv_bench.traffic import Traffic, bias_epilogue, compulsory_traffic, kernel_bytes, unfold_bytes
 
 
+def not_for_depthwise(spec: LayerSpec) -> str | None:
+    """The matmul strategies' answer to `unsuited_reason`: a depthwise layer has no matrix product to
+    batch (each group is one channel: B·C products of a 1×k² row by a k²×H'W' matrix), so they are
+    not what a model converted "to batched_matmul" should run there. Measured on
+    `efficientnet_cc_b0_8e` (2-core CPU, fp32, one process, interleaved): batched_matmul in every
+    layer 2.1× (b1) and 3.0× (b8) the floor, pixel_major_matmul 2.6× and 4.5×; grouped_conv 1.3×."""
+    if spec.is_depthwise:
+        return "is not for depthwise layers (B·C one-channel products, each a 1×k² row by a k²×H'W' matrix)"
+    return None
+
+
 @register_impl("batched_matmul")
 class BatchedMatmul(CondConvBase):
     """im2col + one bmm over per-example kernels; 1×1 and linear skip the unfold."""
@@ -29,6 +40,10 @@ class BatchedMatmul(CondConvBase):
 
     def conditional_forward(self, x: torch.Tensor, routing_weights: torch.Tensor) -> torch.Tensor:
         return batched_matmul(self, x, routing_weights, reuse_workspace=False)
+
+    @classmethod
+    def unsuited_reason(cls, spec: LayerSpec) -> str | None:
+        return not_for_depthwise(spec)
 
     @classmethod
     def analytic_bytes(cls, spec: LayerSpec, batch_size: int, input_size: Pair, itemsize: int) -> Traffic:

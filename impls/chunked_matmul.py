@@ -23,6 +23,7 @@ from dataclasses import replace
 import torch
 
 from condconv_bench.environment import cache_bytes
+from condconv_bench.impls.batched_matmul import not_for_depthwise
 from condconv_bench.impls.pixel_major_matmul import as_output, columns_pixel_major, pixel_major_kernels, pixel_major_traffic
 from condconv_bench.layer import CondConvBase
 from condconv_bench.registry import register_impl
@@ -81,6 +82,10 @@ class ChunkedMatmul(CondConvBase):
             out = products.squeeze(1)
             return out if bias is None else out + bias
         return as_output(self, products, x, bias)
+
+    @classmethod
+    def unsuited_reason(cls, spec: LayerSpec) -> str | None:
+        return not_for_depthwise(spec)
 
     @classmethod
     def analytic_bytes(cls, spec: LayerSpec, batch_size: int, input_size: Pair, itemsize: int) -> Traffic:

@@ -21,6 +21,7 @@ from dataclasses import replace
 import torch
 import torch.nn.functional as F
 
+from condconv_bench.impls.batched_matmul import not_for_depthwise
 from condconv_bench.layer import CondConvBase
 from condconv_bench.registry import register_impl
 from condconv_bench.spec import LayerSpec, Pair
@@ -38,6 +39,10 @@ def columns_pixel_major(layer: CondConvBase, x: torch.Tensor) -> torch.Tensor:
     """The input as `(B·g, H'W', K)`: a view for an unpadded 1×1 layer, an unfold otherwise."""
     spec = layer.spec
     batch = x.shape[0]
+    if spec.is_pointwise and spec.groups == 1:
+        # permute, then merge the spatial dims: the gradient comes back as the canonical channels-last
+        # layout (batch stride H'W'·C_in even at batch 1), as the output does (see `as_output`)
+        return x[:, :, :: spec.stride[0], :: spec.stride[1]].permute(0, 2, 3, 1).reshape(batch, -1, spec.in_channels)
     if spec.is_pointwise:
         columns = x[:, :, :: spec.stride[0], :: spec.stride[1]].reshape(batch, spec.in_channels, -1)
     else:
@@ -46,12 +51,22 @@ def columns_pixel_major(layer: CondConvBase, x: torch.Tensor) -> torch.Tensor:
 
 
 def as_output(layer: CondConvBase, products: torch.Tensor, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
-    """`(B·g, H'W', C_out/g)` products as the layer's `(B, C_out, H', W')` output, bias added."""
+    """`(B·g, H'W', C_out/g)` products as the layer's `(B, C_out, H', W')` output, bias added.
+
+    Ungrouped, the output is the products viewed as channels-last with the canonical strides
+    `(H'W'·C_out, 1, W'·C_out, C_out)`, batch stride included even at batch 1: torch 2.13's CPU
+    batch-norm backward computes wrong gradients (relative error ~1.4) for a batch-1 input whose
+    batch stride is anything else, such as the `C_out` a `reshape` gives that size-1 dimension
+    (found by a training case of `efficientnet_cc_b0_8e` at batch 1; `tests/test_convert.py`). The
+    input gradient is kept canonical the same way (`columns_pixel_major`)."""
     spec = layer.spec
     batch = x.shape[0]
     out_h, out_w = spec.output_size(x.shape[2:])
-    per_group = products.view(batch, spec.groups, out_h * out_w, spec.out_channels // spec.groups)
-    out = per_group.permute(0, 1, 3, 2).reshape(batch, spec.out_channels, out_h, out_w)
+    if spec.groups == 1:
+        out = products.view(batch, out_h, out_w, spec.out_channels).permute(0, 3, 1, 2)
+    else:
+        per_group = products.view(batch, spec.groups, out_h * out_w, spec.out_channels // spec.groups)
+        out = per_group.permute(0, 1, 3, 2).reshape(batch, spec.out_channels, out_h, out_w)
     return out if bias is None else out + bias.view(batch, -1, 1, 1)
 
 
@@ -76,6 +91,10 @@ class PixelMajorMatmul(CondConvBase):
             out = torch.bmm(x.unsqueeze(1), kernels).squeeze(1)
             return out if bias is None else out + bias
         return as_output(self, torch.bmm(columns_pixel_major(self, x), kernels), x, bias)
+
+    @classmethod
+    def unsuited_reason(cls, spec: LayerSpec) -> str | None:
+        return not_for_depthwise(spec)
 
     @classmethod
     def analytic_bytes(cls, spec: LayerSpec, batch_size: int, input_size: Pair, itemsize: int) -> Traffic:

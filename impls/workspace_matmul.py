@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import torch
 
-from condconv_bench.impls.batched_matmul import batched_matmul, batched_matmul_traffic
+from condconv_bench.impls.batched_matmul import batched_matmul, batched_matmul_traffic, not_for_depthwise
 from condconv_bench.layer import CondConvBase
 from condconv_bench.registry import register_impl
 from condconv_bench.spec import LayerSpec, Pair
@@ -36,6 +36,10 @@ class WorkspaceMatmul(CondConvBase):
 
     def conditional_forward(self, x: torch.Tensor, routing_weights: torch.Tensor) -> torch.Tensor:
         return batched_matmul(self, x, routing_weights, reuse_workspace=True)
+
+    @classmethod
+    def unsuited_reason(cls, spec: LayerSpec) -> str | None:
+        return not_for_depthwise(spec)
 
     @classmethod
     def analytic_bytes(cls, spec: LayerSpec, batch_size: int, input_size: Pair, itemsize: int) -> Traffic:

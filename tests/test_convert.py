@@ -58,7 +58,7 @@ def test_unusual_timm_layers_convert_exactly(name: str, size: tuple[int, int]) -
     x = torch.randn(2, 8, *size)
     with torch.no_grad():
         expected = block(x)
-        converted, replaced = convert(block, "batched_matmul", copy=True)
+        converted, replaced = convert(block, "batched_matmul", copy=True, elsewhere=None)
         actual = converted(x)
     assert [r.path for r in replaced] == ["layers.0"] and replaced[0].from_class == "timm.layers.cond_conv2d.CondConv2d"
     assert isinstance(converted.layers[0], SamePadCondConv2d) == layer.dynamic_padding
@@ -153,3 +153,50 @@ def test_own_layers_keep_their_routing_and_shared_modules_stay_shared() -> None:
         converted, replaced = convert(model, "stacked_moe")
         assert len(replaced) == 1 and converted[0] is converted[2] and converted[0].strategy == "stacked_moe"
         assert relative_error(converted(x), expected) < 1e-5
+
+
+def test_a_fixed_matmul_strategy_runs_only_where_it_is_an_algorithm_and_the_record_says_so(efficientnet_cc: nn.Module) -> None:
+    x = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        expected = efficientnet_cc(x)
+    model, replaced = convert(efficientnet_cc, "pixel_major_matmul", copy=True, elsewhere="grouped_conv")
+    depthwise = [r for r in replaced if r.spec.is_depthwise]
+    assert len(depthwise) == 8 and {r.strategy for r in depthwise} == {"grouped_conv"}
+    assert all(r.reason.startswith("pixel_major_matmul is not for depthwise layers") for r in depthwise)
+    others = [r for r in replaced if not r.spec.is_depthwise]
+    assert len(others) == 16 and {(r.strategy, r.reason) for r in others} == {("pixel_major_matmul", None)}
+    assert {model.get_submodule(r.path).strategy for r in replaced} == {"pixel_major_matmul", "grouped_conv"}
+    with torch.no_grad():
+        assert relative_error(model(x), expected) < 1e-4
+    assert {r.strategy for r in convert(efficientnet_cc, "batched_matmul", copy=True).replaced if r.spec.is_depthwise} == {"auto"}
+    assert {r.strategy for r in convert(efficientnet_cc, "batched_matmul", copy=True, elsewhere=None).replaced} == {"batched_matmul"}
+    assert {r.strategy for r in convert(efficientnet_cc, "grouped_conv", copy=True).replaced} == {"grouped_conv"}, \
+        "a strategy for every kind of layer runs everywhere"
+
+
+@pytest.mark.parametrize("strategy", sorted(__import__("condconv_bench.registry", fromlist=["x"]).dispatchable_impls()))
+@pytest.mark.parametrize("batch", [1, 2])
+def test_batch_norms_around_any_strategy_train_like_around_timms_layer(strategy: str, batch: int) -> None:
+    """What a converted model's training relies on: the batch norms before and after each layer get
+    the same gradients whatever strides the strategy's output and input gradient have. torch's CPU
+    batch-norm backward is wrong for a batch-1 channels-last tensor with a non-canonical batch
+    stride, which pixel_major_matmul's output and input gradient once had (relative errors 1–4 on
+    efficientnet_cc_b0_8e in training at batch 1)."""
+    torch.manual_seed(0)
+    timm_layer = TimmCondConv2d(16, 24, 1, num_experts=4)
+    block = Block(timm_layer, experts=4)
+    block.layers.append(nn.BatchNorm2d(24))
+    block.before = nn.BatchNorm2d(16)  # its backward gets the layer's input gradient
+    x, grad = torch.randn(batch, 16, 5, 5), torch.randn(batch, 24, 5, 5)
+    converted = convert(block, strategy, copy=True, elsewhere=None).model
+
+    def gradients(model: nn.Module) -> dict[str, torch.Tensor]:
+        model.zero_grad()
+        h = model.before(x)
+        routing = torch.sigmoid(model.routing(h.mean(dim=(2, 3))))
+        model.layers[1](model.layers[0](h, routing)).backward(grad)
+        return {name: p.grad.clone() for name, p in model.named_parameters()}
+
+    expected, actual = gradients(block), gradients(converted)
+    errors = {name: relative_error(actual[name].reshape(g.shape), g) for name, g in expected.items()}
+    assert max(errors.values()) < 1e-4, errors

@@ -52,6 +52,8 @@ def test_a_model_suite_runs_every_case_through_the_runner(tiny_run) -> None:
     condconv = rows[rows["impl"] == "grouped_conv"].iloc[0]
     assert floor["macs_analytic_mixing"] == 0 < condconv["macs_analytic_mixing"]
     assert condconv["dispatched"] == "grouped_conv×2" and rows.loc[rows["impl"] == "batched_matmul", "kernel_bytes"].gt(0).all()
+    # batched_matmul is not for the depthwise layer: timm's algorithm runs there, and the row says so
+    assert set(rows.loc[rows["impl"] == "batched_matmul", "dispatched"]) == {"batched_matmul×1 grouped_conv×1"}
 
 
 def test_the_report_has_a_section_per_model(tiny_run) -> None:
@@ -140,3 +142,160 @@ def test_the_shipped_models_suite_validates_without_building_a_model() -> None:
     cuda = {(c.dtype, c.batch_size) for c in suite.cases() if c.device == "cuda"}
     assert {b for _, b in cpu} == {1, 8, 32} and {m for m, _ in cpu} == {"inference", "training"}
     assert cuda == {(d, b) for d in ("float32", "bfloat16") for b in (64, 256)}
+
+
+def tiny_case(impl: str, mode: str = "inference") -> Case:
+    workload = ModelWorkload("tiny_models:tiny_condconv_net", (15, 15), "tiny_models:tiny_floor_net")
+    return Case("tiny", workload, impl, 2, "cpu", "float32", mode, 1, "contiguous")
+
+
+@pytest.mark.parametrize(("mode", "tolerance"), [("inference", 2e-4), ("training", 5e-4)])
+def test_where_the_float64_oracle_does_not_fit_the_model_is_checked_against_its_shipped_self(
+        monkeypatch: pytest.MonkeyPatch, mode: str, tolerance: float) -> None:
+    import torch
+
+    from condconv_bench import memory_estimate
+    from condconv_bench.adapters.condconv_bench_layers import CondConvBenchLayers
+
+    case = tiny_case("batched_matmul", mode)
+    training = mode == "training"
+    alone = memory_estimate.case_bytes(case.workload, 2, training, torch.float32)
+    fallback = case.workload.fallback_reference_bytes(2, training, torch.float32)
+    assert memory_estimate.estimated_bytes(case) > alone + fallback, "the float64 oracle must be what does not fit"
+    monkeypatch.setattr(memory_estimate, "available_bytes", lambda device: alone + fallback)
+    row, _ = probe_case(case, GroupContext(case, 0))
+    assert row["status"] == "ok" and row["equivalent"], row
+    assert row["tolerance"] == pytest.approx(tolerance) and "as-shipped model in float32" in row["reason"]
+
+    original = CondConvBenchLayers.replacement
+
+    def planted(self, module, spec, target):  # what a bad weight copy would do
+        layer = original(self, module, spec, target)
+        with torch.no_grad():
+            layer.weight.copy_(layer.weight.flip(0).clone())
+        return layer
+
+    monkeypatch.setattr(CondConvBenchLayers, "replacement", planted)
+    row, _ = probe_case(case, GroupContext(case, 0))
+    assert row["status"] == "ok" and not row["equivalent"], row
+
+    monkeypatch.setattr(memory_estimate, "available_bytes", lambda device: alone + fallback - 1)
+    row, _ = probe_case(case, GroupContext(case, 0))
+    assert row["status"] == "skipped" and "the float32 reference the float64 one falls back to" in row["reason"]
+
+
+def test_where_the_float64_oracle_fits_the_row_names_no_other_check(monkeypatch: pytest.MonkeyPatch) -> None:
+    import torch
+
+    from condconv_bench.adapters.condconv_bench_layers import CondConvBenchLayers
+
+    case = tiny_case("batched_matmul")
+    row, _ = probe_case(case, GroupContext(case, 0))
+    assert row["status"] == "ok" and row["equivalent"] and row["tolerance"] == 1e-4 and row.get("reason") is None
+
+    original = CondConvBenchLayers.replacement
+
+    def planted(self, module, spec, target):  # the oracle is built from the parameters before conversion
+        layer = original(self, module, spec, target)
+        with torch.no_grad():
+            layer.weight.copy_(layer.weight.transpose(-1, -2).clone())
+        return layer
+
+    monkeypatch.setattr(CondConvBenchLayers, "replacement", planted)
+    row, _ = probe_case(case, GroupContext(case, 0))
+    assert row["status"] == "ok" and not row["equivalent"], row
+
+
+def test_model_cases_shard_like_layer_cases_and_merge(tmp_path) -> None:
+    """`run --shard i/N` splits a model suite by whole groups (a model at one batch size and mode with
+    its floor and as-shipped self), the shards are disjoint and cover the suite, and `merge` joins them."""
+    from click.testing import CliRunner
+
+    from condconv_bench.cli import main
+    from condconv_bench.results import RunDirectory
+
+    suite = {**TINY, "impls": ["as_shipped", "static", "grouped_conv"], "batch_sizes": [1, 2, 3], "modes": ["inference"],
+             "timing": {**TINY["timing"], "rounds": 1, "budget": 0.05}}
+    path = write_suite(tmp_path, suite)
+    parts = [tmp_path / f"shard{i}" for i in (1, 2)]
+    for index, part in enumerate(parts, start=1):
+        ran = CliRunner().invoke(main, ["run", path, "--shard", f"{index}/2", "-o", str(part), "--no-report", "-q"])
+        assert ran.exit_code == 0, ran.output
+    frames = [RunDirectory(part).results() for part in parts]
+    assert [sorted(set(f["batch_size"])) for f in frames] == [[1, 3], [2]]
+    for frame in frames:
+        assert (frame["status"] == "ok").all() and set(frame["kind"]) == {"model"}
+        for _, group in frame.groupby("batch_size"):  # each group whole: the floor beside what it divides
+            assert set(group["impl"]) == {"as_shipped", "static", "grouped_conv"}
+            assert group.loc[group["impl"] != "static", "vs_floor"].notna().all()
+    merged = CliRunner().invoke(main, ["merge", *map(str, parts), "-o", str(tmp_path / "merged")])
+    assert merged.exit_code == 0 and "9 cases" in merged.output, merged.output
+    assert set(RunDirectory(tmp_path / "merged").results()["case_id"]) == {c.id for c in load_suite(path).cases()}
+
+
+def test_stage_attribution_times_every_stage_and_finds_the_mixing_where_the_condconv_layers_are() -> None:
+    import torch
+
+    from condconv_bench.conversion import convert
+    from condconv_bench.models.stages import condconv_paths, stage_phases, stage_table, stages_of, time_stages
+    from tiny_models import tiny_staged_floor, tiny_staged_net
+
+    torch.manual_seed(0)
+    converted = convert(tiny_staged_net().eval(), "pixel_major_matmul", elsewhere="grouped_conv").model
+    floor = tiny_staged_floor().eval()
+    assert [name for name, _ in stages_of(converted)] == ["stem", "blocks.0", "blocks.1", "head"]
+    x = torch.randn(2, 3, 16, 16)
+    times = time_stages({"converted": converted, "floor": floor}, x, rounds=3)
+    for label in ("converted", "floor"):
+        assert all(len(times.seconds[label][stage]) == 3 for stage in times.stages)
+        assert sum(times.median(label, stage) for stage in times.stages) <= times.median(label)
+    phases = {label: stage_phases(model, x, num_experts=4) for label, model in (("converted", converted), ("floor", floor))}
+    assert phases["converted"]["blocks.0"]["mixing"] > 0 and phases["converted"]["blocks.1"]["mixing"] > 0
+    assert phases["converted"]["stem"]["mixing"] == 0 and all(p["mixing"] == 0 for p in phases["floor"].values())
+    table = stage_table(times, "converted", "floor", phases)
+    assert table.count("\n| ") == 5 and "| blocks.1 |" in table and "**whole forward**" in table
+
+    paths = condconv_paths(converted)  # per layer: the floor has plain convs at the same paths
+    assert paths == [f"blocks.{s}.0.{i}" for s in (0, 1) for i in (0, 2, 4)]
+    layers = time_stages({"converted": converted, "floor": floor}, x, rounds=2, paths=paths)
+    assert layers.stages == paths and all(len(layers.seconds["floor"][p]) == 2 for p in paths)
+    per_layer = {label: stage_phases(model, x, 4, paths=paths) for label, model in (("converted", converted), ("floor", floor))}
+    assert all(per_layer["converted"][p]["mixing"] > 0 == per_layer["floor"][p]["mixing"] for p in paths)
+    ran = {p: converted.get_submodule(p).last_strategy for p in paths}
+    assert "| blocks.0.0.2 | grouped_conv |" in stage_table(layers, "converted", "floor", per_layer, ran)
+
+
+def test_stage_attribution_refuses_models_whose_stages_differ() -> None:
+    import torch
+
+    from condconv_bench.models.stages import time_stages
+    from tiny_models import tiny_condconv_net, tiny_staged_floor
+
+    with pytest.raises(ValueError, match="stages differ"):
+        time_stages({"a": tiny_condconv_net(), "b": tiny_staged_floor()}, torch.randn(1, 3, 8, 8), rounds=1)
+
+
+def test_the_model_section_says_which_batch_sizes_were_checked_against_the_shipped_model(tiny_run) -> None:
+    from condconv_bench.report.markdown import _model_table
+    from condconv_bench.report.models import model_tables
+
+    _, rows = tiny_run
+    assert all(not table.notes for table in model_tables(rows))
+    checked = "equivalence checked against the as-shipped model in float32 (the float64 one does not fit in memory), tolerance 2e-04"
+    rows = rows.copy()
+    rows.loc[(rows["mode"] == "inference") & (rows["impl"] != "static"), "reason"] = checked
+    inference = next(t for t in model_tables(rows) if "inference" in t.context)
+    assert inference.notes == (f"batch 2: {checked}",)
+    assert _model_table(inference).endswith(f"\n\nbatch 2: {checked}")
+
+
+def test_model_stages_command_prints_a_table_per_batch_size() -> None:
+    from click.testing import CliRunner
+
+    from condconv_bench.cli import main
+
+    result = CliRunner().invoke(main, ["model-stages", "tiny_models:tiny_staged_net", "tiny_models:tiny_staged_floor",
+                                       "--batch-size", "1", "--batch-size", "2", "--input-size", "16", "--rounds", "2"])
+    assert result.exit_code == 0, result.output
+    assert result.output.count("**whole forward**") == 2 and ", batch 2, 16px" in result.output
+    assert "| blocks.1 |" in result.output

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections import OrderedDict
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -43,3 +45,29 @@ def tiny_condconv_net() -> nn.Module:
 
 def tiny_floor_net() -> nn.Module:
     return TinyCondConvNet(condconv=False)
+
+
+class _Flatten(nn.Module):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x.mean(dim=(2, 3))
+
+
+def _staged(condconv: bool) -> nn.Module:
+    """A stem, two stages of blocks (a sequence of sequences, as timm's `blocks`) and a head."""
+    def conv(cin: int, cout: int, k: int, groups: int = 1) -> nn.Module:
+        if condconv:
+            return CondConv2d(cin, cout, k, padding=k // 2, groups=groups, bias=False, num_experts=4, strategy="grouped_conv")
+        return nn.Conv2d(cin, cout, k, padding=k // 2, groups=groups, bias=False)
+
+    stage = lambda width: nn.Sequential(nn.Sequential(conv(width, 2 * width, 1), nn.SiLU(), conv(2 * width, 2 * width, 3, 2 * width),
+                                                      nn.SiLU(), conv(2 * width, width, 1)))
+    return nn.Sequential(OrderedDict(stem=nn.Conv2d(3, 8, 3, stride=2, padding=1), blocks=nn.Sequential(stage(8), stage(8)),
+                                     head=nn.Sequential(_Flatten(), nn.Linear(8, 10))))
+
+
+def tiny_staged_net() -> nn.Module:
+    return _staged(condconv=True)
+
+
+def tiny_staged_floor() -> nn.Module:
+    return _staged(condconv=False)

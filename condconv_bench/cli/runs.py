@@ -11,6 +11,7 @@ import pandas as pd
 
 from condconv_bench.errors import EXIT_FAILURE, CondConvBenchError, RunInterruptedError
 from condconv_bench.measure.allocators import ALLOCATORS
+from condconv_bench.models.stages import stage_reports
 from condconv_bench.phase_profile import profile_phases
 from condconv_bench.phases import PHASES
 from condconv_bench import formatting
@@ -161,6 +162,27 @@ def profile_command(suite: str, layers: tuple[str, ...], batch_sizes: tuple[int,
     """
     profiled = profile_phases(suite, CaseFilter(impls, devices, batch_sizes, layers, dtypes, modes))
     click.echo(phase_table(profiled))
+
+
+@main.command("model-stages")
+@click.argument("model")
+@click.argument("floor")
+@click.option("--batch-size", "batch_sizes", multiple=True, type=click.IntRange(min=1), default=(8,), show_default=True,
+              help="Batch size (repeatable).")
+@click.option("--input-size", type=click.IntRange(min=1), default=224, show_default=True, help="Height and width of the input images.")
+@click.option("--strategy", default="autotune", show_default=True, help="What convert() gives the CondConv layers.")
+@click.option("--rounds", type=click.IntRange(min=1), default=15, show_default=True, help="Interleaved rounds of both models.")
+@click.option("--threads", type=click.IntRange(min=1), help="Threads [torch's default here].")
+@click.option("--layers", is_flag=True, help="One row per CondConv layer (and what it ran) instead of per stage.")
+def model_stages_command(model: str, floor: str, batch_sizes: tuple[int, ...], input_size: int, strategy: str, rounds: int,
+                         threads: int | None, layers: bool) -> None:
+    """Where converted / floor's time goes in MODEL, stage by stage, against FLOOR (the same network without CondConv).
+
+    Both models run in interleaved rounds in this process with a clock hook on every stage; one
+    profiled pass splits each stage's difference into phases. Inference only; nothing is written.
+    """
+    for report in stage_reports(model, floor, batch_sizes, input_size, strategy, rounds, threads, layers):
+        click.echo(f"\n{report.title}\n\n{report.table}")
 
 
 @main.command("trace-diff")

@@ -63,4 +63,5 @@ def _model_table(model: ModelTable) -> str:
             shown[column] = [formatting.interval(*v) for v in rows[[column, f"{column} low", f"{column} high"]].itertuples(index=False)]
         else:
             shown[column] = rows[column].map(formatting.ratio)
-    return f"### {model.description} — {model.context}\n\n" + formatting.markdown_table(shown)
+    notes = "".join(f"\n\n{note}" for note in model.notes)
+    return f"### {model.description} — {model.context}\n\n" + formatting.markdown_table(shown) + notes

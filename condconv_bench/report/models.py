@@ -5,6 +5,8 @@ strategy, `auto` and `autotune`, and the floor (the network without CondConv) in
 interleaved rounds. Its table has one row per batch size: every case's paired ratio to the floor
 (`X / floor`, with its 95% interval), and `as shipped / autotune`, how much faster the converted
 model is than the library's own (a ratio of the two paired medians; above 1× autotune is faster).
+Where a batch size's cases were checked against the as-shipped model in their own dtype (the
+float64 one did not fit in memory), its `notes` say so.
 """
 
 from __future__ import annotations
@@ -28,6 +30,7 @@ class ModelTable:
     columns: list[str]  # the ratio columns, in order
     rows: pd.DataFrame  # batch_size, floor_latency_s, then per column: value, `<column> low`, `<column> high`
     tuning_s: pd.Series  # autotune's first call per batch size (its tuning cost), when it ran
+    notes: tuple[str, ...] = ()  # per batch size, how its cases were checked where not against the float64 oracle
 
 
 def _label(impl: str) -> str:
@@ -61,7 +64,9 @@ def model_tables(frame: pd.DataFrame) -> list[ModelTable]:
                 table[column] = by_impl[AS_SHIPPED]["vs_floor"] / by_impl[TUNED]["vs_floor"]
             columns.append(column)
         tuning = by_impl[TUNED]["first_call_s"] if TUNED in by_impl else pd.Series(dtype=float)
+        checked = group[group["reason"].fillna("").str.startswith("equivalence checked against")]
+        notes = tuple(f"batch {batch}: {reason}" for (batch, reason), _ in checked.groupby(["batch_size", "reason"]))
         label = " · ".join(f"{v} threads" if c == "threads" else str(v) for c, v in zip(CONTEXT_COLUMNS, context))
-        tables.append(ModelTable(layer, str(description), label, columns, table.reset_index(), tuning))
+        tables.append(ModelTable(layer, str(description), label, columns, table.reset_index(), tuning, notes))
     first = {description: index for index, description in reversed(list(enumerate(t.description for t in tables)))}
     return sorted(tables, key=lambda t: first[t.description])
