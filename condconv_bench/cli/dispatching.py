@@ -8,7 +8,7 @@ import click
 import pandas as pd
 
 from condconv_bench.errors import CondConvBenchError, ResultsError
-from condconv_bench.dispatch.cache import CACHE_VARIABLE, machine_cache
+from condconv_bench.dispatch.cache import CACHE_VARIABLE, cache_path
 from condconv_bench.dispatch.table import DispatchTable, default_table
 from condconv_bench.measure import allocators
 from condconv_bench.measure.allocators import ALLOCATORS
@@ -33,15 +33,15 @@ def list_command() -> None:
     for name, reason in allocators.available().items():
         click.echo(f"  {name:<18} {'available' if reason is None else f'unavailable: {reason}'}")
     click.echo("\nWhere strategy='auto' looks, in this order (autotune measures, then keeps its choices in the first):")
-    cache = machine_cache()
-    if cache.path is None:
+    path = cache_path()  # the file itself: loading it as the layers do would warn about what this reports
+    if path is None:
         click.echo(f"  autotune cache     off (${CACHE_VARIABLE})")
     else:
         try:
-            state = f"{len(DispatchTable.load(cache.path).entries)} entries" if cache.path.exists() else "nothing measured yet"
+            state = f"{len(DispatchTable.load(path).entries)} entries" if path.exists() else "nothing measured yet"
         except ResultsError as exc:  # as the layers treat it: measured afresh and replaced, never fatal
             state = f"unreadable, autotune measures afresh and replaces it: {exc}"
-        click.echo(f"  autotune cache     {cache.path} ({state}; this machine and torch build only)")
+        click.echo(f"  autotune cache     {path} ({state}; this machine and torch build only)")
     table = default_table()
     click.echo(f"  dispatch table     {table.source or '(none)'}")
     if table.measured_on:
