@@ -43,6 +43,8 @@ from condconv_bench.suite import Suite, load_suite
 class CaseListener(Protocol):
     """Receives progress; the CLI's progress bar (a terminal) and progress lines (a log) implement it."""
 
+    def run_started(self, cases: list[Case]) -> None: ...
+
     def case_started(self, index: int, total: int, case: Case) -> None: ...
 
     def timing_started(self, groups: int, budget_s: float) -> None: ...
@@ -164,6 +166,8 @@ def _run_cases(suite: Suite, cases: list[Case], settings: MeasureSettings, pool:
     outcome = RunOutcome(run, len(cases), len(done & {case.id for case in cases}))
     position = {case.id: index for index, case in enumerate(cases, start=1)}
     warmed: set[tuple[str, str]] = set()
+    if listener:
+        listener.run_started([case for case in cases if case.id not in done])
     with pool:
         groups = _groups(cases)
         for start in range(0, len(groups), settings.sweep_groups):

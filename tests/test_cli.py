@@ -47,7 +47,8 @@ def test_a_run_logged_to_a_file_prints_a_line_per_group_and_sweep(tmp_path: Path
     groups = len(RunDirectory.open(tmp_path / "run").results().groupby(["layer", "batch_size", "mode"]))
     assert len(probing) == groups and probing[0].startswith("[0s] ") and "probing case 1/" in probing[0]
     assert "probes left about" in probing[-1]
-    assert any(": timing " in line and " groups in the worker processes: at most " in line for line in lines)
+    timing = next(i for i, line in enumerate(lines) if ": timing " in line)
+    assert " groups in the worker processes (" in lines[timing] and ": timed in " in lines[timing + 1]
     assert lines[-1].endswith(" cases done") and "[" in lines[-1]
 
 
@@ -143,3 +144,26 @@ def test_the_gates_options_show_the_settings_defaults() -> None:
     defaults = GateSettings()
     assert helps["time_threshold"].endswith(f"else {defaults.time_threshold:g}].")
     assert helps["alpha"].endswith(f"else {defaults.alpha:g}].")
+
+
+def test_progress_lines_estimate_what_is_left_over_the_cases_this_machine_runs(monkeypatch, capsys) -> None:
+    import torch
+
+    from condconv_bench.cli import progress
+    from condconv_bench.suite import load_suite
+
+    if torch.cuda.is_available():
+        pytest.skip("needs a machine without CUDA: the CUDA cases are the ones skipped in no time")
+    now = [0.0]
+    monkeypatch.setattr(progress.time, "monotonic", lambda: now[0])
+    cases = [case for case in load_suite(TINY).cases() if case.layer == "pw"][:2]
+    cuda = [case.__class__(**{**case.__dict__, "device": "cuda"}) for case in cases]
+    lines = progress.ProgressLines("tiny")
+    lines.run_started(cases + cuda)
+    for index, case in enumerate(cases + cuda, start=1):
+        lines.group = None  # every case its own group here, so each gets a line
+        lines.case_started(index, 4, case)
+        now[0] += 1.0 if case.device == "cpu" else 0.0
+    said = capsys.readouterr().err.splitlines()
+    # a second per cpu probe: after the first, one cpu case is left (1 s); the cuda cases add nothing
+    assert "probes left about 1s" in said[1] and "probes left" not in said[2] + said[3], said

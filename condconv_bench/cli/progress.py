@@ -7,9 +7,11 @@ import time
 from typing import Any
 
 import click
+import torch
 
 from condconv_bench import formatting
 from condconv_bench.case import Case
+from condconv_bench.devices import device_unavailable_reason
 
 
 class ProgressBar:
@@ -32,6 +34,9 @@ class ProgressBar:
         bar = self._ensure(total)
         bar.update(index - 1 - bar.pos, case)
 
+    def run_started(self, cases: list[Case]) -> None:
+        pass  # the bar's length comes with the first case
+
     def timing_started(self, groups: int, budget_s: float) -> None:
         pass  # the bar keeps showing the last case probed until the sweep's rows arrive
 
@@ -46,29 +51,53 @@ class ProgressBar:
 
 class ProgressLines:
     """Runner listener for a log (stderr is not a terminal, where a bar draws nothing): a line per
-    group probed and per sweep timed, each with the elapsed time and what is left."""
+    group probed and per sweep timed, each with the elapsed time and what is left.
+
+    What is left is estimated from the probes so far, over the cases this machine can run (a
+    case on a device it lacks is skipped in no time), and the timing of a sweep is said when it
+    starts (its rounds' budget) and when it ends (how long it took, workers' first calls included).
+    """
 
     def __init__(self, label: str) -> None:
         self.label = label
         self.started = time.monotonic()
         self.group: tuple[Any, ...] | None = None
+        self.runs_here: dict[str, bool] = {}
+        self.probed_here = 0
+        self.probing_s = 0.0  # time spent probing, sweeps' timing excluded
+        self.mark = self.started
+        self.timing_since: float | None = None
 
     def _say(self, text: str) -> None:
         click.echo(f"[{formatting.duration(time.monotonic() - self.started)}] {self.label}: {text}", err=True)
 
+    def run_started(self, cases: list[Case]) -> None:
+        self.runs_here = {case.id: device_unavailable_reason(torch.device(case.device)) is None for case in cases}
+
     def case_started(self, index: int, total: int, case: Case) -> None:
-        if case.group == self.group:
-            return
-        self.group = case.group
-        elapsed = time.monotonic() - self.started
-        left = f"; probes left about {formatting.duration(elapsed / (index - 1) * (total - index + 1))}" if index > 1 else ""
-        self._say(f"probing case {index}/{total} ({case.layer} b{case.batch_size} {case.device} {case.dtype} {case.mode}){left}")
+        now = time.monotonic()
+        self.probing_s += now - self.mark
+        self.mark = now
+        if case.group != self.group:
+            self.group = case.group
+            left = sum(self.runs_here.values()) - self.probed_here
+            estimate = (f"; probes left about {formatting.duration(self.probing_s / self.probed_here * left)}"
+                        if self.probed_here and left else "")
+            self._say(f"probing case {index}/{total} ({case.layer} b{case.batch_size} {case.device} {case.dtype} {case.mode}){estimate}")
+        self.probed_here += self.runs_here.get(case.id, False)
 
     def timing_started(self, groups: int, budget_s: float) -> None:
-        self._say(f"timing {groups} groups in the worker processes: at most {formatting.duration(groups * budget_s)} "
-                  f"({budget_s:g} s budget per group)")
+        now = time.monotonic()
+        self.probing_s += now - self.mark
+        self.timing_since = now
+        self._say(f"timing {groups} groups in the worker processes ({budget_s:g} s of rounds per group, "
+                  f"plus each worker's first calls)")
 
     def case_finished(self, index: int, total: int, case: Case, row: dict[str, Any]) -> None:
+        if self.timing_since is not None:
+            self._say(f"timed in {formatting.duration(time.monotonic() - self.timing_since)}")
+            self.timing_since = None
+        self.mark = time.monotonic()
         if index == total:
             self._say(f"{total}/{total} cases done")
 
