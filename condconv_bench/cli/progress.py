@@ -78,7 +78,7 @@ class ProgressLines:
         now = time.monotonic()
         self.probing_s += now - self.mark
         self.mark = now
-        if case.group != self.group:
+        if case.group != self.group and self.runs_here.get(case.id, True):  # a group on a missing device is skipped unsaid
             self.group = case.group
             left = sum(self.runs_here.values()) - self.probed_here
             estimate = (f"; probes left about {formatting.duration(self.probing_s / self.probed_here * left)}"
