@@ -35,7 +35,7 @@ class Role(StrEnum):
 
 def role_of(cls: type) -> Role:
     """The role of implementation class `cls`. An A/B gate may serve a revision from before the
-    floor had one name, whose floor class says `is_floor`: it is read the same way."""
+    floor had one name, whose floor class says `is_baseline`: it is read the same way."""
     if getattr(cls, "is_floor", getattr(cls, "is_baseline", False)):
         return Role.FLOOR
     return Role.DISPATCHER if cls.is_dispatcher else Role.STRATEGY

@@ -36,25 +36,25 @@ SUITE = {
 }
 SUITE_PATH = "suites/ab-test.yaml"
 
-# Appended to impls/grouped_conv.py: every eager forward spins until it has lasted FACTOR times as long.
+# Appended to an implementation's module: every eager call of CLASS.METHOD spins until it has lasted FACTOR times as long.
 SPIN_WAIT = '''
 import time as _planted_time
 
-_unplanted_forward = GroupedConv.forward
+_unplanted = CLASS.METHOD
 
 
-def _planted_forward(self, *args, **kwargs):
+def _planted(self, *args, **kwargs):
     if torch.compiler.is_compiling():
-        return _unplanted_forward(self, *args, **kwargs)
+        return _unplanted(self, *args, **kwargs)
     started = _planted_time.perf_counter()
-    out = _unplanted_forward(self, *args, **kwargs)
+    out = _unplanted(self, *args, **kwargs)
     deadline = started + FACTOR * (_planted_time.perf_counter() - started)
     while _planted_time.perf_counter() < deadline:
         pass
     return out
 
 
-GroupedConv.forward = _planted_forward
+CLASS.METHOD = _planted
 '''
 
 # A test-only implementation whose step is mostly a fixed amount of interpreter work.
@@ -95,9 +95,10 @@ def repo(tmp_path: Path) -> Path:
     return root
 
 
-def _plant_spin_wait(repo: Path, factor: float) -> None:
-    path = repo / "impls" / "grouped_conv.py"
-    path.write_text(path.read_text() + SPIN_WAIT.replace("FACTOR", repr(factor)))
+def _plant_spin_wait(repo: Path, factor: float, module: str = "grouped_conv", cls: str = "GroupedConv", method: str = "forward") -> None:
+    path = repo / "impls" / f"{module}.py"
+    plant = SPIN_WAIT.replace("CLASS", cls).replace("METHOD", method).replace("FACTOR", repr(factor))
+    path.write_text(path.read_text() + plant)
 
 
 @pytest.mark.slow
@@ -147,19 +148,6 @@ class Net(nn.Module):
 def net():
     return Net()
 """
-# Appended to impls/batched_matmul.py: its conditional op spins until it has lasted FACTOR times as long.
-SPIN_MATMUL = """
-import time as _planted_time
-_unplanted = BatchedMatmul.conditional_forward
-def _planted(self, *args, **kwargs):
-    started = _planted_time.perf_counter()
-    out = _unplanted(self, *args, **kwargs)
-    deadline = started + FACTOR * (_planted_time.perf_counter() - started)
-    while _planted_time.perf_counter() < deadline:
-        pass
-    return out
-BatchedMatmul.conditional_forward = _planted
-"""
 
 
 @pytest.mark.slow
@@ -171,8 +159,7 @@ def test_a_model_is_converted_by_each_sides_own_code(repo: Path, tmp_path: Path,
     (repo / "suites" / "ab-model.yaml").write_text(yaml.safe_dump(MODEL_SUITE))
     _git(repo, "add", ".")
     _git(repo, "commit", "--quiet", "-m", "model suite")
-    path = repo / "impls" / "batched_matmul.py"
-    path.write_text(path.read_text() + SPIN_MATMUL.replace("FACTOR", "4.0"))
+    _plant_spin_wait(repo, 4.0, "batched_matmul", "BatchedMatmul", "conditional_forward")
     result = run_ab_gate("HEAD", str(repo / "suites" / "ab-model.yaml"), repo, count_instructions=False)
     verdicts = {c.impl: c.verdict for c in result.cases}
     assert verdicts == {"as_shipped": "unchanged", "batched_matmul": "slower"}, [(c.case_id, c.verdict, c.note, c.timing) for c in result.cases]

@@ -83,7 +83,7 @@ class WorkerPool:
     `environment` sets variables in the workers' environment, or removes those it maps to None:
     the caller says what a worker must not inherit from the user's shell (the runner: the
     machine's autotune cache) and what it needs (an A/B gate: its source trees, and
-    `WORKER_SETUP` to serve them).
+    the worker's setup hook, `protocol.SETUP_VARIABLE`, to serve them).
     """
 
     def __init__(self, size: int, allocator: str, environment: Mapping[str, str | None] | None = None) -> None:

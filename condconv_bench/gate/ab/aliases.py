@@ -32,10 +32,10 @@ if sys.version_info >= (3, 11):
 else:  # pragma: no cover - Python 3.10
     import tomli as tomllib
 
+from condconv_bench.measure.protocol import SETUP_VARIABLE
+
 PACKAGE = "condconv_bench"
 ALIAS_PREFIX = "condconv_bench_rev_"
-from condconv_bench.measure.protocol import SETUP_VARIABLE  # noqa: E402  (after the tomllib fallback)
-
 TREES_VARIABLE = "CONDCONV_BENCH_TREES"  # JSON {alias: root}: worker processes serve the same trees
 
 

@@ -92,9 +92,9 @@ def _pair(case_id: str, cases: dict[str, Case | None]) -> CasePair:
     for side in SIDES:
         try:
             workloads[side] = _side_workload(head.workload, side)
-            # The side's workload resolves the name: a model's `as_shipped` is no registry entry.
-            classes[side] = workloads[side].impl_class(head.impl) if workloads[side] is not head.workload \
-                else _registry(side).get_impl(head.impl)
+            # A model's own workload resolves the name: its `as_shipped` is no registry entry.
+            own = isinstance(head.workload, ModelWorkload)
+            classes[side] = workloads[side].impl_class(head.impl) if own else _registry(side).get_impl(head.impl)
         except Exception as exc:  # the revision's code fails to import: that side cannot be measured
             return CasePair(case_id, head, {}, f"{side}: {first_line(exc)}")
     device = torch.device(head.device)
