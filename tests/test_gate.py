@@ -173,7 +173,7 @@ def test_latency_from_another_machine_is_refused_with_the_reason(tmp_path, basel
     other = _twice_as_slow(baseline_file, tmp_path, change_machine)
     for comparison in (GateSettings(), GateSettings(comparison="absolute"), FLOOR):
         refused = compare_snapshots(load_snapshot(other), load_snapshot(baseline_file), comparison)
-        assert refused.mode is None and reason in refused.mode_reason and "gate --against" in refused.mode_reason
+        assert refused.mode is None and reason in refused.mode_reason and "gate ab" in refused.mode_reason
         assert {c.verdict for c in refused.cases} == {"latency not compared"} and not refused.regressions
     result = CliRunner().invoke(main, ["gate", "baseline", str(baseline_file.parent.parent / "baseline-run"), "--baseline", str(other)])
     assert result.exit_code == 0 and "latency not compared: the baseline comes from another machine, or this one in another state" in result.output

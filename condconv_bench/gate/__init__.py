@@ -2,7 +2,7 @@
 
 Two gates share the rank statistics (`statistics`) and the pass-or-fail verdict
 (`errors.GateVerdict`):
-- `ab/`: `gate --against REF`, the working tree and a git revision measured side by side on one
+- `ab/`: `gate ab REF`, the working tree and a git revision measured side by side on one
   machine (latency, instruction counts); the gate that can judge latency anywhere.
 - `baseline_gate`: `gate RUN_DIR --baseline FILE`, a run against a committed snapshot
   (`baseline`) compared case by case (`compare`): FLOPs, equivalence, errors and memory on any

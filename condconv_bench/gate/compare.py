@@ -110,7 +110,7 @@ def _choose_mode(base: Snapshot, current: Snapshot, thresholds: GateSettings, la
     differences = machine_differences(base.environment, current.environment)
     if differences:
         return None, (f"latency not compared: the baseline comes from another machine, or this one in another state ({differences[0]}); "
-                      "judge latency with an A/B gate on one machine: condconv-bench gate --against REF")
+                      "judge latency with an A/B gate on one machine: condconv-bench gate ab REF")
     drift = floor_drift(base, current)
     moved = "" if drift is None else f"; the static floor moved by {drift - 1:+.0%} overall"
     if thresholds.comparison != "auto":

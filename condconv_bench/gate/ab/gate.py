@@ -1,4 +1,4 @@
-"""`gate --against REF`: the working tree against a revision, measured side by side on this machine.
+"""`gate ab REF`: the working tree against a revision, measured side by side on this machine.
 
 The order of work: check out REF, serve both trees under their aliases, pair the cases of the
 two suites, time the compared pairs in fresh worker processes (the suite's timing settings; the

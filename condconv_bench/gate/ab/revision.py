@@ -63,7 +63,7 @@ def checked_out(repo: Path, ref: str) -> Iterator[Revision]:
     try:
         commit = _git(repo, "rev-parse", "--verify", "--quiet", f"{ref}^{{commit}}")
     except RevisionError:
-        raise RevisionError(f"--against {ref!r}: no such commit in {repo} (a shallow clone lacks history: fetch it)") from None
+        raise RevisionError(f"revision {ref!r}: no such commit in {repo} (a shallow clone lacks history: fetch it)") from None
     with tempfile.TemporaryDirectory(prefix="condconv-bench-base-") as scratch:
         root = Path(scratch) / "tree"
         _git(repo, "worktree", "add", "--detach", "--quiet", str(root), commit)
