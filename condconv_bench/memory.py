@@ -14,9 +14,9 @@ from collections.abc import Callable
 
 import torch
 from torch._C._autograd import DeviceType
-from torch.profiler import ProfilerActivity, profile
+from torch.profiler import ProfilerActivity
 
-from condconv_bench.quiet import native_stderr_silenced
+from condconv_bench.profiler_session import profiler_session
 
 
 def _cuda_peak(fn: Callable[[], object], device: torch.device) -> int:
@@ -31,7 +31,7 @@ def _cuda_peak(fn: Callable[[], object], device: torch.device) -> int:
 
 
 def _profiled_cpu_peak(fn: Callable[[], object]) -> int:
-    with native_stderr_silenced(), profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+    with profiler_session(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
         result = fn()
     del result
     events = sorted(

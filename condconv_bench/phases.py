@@ -29,9 +29,9 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import torch
-from torch.profiler import ProfilerActivity, profile, schedule
+from torch.profiler import ProfilerActivity, schedule
 
-from condconv_bench.quiet import native_stderr_silenced
+from condconv_bench.profiler_session import profiler_session
 
 FORWARD_PHASES = ("routing", "mixing", "layout", "product", "epilogue", "other")
 BACKWARD_PHASES = ("backward: product", "backward: layout", "backward: other")
@@ -134,7 +134,7 @@ def attribute(events: Iterable[Any], num_experts: int, device_type: str, steps: 
 def measure_phases(step: Callable[[], object], device: torch.device, num_experts: int) -> PhaseBreakdown:
     """Profile a few steps of a warm case (no trace written) and attribute their time to phases."""
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
-    with native_stderr_silenced(), profile(activities=activities, schedule=schedule(**_SCHEDULE), record_shapes=True) as prof:
+    with profiler_session(activities=activities, schedule=schedule(**_SCHEDULE), record_shapes=True) as prof:
         for _ in range(sum(_SCHEDULE[k] for k in ("wait", "warmup", "active"))):
             step()
             prof.step()

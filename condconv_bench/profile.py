@@ -17,10 +17,10 @@ from typing import Any
 
 import torch
 from torch.autograd.profiler_util import FunctionEventAvg
-from torch.profiler import ProfilerActivity, profile, schedule, tensorboard_trace_handler
+from torch.profiler import ProfilerActivity, schedule, tensorboard_trace_handler
 
 from condconv_bench.phases import attribute
-from condconv_bench.quiet import native_stderr_silenced
+from condconv_bench.profiler_session import profiler_session
 
 TOP_OPERATORS = 10
 # wait 1 step, warm up 1, record 3: enough steps for stable operator totals on a warm case.
@@ -46,7 +46,7 @@ def record_profile(case_id: str, step: Callable[[], object], traces_dir: Path, d
     name = worker_name(case_id)
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
     steps = sum(_SCHEDULE[k] for k in ("wait", "warmup", "active"))
-    with native_stderr_silenced(), profile(
+    with profiler_session(
         activities=activities,
         schedule=schedule(**_SCHEDULE),
         on_trace_ready=tensorboard_trace_handler(str(traces_dir), worker_name=name),

@@ -32,13 +32,13 @@ from dataclasses import dataclass
 
 import torch
 from torch import nn
-from torch.profiler import ProfilerActivity, profile, record_function
+from torch.profiler import ProfilerActivity, record_function
 
 from condconv_bench.conversion import convert, find_layers
 from condconv_bench.dispatch.cache import cache_off
 from condconv_bench.models import sources
 from condconv_bench.phases import FORWARD_PHASES, outermost, classify
-from condconv_bench.quiet import native_stderr_silenced
+from condconv_bench.profiler_session import profiler_session
 
 
 def stages_of(model: nn.Module) -> list[tuple[str, nn.Module]]:
@@ -141,8 +141,7 @@ def stage_phases(model: nn.Module, x: torch.Tensor, num_experts: int, steps: int
 
     with torch.inference_mode():
         model(x)
-        with _hooked(model, before, after, paths), native_stderr_silenced(), \
-                profile(activities=[ProfilerActivity.CPU], record_shapes=True) as prof:
+        with _hooked(model, before, after, paths), profiler_session(activities=[ProfilerActivity.CPU], record_shapes=True) as prof:
             for _ in range(steps):
                 model(x)
     phases: dict[str, dict[str, float]] = {}

@@ -1,0 +1,50 @@
+"""A Ctrl-C inside a profiler session waits for the profiler to stop (a half-stopped profiler
+killed the interpreter with SIGSEGV at exit), and no module starts the profiler another way."""
+
+from __future__ import annotations
+
+import ast
+import signal
+from pathlib import Path
+
+import pytest
+import torch
+from torch.profiler import ProfilerActivity
+
+from condconv_bench.profiler_session import profiler_session
+
+PACKAGE = Path(__file__).resolve().parents[1] / "condconv_bench"
+
+
+def test_ctrl_c_in_a_session_arrives_once_the_profiler_has_stopped() -> None:
+    handler = signal.getsignal(signal.SIGINT)
+    went_on = False
+    with pytest.raises(KeyboardInterrupt):
+        with profiler_session(activities=[ProfilerActivity.CPU], profile_memory=True):
+            torch.ones(64) * 2
+            signal.raise_signal(signal.SIGINT)
+            went_on = True
+            enabled_inside = torch._C._autograd._profiler_enabled()
+        assert False, "the held Ctrl-C was dropped"
+    assert went_on and enabled_inside
+    assert not torch._C._autograd._profiler_enabled()
+    assert signal.getsignal(signal.SIGINT) is handler
+
+
+def test_a_session_without_ctrl_c_returns_its_profile() -> None:
+    handler = signal.getsignal(signal.SIGINT)
+    with profiler_session(activities=[ProfilerActivity.CPU]) as prof:
+        torch.ones(64) * 2
+    assert any(event.name == "aten::mul" for event in prof.events())
+    assert signal.getsignal(signal.SIGINT) is handler
+
+
+def test_only_the_session_module_starts_the_profiler() -> None:
+    starters = []
+    for path in sorted(PACKAGE.rglob("*.py")):
+        for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+            if isinstance(node, ast.ImportFrom) and node.module == "torch.profiler" and any(a.name == "profile" for a in node.names):
+                starters.append(path.relative_to(PACKAGE).as_posix())
+            if isinstance(node, ast.Attribute) and node.attr == "profile" and ast.unparse(node.value) in ("torch.profiler", "profiler"):
+                starters.append(path.relative_to(PACKAGE).as_posix())
+    assert starters == ["profiler_session.py"]
