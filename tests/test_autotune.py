@@ -470,3 +470,22 @@ def test_list_reports_a_broken_cache_file_instead_of_failing() -> None:
         warnings.simplefilter("error")  # said once, in the listing, not also as a Python warning
         result = CliRunner().invoke(main, ["list"])
     assert result.exit_code == 0 and "unreadable, autotune measures afresh" in result.output, result.output
+
+
+def test_a_jit_trace_reuses_the_choice_and_never_measures(monkeypatch) -> None:
+    """fvcore counts FLOPs through torch.jit.trace, whose sizes are tensors: the choice made for an
+    input must be found again there, and a tracer (which records every op) must not see a tuning."""
+    layer = CondConv2d(8, 16, 1, num_experts=4, strategy="autotune", tuning_budget_s=0.05).eval()
+    x = torch.randn(3, 8, 5, 5)
+    with torch.inference_mode():
+        layer(x)
+    chosen = layer.last_strategy
+    monkeypatch.setattr(tuning, "measure", lambda *a, **k: pytest.fail("measured while torch.jit traced"))
+    monkeypatch.setattr(tuning, "confirm", lambda *a, **k: pytest.fail("measured while torch.jit traced"))
+    with torch.no_grad():
+        traced = torch.jit.trace(layer, x, check_trace=False)
+        assert layer.last_strategy == chosen and len(layer._choices) == 1
+        assert torch.allclose(traced(x), layer(x), rtol=1e-4, atol=1e-5)
+    fresh = CondConv2d(8, 16, 1, num_experts=4, strategy="autotune", tuning_budget_s=0.05).eval()
+    with torch.no_grad():
+        torch.jit.trace(fresh, torch.randn(2, 8, 5, 5), check_trace=False)  # traced first: chosen without measuring

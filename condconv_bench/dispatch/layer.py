@@ -125,8 +125,8 @@ class Auto(CondConvBase):
 
     def _query_args(self, x: torch.Tensor) -> tuple[object, ...]:
         channels_last = x.dim() == 4 and not x.is_contiguous() and x.is_contiguous(memory_format=torch.channels_last)
-        return (self.spec, tuple(x.shape[2:4]) if x.dim() == 4 else (1, 1), x.device.type, _dtype_name(x.dtype),
-                torch.is_grad_enabled(), channels_last, x.shape[0])
+        return (self.spec, tuple(map(int, x.shape[2:4])) if x.dim() == 4 else (1, 1), x.device.type, _dtype_name(x.dtype),
+                torch.is_grad_enabled(), channels_last, int(x.shape[0]))
 
     def choose(self, x: torch.Tensor) -> str:
         """The strategy key this layer runs for an input like `x`, without measuring anything."""
@@ -189,8 +189,14 @@ class Auto(CondConvBase):
     def conditional_forward(self, x: torch.Tensor, routing_weights: torch.Tensor) -> torch.Tensor:
         if _tracing():  # choose while tracing; the traced graph bakes the choice in
             return dispatchable_impls()[self.choose(x)].conditional_forward(self, x, routing_weights)
-        key = (x.shape, x.stride(), x.dtype, x.device, torch.is_grad_enabled(), torch.get_num_threads())
+        shape = x.shape
+        jit_tracing = torch.jit.is_tracing()
+        if jit_tracing:  # torch.jit (fvcore's FLOP counter) gives sizes as tensors, which hash apart from ints
+            shape = torch.Size(int(size) for size in shape)
+        key = (shape, x.stride(), x.dtype, x.device, torch.is_grad_enabled(), torch.get_num_threads())
         choice = self._choices.get(key)
+        if choice is None and jit_tracing:  # a tracer records every op: measuring here would trace the rivals too
+            return dispatchable_impls()[self.choose(x)].conditional_forward(self, x, routing_weights)
         if choice is None:
             choice = self._choices[key] = self._resolve(x, routing_weights)
         return choice[1](self, x, routing_weights)
