@@ -72,7 +72,7 @@ class FirstCall:
 
     first_call_s: float
     compiled_graphs: int  # graphs torch.compile built during it (0 when eager)
-    dispatched: str | None  # what a dispatching implementation (auto) ran
+    probed_dispatch: str | None  # what a dispatcher ran here: the timed workers choose again (`dispatched`)
     tf32: bool | None  # CUDA only: whether float32 may use TF32 (turned off before the call)
 
 

@@ -33,10 +33,11 @@ from condconv_bench.timing import Timing
 # Schema history: 1 — first release; 2 — `dispatched` column (what `auto` ran); 3 — interleaved
 # rounds in worker processes: `role`, paired ratios with intervals, ties, `processes`,
 # `process_spread`, `stopped_because`, `tf32`; `noisy` means "not reproducible"; 4 — each case's
-# limits (`limit_s`, `vs_limit`, …) and the run's memory bandwidths. Version 3 directories still
-# load (their limit cells are empty), but a run is only continued in its own version.
-SCHEMA_VERSION = 4
-READABLE_VERSIONS = (3, 4)
+# limits (`limit_s`, `vs_limit`, …) and the run's memory bandwidths; 5 — `probed_dispatch`. Version 3
+# and 4 directories still load (their missing cells are empty), but a run is only continued in its
+# own version.
+SCHEMA_VERSION = 5
+READABLE_VERSIONS = (3, 4, 5)
 RUN_FILE = "run.json"
 RESULTS_FILE = "results.csv"
 SAMPLES_FILE = "samples.jsonl"
@@ -75,10 +76,10 @@ class MemoryBandwidth(BaseModel):
 
 
 class RunMetadata(_Record):
-    """`run.json`, version 3 or 4: what readers rely on is typed; the rest (timing settings,
+    """`run.json`, any readable version: what readers rely on is typed; the rest (timing settings,
     allocator, timestamps, the environment's details) is kept as written."""
 
-    schema_version: Literal[3, 4]
+    schema_version: Literal[*READABLE_VERSIONS]  # type: ignore[valid-type]
     suite: SuiteRecord
     environment: dict[str, Any] = {}
     matmul_peaks: list[MatmulPeak] = []
@@ -124,9 +125,10 @@ COLUMNS: dict[str, str] = {
     "stopped_because": "string",  # why the group's measuring ended (precise, budget, passes)
     "throughput_per_s": "float64",  # examples per second at the median latency
     "first_call_s": "float64",  # the cold first call: compile time for compiled implementations
-    "compiled_graphs": "Int64",
-    "tf32": "boolean",  # CUDA only: whether float32 convs/matmuls may use TF32 (the runner turns it off)  # graphs torch.compile built during the first call (0 when eager)
+    "compiled_graphs": "Int64",  # graphs torch.compile built during the first call (0 when eager)
+    "tf32": "boolean",  # CUDA only: whether float32 convs/matmuls may use TF32 (the runner turns it off)
     "dispatched": "string",  # what a dispatching implementation (auto, autotune) ran in the timed workers, with shares where builds differed
+    "probed_dispatch": "string",  # what it ran in the probing process: the choice its FLOPs, peak memory and equivalence describe
     "macs_fvcore": "Int64",  # MAC (multiply-accumulate), forward
     "flops_torch": "Int64",  # FLOP = 2 × MAC, forward
     "macs_analytic": "Int64",  # MAC, forward, this strategy's cost model
@@ -167,7 +169,11 @@ COLUMNS: dict[str, str] = {
 LIMIT_COLUMNS = ("macs_compulsory", "bytes_compulsory", "bytes_modelled", "limit_s", "limit_own_s", "limit_bound",
                  "limit_memory", "arithmetic_intensity", "vs_limit", "vs_limit_own", "achieved_gflop_per_s", "achieved_gb_per_s")
 # The header each readable version wrote.
-HEADERS: dict[int, list[str]] = {3: [c for c in COLUMNS if c not in LIMIT_COLUMNS], 4: list(COLUMNS)}
+HEADERS: dict[int, list[str]] = {
+    3: [c for c in COLUMNS if c not in (*LIMIT_COLUMNS, "probed_dispatch")],
+    4: [c for c in COLUMNS if c != "probed_dispatch"],
+    5: list(COLUMNS),
+}
 
 
 def _format_row(row: dict[str, Any]) -> str:

@@ -184,6 +184,9 @@ def test_runner_records_what_auto_and_autotune_dispatched_in_the_workers(tmp_pat
     tuned = frame[frame["impl"] == "autotune"]
     picks = tuned["dispatched"].str.split("; ").explode().str.split(" ").str[0]  # `a 2/3; b 1/3` where builds differed
     assert picks.isin(list(dispatchable_impls())).all()
+    # What the probing process ran, which the FLOPs and peak memory describe, is kept apart.
+    assert (auto["probed_dispatch"] == auto["dispatched"]).all() and tuned["probed_dispatch"].isin(list(dispatchable_impls())).all()
+    assert frame.loc[frame["impl"] == "static", "probed_dispatch"].isna().all()
     assert frame[frame["impl"] != "static"]["equivalent"].all() and auto["flops_agree"].all()
     assert not (tmp_path / "autotune-cache.json").exists()  # the workers never touch a cache file
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -11,7 +12,7 @@ from click.testing import CliRunner
 
 from condconv_bench import machine_peak
 from condconv_bench.cli import main
-from condconv_bench.gate.baseline import load_snapshot, save_baseline
+from condconv_bench.gate.baseline import BASELINE_VERSION, load_snapshot, save_baseline
 from condconv_bench.gate.baseline_gate import run_gate
 from condconv_bench.gate.compare import compare_snapshots
 from condconv_bench.impls.grouped_conv import GroupedConv
@@ -280,13 +281,41 @@ def test_absolute_margin_ignores_changes_too_small_to_matter(tmp_path, baseline_
     assert not margin.regressions
 
 
-def test_a_version_2_baseline_reads_as_the_current_one(tmp_path, baseline_file) -> None:
+def _edited(baseline_file: Path, path: Path, case_id: str, **changes) -> Path:
     document = json.loads(baseline_file.read_text())
-    assert document["version"] == 3
-    old = {**document, "version": 2, "cases": {
-        case_id: {("ratio_to_static" if key == "vs_floor" else key): value for key, value in figures.items()}
-        for case_id, figures in document["cases"].items()}}
-    (tmp_path / "old.json").write_text(json.dumps(old))
-    current, read_old = load_snapshot(baseline_file), load_snapshot(tmp_path / "old.json")
-    assert read_old.cases == current.cases
+    document["cases"][case_id].update(changes)
+    path.write_text(json.dumps(document))
+    return path
+
+
+@pytest.mark.parametrize("choice_after, fails", [("batched_matmul", False), ("grouped_conv", True)])
+def test_a_dispatchers_figures_fail_only_when_its_choice_is_the_same(tmp_path, baseline_file, choice_after, fails) -> None:
+    case_id = "pw/grouped_conv/b4/cpu/float32/inference/t1/contiguous"
+    case = json.loads(baseline_file.read_text())["cases"][case_id]
+    before = _edited(baseline_file, tmp_path / "before.json", case_id, probed_dispatch="grouped_conv")
+    after = _edited(baseline_file, tmp_path / "after.json", case_id, probed_dispatch=choice_after,
+                    peak_memory_bytes=3 * case["peak_memory_bytes"], macs_fvcore=2 * case["macs_fvcore"])
+    compared = next(c for c in compare_snapshots(load_snapshot(before), load_snapshot(after), latency=False).cases if c.case_id == case_id)
+    if fails:
+        assert len(compared.problems) == 2 and compared.problems[0].startswith("FLOPs increased: ")
+        assert compared.problems[1].startswith("peak memory grew +200%") and not compared.notes
+    else:
+        assert not compared.problems and not compared.improvements
+        assert compared.notes == ("chose batched_matmul (was grouped_conv): FLOPs and peak memory are the choice's",)
+
+
+def test_version_2_and_3_baselines_read_as_the_current_one(tmp_path, baseline_file) -> None:
+    document = json.loads(baseline_file.read_text())
+    assert document["version"] == BASELINE_VERSION == 4
+    figures_v3 = {case_id: {key: value for key, value in figures.items() if key != "probed_dispatch"}
+                  for case_id, figures in document["cases"].items()}
+    figures_v2 = {case_id: {("ratio_to_static" if key == "vs_floor" else key): value for key, value in figures.items()}
+                  for case_id, figures in figures_v3.items()}
+    (tmp_path / "v3.json").write_text(json.dumps({**document, "version": 3, "cases": figures_v3}))
+    (tmp_path / "v2.json").write_text(json.dumps({**document, "version": 2, "cases": figures_v2}))
+    current = load_snapshot(baseline_file)
+    without_choice = {case_id: replace(figures, probed_dispatch=None) for case_id, figures in current.cases.items()}
+    for old in ("v3.json", "v2.json"):
+        read_old = load_snapshot(tmp_path / old)
+        assert read_old.cases == without_choice
     assert any(figures.vs_floor is not None for figures in read_old.cases.values())

@@ -31,9 +31,10 @@ from condconv_bench.timing import Timing
 
 BASELINE_FORMAT = "condconv-bench-baseline"
 # 2: identity fields per case, machine fingerprint and matmul peaks in the environment;
-# 3: a case's ratio to its floor is `vs_floor`, as in result rows (version 2 called it `ratio_to_static`).
-BASELINE_VERSION = 3
-READABLE_VERSIONS = (2, 3)
+# 3: a case's ratio to its floor is `vs_floor`, as in result rows (version 2 called it `ratio_to_static`);
+# 4: `probed_dispatch`, the strategy a dispatcher's FLOPs and peak memory were measured with.
+BASELINE_VERSION = 4
+READABLE_VERSIONS = (2, 3, 4)
 MAX_SAMPLES = 64  # enough for rank tests; more only lengthens the file
 
 
@@ -56,13 +57,14 @@ class CaseFigures:
     peak_memory_bytes: int | None
     equivalent: bool | None
     max_rel_error: float | None
+    probed_dispatch: str | None = None  # a dispatcher's choice behind the figures above (before version 4: unknown)
 
 
 _CASE_FIGURES = TypeAdapter(CaseFigures)  # validates a baseline's entry, types included
 
 
 class BaselineDocument(BaseModel):
-    """A baseline file, version 2 or 3. Its entries are validated one by one (`CaseFigures`), so a bad
+    """A baseline file, any readable version. Its entries are validated one by one (`CaseFigures`), so a bad
     entry costs that case only."""
 
     model_config = ConfigDict(extra="allow")
@@ -114,6 +116,7 @@ def _combined_case(rows: list[dict[str, Any]], timings: list[Timing]) -> dict[st
     peaks = [int(row["peak_memory_bytes"]) for row in rows if not pd.isna(row["peak_memory_bytes"])]
     verdicts = [bool(row["equivalent"]) for row in rows if not pd.isna(row["equivalent"])]
     errors = [float(row["max_rel_error"]) for row in rows if not pd.isna(row["max_rel_error"])]
+    choices = sorted({str(row["probed_dispatch"]) for row in rows if not pd.isna(row["probed_dispatch"])})
     return {
         "impl": str(worst["impl"]),
         "threads": int(worst["threads"]),
@@ -128,6 +131,7 @@ def _combined_case(rows: list[dict[str, Any]], timings: list[Timing]) -> dict[st
         "peak_memory_bytes": max(peaks) if peaks else None,
         "equivalent": all(verdicts) if verdicts else None,
         "max_rel_error": max(errors) if errors else None,
+        "probed_dispatch": " | ".join(choices) if choices else None,  # several where the runs chose differently
     }
 
 

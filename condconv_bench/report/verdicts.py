@@ -26,7 +26,7 @@ def _rows(cases: list[CaseComparison]) -> pd.DataFrame:
         "FLOP": [_delta(c.flops_before, c.flops_after, formatting.count) for c in ordered],
         "peak memory": [_delta(c.memory_before, c.memory_after, formatting.size) for c in ordered],
         "equivalent": ["-" if c.equivalent is None else ("yes" if c.equivalent else "NO") for c in ordered],
-        "notes": ["; ".join((*c.problems, *c.improvements)) for c in ordered],
+        "notes": ["; ".join((*c.problems, *c.improvements, *c.notes)) for c in ordered],
     })
 
 
@@ -62,13 +62,13 @@ def summary_line(comparison: Comparison, failures: list[CaseComparison] | None =
 
 
 def render_text(comparison: Comparison, everything: bool = True, failures: list[CaseComparison] | None = None) -> str:
-    cases = list(comparison.cases) if everything else [c for c in comparison.cases if c.problems or c.improvements]
+    cases = list(comparison.cases) if everything else [c for c in comparison.cases if c.problems or c.improvements or c.notes]
     table = _rows(cases).to_string(index=False) if cases else "(no case changed)"
     return "\n".join([*_header(comparison), "", table, "", summary_line(comparison, failures)])
 
 
 def render_markdown(comparison: Comparison, everything: bool = True, failures: list[CaseComparison] | None = None) -> str:
-    cases = list(comparison.cases) if everything else [c for c in comparison.cases if c.problems or c.improvements]
+    cases = list(comparison.cases) if everything else [c for c in comparison.cases if c.problems or c.improvements or c.notes]
     rows = _rows(cases)
     lines = ["### condconv-bench: " + summary_line(comparison, failures), ""]
     lines += [f"- {line}" for line in _header(comparison)]
