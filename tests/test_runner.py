@@ -238,3 +238,23 @@ def test_corrupt_run_json_is_a_results_error(tmp_path: Path) -> None:
     (out / "run.json").write_text("{not json")
     with pytest.raises(ResultsError, match="run.json: not valid JSON"):
         load_results(out)
+
+
+def test_a_version_4_run_directory_loads_without_the_probed_choice_and_gates(tmp_path) -> None:
+    from condconv_bench.gate.baseline import load_snapshot
+    from condconv_bench.results import HEADERS
+
+    data = yaml.safe_load(TINY.read_text())
+    data["impls"] = ["static", "auto"]
+    suite = tmp_path / "s.yaml"
+    suite.write_text(yaml.safe_dump(data))
+    out = tmp_path / "run"
+    run_suite(suite, out, case_filter=CaseFilter(layers=("pw",), batch_sizes=(1,), devices=("cpu",)))
+    assert load_results(out)["probed_dispatch"].notna().any()
+    frame = pd.read_csv(out / "results.csv", dtype=str, keep_default_na=False)
+    frame[HEADERS[4]].to_csv(out / "results.csv", index=False)
+    metadata = json.loads((out / "run.json").read_text())
+    (out / "run.json").write_text(json.dumps({**metadata, "schema_version": 4}))
+    rows = load_results(out)
+    assert (rows["status"] == "ok").all() and rows["probed_dispatch"].isna().all()
+    assert all(figures.probed_dispatch is None for figures in load_snapshot(out).cases.values())
