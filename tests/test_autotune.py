@@ -472,6 +472,7 @@ def test_list_reports_a_broken_cache_file_instead_of_failing() -> None:
     assert result.exit_code == 0 and "unreadable, autotune measures afresh" in result.output, result.output
 
 
+@pytest.mark.filterwarnings("ignore::DeprecationWarning", "ignore::torch.jit.TracerWarning")  # torch.jit is what fvcore uses
 def test_a_jit_trace_reuses_the_choice_and_never_measures(monkeypatch) -> None:
     """fvcore counts FLOPs through torch.jit.trace, whose sizes are tensors: the choice made for an
     input must be found again there, and a tracer (which records every op) must not see a tuning."""
