@@ -483,6 +483,7 @@ def test_a_jit_trace_reuses_the_choice_and_never_measures(monkeypatch) -> None:
     chosen = layer.last_strategy
     monkeypatch.setattr(tuning, "measure", lambda *a, **k: pytest.fail("measured while torch.jit traced"))
     monkeypatch.setattr(tuning, "confirm", lambda *a, **k: pytest.fail("measured while torch.jit traced"))
+    monkeypatch.setattr(layer, "choose", lambda x: pytest.fail("chose afresh although this input has a choice"))
     with torch.no_grad():
         traced = torch.jit.trace(layer, x, check_trace=False)
         assert layer.last_strategy == chosen and len(layer._choices) == 1

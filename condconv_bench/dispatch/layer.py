@@ -189,17 +189,21 @@ class Auto(CondConvBase):
     def conditional_forward(self, x: torch.Tensor, routing_weights: torch.Tensor) -> torch.Tensor:
         if _tracing():  # choose while tracing; the traced graph bakes the choice in
             return dispatchable_impls()[self.choose(x)].conditional_forward(self, x, routing_weights)
-        shape = x.shape
-        jit_tracing = torch.jit.is_tracing()
-        if jit_tracing:  # torch.jit (fvcore's FLOP counter) gives sizes as tensors, which hash apart from ints
-            shape = torch.Size(int(size) for size in shape)
-        key = (shape, x.stride(), x.dtype, x.device, torch.is_grad_enabled(), torch.get_num_threads())
+        key = (x.shape, x.stride(), x.dtype, x.device, torch.is_grad_enabled(), torch.get_num_threads())
         choice = self._choices.get(key)
-        if choice is None and jit_tracing:  # a tracer records every op: measuring here would trace the rivals too
-            return dispatchable_impls()[self.choose(x)].conditional_forward(self, x, routing_weights)
         if choice is None:
+            if torch.jit.is_tracing():
+                return self._jit_traced_forward(x, routing_weights, key)
             choice = self._choices[key] = self._resolve(x, routing_weights)
         return choice[1](self, x, routing_weights)
+
+    def _jit_traced_forward(self, x: torch.Tensor, routing_weights: torch.Tensor, key: tuple[object, ...]) -> torch.Tensor:
+        """Under torch.jit (fvcore's FLOP counter) sizes are tensors, which hash apart from ints, so
+        the choice made for this input is looked up by the sizes' values; and a tracer records every
+        op, so where there is none it chooses without measuring (a tuning would trace the rivals too)."""
+        choice = self._choices.get((torch.Size(int(size) for size in x.shape), *key[1:]))
+        forward = choice[1] if choice is not None else dispatchable_impls()[self.choose(x)].conditional_forward
+        return forward(self, x, routing_weights)
 
     def strategy_class(self) -> type[CondConvBase]:
         if self.last_strategy is None:
