@@ -91,6 +91,9 @@ def test_autotune_measures_and_never_picks_a_planted_slow_strategy(monkeypatch) 
 
 
 def test_the_choice_is_cached_per_signature_and_survives_the_process(monkeypatch) -> None:
+    clock = FakeClock()  # exact timings: a loaded machine must not make the choice noisy (unsaved) or drifted (re-tuned)
+    only(monkeypatch, costing(clock, {"quick": 1e-3, "middling": 1.6e-3, "slow": 3e-3}))
+    monkeypatch.setattr(tuning, "default_clock", clock)
     layer = CondConv2d(8, 16, 1, num_experts=4, strategy="autotune")
     x = torch.randn(2, 8, 5, 5)
     with torch.no_grad():
@@ -418,12 +421,16 @@ def test_tune_model_fills_the_cache_a_fleet_ships_and_the_next_process_confirms_
 
     from condconv_bench.cli import main
 
+    clock = FakeClock()  # exact timings: a loaded CI machine must not make a choice noisy or drifted
+    only(monkeypatch, costing(clock, {"quick": 1e-3, "grouped_conv": 2e-3}))  # the tiny net builds with grouped_conv
+    monkeypatch.setattr(tuning, "default_clock", clock)
     result = CliRunner().invoke(main, ["tune-model", "tiny_models:tiny_condconv_net", "--batch-size", "1", "--batch-size", "2",
                                        "--input-size", "15", "--budget", "0.02"])
     assert result.exit_code == 0, result.output
     assert result.output.count("2 signatures tuned, 0 confirmed") == 2  # its two CondConv layers, at each batch size
     entries = json.loads(cache.cache_path().read_text())["entries"]
     assert {e["batch_size"] for e in entries} == {1, 2} and all(e["mode"] == "inference" for e in entries)
+    assert {e["strategy"] for e in entries} == {"quick"}
     fresh_process_cache()  # another machine of the fleet, with the shipped file
     monkeypatch.setattr(tuning, "measure", lambda *a, **k: pytest.fail("tuned afresh although the shipped cache holds the signature"))
     again = CliRunner().invoke(main, ["tune-model", "tiny_models:tiny_condconv_net", "--batch-size", "1", "--input-size", "15",
