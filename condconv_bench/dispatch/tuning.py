@@ -10,14 +10,23 @@ within a budget (`DEFAULT_BUDGET_S` per signature, ended by `BUDGET_SLACK`× it 
   those whose analytic MACs exceed `MACS_FACTOR`× the least (`cheap_enough`: naive_moe and
   stacked_moe on convs, where they do E× the work; never on linear layers, where mixing costs as
   much); the strategy the dispatch table would pick goes first;
-- each is called once: a call over `HOPELESS_FACTOR`× the best settled call so far is dropped
-  there (on a depthwise layer at batch 32 the unfold-based strategies take 30–70 ms a call against
-  the grouped conv's few); the others get a second call — the first builds layouts and library
-  primitives, which strategies share, and a depthwise conv's primitive took two calls to settle
-  (560 µs, then 160–200 µs) — and those over `FIRST_PRUNE_FACTOR`× the fastest second call drop;
+- pruning needs two calls that agree: a loaded machine's preemptions only ever add time, and one
+  preempted call on a 2-core machine with a third process running made a 65 µs strategy look 90×
+  slower than a rival spinning 2 ms a call. Each candidate is called once; a call over
+  `HOPELESS_FACTOR`× the best settled call so far drops it, if a second call is over too where the
+  first took under `RECHECK_BELOW_S` (a stall of a few scheduler slices could explain it) and the
+  budget is not spent; a longer one decides alone, since repeating it is what the factor saves (on
+  a depthwise layer at batch 32 the unfold-based strategies take 30–70 ms a call against the
+  grouped conv's few). The others' second call is their first settled one — the first builds
+  layouts and library primitives, which strategies share, and a depthwise conv's primitive took
+  two calls to settle (560 µs, then 160–200 µs). From then on
+  pruning reads each strategy's fastest settled call (`_fastest`), so that it drops only when even
+  its least disturbed call was slower: one over `FIRST_PRUNE_FACTOR`× the fastest gets one more
+  call (within the budget) and drops if that too is over;
 - the rest are timed in interleaved rounds of ~`BLOCK_S` blocks in a fixed-seed shuffled order
-  (drift lands on all of them alike); after the first round those over `ROUND_PRUNE_FACTOR`× the
-  best median drop, from round `MIN_ROUNDS` on those over `PRUNE_FACTOR`×, and the finalists get
+  (drift lands on all of them alike); in the first rounds those whose fastest call or block is over
+  `ROUND_PRUNE_FACTOR`× the best median drop, from round `MIN_ROUNDS` on (where a median outvotes
+  one preempted block) those whose median is over `PRUNE_FACTOR`×, and the finalists get
   rounds while the next one ends within the budget, until `SETTLE_ROUNDS` or more rounds have settled the
   answer (`_settled`: each rival clearly slower than the best in three rounds of four, or clearly tied
   with it); one of the first `MIN_ROUNDS` that would
@@ -61,6 +70,7 @@ from condconv_bench.spec import LayerSpec, Pair
 
 MACS_FACTOR = 4.0
 HOPELESS_FACTOR = 8.0
+RECHECK_BELOW_S = 0.01  # a hopeless first call shorter than this gets a second call: a preemption costs a few ms
 FIRST_PRUNE_FACTOR = 3.0
 ROUND_PRUNE_FACTOR = 1.5
 PRUNE_FACTOR = 1.25
@@ -179,15 +189,23 @@ def measure(layer: torch.nn.Module, x: torch.Tensor, routing_weights: torch.Tens
     started = clock()
     deadline = started + budget_s * BUDGET_SLACK
     steps = {key: _step(layer, forward, x, routing_weights) for key, forward in forwards.items()}
-    estimate: dict[str, float] = {}  # the latest per-call estimate of every strategy that got a settled call
+    observed: dict[str, list[float]] = {}  # every settled per-call time of each strategy: what pruning reads
+    best = math.inf
     with gc_paused():
         for key, step in steps.items():
-            if len(estimate) >= 2 and clock() - started >= budget_s:  # two, so that a later process has a rival to race
+            if len(observed) >= 2 and clock() - started >= budget_s:  # two, so that a later process has a rival to race
                 break
-            first = time_block(step, 1, clock, sync)
-            if first > HOPELESS_FACTOR * min(estimate.values(), default=math.inf):
-                continue
-            estimate[key] = time_block(step, 1, clock, sync)
+            first = time_block(step, 1, clock, sync)  # builds layouts and library primitives
+            hopeless = first > HOPELESS_FACTOR * best
+            recheck = first < RECHECK_BELOW_S and clock() - started < budget_s
+            settled = time_block(step, 1, clock, sync) if not hopeless or recheck else first
+            if min(first, settled) <= HOPELESS_FACTOR * best:
+                observed[key] = [settled]
+                best = min(best, settled)
+        for key in [k for k in observed if k not in _within(_fastest(observed), FIRST_PRUNE_FACTOR)]:
+            if clock() - started < budget_s:  # one call is one sample: a call the OS preempted must not drop a strategy
+                observed[key].append(time_block(steps[key], 1, clock, sync))
+        estimate = _fastest(observed)  # the latest per-call estimate of each strategy, which sizes its blocks
         contenders = _within(estimate, FIRST_PRUNE_FACTOR)
         rounds: list[Round] = []
         rng = random.Random(0)
@@ -199,8 +217,14 @@ def measure(layer: torch.nn.Module, x: torch.Tensor, routing_weights: torch.Tens
             if rounds and clock() + _round_cost(estimate, contenders) > deadline:
                 break
             rounds.append(_round(steps, estimate, contenders, rng, clock, sync))
+            for key, seconds in rounds[-1].per_call_s.items():
+                observed[key].append(seconds)
             estimate.update(_medians(rounds, contenders))
-            contenders = _within({k: estimate[k] for k in contenders}, PRUNE_FACTOR if len(rounds) >= MIN_ROUNDS else ROUND_PRUNE_FACTOR)
+            if len(rounds) >= MIN_ROUNDS:  # the median of three or more rounds outvotes one preempted block
+                contenders = _within({k: estimate[k] for k in contenders}, PRUNE_FACTOR)
+            else:  # one or two blocks each: drop only a strategy whose every block was slower than the best median
+                contenders = _within(_fastest({k: observed[k] for k in contenders}), ROUND_PRUNE_FACTOR,
+                                     least=min(estimate[k] for k in contenders))
             if len(rounds) >= SETTLE_ROUNDS and _settled(rounds, contenders, min(contenders, key=estimate.__getitem__)):
                 break
     medians = {key: estimate[key] for key in contenders}
@@ -281,10 +305,16 @@ def _compiled_forwards(forwards: dict[str, Forward], layer: torch.nn.Module, x: 
     return compiled, clock() - started
 
 
-def _within(seconds: dict[str, float], factor: float) -> list[str]:
-    """The keys whose time is at most `factor` × the least, in their given order."""
-    least = min(seconds.values())
+def _within(seconds: dict[str, float], factor: float, least: float | None = None) -> list[str]:
+    """The keys whose time is at most `factor` × `least` (by default the least of `seconds`), in their given order."""
+    least = min(seconds.values()) if least is None else least
     return [key for key, value in seconds.items() if value <= factor * least]
+
+
+def _fastest(observed: dict[str, list[float]]) -> dict[str, float]:
+    """Each strategy's fastest per-call time so far: a machine's noise only ever adds time, so a
+    strategy is pruned only when even its least disturbed call was slower."""
+    return {key: min(seconds) for key, seconds in observed.items()}
 
 
 def _medians(rounds: list[Round], keys: list[str]) -> dict[str, float]:
