@@ -210,3 +210,15 @@ def test_damaged_phases_cost_only_their_record(runs, tmp_path) -> None:
         profiles = RunDirectory(copy).profiles()
     assert len(profiles) == len(lines) and "phases_us" not in profiles[0] and "phases_us" in profiles[1]
     assert any("line 1 phases set aside" in str(w.message) for w in caught)
+
+
+def test_an_empty_headline_says_why() -> None:
+    import pandas as pd
+
+    from condconv_bench.report import tables
+
+    floor_and_autotune = pd.DataFrame({"impl": ["static", "autotune"], "role": ["floor", "dispatcher"],
+                                       "status": ["ok", "ok"], "equivalent": [True, True]})
+    assert tables.headline_absent(floor_and_autotune).startswith("No strategy ran beside the floor and autotune")
+    failed = floor_and_autotune.assign(impl=["static", "grouped_conv"], role=["floor", "strategy"], equivalent=[True, False])
+    assert tables.headline_absent(failed) == "No implementation produced a verified latency."

@@ -27,7 +27,7 @@ from condconv_bench.cli.app import MEASURE_DEFAULTS, main
 def summary_table(frame: pd.DataFrame) -> str:
     """Per layer and batch size: the fastest implementation and its ratios, as plain text."""
     shown = tables.headline_display(frame)
-    return shown.to_string(index=False) if not shown.empty else "no implementation produced a verified latency"
+    return shown.to_string(index=False) if not shown.empty else tables.headline_absent(frame)
 
 
 @main.command()

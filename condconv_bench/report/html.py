@@ -46,6 +46,7 @@ class Context:
 class RunSection:
     run: LoadedRun
     headline: pd.DataFrame
+    headline_absent: str
     context_columns: list[str]
     by_impl: pd.DataFrame
     contexts: list[Context]
@@ -111,6 +112,7 @@ def build_section(run: LoadedRun, plots_dir: Path, report_dir: Path, prefix: str
     return RunSection(
         run=run,
         headline=headline,
+        headline_absent=tables.headline_absent(frame),
         context_columns=tables.varying(headline, tables.CONTEXT_COLUMNS) if not headline.empty else [],
         by_impl=tables.geomean_by_impl(frame) if not measured.empty else pd.DataFrame(),
         contexts=[Context(label, _figures(run, label, rows, plots_dir, report_dir, prefix)) for label, rows in tables.contexts(frame)],

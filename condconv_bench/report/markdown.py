@@ -23,10 +23,10 @@ def render(runs: list[LoadedRun]) -> str:
             f"{counts.get('error', 0)} errors; torch {run.environment.get('torch')}, commit {run.environment.get('git_commit') or 'unknown'}."
         )
         best = tables.headline_display(frame)
-        if best.empty:
-            parts.append("No implementation produced a verified latency.")
+        if tables.measured(frame).empty:
+            parts.append(tables.headline_absent(frame))
             continue
-        parts.append(formatting.markdown_table(best))
+        parts.append(formatting.markdown_table(best) if not best.empty else tables.headline_absent(frame))
         summary = tables.geomean_by_impl(frame)
         parts.append(formatting.markdown_table(pd.DataFrame({
             "implementation": summary["impl"],

@@ -75,6 +75,17 @@ def headline(frame: pd.DataFrame) -> pd.DataFrame:
     return best.reset_index()[HEADLINE_COLUMNS]
 
 
+def headline_absent(frame: pd.DataFrame) -> str:
+    """Why `headline` has no row: nothing verified, or no strategy in the race (a run of
+    `--impl static --impl autotune`), where the dispatchers' ratios to the floor are still measured."""
+    verified = frame[frame["equivalent"].fillna(False).astype(bool) & (frame["status"] == "ok")]
+    dispatchers = sorted(verified.loc[verified["role"] == Role.DISPATCHER, "impl"].unique())
+    if dispatchers and not (frame["role"] == Role.STRATEGY).any():
+        return (f"No strategy ran beside the floor and {', '.join(dispatchers)}, so none is ranked; "
+                "each case's ratio to the floor is the vs_floor column of results.csv.")
+    return "No implementation produced a verified latency."
+
+
 def geometric_mean(values: pd.Series) -> float:
     values = values.dropna()
     values = values[values > 0]
