@@ -19,10 +19,10 @@ within a budget (`DEFAULT_BUDGET_S` per signature, ended by `BUDGET_SLACK`× it 
   a depthwise layer at batch 32 the unfold-based strategies take 30–70 ms a call against the
   grouped conv's few). The others' second call is their first settled one — the first builds
   layouts and library primitives, which strategies share, and a depthwise conv's primitive took
-  two calls to settle (560 µs, then 160–200 µs). From then on
-  pruning reads each strategy's fastest settled call (`_fastest`), so that it drops only when even
-  its least disturbed call was slower: one over `FIRST_PRUNE_FACTOR`× the fastest gets one more
-  call (within the budget) and drops if that too is over;
+  two calls to settle (560 µs, then 160–200 µs). From then on pruning reads each strategy's
+  fastest settled call (`_fastest`), so that it drops only when even its least disturbed call was
+  slower: one over `FIRST_PRUNE_FACTOR`× the fastest gets one more call (within the budget) and
+  drops if that too is over;
 - the rest are timed in interleaved rounds of ~`BLOCK_S` blocks in a fixed-seed shuffled order
   (drift lands on all of them alike); in the first rounds those whose fastest call or block is over
   `ROUND_PRUNE_FACTOR`× the best median drop, from round `MIN_ROUNDS` on (where a median outvotes
@@ -196,13 +196,15 @@ def measure(layer: torch.nn.Module, x: torch.Tensor, routing_weights: torch.Tens
             if len(observed) >= 2 and clock() - started >= budget_s:  # two, so that a later process has a rival to race
                 break
             first = time_block(step, 1, clock, sync)  # builds layouts and library primitives
-            hopeless = first > HOPELESS_FACTOR * best
-            recheck = first < RECHECK_BELOW_S and clock() - started < budget_s
-            settled = time_block(step, 1, clock, sync) if not hopeless or recheck else first
-            if min(first, settled) <= HOPELESS_FACTOR * best:
-                observed[key] = [settled]
-                best = min(best, settled)
-        for key in [k for k in observed if k not in _within(_fastest(observed), FIRST_PRUNE_FACTOR)]:
+            if first > HOPELESS_FACTOR * best and not (first < RECHECK_BELOW_S and clock() - started < budget_s):
+                continue  # too long to be a stall, or no budget left to check
+            settled = time_block(step, 1, clock, sync)
+            if min(first, settled) > HOPELESS_FACTOR * best:
+                continue  # the second call agrees
+            observed[key] = [settled]
+            best = min(best, settled)
+        kept = _within(_fastest(observed), FIRST_PRUNE_FACTOR)
+        for key in [k for k in observed if k not in kept]:
             if clock() - started < budget_s:  # one call is one sample: a call the OS preempted must not drop a strategy
                 observed[key].append(time_block(steps[key], 1, clock, sync))
         estimate = _fastest(observed)  # the latest per-call estimate of each strategy, which sizes its blocks
