@@ -50,10 +50,8 @@ def _sigint_held() -> Iterator[None]:
         yield
     finally:
         signal.signal(signal.SIGINT, previous)
-    if pending and callable(previous):
-        previous(signal.SIGINT, None)
-    elif pending and previous == signal.SIG_DFL:
-        signal.raise_signal(signal.SIGINT)
+    if pending:
+        signal.raise_signal(signal.SIGINT)  # to the handler of before: KeyboardInterrupt, the default's exit, or ignored
 
 
 @contextlib.contextmanager
