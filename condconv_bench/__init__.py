@@ -13,35 +13,35 @@ from typing import TYPE_CHECKING, Any
 __version__ = "0.1.0"
 
 _HOMES = {
-    "CondConv2d": "condconv_bench.modules",
-    "CondConvLinear": "condconv_bench.modules",
-    "CondConvBase": "condconv_bench.layer",
+    "CondConv2d": "condconv_bench.layers.condconv",
+    "CondConvLinear": "condconv_bench.layers.condconv",
+    "CondConvBase": "condconv_bench.core.contract",
     "CondConvBenchError": "condconv_bench.errors",
     "DispatchTable": "condconv_bench.dispatch.table",
-    "convert": "condconv_bench.conversion",
-    "LayerSpec": "condconv_bench.spec",
-    "create_impl": "condconv_bench.registry",
-    "get_impl": "condconv_bench.registry",
-    "list_impls": "condconv_bench.registry",
-    "register_impl": "condconv_bench.registry",
-    "load_results": "condconv_bench.results",
-    "run_suite": "condconv_bench.runner",
+    "convert": "condconv_bench.conversion.swap",
+    "LayerSpec": "condconv_bench.core.spec",
+    "create_impl": "condconv_bench.core.registry",
+    "get_impl": "condconv_bench.core.registry",
+    "list_impls": "condconv_bench.core.registry",
+    "register_impl": "condconv_bench.core.registry",
+    "load_results": "condconv_bench.run.directory",
+    "run_suite": "condconv_bench.run.runner",
     "set_autotune": "condconv_bench.dispatch.switch",
 }
 
 __all__ = sorted([*_HOMES, "__version__"])
 
 if TYPE_CHECKING:
-    from condconv_bench.conversion import convert
+    from condconv_bench.conversion.swap import convert
     from condconv_bench.dispatch.table import DispatchTable
     from condconv_bench.errors import CondConvBenchError
-    from condconv_bench.layer import CondConvBase
-    from condconv_bench.modules import CondConv2d, CondConvLinear
-    from condconv_bench.registry import create_impl, get_impl, list_impls, register_impl
-    from condconv_bench.results import load_results
+    from condconv_bench.core.contract import CondConvBase
+    from condconv_bench.layers.condconv import CondConv2d, CondConvLinear
+    from condconv_bench.core.registry import create_impl, get_impl, list_impls, register_impl
+    from condconv_bench.run.directory import load_results
     from condconv_bench.dispatch.switch import set_autotune
-    from condconv_bench.runner import run_suite
-    from condconv_bench.spec import LayerSpec
+    from condconv_bench.run.runner import run_suite
+    from condconv_bench.core.spec import LayerSpec
 
 
 def __getattr__(name: str) -> Any:

@@ -7,27 +7,12 @@ the file, the field and what was expected, because they are printed as they are.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
 from typing import Any, ClassVar
 
 EXIT_OK = 0
 EXIT_FAILURE = 1  # equivalence failure, regression, or (with --strict) an error row
 EXIT_BAD_INPUT = 2  # malformed suite or results, unknown implementation, unavailable device
 EXIT_INTERRUPTED = 130  # Ctrl-C, as shells report SIGINT; the run directory stays resumable
-
-
-class GateVerdict:
-    """A gate's outcome from its `failures`: passed, and the exit code that says so (0 or 1)."""
-
-    failures: Sequence[object]
-
-    @property
-    def passed(self) -> bool:
-        return not self.failures
-
-    @property
-    def exit_code(self) -> int:
-        return EXIT_OK if self.passed else EXIT_FAILURE
 
 
 class CondConvBenchError(Exception):

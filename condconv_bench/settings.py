@@ -3,7 +3,7 @@
 Each is a frozen dataclass whose field defaults are *the* defaults: a suite's `timing:` and
 `gate:` sections (`suite`) validate YAML into them and take their defaults from here, and the
 command line's help shows the same values (`show_default`). This module sits below everything
-that reads it (it imports only the allocator names), so a suite can name the gate's defaults
+that reads it (it imports nothing of the package), so a suite can name the gate's defaults
 without importing the gate.
 
 The two gates keep different time thresholds on purpose: a baseline gate compares two runs made
@@ -17,8 +17,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Literal
 
-from condconv_bench.measure.allocators import DEFAULT_ALLOCATOR
 
+DEFAULT_ALLOCATOR = "fixed"  # the worker processes' allocator policy (`machine.allocators` names them all)
 DEFAULT_ALPHA = 0.002  # significance level of both gates' rank tests
 
 Comparison = Literal["auto", "absolute", "floor"]
@@ -37,7 +37,7 @@ class MeasureSettings:
     tie_margin: float = 0.02  # gaps to the fastest below this are ties
     max_passes: int = 8
     sweep_groups: int = 64  # groups whose first visits interleave (see measure.group)
-    allocator: str = DEFAULT_ALLOCATOR  # of the worker processes (see measure.allocators)
+    allocator: str = DEFAULT_ALLOCATOR  # of the worker processes (see machine.allocators)
 
 
 @dataclass(frozen=True)

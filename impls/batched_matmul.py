@@ -15,10 +15,10 @@ from dataclasses import replace
 import torch
 import torch.nn.functional as F
 
-from condconv_bench.layer import CondConvBase
-from condconv_bench.registry import register_impl
-from condconv_bench.spec import LayerSpec, Pair
-from condconv_bench.traffic import Traffic, bias_epilogue, compulsory_traffic, kernel_bytes, unfold_bytes
+from condconv_bench.core.contract import CondConvBase
+from condconv_bench.core.registry import register_impl
+from condconv_bench.core.spec import LayerSpec, Pair
+from condconv_bench.core.traffic import Traffic, bias_epilogue, compulsory_traffic, kernel_bytes, unfold_bytes
 
 
 def not_for_depthwise(spec: LayerSpec) -> str | None:

@@ -22,13 +22,13 @@ from dataclasses import replace
 
 import torch
 
-from condconv_bench.environment import cache_bytes
+from condconv_bench.machine.environment import cache_bytes
 from condconv_bench.impls.batched_matmul import not_for_depthwise
 from condconv_bench.impls.pixel_major_matmul import as_output, columns_pixel_major, pixel_major_kernels, pixel_major_traffic
-from condconv_bench.layer import CondConvBase
-from condconv_bench.registry import register_impl
-from condconv_bench.spec import LayerSpec, Pair
-from condconv_bench.traffic import Traffic, output_bytes
+from condconv_bench.core.contract import CondConvBase
+from condconv_bench.core.registry import register_impl
+from condconv_bench.core.spec import LayerSpec, Pair
+from condconv_bench.core.traffic import Traffic, output_bytes
 
 _FALLBACK_L2_BYTES = 2**20
 

@@ -15,8 +15,8 @@ from __future__ import annotations
 import torch
 
 from condconv_bench.errors import ImplUnavailableError
-from condconv_bench.registry import register_impl
-from condconv_bench.spec import LayerSpec
+from condconv_bench.core.registry import register_impl
+from condconv_bench.core.spec import LayerSpec
 from condconv_bench.impls.grouped_conv import GroupedConv
 
 # Every instance shares one code object (CondConvBase.forward), and dynamo keeps at most

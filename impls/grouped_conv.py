@@ -12,8 +12,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from condconv_bench.layer import CondConvBase
-from condconv_bench.registry import register_impl
+from condconv_bench.core.contract import CondConvBase
+from condconv_bench.core.registry import register_impl
 
 
 @register_impl("grouped_conv")

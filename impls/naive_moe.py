@@ -11,11 +11,11 @@ from dataclasses import replace
 
 import torch
 
-from condconv_bench.flops import AnalyticMacs, conv_macs, routing_macs
-from condconv_bench.layer import CondConvBase
-from condconv_bench.registry import register_impl
-from condconv_bench.spec import LayerSpec, Pair
-from condconv_bench.traffic import Traffic, compulsory_traffic, output_bytes
+from condconv_bench.core.flops import AnalyticMacs, conv_macs, routing_macs
+from condconv_bench.core.contract import CondConvBase
+from condconv_bench.core.registry import register_impl
+from condconv_bench.core.spec import LayerSpec, Pair
+from condconv_bench.core.traffic import Traffic, compulsory_traffic, output_bytes
 
 
 @register_impl("naive_moe")

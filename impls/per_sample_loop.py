@@ -12,10 +12,10 @@ from dataclasses import replace
 
 import torch
 
-from condconv_bench.layer import CondConvBase
-from condconv_bench.registry import register_impl
-from condconv_bench.spec import LayerSpec, Pair
-from condconv_bench.traffic import Traffic, compulsory_traffic, kernel_bytes, output_bytes
+from condconv_bench.core.contract import CondConvBase
+from condconv_bench.core.registry import register_impl
+from condconv_bench.core.spec import LayerSpec, Pair
+from condconv_bench.core.traffic import Traffic, compulsory_traffic, kernel_bytes, output_bytes
 
 
 @register_impl("per_sample_loop")

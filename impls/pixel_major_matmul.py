@@ -22,10 +22,10 @@ import torch
 import torch.nn.functional as F
 
 from condconv_bench.impls.batched_matmul import not_for_depthwise
-from condconv_bench.layer import CondConvBase
-from condconv_bench.registry import register_impl
-from condconv_bench.spec import LayerSpec, Pair
-from condconv_bench.traffic import Traffic, bias_epilogue, compulsory_traffic, kernel_bytes, output_bytes, unfold_bytes
+from condconv_bench.core.contract import CondConvBase
+from condconv_bench.core.registry import register_impl
+from condconv_bench.core.spec import LayerSpec, Pair
+from condconv_bench.core.traffic import Traffic, bias_epilogue, compulsory_traffic, kernel_bytes, output_bytes, unfold_bytes
 
 
 def experts_pixel_major(weight: torch.Tensor, groups: int) -> torch.Tensor:

@@ -9,11 +9,11 @@ from __future__ import annotations
 
 import torch
 
-from condconv_bench.flops import AnalyticMacs, conv_macs
-from condconv_bench.layer import CondConvBase
-from condconv_bench.registry import register_impl
-from condconv_bench.spec import LayerSpec, Pair
-from condconv_bench.traffic import Traffic, input_bytes, kernel_bytes, output_bytes
+from condconv_bench.core.flops import AnalyticMacs, conv_macs
+from condconv_bench.core.contract import CondConvBase
+from condconv_bench.core.registry import register_impl
+from condconv_bench.core.spec import LayerSpec, Pair
+from condconv_bench.core.traffic import Traffic, input_bytes, kernel_bytes, output_bytes
 
 
 @register_impl("static")

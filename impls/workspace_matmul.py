@@ -22,10 +22,10 @@ from __future__ import annotations
 import torch
 
 from condconv_bench.impls.batched_matmul import batched_matmul, batched_matmul_traffic, not_for_depthwise
-from condconv_bench.layer import CondConvBase
-from condconv_bench.registry import register_impl
-from condconv_bench.spec import LayerSpec, Pair
-from condconv_bench.traffic import Traffic
+from condconv_bench.core.contract import CondConvBase
+from condconv_bench.core.registry import register_impl
+from condconv_bench.core.spec import LayerSpec, Pair
+from condconv_bench.core.traffic import Traffic
 
 
 @register_impl("workspace_matmul")

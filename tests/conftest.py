@@ -7,7 +7,8 @@ from dataclasses import dataclass
 import pytest
 import torch
 
-from condconv_bench import LayerSpec, registry
+from condconv_bench import LayerSpec
+from condconv_bench.core import registry
 from condconv_bench.dispatch import cache, switch
 
 
@@ -86,9 +87,9 @@ def fixed_ceilings(request, monkeypatch) -> None:
     read them get fixed figures (the test suite runs dozens of suites). `real_ceilings` measures."""
     if request.node.get_closest_marker("real_ceilings"):
         return
-    from condconv_bench import machine_peak
+    from condconv_bench.machine import ceilings
 
-    monkeypatch.setattr(machine_peak, "memory_bandwidths", lambda device, threads: {
+    monkeypatch.setattr(ceilings, "memory_bandwidths", lambda device, threads: {
         "dram_bytes_per_s": 3e10, "llc_bytes_per_s": 1.5e11, "llc_bytes": 32 * 2**20})
-    monkeypatch.setattr(machine_peak, "depthwise_peak_flops", lambda device, dtype, threads: 3e10)
-    monkeypatch.setattr(machine_peak, "dense_peak_flops", lambda device, dtype, threads: 1e11)
+    monkeypatch.setattr(ceilings, "depthwise_peak_flops", lambda device, dtype, threads: 3e10)
+    monkeypatch.setattr(ceilings, "dense_peak_flops", lambda device, dtype, threads: 1e11)

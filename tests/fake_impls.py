@@ -14,8 +14,8 @@ from pathlib import Path
 import torch
 
 from condconv_bench.impls.grouped_conv import GroupedConv
-from condconv_bench.spec import LayerSpec, Pair
-from condconv_bench.traffic import Traffic, input_bytes
+from condconv_bench.core.spec import LayerSpec, Pair
+from condconv_bench.core.traffic import Traffic, input_bytes
 
 HUNDRED_MB = 100 * 2**20
 

@@ -60,7 +60,7 @@ CLASS.METHOD = _planted
 # A test-only implementation whose step is mostly a fixed amount of interpreter work.
 BUSY_IMPL = '''
 from condconv_bench.impls.static import Static
-from condconv_bench.registry import register_impl
+from condconv_bench.core.registry import register_impl
 
 WORK = {work}
 
@@ -127,7 +127,7 @@ MODEL_SUITE = {
 TIMM_NET = """
 import torch
 from torch import nn
-from condconv_bench.models.sources import import_timm
+from condconv_bench.cases.models.sources import import_timm
 
 
 class Net(nn.Module):
@@ -279,14 +279,14 @@ def test_a_served_tree_imports_its_own_modules_and_is_forgotten_after(tmp_path: 
     with aliases.serving({alias: tree}):
         import importlib
 
-        revised = importlib.import_module(f"{alias}.registry").get_impl("grouped_conv")
+        revised = importlib.import_module(f"{alias}.core.registry").get_impl("grouped_conv")
         worker = importlib.import_module(f"{alias}.measure.worker")
         assert revised.__doc__.startswith("REVISED") and revised.__module__ == f"{alias}.impls.grouped_conv"
-        assert revised.__mro__[1].__module__ == f"{alias}.layer"  # its own base class, not the installed one
-        dispatching = importlib.import_module(f"{alias}.registry").get_impl("auto")
-        assert dispatching.__module__ == f"{alias}.dispatch.layer"  # the selectors a suite names resolve in the tree too
-        assert worker.condconv_bench.__name__ == alias  # `import condconv_bench.workload` bound to the alias
-    from condconv_bench.registry import get_impl
+        assert revised.__mro__[1].__module__ == f"{alias}.core.contract"  # its own base class, not the installed one
+        dispatching = importlib.import_module(f"{alias}.core.registry").get_impl("auto")
+        assert dispatching.__module__ == f"{alias}.dispatch.dispatching_layers"  # the selectors a suite names resolve in the tree too
+        assert worker.condconv_bench.__name__ == alias  # `import condconv_bench.cases.workload` bound to the alias
+    from condconv_bench.core.registry import get_impl
 
     assert not get_impl("grouped_conv").__doc__.startswith("REVISED")
     assert not [name for name in sys.modules if name.startswith(alias)]

@@ -13,12 +13,12 @@ from condconv_bench import CondConv2d, CondConvLinear, DispatchTable, LayerSpec
 from condconv_bench.dispatch.cache import cache_path
 from condconv_bench.cli import main
 from condconv_bench.dispatch.table import ENVIRONMENT_VARIABLE, Entry, Query, rule_of_thumb, shape_class, signature
-from condconv_bench.equivalence import check_equivalence
+from condconv_bench.core.equivalence import check_equivalence
 from condconv_bench.errors import ResultsError, UnknownImplError
-from condconv_bench.measure import allocators
-from condconv_bench.registry import dispatchable_impls
-from condconv_bench.runner import run_suite
-from condconv_bench.selection import CaseFilter
+from condconv_bench.machine import allocators
+from condconv_bench.core.registry import dispatchable_impls
+from condconv_bench.run.runner import run_suite
+from condconv_bench.suite.selection import CaseFilter
 
 DATA = Path(__file__).parent / "data"
 TINY = DATA / "valid" / "tiny.yaml"
@@ -194,7 +194,7 @@ def test_runner_records_what_auto_and_autotune_dispatched_in_the_workers(tmp_pat
 def test_dispatch_summary_gives_each_choice_its_share_of_the_builds() -> None:
     from collections import Counter
 
-    from condconv_bench.rows import dispatch_summary
+    from condconv_bench.run.rows import dispatch_summary
 
     assert dispatch_summary(Counter({"grouped_conv": 3})) == "grouped_conv"
     assert dispatch_summary(Counter({"b": 1, "a": 1, "c": 5})) == "c 5/7; a 1/7; b 1/7"

@@ -16,14 +16,14 @@ import pytest
 import torch
 
 from condconv_bench import CondConv2d, CondConvLinear, LayerSpec, set_autotune
-from condconv_bench.dispatch import cache, tuning
-from condconv_bench.dispatch import layer as auto_module
+from condconv_bench.dispatch import autotuning, cache
+from condconv_bench.dispatch import dispatching_layers as auto_module
 from condconv_bench.dispatch.table import DispatchTable
-from condconv_bench.equivalence import check_equivalence
+from condconv_bench.core.equivalence import check_equivalence
 from condconv_bench.impls import chunked_matmul
 from condconv_bench.impls.grouped_conv import GroupedConv
-from condconv_bench.measure import allocators
-from condconv_bench.registry import create_impl, dispatchable_impls
+from condconv_bench.machine import allocators
+from condconv_bench.core.registry import create_impl, dispatchable_impls
 
 from test_auto import entry, query
 
@@ -93,7 +93,7 @@ def test_autotune_measures_and_never_picks_a_planted_slow_strategy(monkeypatch) 
 def test_the_choice_is_cached_per_signature_and_survives_the_process(monkeypatch) -> None:
     clock = FakeClock()  # exact timings: a loaded machine must not make the choice noisy (unsaved) or drifted (re-tuned)
     only(monkeypatch, costing(clock, {"quick": 1e-3, "middling": 1.6e-3, "slow": 3e-3}))
-    monkeypatch.setattr(tuning, "default_clock", clock)
+    monkeypatch.setattr(autotuning, "default_clock", clock)
     layer = CondConv2d(8, 16, 1, num_experts=4, strategy="autotune")
     x = torch.randn(2, 8, 5, 5)
     with torch.no_grad():
@@ -109,7 +109,7 @@ def test_the_choice_is_cached_per_signature_and_survives_the_process(monkeypatch
     assert saved["rivals"] and saved["medians_s"][first.strategy] > 0 and saved["load"] != -1.0  # the evidence
 
     fresh_process_cache()  # as a new process would: only the file remains
-    monkeypatch.setattr(tuning, "measure", lambda *a, **k: pytest.fail("tuned afresh although the cache file knows this signature"))
+    monkeypatch.setattr(autotuning, "measure", lambda *a, **k: pytest.fail("tuned afresh although the cache file knows this signature"))
     again = CondConv2d(8, 16, 1, num_experts=4, strategy="autotune")
     with torch.no_grad():
         again(x)
@@ -122,7 +122,7 @@ def test_the_choice_is_cached_per_signature_and_survives_the_process(monkeypatch
 def test_a_cached_choice_now_twice_as_slow_is_replaced_within_the_confirmation_budget(monkeypatch) -> None:
     clock = FakeClock()
     only(monkeypatch, costing(clock, {"fast": 1e-3, "slow": 2e-3, "other": 3e-3}))
-    monkeypatch.setattr(tuning, "default_clock", clock)
+    monkeypatch.setattr(autotuning, "default_clock", clock)
     spec = LayerSpec("conv2d", 8, 16, 4, kernel_size=3, padding=1)
     x = torch.randn(4, 8, 6, 6)
     planted_entry("slow", ("fast",), x, spec, recorded_s=2e-3)  # it runs as it did; its rival got faster
@@ -132,7 +132,7 @@ def test_a_cached_choice_now_twice_as_slow_is_replaced_within_the_confirmation_b
     confirmation = layer.last_tuning
     assert layer.last_strategy == "fast" and confirmation.confirmed == "slow"
     assert confirmation.medians_s == {"slow": pytest.approx(2e-3), "fast": pytest.approx(1e-3)}
-    assert confirmation.seconds <= tuning.BUDGET_SLACK * 0.25 * tuning.CONFIRM_SHARE  # its share of the budget, not a tuning
+    assert confirmation.seconds <= autotuning.BUDGET_SLACK * 0.25 * autotuning.CONFIRM_SHARE  # its share of the budget, not a tuning
     (saved,) = json.loads(cache.cache_path().read_text())["entries"]
     assert saved["strategy"] == "fast" and saved["rivals"] == ["slow"]  # the next process starts from the fast one
     fresh_process_cache()
@@ -145,7 +145,7 @@ def test_a_cached_choice_now_twice_as_slow_is_replaced_within_the_confirmation_b
 def test_a_cached_choice_that_now_runs_at_another_speed_than_recorded_is_tuned_afresh(monkeypatch) -> None:
     clock = FakeClock()
     only(monkeypatch, costing(clock, {"best": 1e-3, "cached": 2e-3, "rival": 2.5e-3}))
-    monkeypatch.setattr(tuning, "default_clock", clock)
+    monkeypatch.setattr(autotuning, "default_clock", clock)
     spec = LayerSpec("conv2d", 8, 16, 4)
     x = torch.randn(2, 8, 5, 5)
     planted_entry("cached", ("rival",), x, spec, recorded_s=1e-3)  # tuned in another state: its rivals are suspect too
@@ -158,7 +158,7 @@ def test_a_cached_choice_that_now_runs_at_another_speed_than_recorded_is_tuned_a
 def test_a_cached_choice_that_holds_is_trusted_after_one_confirmation_per_process(monkeypatch) -> None:
     clock = FakeClock()
     only(monkeypatch, costing(clock, {"fast": 1e-3, "slow": 2e-3}))
-    monkeypatch.setattr(tuning, "default_clock", clock)
+    monkeypatch.setattr(autotuning, "default_clock", clock)
     spec = LayerSpec("conv2d", 8, 16, 4)
     x = torch.randn(2, 8, 5, 5)
     planted_entry("fast", ("slow",), x, spec)
@@ -176,7 +176,7 @@ def test_a_tuning_too_noisy_to_separate_the_candidates_is_kept_for_the_process_o
     clock = FakeClock()
     draws = random.Random(1)
     only(monkeypatch, costing(clock, {"jumpy": lambda: draws.uniform(1e-3, 4e-3), "steady": 2.0e-3}))
-    monkeypatch.setattr(tuning, "default_clock", clock)
+    monkeypatch.setattr(autotuning, "default_clock", clock)
     layer = CondConv2d(8, 16, 1, num_experts=4, strategy="autotune", tuning_budget_s=0.1)
     with torch.no_grad():
         layer(torch.randn(2, 8, 5, 5))
@@ -184,7 +184,7 @@ def test_a_tuning_too_noisy_to_separate_the_candidates_is_kept_for_the_process_o
     assert not cache.cache_path().exists()  # not persisted: another process measures afresh
     clock_only = FakeClock()
     only(monkeypatch, costing(clock_only, {"quick": 1.0e-3, "steady": 2.0e-3}))
-    monkeypatch.setattr(tuning, "default_clock", clock_only)
+    monkeypatch.setattr(autotuning, "default_clock", clock_only)
     quiet = CondConv2d(8, 16, 1, num_experts=4, strategy="autotune", tuning_budget_s=0.1)
     with torch.no_grad():
         quiet(torch.randn(3, 8, 5, 5))
@@ -194,12 +194,12 @@ def test_a_tuning_too_noisy_to_separate_the_candidates_is_kept_for_the_process_o
 def test_the_budget_holds_when_every_call_is_slow(monkeypatch) -> None:
     clock = FakeClock()
     only(monkeypatch, costing(clock, {f"s{i}": 0.04 + 0.001 * i for i in range(6)}))
-    monkeypatch.setattr(tuning, "default_clock", clock)
+    monkeypatch.setattr(autotuning, "default_clock", clock)
     layer = CondConv2d(8, 16, 1, num_experts=4, strategy="autotune", tuning_budget_s=0.3)
     with torch.no_grad():
         layer(torch.randn(2, 8, 5, 5))
     measured = layer.last_tuning
-    assert measured.seconds <= tuning.BUDGET_SLACK * 0.3
+    assert measured.seconds <= autotuning.BUDGET_SLACK * 0.3
     assert measured.strategy == "s0"  # the likeliest goes first, and the budget still separates it
 
 
@@ -219,7 +219,7 @@ def test_a_candidate_slow_in_every_call_drops_before_the_rounds(monkeypatch, hop
         return cost
 
     only(monkeypatch, costing(clock, {name: counted(name) for name in costs}))
-    monkeypatch.setattr(tuning, "default_clock", clock)
+    monkeypatch.setattr(autotuning, "default_clock", clock)
     layer = CondConv2d(8, 16, 1, num_experts=4, strategy="autotune", tuning_budget_s=0.05)
     with torch.no_grad():
         layer(torch.randn(2, 8, 5, 5))
@@ -239,7 +239,7 @@ def test_one_preempted_call_does_not_drop_the_fastest_strategy(monkeypatch, pree
         return 5e-3 if calls["quick"] == preempted_call else 0.1e-3  # a stall of a few scheduler slices
 
     only(monkeypatch, costing(clock, {"steady": 0.13e-3, "quick": quick}))  # within the first round's 1.5x, not the later 1.25x
-    monkeypatch.setattr(tuning, "default_clock", clock)
+    monkeypatch.setattr(autotuning, "default_clock", clock)
     layer = CondConv2d(8, 16, 1, num_experts=4, strategy="autotune", tuning_budget_s=0.2)
     with torch.no_grad():
         layer(torch.randn(2, 8, 5, 5))
@@ -268,7 +268,7 @@ def test_a_choice_measured_fast_in_one_process_and_slow_in_the_next_is_replaced(
         import os, sys, time
         import torch
         from condconv_bench import CondConv2d
-        from condconv_bench.dispatch import layer as auto_module
+        from condconv_bench.dispatch import dispatching_layers as auto_module
         from condconv_bench.impls.grouped_conv import GroupedConv
 
         def spinning(name):
@@ -348,7 +348,7 @@ def test_global_switch_makes_auto_layers_built_elsewhere_autotune() -> None:
 def test_a_broken_cache_file_costs_a_measurement_not_the_model(monkeypatch) -> None:
     clock = FakeClock()
     only(monkeypatch, costing(clock, {"fast": 1e-3, "slow": 2e-3}))
-    monkeypatch.setattr(tuning, "default_clock", clock)  # a quiet machine: the measurement is persisted
+    monkeypatch.setattr(autotuning, "default_clock", clock)  # a quiet machine: the measurement is persisted
     cache.cache_path().write_bytes(b"\xff not json")
     fresh_process_cache()
     layer = CondConv2d(8, 8, 1, num_experts=2, strategy="autotune")
@@ -371,9 +371,9 @@ def test_tuning_in_training_measures_the_backward_and_leaves_grads_alone() -> No
 
 
 def test_ties_are_broken_by_name_not_by_noise() -> None:
-    strategy, tied = tuning.pick({"grouped_conv": 1.015e-3, "batched_matmul": 1.0e-3, "naive_moe": 5e-3})
+    strategy, tied = autotuning.pick({"grouped_conv": 1.015e-3, "batched_matmul": 1.0e-3, "naive_moe": 5e-3})
     assert (strategy, tied) == ("batched_matmul", ("batched_matmul", "grouped_conv"))
-    strategy, tied = tuning.pick({"grouped_conv": 1.0e-3, "batched_matmul": 1.03e-3})
+    strategy, tied = autotuning.pick({"grouped_conv": 1.0e-3, "batched_matmul": 1.03e-3})
     assert (strategy, tied) == ("grouped_conv", ("grouped_conv",))
 
 
@@ -434,9 +434,9 @@ def test_tuning_for_compile_measures_compiled_variants_and_the_graph_uses_their_
 
 def test_strategies_with_several_times_the_work_are_not_measured_on_convs_but_are_on_linear_layers() -> None:
     strategies = dispatchable_impls()
-    conv = tuning.cheap_enough(strategies, LayerSpec("conv2d", 64, 64, 8), 8, (14, 14))
+    conv = autotuning.cheap_enough(strategies, LayerSpec("conv2d", 64, 64, 8), 8, (14, 14))
     assert {"naive_moe", "stacked_moe"}.isdisjoint(conv) and {"grouped_conv", "pixel_major_matmul"} <= set(conv)
-    linear = tuning.cheap_enough(strategies, LayerSpec("linear", 1280, 1000, 8), 8, (1, 1))
+    linear = autotuning.cheap_enough(strategies, LayerSpec("linear", 1280, 1000, 8), 8, (1, 1))
     assert "stacked_moe" in linear  # E·P MACs, as much as mixing the kernels: the classifier's fastest
 
 
@@ -447,7 +447,7 @@ def test_tune_model_fills_the_cache_a_fleet_ships_and_the_next_process_confirms_
 
     clock = FakeClock()  # exact timings: a loaded CI machine must not make a choice noisy or drifted
     only(monkeypatch, costing(clock, {"quick": 1e-3, "grouped_conv": 2e-3}))  # the tiny net builds with grouped_conv
-    monkeypatch.setattr(tuning, "default_clock", clock)
+    monkeypatch.setattr(autotuning, "default_clock", clock)
     result = CliRunner().invoke(main, ["tune-model", "tiny_models:tiny_condconv_net", "--batch-size", "1", "--batch-size", "2",
                                        "--input-size", "15", "--budget", "0.02"])
     assert result.exit_code == 0, result.output
@@ -456,7 +456,7 @@ def test_tune_model_fills_the_cache_a_fleet_ships_and_the_next_process_confirms_
     assert {e["batch_size"] for e in entries} == {1, 2} and all(e["mode"] == "inference" for e in entries)
     assert {e["strategy"] for e in entries} == {"quick"}
     fresh_process_cache()  # another machine of the fleet, with the shipped file
-    monkeypatch.setattr(tuning, "measure", lambda *a, **k: pytest.fail("tuned afresh although the shipped cache holds the signature"))
+    monkeypatch.setattr(autotuning, "measure", lambda *a, **k: pytest.fail("tuned afresh although the shipped cache holds the signature"))
     again = CliRunner().invoke(main, ["tune-model", "tiny_models:tiny_condconv_net", "--batch-size", "1", "--input-size", "15",
                                       "--budget", "0.02"])
     assert again.exit_code == 0 and "0 signatures tuned, 2 confirmed" in again.output, again.output
@@ -472,23 +472,23 @@ def test_tune_model_fills_the_cache_a_fleet_ships_and_the_next_process_confirms_
 def test_rounds_stop_once_they_have_settled_the_answer(monkeypatch, costs, expected) -> None:
     clock = FakeClock()
     only(monkeypatch, costing(clock, costs))
-    monkeypatch.setattr(tuning, "default_clock", clock)
+    monkeypatch.setattr(autotuning, "default_clock", clock)
     layer = CondConv2d(8, 16, 1, num_experts=4, strategy="autotune", tuning_budget_s=0.5)
     with torch.no_grad():
         layer(torch.randn(2, 8, 5, 5))
     assert layer.last_strategy == expected
-    assert layer.last_tuning.rounds <= tuning.SETTLE_ROUNDS and layer.last_tuning.seconds < 0.1  # far inside the budget
+    assert layer.last_tuning.rounds <= autotuning.SETTLE_ROUNDS and layer.last_tuning.seconds < 0.1  # far inside the budget
 
 
 def test_rounds_go_on_while_the_answer_is_open(monkeypatch) -> None:
     clock = FakeClock()
     draws = random.Random(3)
     only(monkeypatch, costing(clock, {"one": lambda: draws.uniform(0.85e-3, 1.15e-3), "two": lambda: draws.uniform(0.85e-3, 1.15e-3)}))
-    monkeypatch.setattr(tuning, "default_clock", clock)
+    monkeypatch.setattr(autotuning, "default_clock", clock)
     layer = CondConv2d(8, 16, 1, num_experts=4, strategy="autotune", tuning_budget_s=0.2)
     with torch.no_grad():
         layer(torch.randn(2, 8, 5, 5))
-    assert layer.last_tuning.rounds > tuning.SETTLE_ROUNDS and layer.last_tuning.seconds > 0.1  # the budget, spent
+    assert layer.last_tuning.rounds > autotuning.SETTLE_ROUNDS and layer.last_tuning.seconds > 0.1  # the budget, spent
 
 
 def test_list_reports_a_broken_cache_file_instead_of_failing() -> None:
@@ -512,8 +512,8 @@ def test_a_jit_trace_reuses_the_choice_and_never_measures(monkeypatch) -> None:
     with torch.inference_mode():
         layer(x)
     chosen = layer.last_strategy
-    monkeypatch.setattr(tuning, "measure", lambda *a, **k: pytest.fail("measured while torch.jit traced"))
-    monkeypatch.setattr(tuning, "confirm", lambda *a, **k: pytest.fail("measured while torch.jit traced"))
+    monkeypatch.setattr(autotuning, "measure", lambda *a, **k: pytest.fail("measured while torch.jit traced"))
+    monkeypatch.setattr(autotuning, "confirm", lambda *a, **k: pytest.fail("measured while torch.jit traced"))
     monkeypatch.setattr(layer, "choose", lambda x: pytest.fail("chose afresh although this input has a choice"))
     with torch.no_grad():
         traced = torch.jit.trace(layer, x, check_trace=False)

@@ -17,15 +17,15 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from condconv_bench import atomic
-from condconv_bench.gate.baseline import load_snapshot, save_baseline
+from condconv_bench.gate.snapshot import load_snapshot, save_baseline
 from condconv_bench.cli import main
 from condconv_bench.dispatch.table import DispatchTable
-from condconv_bench.memory_estimate import estimated_bytes
-from condconv_bench.results import COLUMNS, RunDirectory, load_results
-from condconv_bench.runner import run_suite
-from condconv_bench.selection import CaseFilter
+from condconv_bench.cases.memory_estimate import estimated_bytes
+from condconv_bench.run.directory import COLUMNS, RunDirectory, load_results
+from condconv_bench.run.runner import run_suite
+from condconv_bench.suite.selection import CaseFilter
 from condconv_bench.set_aside import RowSetAside
-from condconv_bench.suite import load_suite
+from condconv_bench.suite.loader import load_suite
 
 DATA = Path(__file__).parent / "data"
 TINY = DATA / "valid" / "tiny.yaml"

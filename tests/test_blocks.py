@@ -7,10 +7,10 @@ import pytest
 import torch
 import yaml
 
-from condconv_bench.blocks import CondConvStack, StackSpec, StageSpec
-from condconv_bench.registry import get_impl
-from condconv_bench.runner import run_suite
-from condconv_bench.suite import load_suite
+from condconv_bench.layers.blocks import CondConvStack, StackSpec, StageSpec
+from condconv_bench.core.registry import get_impl
+from condconv_bench.run.runner import run_suite
+from condconv_bench.suite.loader import load_suite
 
 SMALL = StackSpec(8, (9, 9), 4, (StageSpec(12, 3, 1, 2, 0.25, 2), StageSpec(16, 5, 2, 2, 0.25, 1)))
 

@@ -11,7 +11,7 @@ import yaml
 from click.testing import CliRunner
 
 from condconv_bench.cli import main
-from condconv_bench.results import RunDirectory
+from condconv_bench.run.directory import RunDirectory
 
 DATA = Path(__file__).parent / "data"
 TINY = DATA / "valid" / "tiny.yaml"
@@ -150,7 +150,7 @@ def test_progress_lines_estimate_what_is_left_over_the_cases_this_machine_runs(m
     import torch
 
     from condconv_bench.cli import progress
-    from condconv_bench.suite import load_suite
+    from condconv_bench.suite.loader import load_suite
 
     if torch.cuda.is_available():
         pytest.skip("needs a machine without CUDA: the CUDA cases are the ones skipped in no time")

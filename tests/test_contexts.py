@@ -14,10 +14,10 @@ import pickle
 import pytest
 import torch
 
-from condconv_bench.dispatch.layer import SELECTORS
-from condconv_bench.equivalence import RELATIVE_TOLERANCE, compare, compute_reference
-from condconv_bench.registry import create_impl, dispatchable_impls
-from condconv_bench.spec import LayerSpec
+from condconv_bench.dispatch.dispatching_layers import SELECTORS
+from condconv_bench.core.equivalence import RELATIVE_TOLERANCE, compare, compute_reference
+from condconv_bench.core.registry import create_impl, dispatchable_impls
+from condconv_bench.core.spec import LayerSpec
 
 KEYS = [*dispatchable_impls(), *SELECTORS]
 CONV = LayerSpec("conv2d", 6, 8, 3, kernel_size=3, stride=2, padding=1, dilation=1, groups=2, bias=True)

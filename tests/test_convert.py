@@ -8,11 +8,11 @@ import torch.nn.functional as F
 from torch import nn
 
 from condconv_bench import CondConv2d, CondConvBenchError, convert
-from condconv_bench.adapters import timm_condconv2d
-from condconv_bench.equivalence import RELATIVE_TOLERANCE
+from condconv_bench.conversion.adapters import timm_condconv2d
+from condconv_bench.core.equivalence import RELATIVE_TOLERANCE
 from condconv_bench.errors import UnmappableLayerError
-from condconv_bench.models.sources import import_timm
-from condconv_bench.same_padding import SamePadCondConv2d
+from condconv_bench.cases.models.sources import import_timm
+from condconv_bench.layers.same_padding import SamePadCondConv2d
 
 timm = import_timm()  # timm is part of the test install ([dev] pulls [models]); the stand-in where torchvision cannot load
 from timm.layers import CondConv2d as TimmCondConv2d  # noqa: E402
@@ -137,8 +137,8 @@ def test_an_unmappable_layer_is_refused_with_one_line_and_nothing_changes() -> N
 
 
 def test_the_static_floor_is_not_converted() -> None:
-    from condconv_bench.registry import get_impl
-    from condconv_bench.spec import LayerSpec
+    from condconv_bench.core.registry import get_impl
+    from condconv_bench.core.spec import LayerSpec
 
     with pytest.raises(UnmappableLayerError, match="not a CondConv layer"):
         convert(nn.Sequential(get_impl("static")(LayerSpec("conv2d", 4, 4, 2))), "auto")
@@ -174,7 +174,7 @@ def test_a_fixed_matmul_strategy_runs_only_where_it_is_an_algorithm_and_the_reco
         "a strategy for every kind of layer runs everywhere"
 
 
-@pytest.mark.parametrize("strategy", sorted(__import__("condconv_bench.registry", fromlist=["x"]).dispatchable_impls()))
+@pytest.mark.parametrize("strategy", sorted(__import__("condconv_bench.core.registry", fromlist=["x"]).dispatchable_impls()))
 @pytest.mark.parametrize("batch", [1, 2])
 def test_batch_norms_around_any_strategy_train_like_around_timms_layer(strategy: str, batch: int) -> None:
     """What a converted model's training relies on: the batch norms before and after each layer get

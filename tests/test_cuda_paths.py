@@ -12,15 +12,16 @@ import torch._dynamo.config as dynamo_config
 import yaml
 from click.testing import CliRunner
 
-from condconv_bench import CondConv2d, DispatchTable, LayerSpec, runner
-from condconv_bench import environment
+from condconv_bench import CondConv2d, DispatchTable, LayerSpec
+from condconv_bench.run import runner
+from condconv_bench.machine import environment
 from condconv_bench.cli import main
-from condconv_bench.devices import use_exact_float32
-from condconv_bench.steps import dispatched
+from condconv_bench.machine.devices import use_exact_float32
+from condconv_bench.cases.steps import dispatched
 from condconv_bench.impls.compiled import Compiled
-from condconv_bench.profile import _self_time_column
-from condconv_bench.runner import run_suite
-from condconv_bench.selection import CaseFilter
+from condconv_bench.profiling.traces import _self_time_column
+from condconv_bench.run.runner import run_suite
+from condconv_bench.suite.selection import CaseFilter
 
 TINY = Path(__file__).parent / "data" / "valid" / "tiny.yaml"
 

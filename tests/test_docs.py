@@ -5,7 +5,7 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
-from condconv_bench.dispatch import tuning
+from condconv_bench.dispatch import autotuning
 
 README = Path(__file__).resolve().parents[1] / "README.md"
 QUOTED = re.compile(r"`([A-Z][A-Z_]+)` \((\d+(?:\.\d+)?)(%?)\)")
@@ -16,4 +16,4 @@ def test_every_constant_the_readme_quotes_has_the_codes_value() -> None:
     assert len(quoted) >= 10  # the autotune section quotes its rule's constants
     for name, value, percent in quoted:
         expected = float(value) / (100 if percent else 1)
-        assert getattr(tuning, name) == expected, f"README quotes {name} as {value}{percent}, the code has {getattr(tuning, name)}"
+        assert getattr(autotuning, name) == expected, f"README quotes {name} as {value}{percent}, the code has {getattr(autotuning, name)}"

@@ -10,13 +10,13 @@ import pytest
 import yaml
 from click.testing import CliRunner
 
-from condconv_bench import machine_peak
+from condconv_bench.machine import ceilings
 from condconv_bench.cli import main
-from condconv_bench.gate.baseline import BASELINE_VERSION, load_snapshot, save_baseline
+from condconv_bench.gate.snapshot import BASELINE_VERSION, load_snapshot, save_baseline
 from condconv_bench.gate.baseline_gate import run_gate
 from condconv_bench.gate.compare import compare_snapshots
 from condconv_bench.impls.grouped_conv import GroupedConv
-from condconv_bench.runner import run_suite
+from condconv_bench.run.runner import run_suite
 from condconv_bench.settings import GateSettings
 
 import fake_impls
@@ -54,7 +54,7 @@ def steady_matmul_peak():
     of the fingerprint, halves when other work shares the cores; the tests that need it to differ
     change it explicitly."""
     with pytest.MonkeyPatch.context() as patch:
-        patch.setattr(machine_peak, "matmul_peak_flops", lambda device, dtype, threads: 5e10)
+        patch.setattr(ceilings, "matmul_peak_flops", lambda device, dtype, threads: 5e10)
         yield
 
 
@@ -70,7 +70,7 @@ def baseline_file(tmp_path_factory) -> Path:
 
 
 def _module_registry() -> dict:
-    from condconv_bench import registry
+    from condconv_bench.core import registry
 
     registry._load_sources()
     return registry._registry

@@ -13,15 +13,15 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves
 
 from condconv_bench.errors import ResultsError
-from condconv_bench.flops import AnalyticMacs, compulsory_macs
-from condconv_bench.limits import Ceilings, limit, memory_seconds
-from condconv_bench.machine_peak import memory_bandwidths
-from condconv_bench.registry import get_impl
-from condconv_bench.results import HEADERS, LIMIT_COLUMNS, load_results
-from condconv_bench.runner import run_suite
-from condconv_bench.selection import CaseFilter
-from condconv_bench.spec import LayerSpec
-from condconv_bench.traffic import Traffic, compulsory_traffic
+from condconv_bench.core.flops import AnalyticMacs, compulsory_macs
+from condconv_bench.core.limits import Ceilings, limit, memory_seconds
+from condconv_bench.machine.ceilings import memory_bandwidths
+from condconv_bench.core.registry import get_impl
+from condconv_bench.run.directory import HEADERS, LIMIT_COLUMNS, load_results
+from condconv_bench.run.runner import run_suite
+from condconv_bench.suite.selection import CaseFilter
+from condconv_bench.core.spec import LayerSpec
+from condconv_bench.core.traffic import Traffic, compulsory_traffic
 
 MOBILE = Path(__file__).parent.parent / "suites" / "mobile.yaml"
 STRATEGIES = ["static", "grouped_conv", "batched_matmul", "workspace_matmul", "pixel_major_matmul", "chunked_matmul",

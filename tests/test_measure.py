@@ -16,17 +16,17 @@ import numpy as np
 import pytest
 import yaml
 
-from condconv_bench.measure import allocators
-from condconv_bench.measure.allocators import AllocatorUnavailableError, worker_environment
+from condconv_bench.machine import allocators
+from condconv_bench.machine.allocators import AllocatorUnavailableError, worker_environment
 from condconv_bench.measure.group import GroupMeasurement, GroupTiming, measure_groups
 from condconv_bench.settings import MeasureSettings
 from condconv_bench.measure.pool import WorkerFailure
 from condconv_bench.measure.protocol import Visit, VisitResult, read_message, write_message
-from condconv_bench.measure.ratios import Interval, hierarchical_interval, is_tied
-from condconv_bench.measure.rounds import Round, calls_per_block, run_rounds
-from condconv_bench.results import RunDirectory
-from condconv_bench.runner import run_suite
-from condconv_bench.selection import CaseFilter
+from condconv_bench.timing.ratios import Interval, hierarchical_interval, is_tied
+from condconv_bench.timing.rounds import Round, calls_per_block, run_rounds
+from condconv_bench.run.directory import RunDirectory
+from condconv_bench.run.runner import run_suite
+from condconv_bench.suite.selection import CaseFilter
 
 TINY = Path(__file__).parent / "data" / "valid" / "tiny.yaml"
 

@@ -5,8 +5,8 @@ from __future__ import annotations
 import torch
 from torch.profiler import ProfilerActivity
 
-from condconv_bench.memory import peak_memory_bytes
-from condconv_bench.profiler_session import profiler_session
+from condconv_bench.profiling.peak_memory import peak_memory_bytes
+from condconv_bench.profiling.session import profiler_session
 
 CPU = torch.device("cpu")
 MIB = 1 << 20

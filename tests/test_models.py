@@ -7,12 +7,12 @@ import sys
 import pytest
 import yaml
 
-from condconv_bench.case import Case
+from condconv_bench.core.case import Case
 from condconv_bench.errors import SuiteError
-from condconv_bench.models.workload import ModelWorkload
-from condconv_bench.probes import GroupContext, probe_case
-from condconv_bench.runner import run_suite
-from condconv_bench.suite import load_suite
+from condconv_bench.cases.models.workload import ModelWorkload
+from condconv_bench.run.probes import GroupContext, probe_case
+from condconv_bench.run.runner import run_suite
+from condconv_bench.suite.loader import load_suite
 
 TINY = {
     "name": "tiny-model",
@@ -154,8 +154,8 @@ def test_where_the_float64_oracle_does_not_fit_the_model_is_checked_against_its_
         monkeypatch: pytest.MonkeyPatch, mode: str, tolerance: float) -> None:
     import torch
 
-    from condconv_bench import memory_estimate
-    from condconv_bench.adapters.condconv_bench_layers import CondConvBenchLayers
+    from condconv_bench.cases import memory_estimate
+    from condconv_bench.conversion.adapters.condconv_bench_layers import CondConvBenchLayers
 
     case = tiny_case("batched_matmul", mode)
     training = mode == "training"
@@ -187,7 +187,7 @@ def test_where_the_float64_oracle_does_not_fit_the_model_is_checked_against_its_
 def test_where_the_float64_oracle_fits_the_row_names_no_other_check(monkeypatch: pytest.MonkeyPatch) -> None:
     import torch
 
-    from condconv_bench.adapters.condconv_bench_layers import CondConvBenchLayers
+    from condconv_bench.conversion.adapters.condconv_bench_layers import CondConvBenchLayers
 
     case = tiny_case("batched_matmul")
     row, _ = probe_case(case, GroupContext(case, 0))
@@ -212,7 +212,7 @@ def test_model_cases_shard_like_layer_cases_and_merge(tmp_path) -> None:
     from click.testing import CliRunner
 
     from condconv_bench.cli import main
-    from condconv_bench.results import RunDirectory
+    from condconv_bench.run.directory import RunDirectory
 
     suite = {**TINY, "impls": ["as_shipped", "static", "grouped_conv"], "batch_sizes": [1, 2, 3], "modes": ["inference"],
              "timing": {**TINY["timing"], "rounds": 1, "budget": 0.05}}
@@ -236,8 +236,8 @@ def test_model_cases_shard_like_layer_cases_and_merge(tmp_path) -> None:
 def test_stage_attribution_times_every_stage_and_finds_the_mixing_where_the_condconv_layers_are() -> None:
     import torch
 
-    from condconv_bench.conversion import convert
-    from condconv_bench.models.stages import condconv_paths, stage_phases, stage_table, stages_of, time_stages
+    from condconv_bench.conversion.swap import convert
+    from condconv_bench.profiling.model_stages import condconv_paths, stage_phases, stage_table, stages_of, time_stages
     from tiny_models import tiny_staged_floor, tiny_staged_net
 
     torch.manual_seed(0)
@@ -268,7 +268,7 @@ def test_stage_attribution_times_every_stage_and_finds_the_mixing_where_the_cond
 def test_stage_attribution_refuses_models_whose_stages_differ() -> None:
     import torch
 
-    from condconv_bench.models.stages import time_stages
+    from condconv_bench.profiling.model_stages import time_stages
     from tiny_models import tiny_condconv_net, tiny_staged_floor
 
     with pytest.raises(ValueError, match="stages differ"):
@@ -277,7 +277,7 @@ def test_stage_attribution_refuses_models_whose_stages_differ() -> None:
 
 def test_the_model_section_says_which_batch_sizes_were_checked_against_the_shipped_model(tiny_run) -> None:
     from condconv_bench.report.markdown import _model_table
-    from condconv_bench.report.models import model_tables
+    from condconv_bench.report.model_tables import model_tables
 
     _, rows = tiny_run
     assert all(not table.notes for table in model_tables(rows))

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from condconv_bench import create_impl, list_impls
-from condconv_bench.equivalence import RELATIVE_TOLERANCE, check_equivalence, compute_reference
+from condconv_bench.core.equivalence import RELATIVE_TOLERANCE, check_equivalence, compute_reference
 
 from conftest import SCENARIOS, Scenario
 

@@ -11,9 +11,9 @@ from click.testing import CliRunner
 from torch.profiler import ProfilerActivity, profile
 
 from condconv_bench.cli import main
-from condconv_bench.phases import PHASES, classify, classify_backward, measure_phases, phases_of
-from condconv_bench.registry import get_impl
-from condconv_bench.spec import LayerSpec
+from condconv_bench.profiling.phases import PHASES, classify, classify_backward, measure_phases, phases_of
+from condconv_bench.core.registry import get_impl
+from condconv_bench.core.spec import LayerSpec
 
 TINY = Path(__file__).parent / "data" / "valid" / "tiny.yaml"
 CPU = torch.device("cpu")
@@ -103,9 +103,9 @@ def test_profile_command_rejects_an_unknown_layer_in_one_line() -> None:
 
 def test_trace_diff_compares_two_profiled_strategies_with_hta(tmp_path: Path) -> None:
     pytest.importorskip("hta", reason="HolisticTraceAnalysis is an optional extra (pip install -e '.[hta]')")
-    from condconv_bench.runner import run_suite
-    from condconv_bench.selection import CaseFilter
-    from condconv_bench.trace_diff import diff_traces
+    from condconv_bench.run.runner import run_suite
+    from condconv_bench.suite.selection import CaseFilter
+    from condconv_bench.report.trace_diff import diff_traces
 
     run_suite(TINY, tmp_path / "run", case_filter=CaseFilter(layers=("pw",), batch_sizes=(2,), devices=("cpu",)), profile=True)
     control, test = (f"pw/{impl}/b2/cpu/float32/inference/t1/contiguous" for impl in ("grouped_conv", "per_sample_loop"))

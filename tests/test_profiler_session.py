@@ -12,7 +12,7 @@ import pytest
 import torch
 from torch.profiler import ProfilerActivity
 
-from condconv_bench.profiler_session import profiler_session
+from condconv_bench.profiling.session import profiler_session
 
 PACKAGE = Path(__file__).resolve().parents[1] / "condconv_bench"
 

@@ -6,7 +6,7 @@ from pathlib import Path
 import pytest
 
 from condconv_bench import LayerSpec, create_impl, get_impl, list_impls, register_impl
-from condconv_bench import registry
+from condconv_bench.core import registry
 from condconv_bench.errors import DuplicateImplError, UnknownImplError
 from condconv_bench.impls.grouped_conv import GroupedConv
 
@@ -27,6 +27,12 @@ def test_builtins_are_listed_with_descriptions() -> None:
     assert all(info.description and "\n" not in info.description for info in infos.values())
     assert infos["static"].is_floor
     assert "static" not in {info.key for info in list_impls(include_floor=False)}
+
+
+def test_the_keyword_of_earlier_releases_still_works_and_says_it_is_deprecated() -> None:
+    with pytest.warns(DeprecationWarning, match="include_floor"):
+        without = list_impls(include_baselines=False)
+    assert {info.key for info in without} == {info.key for info in list_impls(include_floor=False)} and "static" not in {i.key for i in without}
 
 
 def test_unknown_key_suggests_the_closest() -> None:

@@ -13,10 +13,10 @@ import yaml
 from bs4 import BeautifulSoup
 
 from condconv_bench.report import write_report
-from condconv_bench.results import RunDirectory, load_results
+from condconv_bench.run.directory import RunDirectory, load_results
 from condconv_bench.report.runs import cross_run, load_runs
-from condconv_bench.runner import run_suite
-from condconv_bench.selection import CaseFilter
+from condconv_bench.run.runner import run_suite
+from condconv_bench.suite.selection import CaseFilter
 
 DATA = Path(__file__).parent / "data"
 TINY = DATA / "valid" / "tiny.yaml"

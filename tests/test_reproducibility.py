@@ -9,9 +9,9 @@ from click.testing import CliRunner
 
 from condconv_bench.cli import main
 from condconv_bench.report.reproducibility import reproducibility
-from condconv_bench.results import load_results
-from condconv_bench.runner import run_suite
-from condconv_bench.selection import CaseFilter
+from condconv_bench.run.directory import load_results
+from condconv_bench.run.runner import run_suite
+from condconv_bench.suite.selection import CaseFilter
 
 TINY = Path(__file__).parent / "data" / "valid" / "tiny.yaml"
 

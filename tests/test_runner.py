@@ -14,10 +14,10 @@ import torch
 import yaml
 
 from condconv_bench.errors import CondConvBenchError, ResultsError
-from condconv_bench.results import COLUMNS, LIMIT_COLUMNS, SCHEMA_VERSION, RunDirectory, load_results, merge_runs, writer_lock
-from condconv_bench.runner import run_suite
-from condconv_bench.selection import CaseFilter, Shard
-from condconv_bench.suite import load_suite
+from condconv_bench.run.directory import COLUMNS, LIMIT_COLUMNS, SCHEMA_VERSION, RunDirectory, load_results, merge_runs, writer_lock
+from condconv_bench.run.runner import run_suite
+from condconv_bench.suite.selection import CaseFilter, Shard
+from condconv_bench.suite.loader import load_suite
 
 DATA = Path(__file__).parent / "data"
 TINY = DATA / "valid" / "tiny.yaml"
@@ -241,8 +241,8 @@ def test_corrupt_run_json_is_a_results_error(tmp_path: Path) -> None:
 
 
 def test_a_version_4_run_directory_loads_without_the_probed_choice_and_gates(tmp_path) -> None:
-    from condconv_bench.gate.baseline import load_snapshot
-    from condconv_bench.results import HEADERS
+    from condconv_bench.gate.snapshot import load_snapshot
+    from condconv_bench.run.directory import HEADERS
 
     data = yaml.safe_load(TINY.read_text())
     data["impls"] = ["static", "auto"]

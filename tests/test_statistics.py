@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from condconv_bench.gate.statistics import compare_samples
+from condconv_bench.timing.rank_tests import compare_samples
 
 THRESHOLD = 0.10
 

@@ -8,7 +8,7 @@ from click.testing import CliRunner
 
 from condconv_bench.cli import main
 from condconv_bench.errors import SuiteError
-from condconv_bench.suite import load_suite, parse_suite, shipped_suites
+from condconv_bench.suite.loader import load_suite, parse_suite, shipped_suites
 
 DATA = Path(__file__).parent / "data"
 INVALID = sorted((DATA / "invalid").glob("*.yaml"))
@@ -129,9 +129,9 @@ def test_several_problems_are_all_reported() -> None:
 
 
 def test_a_suites_sections_take_their_defaults_from_the_settings_types() -> None:
-    from condconv_bench.measure.allocators import ALLOCATORS
+    from condconv_bench.machine.allocators import ALLOCATORS
     from condconv_bench.settings import GateSettings, MeasureSettings
-    from condconv_bench.suite import GateSection, TimingSection
+    from condconv_bench.suite.loader import GateSection, TimingSection
 
     assert TimingSection().settings() == MeasureSettings()
     assert GateSection().settings() == GateSettings()

@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from condconv_bench.modules import CondConv2d
+from condconv_bench.layers.condconv import CondConv2d
 
 
 class TinyCondConvNet(nn.Module):

@@ -10,13 +10,13 @@ import pandas as pd
 from condconv_bench.errors import CondConvBenchError, ResultsError
 from condconv_bench.dispatch.cache import CACHE_VARIABLE, cache_path
 from condconv_bench.dispatch.table import DispatchTable, default_table
-from condconv_bench.measure import allocators
-from condconv_bench.measure.allocators import ALLOCATORS
-from condconv_bench.registry import list_impls
-from condconv_bench.runner import default_output
-from condconv_bench.selection import CaseFilter
-from condconv_bench.suite import load_suite, shipped_suites
-from condconv_bench.tune import tune, tune_model
+from condconv_bench.machine import allocators
+from condconv_bench.machine.allocators import ALLOCATORS
+from condconv_bench.core.registry import list_impls
+from condconv_bench.run.runner import default_output
+from condconv_bench.suite.selection import CaseFilter
+from condconv_bench.suite.loader import load_suite, shipped_suites
+from condconv_bench.tune.from_runs import tune, tune_model
 from condconv_bench.cli.progress import progress_for
 from condconv_bench.cli.app import MEASURE_DEFAULTS, main
 

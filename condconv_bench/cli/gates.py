@@ -10,17 +10,17 @@ import click
 from pydantic import ValidationError
 
 from condconv_bench.gate.ab.gate import run_ab_gate
-from condconv_bench.gate.baseline import load_snapshot, save_baseline
+from condconv_bench.gate.snapshot import load_snapshot, save_baseline
 from condconv_bench.gate.compare import compare_snapshots
 from condconv_bench.errors import CondConvBenchError
 from condconv_bench.gate.baseline_gate import run_gate
-from condconv_bench.measure.allocators import ALLOCATORS
+from condconv_bench.machine.allocators import ALLOCATORS
 from condconv_bench.report import ab as ab_report
-from condconv_bench.report import verdicts
+from condconv_bench.report import comparison as comparison_report
 from condconv_bench.report.reproducibility import reproducibility
-from condconv_bench.results import RunDirectory
+from condconv_bench.run.directory import RunDirectory
 from condconv_bench.settings import ABSettings, Comparison, GateSettings
-from condconv_bench.suite import GateSection
+from condconv_bench.suite.loader import GateSection
 from condconv_bench.cli.app import AB_DEFAULTS, GATE_DEFAULTS, MEASURE_DEFAULTS, main
 
 
@@ -65,7 +65,7 @@ def baseline_save(run_dirs: tuple[Path, ...], output: Path) -> None:
 @main.command()
 @click.argument("base", type=click.Path(path_type=Path))
 @click.argument("current", type=click.Path(path_type=Path))
-@click.option("--format", "fmt", type=click.Choice(list(verdicts.RENDERERS)), default="text", show_default=True)
+@click.option("--format", "fmt", type=click.Choice(list(comparison_report.RENDERERS)), default="text", show_default=True)
 @_threshold_options
 def compare(base: Path, current: Path, fmt: str, **overrides: Any) -> None:
     """Compare CURRENT with BASE (each a run directory or a baseline file), case by case.
@@ -78,7 +78,7 @@ def compare(base: Path, current: Path, fmt: str, **overrides: Any) -> None:
     if fmt == "text" and base.is_dir() and current.is_dir():
         agreement = reproducibility(RunDirectory.open(base).results(), RunDirectory.open(current).results())
         click.echo("\n".join(agreement.lines()) + "\n")
-    click.echo(verdicts.RENDERERS[fmt](comparison, True, None))
+    click.echo(comparison_report.RENDERERS[fmt](comparison, True, None))
 
 
 class _GateGroup(click.Group):
@@ -159,13 +159,13 @@ def gate_ab(ref: str, suite: str, repo: Path | None, processes: int | None, allo
               help="The baseline file (or run directory) to gate RUN_DIRS against.")
 @click.option("--no-latency", is_flag=True, help="Compare only FLOPs, equivalence, errors and memory.")
 @click.option("--fail-on-improvement", is_flag=True, help="Also fail when a case got faster (or smaller) beyond the thresholds.")
-@click.option("--format", "fmt", type=click.Choice(list(verdicts.RENDERERS)), default="text", show_default=True)
+@click.option("--format", "fmt", type=click.Choice(list(comparison_report.RENDERERS)), default="text", show_default=True)
 @click.option("--all", "everything", is_flag=True, help="List every case, not only those that changed.")
 @_threshold_options
 def gate_baseline(run_dirs: tuple[Path, ...], baseline_path: Path, no_latency: bool, fail_on_improvement: bool, fmt: str,
                   everything: bool, **overrides: Any) -> None:
     """Gate RUN_DIRS (each case from its fastest run) against a baseline file or run directory."""
     result = run_gate(list(run_dirs), baseline_path, _gate_settings(run_dirs[0], overrides), fail_on_improvement, latency=not no_latency)
-    click.echo(verdicts.RENDERERS[fmt](result.comparison, everything, list(result.failures)))
+    click.echo(comparison_report.RENDERERS[fmt](result.comparison, everything, list(result.failures)))
     sys.exit(result.exit_code)
 

@@ -10,8 +10,8 @@ import click
 import torch
 
 from condconv_bench import formatting
-from condconv_bench.case import Case
-from condconv_bench.devices import device_unavailable_reason
+from condconv_bench.core.case import Case
+from condconv_bench.machine.devices import device_unavailable_reason
 
 
 class ProgressBar:

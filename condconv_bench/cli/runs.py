@@ -10,16 +10,16 @@ import click
 import pandas as pd
 
 from condconv_bench.errors import EXIT_FAILURE, CondConvBenchError, RunInterruptedError
-from condconv_bench.measure.allocators import ALLOCATORS
-from condconv_bench.models.stages import stage_reports
-from condconv_bench.phase_profile import profile_phases
-from condconv_bench.phases import PHASES
+from condconv_bench.machine.allocators import ALLOCATORS
+from condconv_bench.profiling.model_stages import stage_reports
+from condconv_bench.run.phase_profile import profile_phases
+from condconv_bench.profiling.phases import PHASES
 from condconv_bench import formatting
 from condconv_bench.report import RUN_FORMATS, tables, write_report
-from condconv_bench.results import merge_runs
-from condconv_bench.runner import default_output, run_suite
-from condconv_bench.selection import CaseFilter, Shard
-from condconv_bench.suite import load_suite
+from condconv_bench.run.directory import merge_runs
+from condconv_bench.run.runner import default_output, run_suite
+from condconv_bench.suite.selection import CaseFilter, Shard
+from condconv_bench.suite.loader import load_suite
 from condconv_bench.cli.progress import progress_for
 from condconv_bench.cli.app import MEASURE_DEFAULTS, main
 
@@ -196,7 +196,7 @@ def trace_diff_command(run_dir: Path, control: str, test: str, top: int) -> None
     HolisticTraceAnalysis's TraceDiff (install the `hta` extra) on the traces `run --profile`
     wrote: calls and total µs per operator in each, and the differences TEST − CONTROL.
     """
-    from condconv_bench.trace_diff import diff_traces
+    from condconv_bench.report.trace_diff import diff_traces
 
     click.echo(diff_traces(run_dir, control, test).head(top).to_string())
 

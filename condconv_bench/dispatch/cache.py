@@ -28,7 +28,7 @@ import torch
 
 from condconv_bench.dispatch.switch import AUTOTUNE_VARIABLE
 from condconv_bench.dispatch.table import DispatchTable, Entry, Query
-from condconv_bench.environment import machine_fingerprint
+from condconv_bench.machine.environment import machine_fingerprint
 from condconv_bench.errors import ResultsError
 
 CACHE_VARIABLE = "CONDCONV_BENCH_CACHE"

@@ -27,11 +27,11 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from condconv_bench.atomic import write_text_atomically
-from condconv_bench.case import GROUP_KEYS
+from condconv_bench.core.case import GROUP_KEYS
 from condconv_bench.errors import ResultsError
-from condconv_bench.flops import conv_macs
+from condconv_bench.core.flops import conv_macs
 from condconv_bench.set_aside import set_aside
-from condconv_bench.spec import LayerSpec, Pair
+from condconv_bench.core.spec import LayerSpec, Pair
 
 if TYPE_CHECKING:
     import pandas as pd
@@ -84,7 +84,7 @@ class Entry:
     mode: str  # inference | training
     threads: int
     memory_format: str
-    allocator: str  # the process's allocator policy (`condconv_bench.measure.allocators.current`)
+    allocator: str  # the process's allocator policy (`condconv_bench.machine.allocators.current`)
     signature: str
     shape_class: str
     batch_size: int

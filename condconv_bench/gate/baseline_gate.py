@@ -13,9 +13,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-from condconv_bench.gate.baseline import load_snapshot
+from condconv_bench.gate.snapshot import load_snapshot
 from condconv_bench.gate.compare import CaseComparison, Comparison, compare_snapshots
-from condconv_bench.errors import GateVerdict
+from condconv_bench.gate.verdict import GateVerdict
 from condconv_bench.settings import GateSettings
 
 

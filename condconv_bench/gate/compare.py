@@ -34,11 +34,11 @@ from typing import Literal
 
 import numpy as np
 
-from condconv_bench.gate.baseline import CaseFigures, Snapshot
-from condconv_bench.environment import machine_differences
+from condconv_bench.gate.snapshot import CaseFigures, Snapshot
+from condconv_bench.machine.environment import machine_differences
 from condconv_bench.errors import ResultsError
 from condconv_bench.formatting import count, size
-from condconv_bench.gate.statistics import compare_samples
+from condconv_bench.timing.rank_tests import compare_samples
 from condconv_bench.settings import GateSettings
 
 # Environment keys a comparison's header reports when they differ.

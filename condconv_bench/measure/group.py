@@ -26,10 +26,10 @@ from typing import Protocol
 import numpy as np
 
 from condconv_bench.measure.protocol import Visit, VisitResult
-from condconv_bench.measure.ratios import Interval, hierarchical_interval, is_tied, process_medians
-from condconv_bench.measure.rounds import Round
+from condconv_bench.timing.ratios import Interval, hierarchical_interval, is_tied, process_medians
+from condconv_bench.timing.rounds import Round
 from condconv_bench.settings import MeasureSettings
-from condconv_bench.timing import Timing
+from condconv_bench.timing.samples import Timing
 
 UNSTABLE_HALF_WIDTH = 0.05  # a ratio known no better than ±5% is flagged
 UNSTABLE_PROCESS_SPREAD = 1.10  # workers whose medians differ by more than 10% are flagged

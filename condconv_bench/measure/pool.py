@@ -21,7 +21,7 @@ import time
 from collections.abc import Mapping
 from dataclasses import dataclass
 
-from condconv_bench.measure.allocators import worker_environment
+from condconv_bench.machine.allocators import worker_environment
 from condconv_bench.measure.protocol import BUILDING, READY, TIMING, Visit, VisitResult, read_message, write_message
 
 WORKER_MODULE = "condconv_bench.measure.worker"

@@ -17,7 +17,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Any
 
-from condconv_bench.measure.rounds import Round
+from condconv_bench.timing.rounds import Round
 
 _LENGTH = struct.Struct("<Q")
 # `module:function` a worker calls before it says READY, named by whoever starts the pool (an A/B
@@ -35,7 +35,7 @@ class Visit:
     """Measure up to `rounds` rounds of one group (fewer once `time_limit_s` of rounds have passed,
     never fewer than `min_rounds`); a worker keeps the group built between visits."""
 
-    cases: tuple[Any, ...]  # condconv_bench.case.Case, one per implementation
+    cases: tuple[Any, ...]  # condconv_bench.core.case.Case, one per implementation
     classes: dict[str, type]  # implementation class by case id
     seed: int  # the suite's seed: parameters and inputs are drawn from it
     rounds: int

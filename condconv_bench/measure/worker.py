@@ -21,13 +21,13 @@ from dataclasses import dataclass, field
 
 import torch
 
-import condconv_bench.workload  # noqa: F401  (imported before `READY`, not during the first visit)
+import condconv_bench.cases.workload  # noqa: F401  (imported before `READY`, not during the first visit)
 from condconv_bench.errors import first_line
-from condconv_bench.devices import synchronize, use_exact_float32
-from condconv_bench.inputs import GroupInputs, layer_state
+from condconv_bench.machine.devices import synchronize, use_exact_float32
+from condconv_bench.cases.inputs import GroupInputs, layer_state
 from condconv_bench.measure.protocol import BUILDING, READY, SETUP_VARIABLE, TIMING, Visit, VisitResult, read_message, write_message
-from condconv_bench.steps import build_module, dispatched, first_call, grad_mode, step_function
-from condconv_bench.measure.rounds import Step, calls_per_block, run_rounds
+from condconv_bench.cases.steps import build_module, dispatched, first_call, grad_mode, step_function
+from condconv_bench.timing.rounds import Step, calls_per_block, run_rounds
 
 STDIN = 0
 

@@ -21,9 +21,9 @@ import pandas as pd
 from condconv_bench import __version__
 from condconv_bench.atomic import write_bytes_atomically, write_text_atomically
 from condconv_bench import formatting
-from condconv_bench.limits import Ceilings
+from condconv_bench.core.limits import Ceilings
 from condconv_bench.report import plots, tables
-from condconv_bench.report.models import ModelTable, model_tables
+from condconv_bench.report.model_tables import ModelTable, model_tables
 from condconv_bench.report.runs import LoadedRun, comparison_summary, cross_run
 
 

@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import pandas as pd
 
-from condconv_bench.environment import hardware_label
+from condconv_bench.machine.environment import hardware_label
 from condconv_bench import formatting
 from condconv_bench.report import tables
-from condconv_bench.report.models import ModelTable, model_tables
+from condconv_bench.report.model_tables import ModelTable, model_tables
 from condconv_bench.report.runs import LoadedRun, comparison_summary, cross_run
 
 

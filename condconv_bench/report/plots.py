@@ -20,8 +20,8 @@ from matplotlib.colors import TwoSlopeNorm
 from matplotlib.figure import Figure
 from matplotlib.ticker import NullLocator
 
-from condconv_bench.limits import Ceilings
-from condconv_bench.phases import PHASES
+from condconv_bench.core.limits import Ceilings
+from condconv_bench.profiling.phases import PHASES
 from condconv_bench.report import tables
 
 matplotlib.use("Agg")  # reports are files; never open a window

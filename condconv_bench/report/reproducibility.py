@@ -14,7 +14,7 @@ from dataclasses import dataclass
 import numpy as np
 import pandas as pd
 
-from condconv_bench.case import Role
+from condconv_bench.core.case import Role
 from condconv_bench.report import tables
 
 MOVED = 0.10  # a ratio that moved more than this between the runs should have been flagged

@@ -8,9 +8,9 @@ from typing import Any
 
 import pandas as pd
 
-from condconv_bench.environment import hardware_label
+from condconv_bench.machine.environment import hardware_label
 from condconv_bench.report.tables import geometric_mean
-from condconv_bench.results import RunDirectory
+from condconv_bench.run.directory import RunDirectory
 
 
 @dataclass(frozen=True)

@@ -1,6 +1,6 @@
 """Comparison tables as DataFrames: data only, every renderer (terminal, HTML, markdown) reads these.
 
-A *group* (`condconv_bench.case`) is one layer at one device, dtype, mode, thread count, memory
+A *group* (`condconv_bench.core.case`) is one layer at one device, dtype, mode, thread count, memory
 format and batch size: its implementations were timed in the same interleaved rounds on the same
 inputs. Ratios are latency / reference latency (below 1 is faster than the reference); the ratio
 to the floor is the paired one the instrument measured (median of per-round ratios, with its 95%
@@ -12,9 +12,9 @@ from __future__ import annotations
 import numpy as np
 import pandas as pd
 
-from condconv_bench.case import GROUP_KEYS, Role
+from condconv_bench.core.case import GROUP_KEYS, Role
 from condconv_bench import formatting
-from condconv_bench.phases import phases_of
+from condconv_bench.profiling.phases import phases_of
 
 COMMON_IMPL = "grouped_conv"  # what timm and most open-source ports do
 GROUP_COLUMNS = list(GROUP_KEYS)

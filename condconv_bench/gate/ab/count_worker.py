@@ -25,8 +25,8 @@ import torch
 
 from condconv_bench.gate.ab.aliases import install_from_environment
 from condconv_bench.errors import first_line
-from condconv_bench.steps import grad_mode
-from condconv_bench.measure.rounds import gc_paused
+from condconv_bench.cases.steps import grad_mode
+from condconv_bench.timing.rounds import gc_paused
 from condconv_bench.measure.worker import build_group
 
 CALLS = 1  # steps per dump: one step's count repeats within 0.1% once warmed up

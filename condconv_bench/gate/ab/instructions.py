@@ -28,7 +28,7 @@ import torch
 
 from condconv_bench.gate.ab.count_worker import CALLS
 from condconv_bench.gate.ab.pairs import SIDES, CasePair, group_visits
-from condconv_bench.measure.allocators import worker_environment
+from condconv_bench.machine.allocators import worker_environment
 from condconv_bench.measure.protocol import Visit
 
 COUNT_TIMEOUT_S = 1800.0

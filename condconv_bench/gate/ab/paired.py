@@ -17,8 +17,8 @@ import numpy as np
 from condconv_bench.gate.ab.pairs import SIDES, CasePair, group_visits
 from condconv_bench.measure.group import GroupMeasurement, measure_groups
 from condconv_bench.measure.pool import WorkerPool
-from condconv_bench.measure.ratios import Interval, hierarchical_interval
-from condconv_bench.gate.statistics import SampleChange, compare_paired
+from condconv_bench.timing.ratios import Interval, hierarchical_interval
+from condconv_bench.timing.rank_tests import SampleChange, compare_paired
 from condconv_bench.settings import MeasureSettings
 
 _STATISTICS_SEED = 20191

@@ -19,14 +19,14 @@ import torch
 
 from condconv_bench.gate.ab.aliases import alias_for
 from condconv_bench.gate.ab.revision import Revision
-from condconv_bench.case import Case
+from condconv_bench.core.case import Case
 from condconv_bench.errors import CondConvBenchError, first_line
-from condconv_bench.inputs import seed_of
+from condconv_bench.cases.inputs import seed_of
 from condconv_bench.measure.protocol import Visit
-from condconv_bench.models.workload import ModelWorkload
-from condconv_bench.probes import skip_reason
-from condconv_bench.suite import Suite, load_suite
-from condconv_bench.workload import Workload
+from condconv_bench.cases.models.workload import ModelWorkload
+from condconv_bench.run.probes import skip_reason
+from condconv_bench.suite.loader import Suite, load_suite
+from condconv_bench.cases.workload import Workload
 
 SIDES = ("base", "head")
 
@@ -58,8 +58,27 @@ def suite_file(suite: str, root: Path, repo: Path) -> Path:
         return path  # outside the repository: one file for both sides
 
 
+# Where a revision keeps each module the gate takes from it, newest layout first: a revision from
+# before the package was split into layered subpackages kept both at the package root, and the
+# gate must still compare against it (the move is exactly the kind of change a gate is for).
+_HOMES_BY_LAYOUT = {"registry": ("core.registry", "registry"), "model workload": ("cases.models.workload", "models.workload")}
+
+
+def _side_module(side: str, concept: str) -> ModuleType:
+    """`concept`'s module in `side`'s tree, in whichever layout that tree has."""
+    alias = alias_for(side)
+    for home in _HOMES_BY_LAYOUT[concept]:
+        name = f"{alias}.{home}"
+        try:
+            return importlib.import_module(name)
+        except ModuleNotFoundError as exc:
+            if not exc.name or not (name == exc.name or name.startswith(exc.name + ".")):
+                raise  # the module is there but fails to import: that is the revision's error
+    raise ModuleNotFoundError(f"{side} keeps no {concept} module in any layout this gate knows ({', '.join(_HOMES_BY_LAYOUT[concept])})")
+
+
 def _registry(side: str) -> ModuleType:
-    return importlib.import_module(f"{alias_for(side)}.registry")
+    return _side_module(side, "registry")
 
 
 def _load(suite: str, side: str, revision: Revision, repo: Path) -> tuple[Suite | None, str | None]:
@@ -78,8 +97,7 @@ def _side_workload(workload: Workload, side: str) -> Workload:
     side's own `ModelWorkload`, or both sides would measure the head's conversion and strategies."""
     if not isinstance(workload, ModelWorkload):
         return workload
-    module = importlib.import_module(f"{alias_for(side)}.models.workload")
-    return module.ModelWorkload(workload.source, workload.input_size, workload.floor, workload.in_channels)
+    return _side_module(side, "model workload").ModelWorkload(workload.source, workload.input_size, workload.floor, workload.in_channels)
 
 
 def _pair(case_id: str, cases: dict[str, Case | None]) -> CasePair:

@@ -29,7 +29,7 @@ from condconv_bench.gate.ab.instructions import InstructionCounts
 from condconv_bench.gate.ab.paired import PairedTiming
 from condconv_bench.gate.ab.pairs import CasePair
 from condconv_bench.gate.ab.revision import Revision
-from condconv_bench.errors import GateVerdict
+from condconv_bench.gate.verdict import GateVerdict
 from condconv_bench.settings import ABSettings
 
 @dataclass(frozen=True)

@@ -1,0 +1,131 @@
+"""The limit of a case: the least time its work can take on this machine, as a pure function.
+
+`limit_s = max(compute_s, memory_s)` (the roofline): compute is the MACs over the measured FLOP
+rate, memory the bytes over the measured bandwidth (`machine_peak`). A case gets two limits: that
+of the *compulsory* work of the CondConv computation (the routing, and the cheaper of mixing B
+kernels then one conv or E convs — `flops.compulsory_macs`; every expert read once, input,
+output — `traffic.compulsory_traffic`), which no exact strategy can beat, and
+that of the strategy's *own* modelled work (its `analytic_macs` and `analytic_bytes`). Latency over
+the first says how far a strategy is from the machine; over the second, whether it is a slow
+algorithm (its own limit far above the compulsory one) or slow execution (far above its own).
+The static floor is no CondConv: both of its limits are those of the plain layer.
+
+Ceilings, and which one applies:
+- Compute: the dense peak (the best of a matmul and a 1×1 conv) for matrix products and convs;
+  for the conv of a depthwise layer the measured depthwise-conv peak (the dense peak is out of a
+  depthwise conv's reach). Compute seconds are summed over the two kinds of MACs.
+- Memory: in a layer benchmark the same input and experts are used call after call, so they stay
+  in the last-level cache when they fit. The rule: the compulsory working set (input, output,
+  experts, routing) up to the LLC's size is read at LLC bandwidth; what exceeds the LLC streams
+  from DRAM at DRAM bandwidth; every other byte moves at LLC bandwidth. `limit_memory` says `llc` when the
+  working set fits, `dram` when part of it cannot. Inside a model the experts stream from DRAM
+  between layers, so a model's limit is higher than its layers' limits.
+
+Limits are modelled for one layer's forward pass (inference rows); training steps and block stacks
+have none yet. A case beating its compulsory limit by more than measurement error means a
+ceiling or a traffic model is wrong: tests check shipped shapes for it.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+from condconv_bench.core.flops import AnalyticMacs
+from condconv_bench.core.traffic import Traffic
+
+
+@dataclass(frozen=True)
+class Ceilings:
+    """A device's measured ceilings at one dtype and thread count."""
+
+    dense_flops_per_s: float  # the best of a matmul and a 1x1 conv (`machine_peak.dense_peak_flops`)
+    depthwise_flops_per_s: float
+    dram_bytes_per_s: float
+    llc_bytes_per_s: float
+    llc_bytes: int | None  # None where the system does not say: everything is taken to fit
+
+    @classmethod
+    def from_metadata(cls, metadata: dict[str, Any], device: str, dtype: str, threads: int) -> Ceilings | None:
+        """The ceilings a run measured for this context, or None when it measured none (before version 4)."""
+        peak = next((p for p in metadata.get("matmul_peaks", [])
+                     if (p["device"], p["dtype"], int(p["threads"])) == (device, dtype, threads)), None)
+        memory = next((m for m in metadata.get("memory_bandwidths", [])
+                       if (m["device"], int(m["threads"])) == (device, threads)), None)
+        if peak is None or memory is None or not peak.get("dense_flops_per_s") or not peak.get("depthwise_flops_per_s"):
+            return None
+        return cls(float(peak["dense_flops_per_s"]), float(peak["depthwise_flops_per_s"]), float(memory["dram_bytes_per_s"]),
+                   float(memory["llc_bytes_per_s"]), memory.get("llc_bytes"))
+
+
+@dataclass(frozen=True)
+class Limit:
+    """One roofline limit: its seconds, the compute and memory times it is the larger of, and the
+    memory level the memory time assumes."""
+
+    seconds: float
+    compute_s: float
+    memory_s: float
+    memory_level: str  # "llc" (the working set fits) or "dram"
+
+    @property
+    def bound(self) -> str:
+        return "compute" if self.compute_s >= self.memory_s else "memory"
+
+
+def memory_seconds(moved_bytes: int, working_set_bytes: int, ceilings: Ceilings) -> tuple[float, str]:
+    """Seconds to move `moved_bytes` when `working_set_bytes` stay resident between calls, and the level."""
+    spill = 0 if ceilings.llc_bytes is None else max(0, min(moved_bytes, working_set_bytes - ceilings.llc_bytes))
+    seconds = spill / ceilings.dram_bytes_per_s + (moved_bytes - spill) / ceilings.llc_bytes_per_s
+    return seconds, "dram" if spill else "llc"
+
+
+def limit(macs: AnalyticMacs, traffic: Traffic, working_set_bytes: int, depthwise: bool, ceilings: Ceilings) -> Limit:
+    """`max(MACs / peak, bytes / bandwidth)` of one forward pass (2 FLOP per MAC)."""
+    conv_peak = ceilings.depthwise_flops_per_s if depthwise else ceilings.dense_flops_per_s
+    compute = 2 * macs.conv / conv_peak + 2 * (macs.mixing + macs.routing) / ceilings.dense_flops_per_s
+    memory, level = memory_seconds(traffic.moved, working_set_bytes, ceilings)
+    return Limit(max(compute, memory), compute, memory, level)
+
+
+@dataclass(frozen=True)
+class Work:
+    """The MACs and bytes of one forward pass."""
+
+    macs: AnalyticMacs
+    traffic: Traffic
+
+
+@dataclass(frozen=True)
+class CaseWork:
+    """What a case's two limits are computed from."""
+
+    compulsory: Work  # of the CondConv computation itself (of the plain layer, for the floor)
+    own: Work  # of the strategy the case ran
+    depthwise: bool
+
+
+def limit_columns(work: CaseWork, ceilings: Ceilings) -> dict[str, Any]:
+    """A result row's limit cells, known before timing: both limits, which ceiling binds the
+    compulsory one and which memory level applies, the modelled bytes and arithmetic intensity."""
+    working_set = work.compulsory.traffic.compulsory
+    needed = limit(work.compulsory.macs, work.compulsory.traffic, working_set, work.depthwise, ceilings)
+    achievable = limit(work.own.macs, work.own.traffic, working_set, work.depthwise, ceilings)
+    return {
+        "macs_compulsory": work.compulsory.macs.total, "bytes_compulsory": work.compulsory.traffic.moved,
+        "bytes_modelled": work.own.traffic.moved, "limit_s": needed.seconds, "limit_own_s": achievable.seconds,
+        "limit_bound": needed.bound, "limit_memory": needed.memory_level,
+        "arithmetic_intensity": 2 * work.own.macs.total / work.own.traffic.moved,
+    }
+
+
+def distance_columns(row: dict[str, Any]) -> dict[str, float]:
+    """Given a row's latency and limits: latency over each limit, and the achieved FLOP and byte rates."""
+    latency = row.get("latency_median_s")
+    if not latency or not row.get("limit_s"):
+        return {}
+    return {
+        "vs_limit": latency / row["limit_s"], "vs_limit_own": latency / row["limit_own_s"],
+        "achieved_gflop_per_s": 2 * row["macs_analytic"] / latency / 1e9,
+        "achieved_gb_per_s": row["bytes_modelled"] / latency / 1e9,
+    }

@@ -1,0 +1,173 @@
+"""The machine's measured ceilings: matmul, dense and depthwise-conv FLOP/s, and memory bandwidths.
+
+A dense square matmul is the best case for any BLAS or tensor-core path, so its FLOP/s is a
+practical peak for the device, dtype and thread count a case ran with; it tells machines apart
+(`environment.machine_differences`). It is not the compute ceiling of every case: on an AMD EPYC
+(2 cores) PyTorch's CPU matmul reached 227 GFLOP/s (n = 3072) while oneDNN's 1×1 convolution ran
+the same arithmetic at 470–500 GFLOP/s, and a static 1×1 layer of the mobile suite beat a limit
+drawn from the matmul peak (0.52×). The *dense* peak used by the limits is therefore the best of
+a matmul and a 1×1 convolution (channels-last, a GEMM for the conv library). A depthwise conv,
+whose every weight is used only H'·W' times, reaches neither (a static depthwise conv ran at
+2–4.5× a limit from the matmul peak), so its own peak is measured: the best of a 3×3 and two 5×5
+depthwise convs at EfficientNet-like widths.
+
+Memory bandwidth is measured twice per device and thread count, with TF32 off like the peak:
+`dram` on buffers well beyond the last-level cache (at least 256 MiB on CPU, 1 GiB on CUDA, and
+at least four times the LLC), `llc` on buffers that fit in it (an eighth of the LLC, at most
+4 MiB). Each is the better of a copy (read + write) and a read-only reduction, because a read
+stream can outrun a copy (write-allocate traffic is invisible to the count): a ceiling must be
+an upper bound, or a case would beat its limit. Bandwidth does not depend on the cases' dtype.
+
+The matmul peak is the median of a few timed blocks (machines are told apart by it); the other
+ceilings take the fastest block, since a ceiling must not be lowered by a disturbed block (on a
+shared 2-core machine one block of a 2-thread copy ran 100× slow while another process ran).
+These are context figures measured in the runner's own process; no verdict depends on them.
+The limits of each case (`condconv_bench.core.limits`) are read against them.
+"""
+
+from __future__ import annotations
+
+import statistics
+import time
+from collections.abc import Callable
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+from condconv_bench.machine.environment import cache_bytes
+from condconv_bench.machine.devices import device_unavailable_reason, synchronize, use_exact_float32
+from condconv_bench.timing.rounds import calls_per_block, time_block
+
+from condconv_bench.core.case import TORCH_DTYPES, Case
+
+# Large enough to reach the steady state, small enough to measure in well under a second.
+_SIZE = {"cpu": 1024, "cuda": 8192, "mps": 4096}
+_BLOCK_S = 0.03
+_BLOCKS = 7
+_DRAM_MIN_BYTES = {"cpu": 256 * 2**20, "cuda": 2**30}
+_LLC_MAX_BUFFER = 4 * 2**20
+# (batch, C_in, H, W, C_out) of the 1x1 conv that joins the matmul in the dense peak.
+_DENSE_CONV = {"cpu": (16, 256, 14, 14, 512), "cuda": (64, 1024, 28, 28, 1024)}
+# (batch, channels, H, W, k) depthwise convs; the best of them is the depthwise peak.
+_DEPTHWISE = ((32, 256, 14, 14, 3), (32, 256, 14, 14, 5), (32, 512, 7, 7, 5))
+
+
+def _block_seconds(step: Callable[[], object], device: torch.device, threads: int) -> list[float]:
+    """Seconds per call of `step` in each of a few timed blocks, at `threads` threads."""
+    previous = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    sync = lambda: synchronize(device)  # noqa: E731
+    try:
+        with torch.inference_mode():
+            number = calls_per_block({"step": step}, _BLOCK_S, 2, time.perf_counter, sync)["step"]
+            return [time_block(step, number, time.perf_counter, sync) for _ in range(_BLOCKS)]
+    finally:
+        torch.set_num_threads(previous)
+
+
+def matmul_peak_flops(device: torch.device, dtype: torch.dtype, threads: int) -> float:
+    """FLOP/s of an n×n @ n×n matmul (n per device type) at the median of a few timed blocks."""
+    n = _SIZE.get(device.type, 2048)
+    generator = torch.Generator().manual_seed(0)
+    a = torch.randn(n, n, generator=generator).to(device=device, dtype=dtype)
+    b = torch.randn(n, n, generator=generator).to(device=device, dtype=dtype)
+    use_exact_float32(device)  # the peak of the arithmetic the cases run: IEEE float32, not TF32
+    return 2 * n**3 / statistics.median(_block_seconds(lambda: a @ b, device, threads))
+
+
+def dense_peak_flops(device: torch.device, dtype: torch.dtype, threads: int) -> float:
+    """FLOP/s of the faster of an n×n matmul and a channels-last 1×1 conv, each at its fastest block."""
+    n = _SIZE.get(device.type, 2048)
+    a = torch.randn(n, n).to(device=device, dtype=dtype)
+    b = torch.randn(n, n).to(device=device, dtype=dtype)
+    use_exact_float32(device)
+    matmul = 2 * n**3 / min(_block_seconds(lambda: a @ b, device, threads))
+    batch, in_channels, height, width, out_channels = _DENSE_CONV.get(device.type, _DENSE_CONV["cuda"])
+    x = torch.randn(batch, in_channels, height, width).to(device=device, dtype=dtype).contiguous(memory_format=torch.channels_last)
+    w = torch.randn(out_channels, in_channels, 1, 1).to(device=device, dtype=dtype).contiguous(memory_format=torch.channels_last)
+    conv = 2 * batch * in_channels * height * width * out_channels / min(_block_seconds(lambda: F.conv2d(x, w), device, threads))
+    return max(matmul, conv)
+
+
+def depthwise_peak_flops(device: torch.device, dtype: torch.dtype, threads: int) -> float:
+    """FLOP/s of the fastest of a few depthwise convs ("same" padding), each at its fastest block."""
+    use_exact_float32(device)
+    best = 0.0
+    for batch, channels, height, width, k in _DEPTHWISE:
+        x = torch.randn(batch, channels, height, width).to(device=device, dtype=dtype)
+        w = torch.randn(channels, 1, k, k).to(device=device, dtype=dtype)
+        seconds = min(_block_seconds(lambda: F.conv2d(x, w, padding=k // 2, groups=channels), device, threads))
+        best = max(best, 2 * batch * channels * height * width * k * k / seconds)
+    return best
+
+
+def last_level_cache_bytes(device: torch.device) -> int | None:
+    """The size of the cache that keeps a layer's tensors between calls: CPU 0's L3 (else L2),
+    a CUDA device's L2; None where the system does not say."""
+    if device.type == "cuda":
+        return int(torch.cuda.get_device_properties(device).L2_cache_size) or None
+    return cache_bytes("L3") or cache_bytes("L2")
+
+
+def _bandwidth(device: torch.device, threads: int, nbytes: int) -> float:
+    """Bytes/s of the better of a copy (2·nbytes moved) and a sum (nbytes read) of an nbytes buffer."""
+    source = torch.ones(nbytes // 4, device=device)  # written in full, so every page is mapped before timing
+    target = torch.empty_like(source)
+    copy_s = min(_block_seconds(lambda: target.copy_(source), device, threads))
+    read_s = min(_block_seconds(lambda: source.sum(), device, threads))
+    return max(2 * nbytes / copy_s, nbytes / read_s)
+
+
+def memory_bandwidths(device: torch.device, threads: int) -> dict[str, float | int | None]:
+    """Sustained DRAM and last-level-cache bandwidth (bytes/s) of `device` at `threads` threads,
+    with the buffer sizes used and the LLC size the limits compare working sets with."""
+    use_exact_float32(device)
+    llc = last_level_cache_bytes(device)
+    dram_buffer = max(_DRAM_MIN_BYTES.get(device.type, 2**30), 4 * (llc or 0))
+    llc_buffer = min(_LLC_MAX_BUFFER, llc // 8) if llc else _LLC_MAX_BUFFER
+    return {
+        "dram_bytes_per_s": _bandwidth(device, threads, dram_buffer),
+        "llc_bytes_per_s": _bandwidth(device, threads, llc_buffer),
+        "llc_bytes": llc,
+        "dram_buffer_bytes": dram_buffer,
+        "llc_buffer_bytes": llc_buffer,
+    }
+
+
+# Ceilings are upper bounds, and another process's burst only ever lowers a measurement (once, a
+# 2-thread LLC copy measured 0.8 GB/s against 100 GB/s a minute before): each is taken as the best
+# of a few passes over all of them, so a burst must last the whole measurement to lower it.
+CEILING_PASSES = 3
+
+
+
+def _best(measure: Callable[[], float]) -> float:
+    return max(measure() for _ in range(CEILING_PASSES))
+
+
+
+def matmul_peaks_of(cases: list[Case]) -> list[dict[str, Any]]:
+    """The machine's matmul, dense and depthwise-conv FLOP/s for each device, dtype and thread count the cases use."""
+    peaks = []
+    for device, dtype, threads in dict.fromkeys((c.device, c.dtype, c.threads) for c in cases):
+        if device_unavailable_reason(torch.device(device)) is None:
+            target, torch_dtype = torch.device(device), TORCH_DTYPES[dtype]
+            peaks.append({"device": device, "dtype": dtype, "threads": threads,
+                          "flops_per_s": matmul_peak_flops(target, torch_dtype, threads),
+                          "dense_flops_per_s": _best(lambda: dense_peak_flops(target, torch_dtype, threads)),
+                          "depthwise_flops_per_s": _best(lambda: depthwise_peak_flops(target, torch_dtype, threads))})
+    return peaks
+
+
+
+def memory_bandwidths_of(cases: list[Case]) -> list[dict[str, Any]]:
+    """The machine's DRAM and last-level-cache bandwidth for each device and thread count the cases use."""
+    measured = []
+    for device, threads in dict.fromkeys((c.device, c.threads) for c in cases):
+        if device_unavailable_reason(torch.device(device)) is None:
+            passes = [memory_bandwidths(torch.device(device), threads) for _ in range(CEILING_PASSES)]
+            best = {key: max(p[key] for p in passes) for key in ("dram_bytes_per_s", "llc_bytes_per_s")}
+            measured.append({"device": device, "threads": threads, **passes[0], **best})
+    return measured
+

@@ -1,0 +1,172 @@
+"""A case's untimed probes, in its runner's process: can it run here, its first call, sizes, equivalence, FLOPs, limits, memory.
+
+For every case of a group the probes build the implementation, load the layer's one shared
+parameter set, draw the group's seeded inputs and run in a fixed order: the cold first call
+(compile time), the tensors' sizes, equivalence against the float64 oracle, FLOP counts, the
+compulsory limit, peak memory. Latency is measured afterwards, in the worker processes. A case
+that cannot run is `skipped` with the reason; one that fails is an `error` row with the message.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+from functools import cached_property
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from condconv_bench.core import equivalence, flops
+from condconv_bench.profiling import peak_memory
+from condconv_bench.core.case import Case, Role, role_of
+from condconv_bench.machine.devices import device_unavailable_reason, use_exact_float32
+from condconv_bench.errors import ImplUnavailableError, first_line
+from condconv_bench.cases.inputs import GroupInputs, layer_state
+from condconv_bench.core.contract import CondConvBase
+from condconv_bench.core.limits import Ceilings, limit_columns
+from condconv_bench.cases.memory_estimate import memory_reason
+from condconv_bench.profiling.traces import record_profile
+from condconv_bench.run.rows import identity_columns
+from condconv_bench.cases.steps import CompileFellBackError, build_module, dispatched, first_call, grad_mode, step_function
+from condconv_bench.cases.workload import Workload
+
+
+def skip_reason(cls: type[CondConvBase], case: Case, device: torch.device) -> str | None:
+    """Why `case` cannot run here (no such device, implementation unavailable, layer unsupported,
+    more memory than is available), or None."""
+    unsupported = (cls.unsupported_reason(spec, device, case.torch_dtype) for spec in case.workload.layer_specs())
+    return (device_unavailable_reason(device) or case.workload.unavailable_reason() or cls.unavailable_reason()
+            or next(filter(None, unsupported), None) or memory_reason(case, device))
+
+
+class GroupContext:
+    """The layer's parameters, the group's inputs and its float64 oracle, each built once per group
+    and only when a case of the group gets to run (a skipped device never allocates)."""
+
+    def __init__(self, case: Case, seed: int, ceilings: Ceilings | None = None) -> None:
+        self._case, self._seed = case, seed
+        self.ceilings = ceilings  # the run's measured ceilings for the group's context, for its limits
+        self._reference: equivalence.Reference | None = None
+
+    @cached_property
+    def state(self) -> dict[str, torch.Tensor]:
+        return layer_state(self._case, self._seed)
+
+    @cached_property
+    def inputs(self) -> GroupInputs:
+        return GroupInputs.draw(self._case, self._seed, torch.device(self._case.device))
+
+    def reference(self, workload: Workload, module: nn.Module) -> equivalence.Reference:
+        if self._reference is None:
+            inputs = self.inputs
+            self._reference = workload.reference(module, inputs.x, inputs.routing_weights, inputs.grad_output)
+        return self._reference
+
+
+@dataclass(frozen=True)
+class FirstCall:
+    """The cold first call of a case's step, timed apart from its latency."""
+
+    first_call_s: float
+    compiled_graphs: int  # graphs torch.compile built during it (0 when eager)
+    probed_dispatch: str | None  # what a dispatcher ran here: the timed workers choose again (`dispatched`)
+    tf32: bool | None  # CUDA only: whether float32 may use TF32 (turned off before the call)
+
+
+@dataclass(frozen=True)
+class Sizes:
+    """The bytes a case's tensors take, from their shapes (not measured)."""
+
+    input_bytes: int
+    output_bytes: int
+    param_bytes: int
+    kernel_bytes: int  # per-example kernels the strategy materialises (B·P), 0 if none
+
+
+def _first_call(cls: type[CondConvBase], module: nn.Module, step: Callable[[], Any], case: Case, device: torch.device,
+                row: dict[str, Any]) -> FirstCall:
+    tf32 = use_exact_float32(device)
+    with grad_mode(case.mode):
+        started = time.perf_counter()
+        try:
+            graphs = first_call(step, cls.compiles, device)
+        except CompileFellBackError:
+            row.update(compiled_graphs=0, tf32=tf32)
+            raise
+        return FirstCall(time.perf_counter() - started, graphs, dispatched(module), tf32)
+
+
+def _sizes(case: Case, module: nn.Module, inputs: GroupInputs, element: int) -> Sizes:
+    workload = case.workload
+    return Sizes(
+        input_bytes=inputs.x.numel() * element,
+        output_bytes=math.prod(workload.output_shape(case.batch_size)) * element,
+        param_bytes=sum(p.numel() * p.element_size() for p in module.parameters()),
+        kernel_bytes=workload.kernel_bytes(module, case.batch_size),
+    )
+
+
+def _probe(case: Case, cls: type[CondConvBase], device: torch.device, ctx: GroupContext, row: dict[str, Any],
+           traces_dir: Path | None) -> dict[str, Any] | None:
+    """Fill `row` with the untimed probes' results as they arrive, so an error keeps what was measured.
+
+    Each probe returns a typed result whose cells go into the row: the cold first call (compile
+    time), the tensors' sizes, equivalence against the float64 oracle, FLOP counts and peak
+    memory, all in this process; latency is measured afterwards in the worker processes.
+    """
+    workload = case.workload
+    module = build_module(case, cls, ctx.state, device)
+    inputs = ctx.inputs
+    x = inputs.formatted_x(case)
+    step = step_function(module, x, inputs, case.mode)
+
+    row.update(asdict(_first_call(cls, module, step, case, device, row)))
+    row.update(asdict(_sizes(case, module, inputs, x.element_size())))
+    if role_of(cls) is not Role.FLOOR:
+        reference = ctx.reference(workload, module)
+        row.update(equivalence.check_equivalence(module, x, inputs.routing_weights, inputs.grad_output, reference).columns())
+    analytic = workload.analytic_macs(module, case.batch_size)
+    row.update(flops.count_flops(workload.eager_module(module), x, inputs.routing_weights, analytic).columns())
+    work = workload.work(module, case.batch_size) if case.mode == "inference" else None
+    if work is not None and ctx.ceilings is not None:
+        row.update(limit_columns(work, ctx.ceilings))
+    with grad_mode(case.mode):
+        row["peak_memory_bytes"] = peak_memory.peak_memory_bytes(step, device)
+        return record_profile(case.id, step, traces_dir, device, workload.num_experts) if traces_dir is not None else None
+
+
+def probe_case(case: Case, ctx: GroupContext, traces_dir: Path | None = None) -> tuple[dict[str, Any], dict[str, Any] | None]:
+    """One case's untimed probes; never raises for a failing implementation (the row says what happened).
+
+    Returns the row (status `ok` means ready to be timed) and, when `traces_dir` is given, the
+    profile record.
+    """
+    row = identity_columns(case)
+    started = time.perf_counter()
+    device = torch.device(case.device)
+    cls = case.workload.impl_class(case.impl)
+    row["role"] = str(role_of(cls))
+    profile_record = None
+    reason = skip_reason(cls, case, device)
+    if reason:
+        row.update(status="skipped", reason=reason)
+    else:
+        previous_threads = torch.get_num_threads()
+        torch.set_num_threads(case.threads)
+        try:
+            profile_record = _probe(case, cls, device, ctx, row, traces_dir)
+            row["status"] = "ok"
+        except ImplUnavailableError as exc:
+            row.update(status="skipped", reason=str(exc))
+        except Exception as exc:  # any failure of the implementation under test becomes an error row
+            row.update(status="error", reason=first_line(exc))
+            if device.type == "cuda":
+                torch.cuda.empty_cache()
+        finally:
+            torch.set_num_threads(previous_threads)
+    row["wall_s"] = time.perf_counter() - started
+    return row, profile_record

@@ -1,0 +1,74 @@
+"""A case's result row: its identity columns, and its timing verdict's columns once the workers measured it."""
+
+from __future__ import annotations
+
+from collections import Counter
+from typing import Any
+
+from condconv_bench.core.case import Case
+from condconv_bench.core.limits import distance_columns
+from condconv_bench.measure.group import CaseTiming, GroupTiming
+from condconv_bench.timing.ratios import Interval
+from condconv_bench.timing.samples import Timing
+
+
+def identity_columns(case: Case) -> dict[str, Any]:
+    return {
+        "case_id": case.id,
+        "impl": case.impl,
+        "layer": case.layer,
+        "layer_desc": case.workload.describe(),
+        "kind": case.workload.kind,
+        "input_size": "x".join(map(str, case.workload.input_shape(1)[2:])),
+        "routing_given": case.workload.routing_given,
+        "batch_size": case.batch_size,
+        "device": case.device,
+        "dtype": case.dtype,
+        "mode": case.mode,
+        "threads": case.threads,
+        "memory_format": case.memory_format,
+    }
+
+
+def _interval_columns(prefix: str, interval: Interval | None) -> dict[str, float | None]:
+    if interval is None:
+        return {}
+    return {prefix: interval.estimate, f"{prefix}_ci_low": interval.low, f"{prefix}_ci_high": interval.high}
+
+
+def _timing_columns(verdict: CaseTiming, batch_size: int) -> dict[str, Any]:
+    timing = verdict.timing
+    return {
+        "latency_median_s": timing.median_s, "latency_iqr_s": timing.iqr_s, "latency_p10_s": timing.p10_s,
+        "latency_p90_s": timing.p90_s, "latency_mean_s": timing.mean_s, "n_measurements": len(timing.times_s),
+        "number_per_run": timing.number_per_run, "processes": timing.processes, "noisy": verdict.unstable,
+        "process_spread": verdict.process_spread, "throughput_per_s": batch_size / timing.median_s,
+        "timed_s": float(sum(timing.times_s)) * timing.number_per_run, "tied_fastest": verdict.tied_fastest,
+        **_interval_columns("vs_floor", verdict.vs_floor), **_interval_columns("vs_best", verdict.vs_best),
+    }
+
+
+def record_timing(measured: GroupTiming, rows: dict[str, dict[str, Any]]) -> dict[str, Timing]:
+    """Add each timed case's verdict (or its failure) to its row; returns the raw samples."""
+    timed = [case_id for case_id, row in rows.items() if row["status"] == "ok"]
+    share = measured.elapsed_s / len(timed)
+    for case_id in timed:
+        row = rows[case_id]
+        row["wall_s"] += share
+        if case_id in measured.cases:
+            row.update(_timing_columns(measured.cases[case_id], row["batch_size"]), stopped_because=measured.stopped_because)
+            row.update(distance_columns(row))
+            if case_id in measured.dispatched:
+                row["dispatched"] = dispatch_summary(measured.dispatched[case_id])
+        else:
+            row.update(status="error", reason=measured.errors[case_id])
+    return {case_id: verdict.timing for case_id, verdict in measured.cases.items()}
+
+
+def dispatch_summary(builds: Counter[str]) -> str:
+    """What a dispatcher ran in the timed workers: `pixel_major_matmul` when every build agreed,
+    else each choice with its share of the builds, most frequent first (`a 5/7; b 2/7`)."""
+    if len(builds) == 1:
+        return next(iter(builds))
+    total = sum(builds.values())
+    return "; ".join(f"{choice} {count}/{total}" for choice, count in sorted(builds.items(), key=lambda item: (-item[1], item[0])))

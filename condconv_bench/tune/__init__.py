@@ -1,0 +1,5 @@
+"""Dispatch decisions made ahead of use: a table from a run, or a machine's cache filled for a model.
+
+- `from_runs`: `condconv-bench tune` (a dispatch table from measured runs) and `tune-model`
+  (autotune every layer of a model once, so the per-machine cache holds its choices).
+"""
