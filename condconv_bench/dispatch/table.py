@@ -4,7 +4,7 @@ An entry records, for one layer shape on one device type, dtype, mode, thread co
 format and allocator at one batch size, the fastest strategy that passed the equivalence check (and by how much
 it beat the runner-up), with the evidence a later process needs to confirm it: the rivals it was
 measured against, fastest first, the medians, how much the rounds disagreed about the comparison
-and the machine's load at the time. A table's document also says which machine it was measured on. `condconv-bench tune` builds a table from a suite's run; the package ships
+and the machine's load at the time. A table's document also says which machine it was measured on. `condconv-bench tune` builds a table from a suite's run (`condconv_bench.tune`); the package ships
 tables measured on the machines this project was benchmarked on; `CONDCONV_BENCH_DISPATCH` or a
 layer's `dispatch_table` argument points at another.
 
@@ -24,17 +24,13 @@ import os
 from dataclasses import MISSING, asdict, dataclass, field, fields
 from importlib import resources
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from condconv_bench.atomic import write_text_atomically
-from condconv_bench.core.case import GROUP_KEYS
 from condconv_bench.errors import ResultsError
 from condconv_bench.core.flops import conv_macs
 from condconv_bench.set_aside import set_aside
 from condconv_bench.core.spec import LayerSpec, Pair
-
-if TYPE_CHECKING:
-    import pandas as pd
 
 TABLE_FORMAT = "condconv-bench-dispatch"
 TABLE_VERSION = 3  # 2 added the allocator to every entry; 3 the evidence fields and the table's machine
@@ -255,30 +251,6 @@ class DispatchTable:
     def merged(cls, tables: list[DispatchTable]) -> DispatchTable:
         return cls([e for t in tables for e in t.entries], ", ".join(t.source for t in tables),
                    "; ".join(t.measured_on for t in tables if t.measured_on))
-
-
-def entries_from_results(frame: pd.DataFrame, workloads: dict[str, tuple[LayerSpec, Pair]], eligible: set[str],
-                         allocator: str) -> list[Entry]:
-    """One entry per measured group of a run (whose workers ran under `allocator`): the fastest
-    eligible strategy that passed equivalence."""
-    rows = frame[(frame["status"] == "ok") & frame["impl"].isin(eligible) & frame["equivalent"].fillna(False).astype(bool)]
-    rows = rows[rows["layer"].isin(workloads)]
-    entries = []
-    for key, group in rows.groupby(list(GROUP_KEYS), sort=False):
-        layer, device, dtype, mode, threads, memory_format, batch_size = key
-        spec, input_size = workloads[layer]
-        ranked = group.sort_values("latency_median_s")
-        best = ranked.iloc[0]
-        margin = float(ranked.iloc[1]["latency_median_s"] / best["latency_median_s"]) if len(ranked) > 1 else 1.0
-        raced = ranked.iloc[:1 + RIVALS]
-        query = Query(spec=spec, input_size=input_size, device=str(device).split(":")[0], dtype=str(dtype), mode=str(mode),
-                      threads=int(threads), memory_format=str(memory_format), allocator=allocator, batch_size=int(batch_size))
-        entries.append(query.entry(
-            str(best["impl"]), margin, str(layer), rivals=tuple(str(i) for i in raced["impl"].iloc[1:]),
-            medians_s={str(r["impl"]): float(r["latency_median_s"]) for _, r in raced.iterrows()},
-            spread=float(best["latency_iqr_s"] / best["latency_median_s"]),  # the run's rows keep no per-round ratios
-        ))
-    return entries
 
 
 @functools.lru_cache(maxsize=None)

@@ -23,7 +23,7 @@ import torch
 from condconv_bench.dispatch.cache import machine_cache
 from condconv_bench.conversion.swap import convert
 from condconv_bench.dispatch.dispatching_layers import Auto
-from condconv_bench.dispatch.table import DispatchTable, entries_from_results
+from condconv_bench.dispatch.table import DispatchTable
 from condconv_bench.machine.environment import describe_environment, machine_differences
 from condconv_bench.errors import CondConvBenchError, ModelError, ResultsError
 from condconv_bench.cases.models.sources import build_model
@@ -32,6 +32,7 @@ from condconv_bench.run.directory import RunDirectory
 from condconv_bench.run.runner import CaseListener, run_suite
 from condconv_bench.suite.selection import CaseFilter
 from condconv_bench.suite.loader import Suite
+from condconv_bench.tune.measured_entries import entries_from_results
 from condconv_bench.cases.workload import LayerWorkload
 
 
