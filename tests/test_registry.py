@@ -6,7 +6,7 @@ from pathlib import Path
 import pytest
 
 from condconv_bench import LayerSpec, create_impl, get_impl, list_impls, register_impl
-from condconv_bench.core import registry
+from condconv_bench.core import entry_points, registry
 from condconv_bench.errors import DuplicateImplError, UnknownImplError
 from condconv_bench.impls.grouped_conv import GroupedConv
 
@@ -74,7 +74,7 @@ def _entry_points(*points: importlib.metadata.EntryPoint):
 
 def test_entry_point_registers_third_party_impl(monkeypatch, isolated_registry) -> None:
     point = importlib.metadata.EntryPoint("plugin_loop", "fake_impls:SlowerByHalf", registry.ENTRY_POINT_GROUP)
-    monkeypatch.setattr(registry.importlib.metadata, "entry_points", _entry_points(point))
+    monkeypatch.setattr(entry_points.importlib.metadata, "entry_points", _entry_points(point))
     monkeypatch.setattr(registry, "_loaded", False)
     assert get_impl("plugin_loop").__name__ == "SlowerByHalf"
     assert "plugin_loop" in {info.key for info in list_impls()}
@@ -82,7 +82,15 @@ def test_entry_point_registers_third_party_impl(monkeypatch, isolated_registry) 
 
 def test_entry_point_cannot_override_a_builtin(monkeypatch, isolated_registry) -> None:
     point = importlib.metadata.EntryPoint("static", "fake_impls:SlowerByHalf", registry.ENTRY_POINT_GROUP)
-    monkeypatch.setattr(registry.importlib.metadata, "entry_points", _entry_points(point))
+    monkeypatch.setattr(entry_points.importlib.metadata, "entry_points", _entry_points(point))
     monkeypatch.setattr(registry, "_loaded", False)
     with pytest.raises(DuplicateImplError, match="'static' registered twice"):
+        list_impls()
+
+
+def test_an_entry_point_that_fails_to_import_is_named_when_the_registry_loads(monkeypatch, isolated_registry) -> None:
+    point = importlib.metadata.EntryPoint("broken", "no_such_module_xyz:Impl", registry.ENTRY_POINT_GROUP)
+    monkeypatch.setattr(entry_points.importlib.metadata, "entry_points", _entry_points(point))
+    monkeypatch.setattr(registry, "_loaded", False)
+    with pytest.raises(UnknownImplError, match="^entry point broken = 'no_such_module_xyz:Impl' of group 'condconv_bench.impls' cannot be loaded"):
         list_impls()

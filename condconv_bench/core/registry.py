@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import difflib
 import importlib
-import importlib.metadata
 import pkgutil
 import warnings
 from collections.abc import Callable
@@ -19,6 +18,7 @@ from dataclasses import dataclass
 
 from condconv_bench.errors import DuplicateImplError, UnknownImplError
 from condconv_bench.core.contract import CondConvBase
+from condconv_bench.core.entry_points import load_group
 from condconv_bench.core.spec import LayerSpec
 
 ENTRY_POINT_GROUP = "condconv_bench.impls"
@@ -63,8 +63,8 @@ def _load_sources() -> None:
     for module in pkgutil.iter_modules(builtin.__path__):
         importlib.import_module(f"{builtin.__name__}.{module.name}")
     importlib.import_module(DISPATCHING_LAYERS, __package__)
-    for entry_point in importlib.metadata.entry_points(group=ENTRY_POINT_GROUP):
-        _add(entry_point.name, entry_point.load(), f"entry point {entry_point.value!r}")
+    for name, (cls, origin) in load_group(ENTRY_POINT_GROUP).items():
+        _add(name, cls, origin)  # type: ignore[arg-type]  # _add checks it is a CondConvBase subclass
 
 
 def _import_class(name: str) -> type[CondConvBase]:

@@ -12,7 +12,6 @@ key claimed twice is an error.
 from __future__ import annotations
 
 import importlib
-import importlib.metadata
 import pkgutil
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
@@ -21,6 +20,7 @@ from typing import TYPE_CHECKING, ClassVar
 
 from torch import nn
 
+from condconv_bench.core.entry_points import load_group
 from condconv_bench.errors import DuplicateImplError, UnknownImplError
 from condconv_bench.core.spec import LayerSpec
 
@@ -88,6 +88,6 @@ def adapters() -> dict[str, LayerAdapter]:
         _loaded = True
         for module in pkgutil.iter_modules(__path__):
             importlib.import_module(f"{__name__}.{module.name}")
-        for entry_point in importlib.metadata.entry_points(group=ENTRY_POINT_GROUP):
-            _add(entry_point.load(), f"entry point {entry_point.value!r}")
+        for cls, origin in load_group(ENTRY_POINT_GROUP).values():
+            _add(cls, origin)
     return dict(_adapters)
