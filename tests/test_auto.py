@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import sys
 from pathlib import Path
 
 import pytest
@@ -10,7 +11,7 @@ import torch
 from click.testing import CliRunner
 
 from condconv_bench import CondConv2d, CondConvLinear, DispatchTable, LayerSpec
-from condconv_bench.dispatch.cache import cache_path
+from condconv_bench.dispatch.cache import CACHE_VARIABLE, cache_path, machine_key
 from condconv_bench.cli import main
 from condconv_bench.dispatch.table import ENVIRONMENT_VARIABLE, Entry, Query, rule_of_thumb, shape_class, signature
 from condconv_bench.core.equivalence import check_equivalence
@@ -211,3 +212,21 @@ def test_auto_compiles_one_graph_per_input_size_with_dynamic_false() -> None:
         for size in (5, 7, 9):
             x = torch.randn(2, 8, size, size)
             torch.testing.assert_close(compiled(x), layer(x), rtol=1e-4, atol=1e-5)
+
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="the XDG base directories are Linux's convention")
+def test_the_autotune_cache_is_in_the_xdg_cache_folder(tmp_path, monkeypatch) -> None:
+    monkeypatch.delenv(CACHE_VARIABLE)
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
+    assert cache_path() == tmp_path / "xdg" / "condconv-bench" / f"autotune-{machine_key()}.json"
+    monkeypatch.delenv("XDG_CACHE_HOME")
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    assert cache_path() == tmp_path / "home" / ".cache" / "condconv-bench" / f"autotune-{machine_key()}.json"
+
+
+def test_the_autotune_cache_variable_names_another_file_or_none(tmp_path, monkeypatch) -> None:
+    monkeypatch.setenv(CACHE_VARIABLE, str(tmp_path / "mine.json"))
+    assert cache_path() == tmp_path / "mine.json"
+    monkeypatch.setenv(CACHE_VARIABLE, " Off")
+    assert cache_path() is None

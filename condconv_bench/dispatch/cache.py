@@ -41,12 +41,15 @@ def machine_key() -> str:
 
 
 def cache_path() -> Path | None:
-    """`$CONDCONV_BENCH_CACHE`, or `<XDG cache>/condconv-bench/autotune-<machine key>.json`; None for `off`."""
+    """`$CONDCONV_BENCH_CACHE`, or `autotune-<machine key>.json` in the user's cache folder for
+    condconv-bench (`$XDG_CACHE_HOME/condconv-bench`, else `~/.cache/condconv-bench` on Linux;
+    each system's own elsewhere); None for `off`."""
     override = os.environ.get(CACHE_VARIABLE)
     if override is not None:
         return None if override.strip().lower() in ("", "off") else Path(override)
-    base = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache")
-    return base / "condconv-bench" / f"autotune-{machine_key()}.json"
+    import platformdirs  # on first use: importing the drop-in layer loads no more than it must
+
+    return platformdirs.user_cache_path("condconv-bench", appauthor=False) / f"autotune-{machine_key()}.json"
 
 
 class MachineCache:
