@@ -18,6 +18,19 @@ def test_every_public_name_resolves() -> None:
     assert set(dir(condconv_bench)) == set(condconv_bench.__all__)
 
 
+def test_no_subpackage_shadows_a_public_name() -> None:
+    """Importing a subpackage binds it as an attribute of the package: one named like a public
+    function (`convert`) would replace that function for everyone who imported the subpackage."""
+    import importlib
+    import pkgutil
+
+    for module in pkgutil.walk_packages(condconv_bench.__path__, "condconv_bench."):
+        if not module.name.endswith("__main__"):  # runs the CLI
+            importlib.import_module(module.name)
+    assert not {name for name in condconv_bench.__all__ if type(getattr(condconv_bench, name)).__name__ == "module"}
+    assert callable(condconv_bench.convert) and condconv_bench.convert is condconv_bench.conversion.convert
+
+
 def test_the_layer_imports_without_the_harness() -> None:
     code = (
         "import sys, torch; from condconv_bench import CondConv2d, CondConvLinear; "
