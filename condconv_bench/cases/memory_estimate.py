@@ -25,10 +25,9 @@ skip and the workload's choice of check use.
 from __future__ import annotations
 
 import math
-import os
-from pathlib import Path
 from typing import TYPE_CHECKING
 
+import psutil
 import torch
 
 from condconv_bench.core.case import Case
@@ -83,15 +82,7 @@ def available_bytes(device: torch.device) -> int | None:
         return torch.cuda.mem_get_info(device)[0]
     if device.type != "cpu":
         return None
-    meminfo = Path("/proc/meminfo")
-    if meminfo.exists():
-        for line in meminfo.read_text().splitlines():
-            if line.startswith("MemAvailable:"):
-                return int(line.split()[1]) * 1024
-    try:
-        return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
-    except (ValueError, OSError):
-        return None
+    return psutil.virtual_memory().available  # Linux's MemAvailable: free memory plus what can be reclaimed
 
 
 def memory_reason(case: Case, device: torch.device) -> str | None:
