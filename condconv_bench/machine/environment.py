@@ -1,4 +1,10 @@
-"""Where a run happened: the facts that decide whether two runs can be compared at all."""
+"""Where a run happened: the facts that decide whether two runs can be compared at all.
+
+The CPU's model and instruction sets are read from /proc/cpuinfo, as the kernel reports them, and
+its caches from sysfs: py-cpuinfo would add the flags CPUID reports (another set, partly under other
+names, so every recorded `cpu_flags_sha256` would change), count caches across cores, and spend
+about a second in subprocesses of every process that keys the autotune cache; psutil tells neither.
+"""
 
 from __future__ import annotations
 
@@ -13,14 +19,21 @@ from typing import Any
 import torch
 
 
-def _cpu_model() -> str:
+def _cpuinfo(*keys: str) -> str | None:
+    """The first value Linux's /proc/cpuinfo gives for any of `keys` (CPU 0's); None without one."""
     try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
+        lines = Path("/proc/cpuinfo").read_text().splitlines()
     except OSError:
-        pass
-    return platform.processor() or platform.machine()
+        return None
+    for line in lines:
+        key, _, value = line.partition(":")
+        if key.strip() in keys:
+            return value.strip()
+    return None
+
+
+def _cpu_model() -> str:
+    return _cpuinfo("model name") or platform.processor() or platform.machine()
 
 
 def _git_commit() -> str | None:
@@ -42,13 +55,8 @@ def _read(path: str) -> str | None:
 
 
 def _cpu_flags() -> list[str]:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith(("flags", "Features")):
-                return sorted(line.split(":", 1)[1].split())
-    except OSError:
-        pass
-    return []
+    """The instruction sets the kernel enabled (x86's `flags`, Arm's `Features`), sorted."""
+    return sorted((_cpuinfo("flags", "Features") or "").split())
 
 
 def _caches() -> dict[str, str]:
