@@ -1,10 +1,11 @@
 """The settings of each layer that takes any — the instrument, the baseline gate, the A/B gate — once.
 
-Each is a frozen dataclass whose field defaults are *the* defaults: a suite's `timing:` and
-`gate:` sections (`suite`) validate YAML into them and take their defaults from here, and the
-command line's help shows the same values (`show_default`). This module sits below everything
-that reads it (it imports nothing of the package), so a suite can name the gate's defaults
-without importing the gate.
+Each is a frozen dataclass, and its fields are the one declaration of each setting: name,
+default, and (in the field's metadata) the bounds a value must keep and any other name a suite
+may use for it. A suite's `timing:` and `gate:` sections are derived from these fields
+(`suite.schema`), so a setting added here can be set from a suite at once, and the command line
+shows the same names and values. This module sits below everything that reads it (it imports
+nothing of the package), so a suite can name the gate's defaults without importing the gate.
 
 The two gates keep different time thresholds on purpose: a baseline gate compares two runs made
 apart in time, whose drift between runs counts against the threshold; the A/B gate's paired
@@ -14,8 +15,8 @@ lower threshold is still safe there (`gate.ab.verdict` gives the measurements).
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Literal
+from dataclasses import dataclass, field
+from typing import Any, Literal
 
 
 DEFAULT_ALLOCATOR = "fixed"  # the worker processes' allocator policy (`machine.allocators` names them all)
@@ -24,31 +25,39 @@ DEFAULT_ALPHA = 0.002  # significance level of both gates' rank tests
 Comparison = Literal["auto", "absolute", "floor"]
 
 
+def setting(default: Any, *, aliases: tuple[str, ...] = (), **bounds: float) -> Any:
+    """A field with its bounds (`gt`, `ge`, `lt`, `le`) and the other names a suite may give it.
+
+    Upper bounds keep a typo from asking for days of measurement.
+    """
+    return field(default=default, metadata={"bounds": bounds, "aliases": aliases})
+
+
 @dataclass(frozen=True)
 class MeasureSettings:
     """How a group is measured (`condconv_bench.measure`); a suite's `timing:` section."""
 
-    processes: int = 3  # fresh worker processes; each measures every group
-    rounds: int = 10  # interleaved rounds per worker visit
-    block_s: float = 0.005  # seconds one timed block lasts
-    warmup: int = 2  # untimed calls after the first, per worker
-    precision: float = 0.02  # stop once every ratio's 95% interval is within ±this
-    budget_s: float = 10.0  # seconds of timing per group before stopping anyway
-    tie_margin: float = 0.02  # gaps to the fastest below this are ties
-    max_passes: int = 8
-    sweep_groups: int = 64  # groups whose first visits interleave (see measure.group)
-    allocator: str = DEFAULT_ALLOCATOR  # of the worker processes (see machine.allocators)
+    processes: int = setting(3, ge=1, le=64)  # fresh worker processes; each measures every group
+    rounds: int = setting(10, ge=1, le=10_000)  # interleaved rounds per worker visit
+    block_s: float = setting(0.005, aliases=("block_time",), gt=0, le=10)  # seconds one timed block lasts
+    warmup: int = setting(2, ge=0, le=1000)  # untimed calls after the first, per worker
+    precision: float = setting(0.02, gt=0, lt=1)  # stop once every ratio's 95% interval is within ±this
+    budget_s: float = setting(10.0, aliases=("budget",), gt=0, le=86_400)  # seconds of timing per group before stopping anyway
+    tie_margin: float = setting(0.02, ge=0, lt=1)  # gaps to the fastest below this are ties
+    max_passes: int = setting(8, ge=1, le=1000)  # visits of every worker process per group before stopping anyway
+    sweep_groups: int = setting(64, ge=1, le=10_000)  # groups whose first visits interleave (see measure.group)
+    allocator: str = DEFAULT_ALLOCATOR  # of the worker processes (see machine.allocators, which names the choices)
 
 
 @dataclass(frozen=True)
 class GateSettings:
     """What the baseline gate and `compare` count as a change (`condconv_bench.gate.compare`); a suite's `gate:` section."""
 
-    time_threshold: float = 0.10  # relative slowdown that counts
-    time_min_delta_s: float = 0.0  # and the absolute change must exceed this
-    memory_threshold: float = 0.10  # relative peak-memory growth that counts
-    memory_min_bytes: int = 16 * 1024  # and the growth must exceed this
-    alpha: float = DEFAULT_ALPHA  # significance level of the Mann-Whitney U test
+    time_threshold: float = setting(0.10, gt=0)  # relative slowdown that counts
+    time_min_delta_s: float = setting(0.0, ge=0)  # and the absolute change must exceed this
+    memory_threshold: float = setting(0.10, gt=0)  # relative peak-memory growth that counts
+    memory_min_bytes: int = setting(16 * 1024, ge=0, le=2**62)  # and the growth must exceed this
+    alpha: float = setting(DEFAULT_ALPHA, gt=0, lt=1)  # significance level of the Mann-Whitney U test
     comparison: Comparison = "auto"  # raw latencies, or latencies over the floor of their own run
 
 

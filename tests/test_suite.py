@@ -131,9 +131,42 @@ def test_several_problems_are_all_reported() -> None:
 def test_a_suites_sections_take_their_defaults_from_the_settings_types() -> None:
     from condconv_bench.machine.allocators import ALLOCATORS
     from condconv_bench.settings import GateSettings, MeasureSettings
-    from condconv_bench.suite.loader import GateSection, TimingSection
+    from condconv_bench.suite.schema import GateSection, TimingSection
 
     assert TimingSection().settings() == MeasureSettings()
     assert GateSection().settings() == GateSettings()
     assert TimingSection().settings(processes=5, allocator="glibc") == MeasureSettings(processes=5, allocator="glibc")
     assert set(TimingSection.model_fields["allocator"].annotation.__args__) == set(ALLOCATORS)
+
+
+def test_every_measure_setting_is_a_timing_key_with_its_bounds() -> None:
+    import dataclasses
+
+    from condconv_bench.settings import MeasureSettings
+
+    assert [f.name for f in dataclasses.fields(MeasureSettings)] == list(parse_suite(minimal(), Path("t.yaml")).model.timing.model_dump())
+    timing = parse_suite(minimal(timing={"max_passes": 3, "block_s": 0.01, "budget_s": 2}), Path("t.yaml")).model.timing.settings()
+    assert (timing.max_passes, timing.block_s, timing.budget_s) == (3, 0.01, 2.0) and isinstance(timing.budget_s, float)
+    with pytest.raises(SuiteError) as info:
+        parse_suite(minimal(timing={"max_passes": 0}), Path("t.yaml"))
+    assert info.value.problems == ["t.yaml: timing.max_passes: Input should be greater than or equal to 1, got 0"]
+
+
+def test_block_time_and_budget_name_block_s_and_budget_s() -> None:
+    timing = parse_suite(minimal(timing={"block_time": 0.01, "budget": 2}), Path("t.yaml")).model.timing.settings()
+    assert (timing.block_s, timing.budget_s) == (0.01, 2.0)
+    with pytest.raises(SuiteError) as info:
+        parse_suite(minimal(timing={"block_s": 0.01, "block_time": 0.02}), Path("t.yaml"))
+    assert info.value.problems == ["t.yaml: timing.block_time: the same setting as 'block_s'; set it once"]
+    with pytest.raises(SuiteError) as info:
+        parse_suite(minimal(timing={"budget": -1}), Path("t.yaml"))
+    assert info.value.problems == ["t.yaml: timing.budget: Input should be greater than 0, got -1"]
+
+
+def test_validate_shows_the_timing_settings_by_their_suite_names(tmp_path: Path) -> None:
+    path = tmp_path / "t.yaml"
+    path.write_text(yaml.safe_dump(minimal(devices=["cpu"], timing={"budget": 2, "max_passes": 3})))
+    result = CliRunner().invoke(main, ["validate", str(path)])
+    assert result.exit_code == 0, result.output
+    timing = next(line for line in result.output.splitlines() if line.startswith("timing:"))
+    assert "budget_s 2" in timing and "max_passes 3" in timing and "block_s 0.005" in timing and "allocator fixed" in timing

@@ -20,7 +20,7 @@ from condconv_bench.report import comparison as comparison_report
 from condconv_bench.report.reproducibility import reproducibility
 from condconv_bench.run.directory import RunDirectory
 from condconv_bench.settings import ABSettings, Comparison, GateSettings
-from condconv_bench.suite.loader import GateSection
+from condconv_bench.suite.schema import GateSection
 from condconv_bench.cli.app import AB_DEFAULTS, GATE_DEFAULTS, MEASURE_DEFAULTS, main
 
 

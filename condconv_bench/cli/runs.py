@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import sys
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
@@ -95,13 +96,15 @@ def run(suite: str, output: Path | None, resume: bool, shard: str | None, impls:
 @main.command()
 @click.argument("suite")
 def validate(suite: str) -> None:
-    """Check SUITE without running it."""
+    """Check SUITE without running it, and show the timing settings it runs with."""
     loaded = load_suite(suite)
     cases = loaded.cases()
     click.echo(
         f"{loaded.path}: ok — {len(cases)} cases: {len(loaded.layers)} layers, "
         f"{len({c.impl for c in cases})} implementations, devices {', '.join(sorted({c.device for c in cases}))}"
     )
+    click.echo("timing: " + ", ".join(f"{key} {value:g}" if isinstance(value, float) else f"{key} {value}"
+                                      for key, value in asdict(loaded.model.timing.settings()).items()))
 
 
 @main.command()

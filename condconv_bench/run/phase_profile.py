@@ -23,7 +23,8 @@ from condconv_bench.profiling.phases import PhaseBreakdown, measure_phases
 from condconv_bench.core.registry import get_impl
 from condconv_bench.run.probes import skip_reason
 from condconv_bench.suite.selection import CaseFilter
-from condconv_bench.suite.loader import Suite, load_suite
+from condconv_bench.suite.grid import Suite
+from condconv_bench.suite.loader import load_suite
 
 
 @dataclass(frozen=True)

@@ -37,7 +37,8 @@ from condconv_bench.run.directory import SCHEMA_VERSION, RunDirectory, writer_lo
 from condconv_bench.run.rows import record_timing
 from condconv_bench.suite.selection import CaseFilter, Shard
 from condconv_bench.settings import MeasureSettings
-from condconv_bench.suite.loader import Suite, load_suite
+from condconv_bench.suite.grid import Suite
+from condconv_bench.suite.loader import load_suite
 
 
 class CaseListener(Protocol):

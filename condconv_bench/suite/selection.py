@@ -9,7 +9,7 @@ import torch
 from condconv_bench.core.case import Case
 from condconv_bench.machine.devices import device_unavailable_reason
 from condconv_bench.errors import CondConvBenchError, DeviceUnavailableError
-from condconv_bench.suite.loader import Suite
+from condconv_bench.suite.grid import Suite
 
 
 @dataclass(frozen=True)

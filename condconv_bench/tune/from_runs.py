@@ -31,7 +31,7 @@ from condconv_bench.core.registry import dispatchable_impls
 from condconv_bench.run.directory import RunDirectory
 from condconv_bench.run.runner import CaseListener, run_suite
 from condconv_bench.suite.selection import CaseFilter
-from condconv_bench.suite.loader import Suite
+from condconv_bench.suite.grid import Suite
 from condconv_bench.tune.measured_entries import entries_from_results
 from condconv_bench.cases.workload import LayerWorkload
 

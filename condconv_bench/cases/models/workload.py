@@ -32,13 +32,12 @@ from condconv_bench.conversion.adapters.timm_condconv2d import TimmCondConv2d
 from condconv_bench.conversion.swap import convert, find_layers
 from condconv_bench.core.flops import AnalyticMacs, mixing_macs
 from condconv_bench.core.contract import CondConvBase
-from condconv_bench.cases.models import sources
+from condconv_bench.cases.models import AS_SHIPPED, sources
 from condconv_bench.core.registry import get_impl
 from condconv_bench.layers.same_padding import SamePadCondConv2d
 from condconv_bench.core.spec import LayerSpec, Pair
 from condconv_bench.cases.workload import Workload
 
-AS_SHIPPED = "as_shipped"
 # A fixed strategy's case runs it where it is an algorithm for the layer, and timm's algorithm in the
 # layers it is not for (the matmul strategies in depthwise layers, see `convert`): fixed in every
 # process, so the case measures what the strategy is worth where a user would choose it, and the

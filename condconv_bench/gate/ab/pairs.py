@@ -25,7 +25,8 @@ from condconv_bench.cases.inputs import seed_of
 from condconv_bench.measure.protocol import Visit
 from condconv_bench.cases.models.workload import ModelWorkload
 from condconv_bench.run.probes import skip_reason
-from condconv_bench.suite.loader import Suite, load_suite
+from condconv_bench.suite.grid import Suite
+from condconv_bench.suite.loader import load_suite
 from condconv_bench.cases.workload import Workload
 
 SIDES = ("base", "head")
