@@ -86,4 +86,4 @@ def test_only_the_session_module_starts_the_profiler() -> None:
                 starters.append(path.relative_to(PACKAGE).as_posix())
             if isinstance(node, ast.Attribute) and node.attr == "profile" and ast.unparse(node.value) in ("torch.profiler", "profiler"):
                 starters.append(path.relative_to(PACKAGE).as_posix())
-    assert starters == ["profiler_session.py"]
+    assert starters == ["profiling/session.py"]
