@@ -15,10 +15,10 @@ from dataclasses import dataclass
 
 import pandas as pd
 
+from condconv_bench.cases.models import AS_SHIPPED
+from condconv_bench.core.case import Role
 from condconv_bench.report.tables import CONTEXT_COLUMNS, measured
 
-AS_SHIPPED = "as_shipped"
-FLOOR = "static"
 TUNED = "autotune"
 
 
@@ -46,13 +46,14 @@ def model_tables(frame: pd.DataFrame) -> list[ModelTable]:
     for key, group in rows.groupby(["layer_desc", *CONTEXT_COLUMNS], sort=False):
         description, *context = key
         layer = str(group["layer"].iloc[0])
+        floor = next(iter(group.loc[group["role"] == Role.FLOOR, "impl"]), None)
         impls = [AS_SHIPPED] if AS_SHIPPED in set(group["impl"]) else []
-        impls += [i for i in dict.fromkeys(group["impl"]) if i not in (AS_SHIPPED, FLOOR)]
+        impls += [i for i in dict.fromkeys(group["impl"]) if i not in (AS_SHIPPED, floor)]
         columns = [f"{_label(impl)} / floor" for impl in impls]
         table = pd.DataFrame({"batch_size": sorted(group["batch_size"].unique())}).set_index("batch_size")
         by_impl = {impl: g.set_index("batch_size") for impl, g in group.groupby("impl")}  # one entry per batch size
-        if FLOOR in by_impl:
-            table["floor_latency_s"] = by_impl[FLOOR]["latency_median_s"]
+        if floor is not None:
+            table["floor_latency_s"] = by_impl[floor]["latency_median_s"]
         for impl, column in zip(impls, columns):
             cases = by_impl[impl]
             table[column], table[f"{column} low"], table[f"{column} high"] = (
@@ -60,7 +61,7 @@ def model_tables(frame: pd.DataFrame) -> list[ModelTable]:
         if AS_SHIPPED in by_impl and TUNED in by_impl:
             column = "as shipped / autotune"
             table[column] = by_impl[AS_SHIPPED]["latency_median_s"] / by_impl[TUNED]["latency_median_s"]
-            if FLOOR in by_impl:
+            if floor is not None:
                 table[column] = by_impl[AS_SHIPPED]["vs_floor"] / by_impl[TUNED]["vs_floor"]
             columns.append(column)
         tuning = by_impl[TUNED]["first_call_s"] if TUNED in by_impl else pd.Series(dtype=float)
