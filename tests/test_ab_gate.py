@@ -176,6 +176,38 @@ def test_unchanged_code_passes_with_every_case_compared(repo: Path, monkeypatch)
     assert all(0.9 < c.timing.ratio.estimate < 1.1 and c.timing.samples >= 16 for c in result.cases)
 
 
+# The last commit before the package was split into layered subpackages: its registry, contract
+# and model workload sit at the package root, where the head keeps none of them.
+BEFORE_THE_LAYERS = "5b5e648062bcdd8ab6ccb1e1780c69790fb09379"
+
+
+@pytest.mark.slow
+def test_a_head_in_the_layered_layout_compares_every_case_with_a_base_from_before_it(tmp_path: Path, monkeypatch) -> None:
+    archive = subprocess.run(["git", "-C", str(PROJECT), "archive", BEFORE_THE_LAYERS, "condconv_bench", "impls", "suites", "pyproject.toml"],
+                             capture_output=True)
+    if archive.returncode != 0:
+        pytest.skip(f"this clone lacks {BEFORE_THE_LAYERS[:7]} (shallow?): {archive.stderr.decode().strip()}")
+    root = tmp_path / "project"
+    root.mkdir()
+    subprocess.run(["tar", "-x", "-C", str(root)], input=archive.stdout, check=True)
+    assert (root / "condconv_bench" / "registry.py").is_file() and not (root / "condconv_bench" / "core").exists()
+    (tmp_path / "ab_timm_net.py").write_text(TIMM_NET)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    (root / SUITE_PATH).write_text(yaml.safe_dump(SUITE))
+    (root / "suites" / "ab-model.yaml").write_text(yaml.safe_dump(MODEL_SUITE))
+    _git(root, "init", "--quiet")
+    _git(root, "add", ".")
+    _git(root, "commit", "--quiet", "-m", "base: before the layers")
+    for folder in ("condconv_bench", "impls"):
+        shutil.rmtree(root / folder)
+        shutil.copytree(PROJECT / folder, root / folder, ignore=shutil.ignore_patterns("__pycache__", "*.pyc"))
+    shutil.copy(PROJECT / "pyproject.toml", root)
+    results = [run_ab_gate("HEAD", str(root / suite), root, count_instructions=False) for suite in (SUITE_PATH, "suites/ab-model.yaml")]
+    cases = [c for result in results for c in result.cases]
+    assert all(r.passed for r in results) and [c.verdict for c in cases] == ["unchanged"] * 5, [(c.case_id, c.verdict, c.note) for c in cases]
+    assert sorted(c.impl for c in cases) == ["as_shipped", "batched_matmul", "batched_matmul", "grouped_conv", "static"]
+
+
 def test_cases_new_removed_or_redefined_are_listed_not_failed(repo: Path) -> None:
     changed = dict(SUITE, impls=["static", "grouped_conv", "naive_moe"])
     changed["layers"] = [dict(SUITE["layers"][0], input_size=7)]

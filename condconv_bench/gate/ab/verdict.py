@@ -32,6 +32,7 @@ from condconv_bench.gate.ab.revision import Revision
 from condconv_bench.gate.verdict import GateVerdict
 from condconv_bench.settings import ABSettings
 
+
 @dataclass(frozen=True)
 class ABCase:
     """One case: its time and instruction verdicts, or why it was not compared."""
