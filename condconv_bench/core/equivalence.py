@@ -85,14 +85,6 @@ class EquivalenceReport:
     def passed(self) -> bool:
         return not self.has_nonfinite and self.max_rel_error <= self.tolerance
 
-    def columns(self) -> dict[str, object]:
-        """This report's cells of a result row (`results.COLUMNS`)."""
-        columns: dict[str, object] = {"max_rel_error": self.max_rel_error, "max_abs_error": self.max_abs_error,
-                                      "worst_tensor": self.worst, "tolerance": self.tolerance, "equivalent": self.passed}
-        if self.checked_against is not None:  # an ok row's reason says which check ran
-            columns["reason"] = f"equivalence checked against {self.checked_against}"
-        return columns
-
 
 @dataclass(frozen=True)
 class Reference:

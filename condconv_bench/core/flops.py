@@ -79,15 +79,6 @@ class FlopCounts:
     def agree(self) -> bool:
         return not self.problems
 
-    def columns(self) -> dict[str, object]:
-        """These counts' cells of a result row (`results.COLUMNS`)."""
-        return {
-            "macs_fvcore": self.macs_fvcore, "flops_torch": self.flops_torch, "macs_analytic": self.analytic.total,
-            "macs_analytic_routing": self.analytic.routing, "macs_analytic_mixing": self.analytic.mixing,
-            "macs_analytic_conv": self.analytic.conv, "flops_agree": self.agree, "flops_problems": self.problems,
-            "fvcore_uncounted_ops": self.fvcore_uncounted_ops,
-        }
-
 
 # fvcore also counts these by default; they are not contractions, and FlopCounterMode and the
 # analytic counts leave them out, so fvcore is told to skip them too.

@@ -105,27 +105,26 @@ class CaseWork:
     depthwise: bool
 
 
-def limit_columns(work: CaseWork, ceilings: Ceilings) -> dict[str, Any]:
-    """A result row's limit cells, known before timing: both limits, which ceiling binds the
-    compulsory one and which memory level applies, the modelled bytes and arithmetic intensity."""
+@dataclass(frozen=True)
+class CaseLimits:
+    """A case's two limits, known before timing, and the work they are computed from."""
+
+    work: CaseWork
+    compulsory: Limit  # of the CondConv computation itself: no exact strategy beats it
+    own: Limit  # of the strategy's own modelled work
+
+    @property
+    def arithmetic_intensity(self) -> float:
+        """FLOP per byte the strategy moves by its traffic model."""
+        return 2 * self.work.own.macs.total / self.work.own.traffic.moved
+
+
+def case_limits(work: CaseWork, ceilings: Ceilings) -> CaseLimits:
+    """Both limits of a case on these ceilings; both read the compulsory working set from the LLC
+    where it fits, as a layer benchmark does call after call."""
     working_set = work.compulsory.traffic.compulsory
-    needed = limit(work.compulsory.macs, work.compulsory.traffic, working_set, work.depthwise, ceilings)
-    achievable = limit(work.own.macs, work.own.traffic, working_set, work.depthwise, ceilings)
-    return {
-        "macs_compulsory": work.compulsory.macs.total, "bytes_compulsory": work.compulsory.traffic.moved,
-        "bytes_modelled": work.own.traffic.moved, "limit_s": needed.seconds, "limit_own_s": achievable.seconds,
-        "limit_bound": needed.bound, "limit_memory": needed.memory_level,
-        "arithmetic_intensity": 2 * work.own.macs.total / work.own.traffic.moved,
-    }
-
-
-def distance_columns(row: dict[str, Any]) -> dict[str, float]:
-    """Given a row's latency and limits: latency over each limit, and the achieved FLOP and byte rates."""
-    latency = row.get("latency_median_s")
-    if not latency or not row.get("limit_s"):
-        return {}
-    return {
-        "vs_limit": latency / row["limit_s"], "vs_limit_own": latency / row["limit_own_s"],
-        "achieved_gflop_per_s": 2 * row["macs_analytic"] / latency / 1e9,
-        "achieved_gb_per_s": row["bytes_modelled"] / latency / 1e9,
-    }
+    return CaseLimits(
+        work,
+        limit(work.compulsory.macs, work.compulsory.traffic, working_set, work.depthwise, ceilings),
+        limit(work.own.macs, work.own.traffic, working_set, work.depthwise, ceilings),
+    )

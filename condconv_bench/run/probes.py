@@ -27,10 +27,10 @@ from condconv_bench.machine.devices import device_unavailable_reason, use_exact_
 from condconv_bench.errors import ImplUnavailableError, first_line
 from condconv_bench.cases.inputs import GroupInputs, layer_state
 from condconv_bench.core.contract import CondConvBase
-from condconv_bench.core.limits import Ceilings, limit_columns
+from condconv_bench.core.limits import Ceilings, case_limits
 from condconv_bench.cases.memory_estimate import memory_reason
 from condconv_bench.profiling.traces import record_profile
-from condconv_bench.run.rows import identity_columns
+from condconv_bench.run.rows import equivalence_columns, flop_columns, identity_columns, limit_columns
 from condconv_bench.cases.steps import CompileFellBackError, build_module, dispatched, first_call, grad_mode, step_function
 from condconv_bench.cases.workload import Workload
 
@@ -128,12 +128,12 @@ def _probe(case: Case, cls: type[CondConvBase], device: torch.device, ctx: Group
     row.update(asdict(_sizes(case, module, inputs, x.element_size())))
     if role_of(cls) is not Role.FLOOR:
         reference = ctx.reference(workload, module)
-        row.update(equivalence.check_equivalence(module, x, inputs.routing_weights, inputs.grad_output, reference).columns())
+        row.update(equivalence_columns(equivalence.check_equivalence(module, x, inputs.routing_weights, inputs.grad_output, reference)))
     analytic = workload.analytic_macs(module, case.batch_size)
-    row.update(flops.count_flops(workload.eager_module(module), x, inputs.routing_weights, analytic).columns())
+    row.update(flop_columns(flops.count_flops(workload.eager_module(module), x, inputs.routing_weights, analytic)))
     work = workload.work(module, case.batch_size) if case.mode == "inference" else None
     if work is not None and ctx.ceilings is not None:
-        row.update(limit_columns(work, ctx.ceilings))
+        row.update(limit_columns(case_limits(work, ctx.ceilings)))
     with grad_mode(case.mode):
         row["peak_memory_bytes"] = peak_memory.peak_memory_bytes(step, device)
         return record_profile(case.id, step, traces_dir, device, workload.num_experts) if traces_dir is not None else None

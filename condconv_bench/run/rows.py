@@ -1,4 +1,9 @@
-"""A case's result row: its identity columns, and its timing verdict's columns once the workers measured it."""
+"""A case's result row: the cells of its identity, of each probe's typed result and, once the
+workers measured it, of its timing verdict, named by the columns `run.columns` defines.
+
+The modules that compute the values (the float64 oracle, the FLOP counters, the limits, the
+timing verdicts) know nothing of rows; what each value is called in a row is decided here.
+"""
 
 from __future__ import annotations
 
@@ -6,7 +11,9 @@ from collections import Counter
 from typing import Any
 
 from condconv_bench.core.case import Case
-from condconv_bench.core.limits import distance_columns
+from condconv_bench.core.equivalence import EquivalenceReport
+from condconv_bench.core.flops import FlopCounts
+from condconv_bench.core.limits import CaseLimits
 from condconv_bench.measure.group import CaseTiming, GroupTiming
 from condconv_bench.timing.ratios import Interval
 from condconv_bench.timing.samples import Timing
@@ -27,6 +34,46 @@ def identity_columns(case: Case) -> dict[str, Any]:
         "mode": case.mode,
         "threads": case.threads,
         "memory_format": case.memory_format,
+    }
+
+
+def equivalence_columns(report: EquivalenceReport) -> dict[str, Any]:
+    columns: dict[str, Any] = {"max_rel_error": report.max_rel_error, "max_abs_error": report.max_abs_error,
+                               "worst_tensor": report.worst, "tolerance": report.tolerance, "equivalent": report.passed}
+    if report.checked_against is not None:  # an ok row's reason says which check ran
+        columns["reason"] = f"equivalence checked against {report.checked_against}"
+    return columns
+
+
+def flop_columns(counts: FlopCounts) -> dict[str, Any]:
+    return {
+        "macs_fvcore": counts.macs_fvcore, "flops_torch": counts.flops_torch, "macs_analytic": counts.analytic.total,
+        "macs_analytic_routing": counts.analytic.routing, "macs_analytic_mixing": counts.analytic.mixing,
+        "macs_analytic_conv": counts.analytic.conv, "flops_agree": counts.agree, "flops_problems": counts.problems,
+        "fvcore_uncounted_ops": counts.fvcore_uncounted_ops,
+    }
+
+
+def limit_columns(limits: CaseLimits) -> dict[str, Any]:
+    """The limit cells known before timing; `_distance_columns` adds the latency's distance to them."""
+    work = limits.work
+    return {
+        "macs_compulsory": work.compulsory.macs.total, "bytes_compulsory": work.compulsory.traffic.moved,
+        "bytes_modelled": work.own.traffic.moved, "limit_s": limits.compulsory.seconds, "limit_own_s": limits.own.seconds,
+        "limit_bound": limits.compulsory.bound, "limit_memory": limits.compulsory.memory_level,
+        "arithmetic_intensity": limits.arithmetic_intensity,
+    }
+
+
+def _distance_columns(row: dict[str, Any]) -> dict[str, float]:
+    """Given a row's latency and limits: latency over each limit, and the achieved FLOP and byte rates."""
+    latency = row.get("latency_median_s")
+    if not latency or not row.get("limit_s"):
+        return {}
+    return {
+        "vs_limit": latency / row["limit_s"], "vs_limit_own": latency / row["limit_own_s"],
+        "achieved_gflop_per_s": 2 * row["macs_analytic"] / latency / 1e9,
+        "achieved_gb_per_s": row["bytes_modelled"] / latency / 1e9,
     }
 
 
@@ -57,7 +104,7 @@ def record_timing(measured: GroupTiming, rows: dict[str, dict[str, Any]]) -> dic
         row["wall_s"] += share
         if case_id in measured.cases:
             row.update(_timing_columns(measured.cases[case_id], row["batch_size"]), stopped_because=measured.stopped_because)
-            row.update(distance_columns(row))
+            row.update(_distance_columns(row))
             if case_id in measured.dispatched:
                 row["dispatched"] = dispatch_summary(measured.dispatched[case_id])
         else:
