@@ -1,0 +1,624 @@
+// Fused CondConv forward kernels for CPU (fp32).
+//
+// The per-example kernel K_b = sum_e alpha[b,e] * W_e is never materialised for the whole
+// batch: each work item (channel block, example) mixes only its own small tile of K_b into a
+// thread-local buffer that stays in L1/L2, and multiplies it with the example's input right
+// away, while the tile is hot. Materialising B kernels first (the bmm strategies) writes and
+// re-reads B * C_out * C_in floats through L3/DRAM, which is what made them slow.
+//
+// The build is per machine (-march=native), so the AVX-512 path is compiled only where the
+// compiler's target has it; everywhere else the portable loops below are used instead.
+
+#include <torch/extension.h>
+#include <ATen/Parallel.h>
+
+#include <algorithm>
+#include <cstdint>
+#include <vector>
+
+#if defined(__AVX512F__) && !defined(FUSED_FORCE_GENERIC)
+#define FUSED_AVX512 1
+#include <immintrin.h>
+#else
+#define FUSED_AVX512 0
+#endif
+
+namespace {
+
+// Output-channel block of the channels-last 1x1 kernel: 4 zmm wide, so one k step of the
+// micro-kernel is 4 loads of the mixed tile + 6 broadcasts for 24 FMAs (load ports keep up).
+constexpr int64_t kColBlock = 64;
+// Rows of the micro-kernel: 6 x 4 accumulators + 4 B vectors + 1 broadcast fit in 32 zmm.
+constexpr int kMR = 6;
+// Output-channel rows per NCHW work item (8 micro-kernel stripes share one mixed tile).
+constexpr int64_t kRowBlock = 48;
+// Depthwise channel block: the mixed taps (k*k x 64) stay in L1 for a whole output plane.
+constexpr int64_t kDwBlock = 64;
+
+const char* isa_name() {
+#if FUSED_AVX512
+  return "avx512";
+#else
+  return "generic";
+#endif
+}
+
+// ---------------------------------------------------------------------------------------------
+// dst[i] = sum_e alpha[e] * src[e * e_stride + i], i < len.
+// Accumulating all experts in registers before the single store keeps it at one load per FMA;
+// summing expert by expert into dst would add a load and a store of dst per expert.
+void mix(int64_t E, const float* alpha, const float* src, int64_t e_stride, int64_t len, float* dst) {
+#if FUSED_AVX512
+  int64_t i = 0;
+  for (; i + 64 <= len; i += 64) {
+    __m512 a0 = _mm512_setzero_ps(), a1 = a0, a2 = a0, a3 = a0;
+    for (int64_t e = 0; e < E; ++e) {
+      const float* s = src + e * e_stride + i;
+      __m512 w = _mm512_set1_ps(alpha[e]);
+      a0 = _mm512_fmadd_ps(w, _mm512_loadu_ps(s), a0);
+      a1 = _mm512_fmadd_ps(w, _mm512_loadu_ps(s + 16), a1);
+      a2 = _mm512_fmadd_ps(w, _mm512_loadu_ps(s + 32), a2);
+      a3 = _mm512_fmadd_ps(w, _mm512_loadu_ps(s + 48), a3);
+    }
+    _mm512_storeu_ps(dst + i, a0);
+    _mm512_storeu_ps(dst + i + 16, a1);
+    _mm512_storeu_ps(dst + i + 32, a2);
+    _mm512_storeu_ps(dst + i + 48, a3);
+  }
+  for (; i < len; i += 16) {
+    const int64_t n = std::min<int64_t>(16, len - i);
+    const __mmask16 m = (__mmask16)((1u << n) - 1u);
+    __m512 acc = _mm512_setzero_ps();
+    for (int64_t e = 0; e < E; ++e)
+      acc = _mm512_fmadd_ps(_mm512_set1_ps(alpha[e]), _mm512_maskz_loadu_ps(m, src + e * e_stride + i), acc);
+    _mm512_mask_storeu_ps(dst + i, m, acc);
+  }
+#else
+  for (int64_t i = 0; i < len; ++i) dst[i] = 0.f;
+  for (int64_t e = 0; e < E; ++e) {
+    const float a = alpha[e];
+    const float* s = src + e * e_stride;
+    for (int64_t i = 0; i < len; ++i) dst[i] += a * s[i];
+  }
+#endif
+}
+
+// ---------------------------------------------------------------------------------------------
+// Micro-kernel: C[M x ncols] = epilogue(A[M x K] (row stride lda) * B[K x ncols] (row stride ldb)).
+// A chunk of K is reduced in registers; the epilogue scales rows (the linear layer's alpha),
+// adds the previous partial sum of C (K chunks, experts) and the biases, then stores once.
+struct Epi {
+  const float* bias_col = nullptr;   // per output column (channels-last bias)
+  const float* bias_row = nullptr;   // per output row (NCHW bias)
+  const float* row_scale = nullptr;  // r[m] *= row_scale[m * row_scale_stride]
+  int64_t row_scale_stride = 0;
+  bool accumulate = false;           // C += result instead of C = result
+};
+
+#if FUSED_AVX512
+template <int M, int NV>
+void ukern(int64_t K, const float* __restrict A, int64_t lda, const float* __restrict B, int64_t ldb,
+           float* __restrict C, int64_t ldc, __mmask16 ld_tail, __mmask16 st_tail, const Epi& ep) {
+  __m512 acc[M][NV];
+#pragma GCC unroll 8
+  for (int m = 0; m < M; ++m)
+#pragma GCC unroll 4
+    for (int v = 0; v < NV; ++v) acc[m][v] = _mm512_setzero_ps();
+  for (int64_t k = 0; k < K; ++k) {
+    const float* bk = B + k * ldb;
+    __m512 b[NV];
+#pragma GCC unroll 4
+    for (int v = 0; v < NV; ++v)
+      b[v] = (v == NV - 1) ? _mm512_maskz_loadu_ps(ld_tail, bk + 16 * v) : _mm512_loadu_ps(bk + 16 * v);
+#pragma GCC unroll 8
+    for (int m = 0; m < M; ++m) {
+      const __m512 a = _mm512_set1_ps(A[m * lda + k]);
+#pragma GCC unroll 4
+      for (int v = 0; v < NV; ++v) acc[m][v] = _mm512_fmadd_ps(a, b[v], acc[m][v]);
+    }
+  }
+#pragma GCC unroll 4
+  for (int v = 0; v < NV; ++v) {
+    const __mmask16 sm = (v == NV - 1) ? st_tail : (__mmask16)0xFFFF;
+    const __m512 bc = ep.bias_col ? _mm512_maskz_loadu_ps(sm, ep.bias_col + 16 * v) : _mm512_setzero_ps();
+#pragma GCC unroll 8
+    for (int m = 0; m < M; ++m) {
+      __m512 r = acc[m][v];
+      if (ep.row_scale) r = _mm512_mul_ps(r, _mm512_set1_ps(ep.row_scale[m * ep.row_scale_stride]));
+      if (ep.accumulate) r = _mm512_add_ps(r, _mm512_maskz_loadu_ps(sm, C + m * ldc + 16 * v));
+      r = _mm512_add_ps(r, bc);
+      if (ep.bias_row) r = _mm512_add_ps(r, _mm512_set1_ps(ep.bias_row[m]));
+      _mm512_mask_storeu_ps(C + m * ldc + 16 * v, sm, r);
+    }
+  }
+}
+
+using UKern = void (*)(int64_t, const float*, int64_t, const float*, int64_t, float*, int64_t, __mmask16,
+                       __mmask16, const Epi&);
+#define FUSED_ROW(M) {ukern<M, 1>, ukern<M, 2>, ukern<M, 3>, ukern<M, 4>}
+const UKern kUKern[kMR][4] = {FUSED_ROW(1), FUSED_ROW(2), FUSED_ROW(3), FUSED_ROW(4), FUSED_ROW(5), FUSED_ROW(6)};
+#undef FUSED_ROW
+
+inline __mmask16 tail_mask(int64_t ncols) {
+  const int64_t r = ncols - 16 * ((ncols - 1) / 16);
+  return (__mmask16)((1u << r) - 1u);
+}
+#endif
+
+// C[M x ncols] = A * B (+biases), M <= kMR, ncols <= 64. `b_padded`: B rows may be read up to the
+// next multiple of 16 columns (zero padding), so its loads need no mask.
+inline void gemm_stripe(int M, int64_t ncols, int64_t K, const float* A, int64_t lda, const float* B, int64_t ldb,
+                        bool b_padded, float* C, int64_t ldc, const Epi& ep) {
+#if FUSED_AVX512
+  const int nv = (int)((ncols + 15) / 16);
+  const __mmask16 st = tail_mask(ncols);
+  kUKern[M - 1][nv - 1](K, A, lda, B, ldb, C, ldc, b_padded ? (__mmask16)0xFFFF : st, st, ep);
+#else
+  (void)b_padded;
+  float acc[kMR][kColBlock];
+  for (int m = 0; m < M; ++m)
+    for (int64_t n = 0; n < ncols; ++n) acc[m][n] = 0.f;
+  for (int64_t k = 0; k < K; ++k) {
+    const float* bk = B + k * ldb;
+    for (int m = 0; m < M; ++m) {
+      const float a = A[m * lda + k];
+      for (int64_t n = 0; n < ncols; ++n) acc[m][n] += a * bk[n];
+    }
+  }
+  for (int m = 0; m < M; ++m)
+    for (int64_t n = 0; n < ncols; ++n) {
+      float r = acc[m][n];
+      if (ep.row_scale) r *= ep.row_scale[m * ep.row_scale_stride];
+      if (ep.accumulate) r += C[m * ldc + n];
+      C[m * ldc + n] = r + (ep.bias_col ? ep.bias_col[n] : 0.f) + (ep.bias_row ? ep.bias_row[m] : 0.f);
+    }
+#endif
+}
+
+void check_f32(const at::Tensor& t, const char* what) {
+  TORCH_CHECK(t.device().is_cpu(), what, " must be on the CPU");
+  TORCH_CHECK(t.scalar_type() == at::kFloat, what, " must be float32 (this kernel is fp32-only)");
+  TORCH_CHECK(t.is_contiguous(), what, " must be contiguous");
+}
+
+// ---------------------------------------------------------------------------------------------
+// 1x1 conv, channels-last: x (B, P, K), packed experts wp (E, nblk, K, 64) [= W_e^T, column
+// blocks zero-padded to 64], alpha (B, E), bias_mix (B, nblk*64) or empty. Returns (B, P, N).
+// out_b = x_b @ K_b^T, so the mixed tile must be K_b^T: the experts are packed transposed once
+// (cached by the caller), which makes mixing a contiguous stream per expert.
+//
+// Mixing is the only work the static layer does not do, and it is load-bound (one expert load
+// per FMA). Two things keep it cheap: (1) up to kGroup examples are mixed in the same pass, so
+// each expert vector loaded feeds kGroup FMAs; (2) K is cut into chunks small enough that the
+// E expert slabs of a chunk stay in L2 while every example group of this block uses them
+// (a 1152-wide block of 8 experts is 2.4 MB, larger than L2, and was re-read from L3).
+constexpr int kGroup = 4;
+constexpr int64_t kKChunk = 256;
+
+void mix_group(int64_t E, int G, const float* alpha, int64_t alpha_stride, const float* src, int64_t e_stride,
+               int64_t len, float* const* dst) {
+#if FUSED_AVX512
+  if (G == 1 || len % 32 != 0) {
+    for (int g = 0; g < G; ++g) mix(E, alpha + g * alpha_stride, src, e_stride, len, dst[g]);
+    return;
+  }
+  for (int64_t i = 0; i < len; i += 32) {
+    __m512 acc[kGroup][2];
+    for (int g = 0; g < kGroup; ++g) acc[g][0] = acc[g][1] = _mm512_setzero_ps();
+    for (int64_t e = 0; e < E; ++e) {
+      const float* s = src + e * e_stride + i;
+      const __m512 w0 = _mm512_loadu_ps(s), w1 = _mm512_loadu_ps(s + 16);
+#pragma GCC unroll 4
+      for (int g = 0; g < kGroup; ++g) {
+        if (g < G) {
+          const __m512 a = _mm512_set1_ps(alpha[g * alpha_stride + e]);
+          acc[g][0] = _mm512_fmadd_ps(a, w0, acc[g][0]);
+          acc[g][1] = _mm512_fmadd_ps(a, w1, acc[g][1]);
+        }
+      }
+    }
+#pragma GCC unroll 4
+    for (int g = 0; g < kGroup; ++g) {
+      if (g < G) {
+        _mm512_storeu_ps(dst[g] + i, acc[g][0]);
+        _mm512_storeu_ps(dst[g] + i + 16, acc[g][1]);
+      }
+    }
+  }
+#else
+  for (int g = 0; g < G; ++g) mix(E, alpha + g * alpha_stride, src, e_stride, len, dst[g]);
+#endif
+}
+
+at::Tensor pw_forward_cl(const at::Tensor& x, const at::Tensor& wp, const at::Tensor& alpha,
+                         const c10::optional<at::Tensor>& bias_mix, int64_t N) {
+  check_f32(x, "x");
+  check_f32(wp, "packed weight");
+  check_f32(alpha, "alpha");
+  TORCH_CHECK(x.dim() == 3 && wp.dim() == 4 && alpha.dim() == 2, "pw_forward_cl: bad ranks");
+  const int64_t B = x.size(0), P = x.size(1), K = x.size(2), E = wp.size(0), nblk = wp.size(1);
+  TORCH_CHECK(wp.size(2) == K && wp.size(3) == kColBlock && nblk * kColBlock >= N && alpha.size(0) == B &&
+                  alpha.size(1) == E, "pw_forward_cl: shape mismatch");
+  const float* bias_p = nullptr;
+  if (bias_mix && bias_mix->defined()) {
+    check_f32(*bias_mix, "bias");
+    TORCH_CHECK(bias_mix->numel() == B * nblk * kColBlock, "pw_forward_cl: bias shape");
+    bias_p = bias_mix->data_ptr<float>();
+  }
+  auto out = at::empty({B, P, N}, x.options());
+  const float* xp = x.data_ptr<float>();
+  const float* wpp = wp.data_ptr<float>();
+  const float* ap = alpha.data_ptr<float>();
+  float* op = out.data_ptr<float>();
+  const int64_t nkc = (K + kKChunk - 1) / kKChunk;
+  const int64_t kc_max = (K + nkc - 1) / nkc;  // even chunks: no short last chunk
+  const int64_t ngrp = (B + kGroup - 1) / kGroup;
+  // Block-major order: a thread's consecutive items reuse one expert block for every example
+  // group before moving on; at batch 1 the blocks split the expert stream between threads.
+  at::parallel_for(0, nblk * ngrp, 1, [&](int64_t begin, int64_t end) {
+    std::vector<float> tiles(kGroup * kc_max * kColBlock);
+    for (int64_t it = begin; it < end; ++it) {
+      const int64_t blk = it / ngrp, grp = it % ngrp;
+      const int64_t b0 = grp * kGroup;
+      const int G = (int)std::min<int64_t>(kGroup, B - b0);
+      const int64_t n0 = blk * kColBlock, ncols = std::min(kColBlock, N - n0);
+      float* dst[kGroup];
+      for (int g = 0; g < kGroup; ++g) dst[g] = tiles.data() + g * kc_max * kColBlock;
+      for (int64_t k0 = 0; k0 < K; k0 += kc_max) {
+        const int64_t kc = std::min(kc_max, K - k0);
+        mix_group(E, G, ap + b0 * E, E, wpp + (blk * K + k0) * kColBlock, nblk * K * kColBlock, kc * kColBlock, dst);
+        for (int g = 0; g < G; ++g) {
+          const int64_t b = b0 + g;
+          const float* xb = xp + b * P * K + k0;
+          float* ob = op + b * P * N + n0;
+          Epi ep;
+          ep.accumulate = k0 > 0;
+          ep.bias_col = (bias_p && k0 == 0) ? bias_p + b * nblk * kColBlock + n0 : nullptr;
+          for (int64_t p0 = 0; p0 < P; p0 += kMR) {
+            const int M = (int)std::min<int64_t>(kMR, P - p0);
+            gemm_stripe(M, ncols, kc, xb + p0 * K, K, dst[g], kColBlock, true, ob + p0 * N, N, ep);
+          }
+        }
+      }
+    }
+  });
+  return out;
+}
+
+// ---------------------------------------------------------------------------------------------
+// Linear: x (B, K), packed experts wp (E, nblk, K, 64) (the same packing as the 1x1 kernel),
+// alpha (B, E), bias_mix (B, nblk*64) or empty. Returns (B, N).
+// With one pixel per example, mixing K_b costs E*N*K FMAs per example -- exactly what the
+// expert outputs z_be = W_e x_b cost. So no mixing at all: out_b = sum_e alpha[b,e] (W_e x_b),
+// the alpha scaling folded into the micro-kernel's epilogue. Each expert slab of a column block
+// (K x 64, L2-sized) is read from memory once and used by every 6-row stripe of the batch,
+// so at batch 1 the kernel is one stream over the experts.
+at::Tensor linear_forward(const at::Tensor& x, const at::Tensor& wp, const at::Tensor& alpha,
+                          const c10::optional<at::Tensor>& bias_mix, int64_t N) {
+  check_f32(x, "x");
+  check_f32(wp, "packed weight");
+  check_f32(alpha, "alpha");
+  TORCH_CHECK(x.dim() == 2 && wp.dim() == 4 && alpha.dim() == 2, "linear_forward: bad ranks");
+  const int64_t B = x.size(0), K = x.size(1), E = wp.size(0), nblk = wp.size(1);
+  TORCH_CHECK(wp.size(2) == K && wp.size(3) == kColBlock && nblk * kColBlock >= N && alpha.size(0) == B &&
+                  alpha.size(1) == E, "linear_forward: shape mismatch");
+  const float* bias_p = nullptr;
+  if (bias_mix && bias_mix->defined()) {
+    check_f32(*bias_mix, "bias");
+    TORCH_CHECK(bias_mix->numel() == B * nblk * kColBlock, "linear_forward: bias shape");
+    bias_p = bias_mix->data_ptr<float>();
+  }
+  auto out = at::empty({B, N}, x.options());
+  const float* xp = x.data_ptr<float>();
+  const float* wpp = wp.data_ptr<float>();
+  const float* ap = alpha.data_ptr<float>();
+  float* op = out.data_ptr<float>();
+  at::parallel_for(0, nblk, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t blk = begin; blk < end; ++blk) {
+      const int64_t n0 = blk * kColBlock, ncols = std::min(kColBlock, N - n0);
+      for (int64_t e = 0; e < E; ++e) {
+        const float* slab = wpp + (e * nblk + blk) * K * kColBlock;
+        for (int64_t b0 = 0; b0 < B; b0 += kMR) {
+          const int M = (int)std::min<int64_t>(kMR, B - b0);
+          Epi ep;
+          ep.row_scale = ap + b0 * E + e;
+          ep.row_scale_stride = E;
+          ep.accumulate = e > 0;
+          // The mixed bias differs per example and per column (a 2-D term the epilogue does not
+          // take); it is added once after the last expert, while the stripe is still in L1.
+          gemm_stripe(M, ncols, K, xp + b0 * K, K, slab, kColBlock, true, op + b0 * N + n0, N, ep);
+          if (bias_p && e == E - 1)
+            for (int m = 0; m < M; ++m)
+              for (int64_t n = 0; n < ncols; ++n) op[(b0 + m) * N + n0 + n] += bias_p[(b0 + m) * nblk * kColBlock + n0 + n];
+        }
+      }
+    }
+  });
+  return out;
+}
+
+// ---------------------------------------------------------------------------------------------
+// 1x1 conv (or im2col'ed k x k), NCHW: x (B, K, P), experts w (E, N, K) in their natural layout,
+// alpha (B, E), bias_mix (B, N) or empty. Returns (B, N, P). Here out_b = K_b @ x_b: a block of
+// output channels is a contiguous slab of each expert, so no packing is needed.
+at::Tensor pw_forward_nchw(const at::Tensor& x, const at::Tensor& w, const at::Tensor& alpha,
+                           const c10::optional<at::Tensor>& bias_mix) {
+  check_f32(x, "x");
+  check_f32(w, "weight");
+  check_f32(alpha, "alpha");
+  TORCH_CHECK(x.dim() == 3 && w.dim() == 3 && alpha.dim() == 2, "pw_forward_nchw: bad ranks");
+  const int64_t B = x.size(0), K = x.size(1), P = x.size(2), E = w.size(0), N = w.size(1);
+  TORCH_CHECK(w.size(2) == K && alpha.size(0) == B && alpha.size(1) == E, "pw_forward_nchw: shape mismatch");
+  const float* bias_p = nullptr;
+  if (bias_mix && bias_mix->defined()) {
+    check_f32(*bias_mix, "bias");
+    TORCH_CHECK(bias_mix->numel() == B * N, "pw_forward_nchw: bias shape");
+    bias_p = bias_mix->data_ptr<float>();
+  }
+  auto out = at::empty({B, N, P}, x.options());
+  const float* xp = x.data_ptr<float>();
+  const float* wpp = w.data_ptr<float>();
+  const float* ap = alpha.data_ptr<float>();
+  float* op = out.data_ptr<float>();
+  const int64_t nrb = (N + kRowBlock - 1) / kRowBlock;
+  at::parallel_for(0, nrb * B, 1, [&](int64_t begin, int64_t end) {
+    std::vector<float> tile(kRowBlock * K);
+    for (int64_t it = begin; it < end; ++it) {
+      const int64_t rb = it / B, b = it % B;
+      const int64_t n0 = rb * kRowBlock, rows = std::min(kRowBlock, N - n0);
+      mix(E, ap + b * E, wpp + n0 * K, N * K, rows * K, tile.data());
+      const float* xb = xp + b * K * P;
+      float* ob = op + b * N * P;
+      const float* br = bias_p ? bias_p + b * N + n0 : nullptr;
+      for (int64_t pc = 0; pc < P; pc += kColBlock) {
+        const int64_t ncols = std::min(kColBlock, P - pc);
+        for (int64_t r0 = 0; r0 < rows; r0 += kMR) {
+          const int M = (int)std::min<int64_t>(kMR, rows - r0);
+          Epi ep;
+          ep.bias_row = br ? br + r0 : nullptr;
+          gemm_stripe(M, ncols, K, tile.data() + r0 * K, K, xb + pc, P, false, ob + (n0 + r0) * P + pc, P, ep);
+        }
+      }
+    }
+  });
+  return out;
+}
+
+// ---------------------------------------------------------------------------------------------
+// Depthwise k x k, channels-last: x (B, H, W, C), packed taps wp (E, T, C) with T = kh*kw,
+// alpha (B, E), bias_mix (B, C) or empty. Returns (B, Ho, Wo, C). Vectorised over channels.
+//
+// Work split: an item is (example, 64-channel block); its mixed taps (k*k x 64, 6.4 KB for 5x5)
+// and the input rows it slides over stay in L1, and every tap is mixed exactly once. Items of
+// whole examples (taps of all channels, 70 KB, walking full pixel rows) measured slower.
+struct DwGeom {
+  int64_t H, W, C, kh, kw, sh, sw, ph, pw, dh, dw, Ho, Wo;
+  int64_t owa, owb;  // columns whose taps are all inside the image
+};
+
+#if FUSED_AVX512
+// Any stride/dilation: PX output pixels share each tap's weight load.
+template <int NV, int PX>
+inline void dw_pixels(const float* xb, int64_t W, int64_t C, const float* wt, int64_t wstride, int64_t kw,
+                      int64_t ilo, int64_t ihi, int64_t jlo, int64_t jhi, int64_t ih0, int64_t iw0, int64_t sw,
+                      int64_t dh, int64_t dw, const float* bias, __mmask16 tail, float* op) {
+  __m512 acc[PX][NV];
+#pragma GCC unroll 4
+  for (int v = 0; v < NV; ++v) {
+    const __m512 b0 = _mm512_loadu_ps(bias + 16 * v);
+#pragma GCC unroll 8
+    for (int p = 0; p < PX; ++p) acc[p][v] = b0;
+  }
+  for (int64_t i = ilo; i < ihi; ++i) {
+    const float* xr = xb + (ih0 + i * dh) * W * C;
+    for (int64_t j = jlo; j < jhi; ++j) {
+      const float* wtap = wt + (i * kw + j) * wstride;
+      const float* xq = xr + (iw0 + j * dw) * C;
+      __m512 w[NV];
+#pragma GCC unroll 4
+      for (int v = 0; v < NV; ++v) w[v] = _mm512_loadu_ps(wtap + 16 * v);
+#pragma GCC unroll 8
+      for (int p = 0; p < PX; ++p) {
+        const float* xpp = xq + p * sw * C;
+#pragma GCC unroll 4
+        for (int v = 0; v < NV; ++v) {
+          const __m512 xv = (v == NV - 1) ? _mm512_maskz_loadu_ps(tail, xpp + 16 * v) : _mm512_loadu_ps(xpp + 16 * v);
+          acc[p][v] = _mm512_fmadd_ps(xv, w[v], acc[p][v]);
+        }
+      }
+    }
+  }
+#pragma GCC unroll 8
+  for (int p = 0; p < PX; ++p)
+#pragma GCC unroll 4
+    for (int v = 0; v < NV; ++v)
+      _mm512_mask_storeu_ps(op + p * C + 16 * v, (v == NV - 1) ? tail : (__mmask16)0xFFFF, acc[p][v]);
+}
+
+// Stride 1, no horizontal dilation: the PX pixels of a tap row read the PX + KW - 1 input
+// vectors once into registers (a sliding window) instead of PX * KW loads, which halves the
+// loads per FMA for 5x5 -- the loop is load-bound otherwise. Columns outside the image load
+// zeros, so border pixels take the same path: at 7x7 with 5x5 taps every column is a border
+// column, and a per-pixel border path ran at half the speed.
+template <int NV, int PX, int KW>
+inline void dw_pixels_s1(const float* xb, int64_t W, int64_t C, const float* wt, int64_t wstride, int64_t ilo,
+                         int64_t ihi, int64_t ih0, int64_t iw0, int64_t dh, const float* bias, __mmask16 tail,
+                         float* op) {
+  __m512 acc[PX][NV];
+#pragma GCC unroll 4
+  for (int v = 0; v < NV; ++v) {
+    const __m512 b0 = _mm512_loadu_ps(bias + 16 * v);
+#pragma GCC unroll 8
+    for (int p = 0; p < PX; ++p) acc[p][v] = b0;
+  }
+  bool inside[PX + KW - 1];
+#pragma GCC unroll 16
+  for (int q = 0; q < PX + KW - 1; ++q) inside[q] = iw0 + q >= 0 && iw0 + q < W;
+  for (int64_t i = ilo; i < ihi; ++i) {
+    const float* xr = xb + ((ih0 + i * dh) * W + iw0) * C;
+    const float* wrow = wt + i * KW * wstride;
+#pragma GCC unroll 4
+    for (int v = 0; v < NV; ++v) {
+      const __mmask16 lm = (v == NV - 1) ? tail : (__mmask16)0xFFFF;
+      __m512 xw[PX + KW - 1];
+#pragma GCC unroll 16
+      for (int q = 0; q < PX + KW - 1; ++q)
+        xw[q] = _mm512_maskz_loadu_ps(inside[q] ? lm : (__mmask16)0, xr + q * C + 16 * v);
+#pragma GCC unroll 8
+      for (int j = 0; j < KW; ++j) {
+        const __m512 w = _mm512_loadu_ps(wrow + j * wstride + 16 * v);
+#pragma GCC unroll 8
+        for (int p = 0; p < PX; ++p) acc[p][v] = _mm512_fmadd_ps(xw[p + j], w, acc[p][v]);
+      }
+    }
+  }
+#pragma GCC unroll 8
+  for (int p = 0; p < PX; ++p)
+#pragma GCC unroll 4
+    for (int v = 0; v < NV; ++v)
+      _mm512_mask_storeu_ps(op + p * C + 16 * v, (v == NV - 1) ? tail : (__mmask16)0xFFFF, acc[p][v]);
+}
+
+template <int NV, int KW>
+void dw_row_s1(int64_t W, int64_t C, int64_t Wo, int64_t pw, const float* xb, const float* wt, int64_t wstride,
+               int64_t ilo, int64_t ihi, int64_t ih0, int64_t dh, const float* bias, __mmask16 tail, float* orow) {
+  int64_t ow = 0;
+  for (; ow + 4 <= Wo; ow += 4)
+    dw_pixels_s1<NV, 4, KW>(xb, W, C, wt, wstride, ilo, ihi, ih0, ow - pw, dh, bias, tail, orow + ow * C);
+  switch (Wo - ow) {
+    case 3: dw_pixels_s1<NV, 3, KW>(xb, W, C, wt, wstride, ilo, ihi, ih0, ow - pw, dh, bias, tail, orow + ow * C); break;
+    case 2: dw_pixels_s1<NV, 2, KW>(xb, W, C, wt, wstride, ilo, ihi, ih0, ow - pw, dh, bias, tail, orow + ow * C); break;
+    case 1: dw_pixels_s1<NV, 1, KW>(xb, W, C, wt, wstride, ilo, ihi, ih0, ow - pw, dh, bias, tail, orow + ow * C); break;
+    default: break;
+  }
+}
+
+
+// One output row of one channel block (wt: taps of this block, tap stride wstride).
+template <int NV>
+void dw_row(const DwGeom& g, const float* xb, const float* wt, int64_t wstride, const float* bias, __mmask16 tail,
+            int64_t oh, float* orow) {
+  const int64_t ih0 = oh * g.sh - g.ph;
+  int64_t ilo = 0, ihi = g.kh;
+  while (ilo < g.kh && ih0 + ilo * g.dh < 0) ++ilo;
+  while (ihi > ilo && ih0 + (ihi - 1) * g.dh >= g.H) --ihi;
+  const int64_t C = g.C;
+  if (g.sw == 1 && g.dw == 1 && (g.kw == 3 || g.kw == 5)) {
+    if (g.kw == 5)
+      dw_row_s1<NV, 5>(g.W, C, g.Wo, g.pw, xb, wt, wstride, ilo, ihi, ih0, g.dh, bias, tail, orow);
+    else
+      dw_row_s1<NV, 3>(g.W, C, g.Wo, g.pw, xb, wt, wstride, ilo, ihi, ih0, g.dh, bias, tail, orow);
+    return;
+  }
+  auto edge = [&](int64_t ow) {
+    const int64_t iw0 = ow * g.sw - g.pw;
+    int64_t jlo = 0, jhi = g.kw;
+    while (jlo < g.kw && iw0 + jlo * g.dw < 0) ++jlo;
+    while (jhi > jlo && iw0 + (jhi - 1) * g.dw >= g.W) --jhi;
+    dw_pixels<NV, 1>(xb, g.W, C, wt, wstride, g.kw, ilo, ihi, jlo, jhi, ih0, iw0, g.sw, g.dh, g.dw, bias, tail,
+                     orow + ow * C);
+  };
+  for (int64_t ow = 0; ow < g.owa; ++ow) edge(ow);
+  int64_t ow = g.owa;
+  for (; ow + 4 <= g.owb; ow += 4)
+    dw_pixels<NV, 4>(xb, g.W, C, wt, wstride, g.kw, ilo, ihi, 0, g.kw, ih0, ow * g.sw - g.pw, g.sw, g.dh, g.dw, bias,
+                     tail, orow + ow * C);
+  for (; ow < g.owb; ++ow)
+    dw_pixels<NV, 1>(xb, g.W, C, wt, wstride, g.kw, ilo, ihi, 0, g.kw, ih0, ow * g.sw - g.pw, g.sw, g.dh, g.dw, bias,
+                     tail, orow + ow * C);
+  for (ow = std::max(g.owb, g.owa); ow < g.Wo; ++ow) edge(ow);
+}
+#endif
+
+at::Tensor dw_forward_cl(const at::Tensor& x, const at::Tensor& wp, const at::Tensor& alpha,
+                         const c10::optional<at::Tensor>& bias_mix, int64_t kh, int64_t kw, int64_t sh, int64_t sw,
+                         int64_t ph, int64_t pw, int64_t dh, int64_t dw) {
+  check_f32(x, "x");
+  check_f32(wp, "packed weight");
+  check_f32(alpha, "alpha");
+  TORCH_CHECK(x.dim() == 4 && wp.dim() == 3 && alpha.dim() == 2, "dw_forward_cl: bad ranks");
+  const int64_t B = x.size(0), H = x.size(1), W = x.size(2), C = x.size(3), E = wp.size(0), T = kh * kw;
+  TORCH_CHECK(wp.size(1) == T && wp.size(2) == C && alpha.size(0) == B && alpha.size(1) == E,
+              "dw_forward_cl: shape mismatch");
+  const int64_t Ho = (H + 2 * ph - dh * (kh - 1) - 1) / sh + 1;
+  const int64_t Wo = (W + 2 * pw - dw * (kw - 1) - 1) / sw + 1;
+  TORCH_CHECK(Ho > 0 && Wo > 0, "dw_forward_cl: empty output");
+  const float* bias_p = nullptr;
+  if (bias_mix && bias_mix->defined()) {
+    check_f32(*bias_mix, "bias");
+    TORCH_CHECK(bias_mix->numel() == B * C, "dw_forward_cl: bias shape");
+    bias_p = bias_mix->data_ptr<float>();
+  }
+  auto out = at::empty({B, Ho, Wo, C}, x.options());
+  const float* xp = x.data_ptr<float>();
+  const float* wpp = wp.data_ptr<float>();
+  const float* ap = alpha.data_ptr<float>();
+  float* op = out.data_ptr<float>();
+  const int64_t ncb = (C + kDwBlock - 1) / kDwBlock;
+  DwGeom g{H, W, C, kh, kw, sh, sw, ph, pw, dh, dw, Ho, Wo, 0, Wo};
+  while (g.owa < Wo && g.owa * sw - pw < 0) ++g.owa;
+  while (g.owb > g.owa && (g.owb - 1) * sw - pw + (kw - 1) * dw >= W) --g.owb;
+  const int64_t per_item = 1;  // channel blocks per item
+  const int64_t items = B * ncb;
+  at::parallel_for(0, items, 1, [&](int64_t begin, int64_t end) {
+    // Mixed taps of the item's channel blocks, zero-padded per block so loads need no mask.
+    std::vector<float> wt(T * per_item * kDwBlock, 0.f);
+    std::vector<float> bias(per_item * kDwBlock, 0.f);
+    const int64_t wstride = per_item * kDwBlock;
+    for (int64_t it = begin; it < end; ++it) {
+      const int64_t b = it / ncb;
+      const int64_t cb0 = it % ncb;
+      const int64_t c0 = cb0 * kDwBlock, cols = std::min(per_item * kDwBlock, C - c0);
+      for (int64_t t = 0; t < T; ++t) mix(E, ap + b * E, wpp + t * C + c0, T * C, cols, wt.data() + t * wstride);
+      for (int64_t c = 0; c < cols; ++c) bias[c] = bias_p ? bias_p[b * C + c0 + c] : 0.f;
+      const float* xb0 = xp + b * H * W * C;
+      float* ob0 = op + b * Ho * Wo * C;
+      for (int64_t oh = 0; oh < Ho; ++oh) {
+        for (int64_t cb = cb0; cb < cb0 + per_item && cb < ncb; ++cb) {
+          const int64_t cc = cb * kDwBlock, bcols = std::min(kDwBlock, C - cc);
+          const float* wtb = wt.data() + (cc - c0);
+          const float* xb = xb0 + cc;
+          float* orow = ob0 + oh * Wo * C + cc;
+#if FUSED_AVX512
+          const float* bb = bias.data() + (cc - c0);
+          const __mmask16 tail = tail_mask(bcols);
+          switch ((bcols + 15) / 16) {
+            case 1: dw_row<1>(g, xb, wtb, wstride, bb, tail, oh, orow); break;
+            case 2: dw_row<2>(g, xb, wtb, wstride, bb, tail, oh, orow); break;
+            case 3: dw_row<3>(g, xb, wtb, wstride, bb, tail, oh, orow); break;
+            default: dw_row<4>(g, xb, wtb, wstride, bb, tail, oh, orow); break;
+          }
+#else
+          for (int64_t ow = 0; ow < Wo; ++ow) {
+            float acc[kDwBlock];
+            for (int64_t c = 0; c < bcols; ++c) acc[c] = bias[cc - c0 + c];
+            for (int64_t i = 0; i < kh; ++i) {
+              const int64_t ih = oh * sh - ph + i * dh;
+              if (ih < 0 || ih >= H) continue;
+              for (int64_t j = 0; j < kw; ++j) {
+                const int64_t iw = ow * sw - pw + j * dw;
+                if (iw < 0 || iw >= W) continue;
+                const float* xq = xb + (ih * W + iw) * C;
+                const float* wq = wtb + (i * kw + j) * wstride;
+                for (int64_t c = 0; c < bcols; ++c) acc[c] += xq[c] * wq[c];
+              }
+            }
+            for (int64_t c = 0; c < bcols; ++c) orow[ow * C + c] = acc[c];
+          }
+#endif
+        }
+      }
+    }
+  });
+  return out;
+}
+
+}  // namespace
+
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.def("isa", &isa_name, "instruction set the kernels were compiled for");
+  m.def("pw_forward_cl", &pw_forward_cl, "fused 1x1 CondConv, channels-last");
+  m.def("linear_forward", &linear_forward, "fused linear CondConv (expert outputs, alpha in the epilogue)");
+  m.def("pw_forward_nchw", &pw_forward_nchw, "fused 1x1 (or im2col) CondConv, NCHW");
+  m.def("dw_forward_cl", &dw_forward_cl, "fused depthwise CondConv, channels-last");
+}

@@ -1,0 +1,368 @@
+"""Fused: a native CPU kernel that mixes each example's kernel tile by tile and uses it at once.
+
+Idea. Every other exact strategy either materialises the B per-example kernels `Σ_e α_be W_e`
+(grouped_conv, batched_matmul: B·C_out·C_in·k² floats written and read again through L3 or
+DRAM) or runs E convolutions. This one never holds more than a few small tiles of a mixed kernel:
+a work item (a 64-channel block of the output, up to 4 examples) mixes its tile of each
+example's kernel into a buffer that stays in L1/L2 and multiplies it with that example's input
+right away, while the tile is hot (`fused.cpp`). The experts are read once per call; nothing
+kernel-sized is written. Mixing still costs B·E·P multiply-adds (the analytic MACs count it).
+
+Paths, by layer:
+- 1×1 (stride 1, no padding), channels_last input: experts re-laid out once as `W_eᵀ` in
+  64-column blocks (a cached layout, `expert_layout("fused_pw_cl")`); an own AVX-512 micro-kernel
+  (6×64, K cut into ≤256-wide chunks so the E expert slabs of a chunk stay in L2). NCHW input:
+  the same mixing over contiguous slabs of each expert, no packing.
+- linear: with one pixel per example, mixing a kernel costs as much as the E expert outputs, so
+  the kernel computes `Σ_e α_be (W_e x_b)` with α in the micro-kernel's epilogue, streaming the
+  experts once (E× the static layer's MACs at batch > 1, as every exact linear CondConv).
+- depthwise (groups = C_in = C_out), any stride/padding/dilation: a direct channels-last conv,
+  each (example, 64-channel block) mixing its taps once into L1.
+- other k×k with groups 1 (and strided or padded 1×1): `F.unfold`, then the NCHW fused product.
+- backward: grad_x of a 1×1 layer is the same fused kernel on the transposed experts; the weight
+  and routing gradients go through one `bmm` of per-example `g_bᵀ x_b` (the size a mixed kernel
+  would have); linear backward is torch ops without any mixed kernel; depthwise and k×k backward
+  recompute the batch-as-groups conv under autograd (it materialises the kernels, in backward only).
+
+Refused, with one line (`unsupported_reason`, so suites skip those cases and `auto` never picks
+it there): devices other than the CPU, dtypes other than float32 (no bf16 kernel is built yet),
+grouped layers that are not depthwise (`unsuited_reason` too, so `convert()` runs another
+strategy there). A direct call on such a layer raises `ImplUnavailableError` with that line.
+
+Build. The C++ is compiled once per machine with `-march=native` (`machine.native_build`: cached
+under the user's cache folder, keyed by source, flags, torch, compiler and CPU features) at the
+first `create_impl("fused", …)` of a process, ~30-40 s on a 2-core machine, then ~0.2 s per
+process. Without a C++ compiler or ninja it is listed unavailable, with the reason.
+
+Tracers and counters see its composition. A pybind11 call is opaque to `torch.compile`,
+`torch.export`, `torch.jit.trace` (fvcore) and FlopCounterMode, so under them `fused` runs the
+same contractions as torch ops (the mix then the batch-as-groups conv; for linear the E expert
+products): the FLOP counters then cross-check the analytic count, and a traced graph is exact —
+but it is that composition, not the native kernel, that a compiled or exported `fused` runs.
+
+Source: own work (issue 25); no public CondConv has a fused CPU kernel. `CONDCONV_FUSED_GENERIC=1`
+builds the portable C++ loops instead of the AVX-512 intrinsics (a separate cache entry), to test them.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import replace
+from pathlib import Path
+from types import ModuleType
+
+import torch
+import torch.nn.functional as F
+
+from condconv_bench.core.contract import CondConvBase
+from condconv_bench.core.flops import AnalyticMacs, conv_macs, routing_macs
+from condconv_bench.core.registry import register_impl
+from condconv_bench.core.spec import LayerSpec, Pair
+from condconv_bench.core.traffic import Traffic, compulsory_traffic, input_bytes, output_bytes, unfold_bytes
+from condconv_bench.errors import ImplUnavailableError
+from condconv_bench.machine import native_build
+
+# -ffp-contract=fast lets the portable loops use FMAs too; -march=native is why the cache is per CPU.
+_CFLAGS = ("-O3", "-march=native", "-ffp-contract=fast", "-fno-math-errno")
+_GENERIC_VARIABLE = "CONDCONV_FUSED_GENERIC"
+_COL_BLOCK = 64  # kColBlock in fused.cpp: the packed experts' column block
+
+
+def native_source() -> native_build.NativeSource:
+    """The kernel's source and flags as built here (the portable loops under CONDCONV_FUSED_GENERIC=1)."""
+    generic = ("-DFUSED_FORCE_GENERIC",) if os.environ.get(_GENERIC_VARIABLE) == "1" else ()
+    return native_build.NativeSource("condconv_fused", Path(__file__).with_name("fused.cpp"), _CFLAGS + generic, "the fused kernel")
+
+
+def _native() -> ModuleType:
+    return native_build.load_native(native_source())
+
+
+def _is_depthwise(spec: LayerSpec) -> bool:
+    return spec.kind == "conv2d" and spec.groups == spec.in_channels == spec.out_channels and spec.groups > 1
+
+
+def _layer_refusal(spec: LayerSpec) -> str | None:
+    if spec.kind == "conv2d" and spec.groups != 1 and not _is_depthwise(spec):
+        return f"has no kernel for grouped layers (groups={spec.groups}): only groups 1 and depthwise (groups = C_in = C_out)"
+    return None
+
+
+def _refusal(spec: LayerSpec, device: torch.device, dtype: torch.dtype) -> str | None:
+    if device.type != "cpu":
+        return f"is CPU-only (a C++ kernel built for this machine's CPU), not {device.type}"
+    if dtype != torch.float32:
+        return f"is float32-only (no {str(dtype).removeprefix('torch.')} kernel is built yet)"
+    return _layer_refusal(spec)
+
+
+@register_impl("fused")
+class Fused(CondConvBase):
+    """Native CPU kernel: mixes each example's kernel tile by tile in cache and uses it at once."""
+
+    materialises_kernels = False
+    dispatchable = True
+
+    def __init__(self, spec: LayerSpec) -> None:
+        super().__init__(spec)
+        _native()  # the build happens here, once per machine, never inside a timed call
+
+    @classmethod
+    def description(cls) -> str:
+        return f"{super().description()} [{native_build.build_status(native_source())}]"
+
+    @classmethod
+    def unavailable_reason(cls) -> str | None:
+        status = native_build.build_status(native_source())
+        return status.removeprefix("unavailable: ") if status.startswith("unavailable: ") else None
+
+    @classmethod
+    def unsupported_reason(cls, spec: LayerSpec, device: torch.device, dtype: torch.dtype) -> str | None:
+        reason = _refusal(spec, device, dtype)
+        return None if reason is None else f"fused {reason}"
+
+    @classmethod
+    def unsuited_reason(cls, spec: LayerSpec) -> str | None:
+        return _layer_refusal(spec)
+
+    @classmethod
+    def analytic_macs(cls, spec: LayerSpec, batch_size: int, input_size: Pair) -> AnalyticMacs:
+        """Convs: route, mix (tile by tile, but every tile once), one conv. Linear: no mixing of
+        kernels, the E expert products instead (the mixed bias still is a mix)."""
+        if spec.kind == "linear":
+            bias_mix = batch_size * spec.num_experts * spec.out_channels if spec.bias else 0
+            return AnalyticMacs(routing_macs(spec, batch_size), bias_mix, spec.num_experts * conv_macs(spec, batch_size, input_size))
+        return super().analytic_macs(spec, batch_size, input_size)
+
+    @classmethod
+    def analytic_bytes(cls, spec: LayerSpec, batch_size: int, input_size: Pair, itemsize: int) -> Traffic:
+        return fused_traffic(spec, batch_size, input_size, itemsize)
+
+    def conditional_forward(self, x: torch.Tensor, routing_weights: torch.Tensor) -> torch.Tensor:
+        return fused_forward(self, x, routing_weights)
+
+
+def fused_traffic(spec: LayerSpec, batch_size: int, input_size: Pair, itemsize: int) -> Traffic:
+    """The compulsory bytes (every expert read once: the packed layouts are cached across calls),
+    no kernels, the mixed bias `(B, C_out)` where the layer has bias, im2col columns for k×k
+    layers other than depthwise (and the strided gather of a strided 1×1), and for depthwise the
+    channels-last copies of an NCHW input and output (a channels_last input needs neither)."""
+    traffic = compulsory_traffic(spec, batch_size, input_size, itemsize)
+    bias = batch_size * spec.out_channels * itemsize if spec.bias else 0
+    if _is_depthwise(spec):
+        return replace(traffic, kernels=bias, columns=input_bytes(spec, batch_size, input_size, itemsize),
+                       copies=output_bytes(spec, batch_size, input_size, itemsize))
+    return replace(traffic, kernels=bias, columns=unfold_bytes(spec, batch_size, input_size, itemsize))
+
+
+# ---------------------------------------------------------------------------------------------
+# Dispatch: the native paths, or the composition where a tracer or counter must see torch ops.
+
+
+def _seen_by_tracer() -> bool:
+    """Whether the call is being traced or counted by something that sees only torch ops."""
+    if torch.compiler.is_compiling() or torch.compiler.is_exporting() or torch.jit.is_tracing():
+        return True
+    from torch.utils._python_dispatch import _get_current_dispatch_mode_stack
+
+    return any(type(mode).__name__ in ("_FlopCounterMode", "FlopCounterMode", "ProxyTorchDispatchMode", "FakeTensorMode")
+               for mode in _get_current_dispatch_mode_stack())
+
+
+def fused_forward(layer: CondConvBase, x: torch.Tensor, routing_weights: torch.Tensor) -> torch.Tensor:
+    """The strategy, on `layer`'s shared parameters (so `auto` may run it on its own)."""
+    spec = layer.spec
+    weight, bias = layer.weight, layer.bias
+    if _seen_by_tracer():
+        return composition(spec, x, weight, bias, routing_weights)
+    reason = _refusal(spec, x.device, x.dtype) or next(
+        (f"got {name} in {t.dtype} on {t.device}: it must be float32 on the CPU like x"
+         for name, t in (("weights", weight), ("routing weights", routing_weights))
+         if t.dtype != torch.float32 or t.device.type != "cpu"), None)
+    if reason is not None:
+        raise ImplUnavailableError(f"fused {reason}")
+    tensors = (x, weight, bias, routing_weights)
+    if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors):
+        return _FusedFunction.apply(x, weight, bias, routing_weights, layer)
+    return _forward(layer, x, weight, bias, routing_weights.contiguous())
+
+
+def _forward(layer: CondConvBase, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
+             alpha: torch.Tensor) -> torch.Tensor:
+    spec = layer.spec
+    if spec.kind == "linear":
+        return _forward_linear(x, layer.expert_layout("fused_pw_cl", _pack_pointwise_cl), bias, alpha, spec.out_channels)
+    if _is_depthwise(spec):
+        return _forward_depthwise(spec, x, layer.expert_layout("fused_dw", _pack_depthwise), bias, alpha)
+    if spec.is_pointwise and spec.stride == (1, 1):
+        if _is_channels_last(x):
+            return _forward_pointwise_cl(x, layer.expert_layout("fused_pw_cl", _pack_pointwise_cl), bias, alpha, spec.out_channels)
+        return _forward_pointwise_nchw(x, weight, bias, alpha)
+    return _forward_unfolded(spec, x, weight, bias, alpha)
+
+
+def _is_channels_last(x: torch.Tensor) -> bool:
+    return x.dim() == 4 and x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous()
+
+
+def _pack_pointwise_cl(weight: torch.Tensor) -> torch.Tensor:
+    """(E, N, K[, 1, 1]) → (E, nblk, K, 64): `W_eᵀ` in 64-column blocks, zero-padded, so that
+    mixing a block of `K_bᵀ` reads one contiguous slab per expert."""
+    experts, n = weight.shape[:2]
+    w = weight.reshape(experts, n, -1)
+    blocks = -(-n // _COL_BLOCK)
+    if blocks * _COL_BLOCK != n:
+        w = F.pad(w, (0, 0, 0, blocks * _COL_BLOCK - n))
+    return w.reshape(experts, blocks, _COL_BLOCK, -1).transpose(2, 3).contiguous()
+
+
+def _pack_depthwise(weight: torch.Tensor) -> torch.Tensor:
+    """(E, C, 1, kh, kw) → (E, kh·kw, C): taps outermost, so that channels are contiguous."""
+    return weight.reshape(*weight.shape[:2], -1).transpose(1, 2).contiguous()
+
+
+def _mixed_bias(bias: torch.Tensor | None, alpha: torch.Tensor, padded_to: int | None = None) -> torch.Tensor | None:
+    if bias is None:
+        return None
+    mixed = alpha @ bias
+    if padded_to is not None and padded_to != mixed.shape[1]:
+        mixed = F.pad(mixed, (0, padded_to - mixed.shape[1]))
+    return mixed.contiguous()
+
+
+def _forward_pointwise_cl(x: torch.Tensor, packed: torch.Tensor, bias: torch.Tensor | None, alpha: torch.Tensor, n: int) -> torch.Tensor:
+    batch, k, h, w = x.shape
+    bias_mix = _mixed_bias(bias, alpha, packed.shape[1] * _COL_BLOCK)
+    out = _native().pw_forward_cl(x.permute(0, 2, 3, 1).reshape(batch, h * w, k), packed, alpha, bias_mix, n)
+    return out.view(batch, h, w, n).permute(0, 3, 1, 2)
+
+
+def _forward_pointwise_nchw(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, alpha: torch.Tensor) -> torch.Tensor:
+    batch, k, h, w = x.shape
+    experts, n = weight.shape[:2]
+    columns = x.contiguous().view(batch, k, h * w)
+    out = _native().pw_forward_nchw(columns, weight.reshape(experts, n, k).contiguous(), alpha, _mixed_bias(bias, alpha))
+    return out.view(batch, n, h, w)
+
+
+def _forward_unfolded(spec: LayerSpec, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
+                      alpha: torch.Tensor) -> torch.Tensor:
+    """k×k with groups 1, and strided or padded 1×1: im2col of the batch, then the NCHW product."""
+    batch = x.shape[0]
+    out_h, out_w = spec.output_size((x.shape[2], x.shape[3]))
+    if spec.is_pointwise:  # strided, unpadded: a gather, not an unfold
+        columns = x[:, :, :: spec.stride[0], :: spec.stride[1]].contiguous().view(batch, spec.in_channels, -1)
+    else:
+        columns = F.unfold(x, spec.kernel_size, spec.dilation, spec.padding, spec.stride).contiguous()
+    experts = weight.shape[0]
+    out = _native().pw_forward_nchw(columns, weight.reshape(experts, spec.out_channels, -1).contiguous(), alpha,
+                                    _mixed_bias(bias, alpha))
+    out = out.view(batch, spec.out_channels, out_h, out_w)
+    return out.contiguous(memory_format=torch.channels_last) if _is_channels_last(x) else out
+
+
+def _forward_depthwise(spec: LayerSpec, x: torch.Tensor, packed: torch.Tensor, bias: torch.Tensor | None,
+                       alpha: torch.Tensor) -> torch.Tensor:
+    (kh, kw), (sh, sw), (ph, pw), (dh, dw) = spec.kernel_size, spec.stride, spec.padding, spec.dilation
+    channels_last = x.permute(0, 2, 3, 1).contiguous()  # a view for a channels_last input, else a copy
+    out = _native().dw_forward_cl(channels_last, packed, alpha, _mixed_bias(bias, alpha), kh, kw, sh, sw, ph, pw, dh, dw)
+    out = out.permute(0, 3, 1, 2)
+    return out if _is_channels_last(x) else out.contiguous()
+
+
+def _forward_linear(x: torch.Tensor, packed: torch.Tensor, bias: torch.Tensor | None, alpha: torch.Tensor, n: int) -> torch.Tensor:
+    return _native().linear_forward(x.contiguous(), packed, alpha, _mixed_bias(bias, alpha, packed.shape[1] * _COL_BLOCK), n)
+
+
+# ---------------------------------------------------------------------------------------------
+# The composition: what tracers see, and the depthwise and k×k backward.
+
+
+def composition(spec: LayerSpec, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
+                alpha: torch.Tensor) -> torch.Tensor:
+    """The fused kernel's contractions as differentiable torch ops. Convs: the mix `(B, E) @ (E, P)`
+    then the batch-as-groups conv; linear: the E expert products, then the α-weighted sum."""
+    batch, experts = alpha.shape
+    if spec.kind == "linear":
+        z = (x @ weight.reshape(experts * spec.out_channels, -1).t()).view(batch, experts, spec.out_channels)
+        out = (z * alpha.unsqueeze(2)).sum(1)
+        return out if bias is None else out + alpha @ bias
+    kernels = (alpha @ weight.reshape(experts, -1)).view(batch * spec.out_channels, *weight.shape[2:])
+    out = F.conv2d(x.reshape(1, -1, *x.shape[2:]), kernels, None, spec.stride, spec.padding, spec.dilation, spec.groups * batch)
+    out = out.view(batch, spec.out_channels, *out.shape[2:])
+    return out if bias is None else out + (alpha @ bias).view(batch, -1, 1, 1)
+
+
+class _FusedFunction(torch.autograd.Function):
+    """Forward by the native kernel; backward without mixed kernels for 1×1 and linear layers."""
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, alpha, layer):  # type: ignore[override]
+        alpha = alpha.contiguous()
+        ctx.spec = layer.spec
+        ctx.save_for_backward(x, weight, bias, alpha)
+        return _forward(layer, x, weight, bias, alpha)
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad):  # type: ignore[override]
+        spec = ctx.spec
+        x, weight, bias, alpha = ctx.saved_tensors
+        needs = ctx.needs_input_grad[:4]
+        grad = grad.contiguous() if spec.kind == "linear" else grad
+        if spec.kind == "linear":
+            return (*_backward_linear(x, weight, bias, alpha, grad, needs), None)
+        if spec.is_pointwise and spec.stride == (1, 1) and spec.groups == 1:
+            return (*_backward_pointwise(x, weight, bias, alpha, grad, needs), None)
+        with torch.enable_grad():
+            leaves = [None if t is None else t.detach().requires_grad_(need) for t, need in zip((x, weight, bias, alpha), needs)]
+            out = composition(spec, *leaves)
+            wanted = [t for t in leaves if t is not None and t.requires_grad]
+            grads = iter(torch.autograd.grad(out, wanted, grad))
+        return (*(next(grads) if t is not None and t.requires_grad else None for t in leaves), None)
+
+
+def _backward_linear(x, weight, bias, alpha, grad, needs):
+    """grad_x = (α⊗g) @ W_flat and grad_W = (α⊗g)ᵀ x without forming a mixed kernel; grad_α from
+    the expert outputs, recomputed in one product over the batch."""
+    need_x, need_w, need_b, need_a = needs
+    experts, n, k = weight.shape
+    batch = x.shape[0]
+    scaled = (alpha.unsqueeze(2) * grad.unsqueeze(1)).reshape(batch, experts * n)  # dL/dz_be = α_be g_b
+    grad_x = scaled @ weight.reshape(experts * n, k) if need_x else None
+    grad_w = (scaled.t() @ x).view(experts, n, k) if need_w else None
+    grad_b = alpha.t() @ grad if need_b and bias is not None else None
+    grad_a = None
+    if need_a:
+        z = x @ weight.reshape(experts * n, k).t()
+        grad_a = torch.bmm(z.view(batch, experts, n), grad.unsqueeze(2)).squeeze(2)
+        if bias is not None:
+            grad_a = grad_a + grad @ bias.t()
+    return grad_x, grad_w, grad_b, grad_a
+
+
+def _backward_pointwise(x, weight, bias, alpha, grad, needs):
+    """grad_x_b = g_b @ K_b is the forward kernel on the transposed experts (fused, native);
+    G_b = g_bᵀ x_b (one bmm) then gives grad_W = αᵀ G and grad_α = G · W (two GEMMs)."""
+    need_x, need_w, need_b, need_a = needs
+    batch, k, h, w = x.shape
+    experts, n = weight.shape[:2]
+    experts_nk = weight.reshape(experts, n, k)
+    grad_x = grad_w = grad_b = grad_a = None
+    if need_x:
+        transposed = experts_nk.transpose(1, 2)
+        if _is_channels_last(grad):
+            grad_x = _forward_pointwise_cl(grad, _pack_pointwise_cl(transposed), None, alpha, k)
+        else:
+            grad_x = _forward_pointwise_nchw(grad, transposed, None, alpha)
+    if need_w or need_a:
+        per_example = torch.bmm(grad.reshape(batch, n, h * w), x.reshape(batch, k, h * w).transpose(1, 2)).view(batch, n * k)
+        if need_w:
+            grad_w = (alpha.t() @ per_example).view_as(weight)
+        if need_a:
+            grad_a = per_example @ experts_nk.reshape(experts, n * k).t()
+            if bias is not None:
+                grad_a = grad_a + grad.sum((2, 3)) @ bias.t()
+    if need_b and bias is not None:
+        grad_b = alpha.t() @ grad.sum((2, 3))
+    return grad_x, grad_w, grad_b, grad_a
