@@ -16,7 +16,7 @@ import torch
 
 from condconv_bench.dispatch.dispatching_layers import SELECTORS
 from condconv_bench.core.equivalence import RELATIVE_TOLERANCE, compare, compute_reference
-from condconv_bench.core.registry import create_impl, dispatchable_impls
+from condconv_bench.core.registry import create_impl, dispatchable_impls, get_impl
 from condconv_bench.core.spec import LayerSpec
 
 KEYS = [*dispatchable_impls(), *SELECTORS]
@@ -31,6 +31,9 @@ def inputs(spec: LayerSpec, batch_size: int = 3) -> torch.Tensor:
 
 
 def built(key: str, spec: LayerSpec) -> torch.nn.Module:
+    reason = get_impl(key).unsupported_reason(spec, torch.device("cpu"), torch.float32)
+    if reason is not None:  # declared, so suites and `auto` skip it too (fused: groups 1 or depthwise only)
+        pytest.skip(reason)
     torch.manual_seed(0)
     return create_impl(key, spec)
 
