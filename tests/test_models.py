@@ -299,3 +299,62 @@ def test_model_stages_command_prints_a_table_per_batch_size() -> None:
     assert result.exit_code == 0, result.output
     assert result.output.count("**whole forward**") == 2 and ", batch 2, 16px" in result.output
     assert "| blocks.1 |" in result.output
+
+
+def run_cli(tmp_path, change: dict, command: str = "run") -> tuple[int, list[str], object]:
+    """`condconv-bench <command>` on the tiny model suite with its entry changed: exit code, stderr lines, run directory."""
+    from click.testing import CliRunner
+
+    from condconv_bench.cli import main
+
+    entry = {k: v for k, v in {**TINY["layers"][0], **change}.items() if v is not None}
+    path = write_suite(tmp_path, {**TINY, "impls": ["as_shipped", "static", "grouped_conv"], "modes": ["inference"], "layers": [entry]})
+    output = tmp_path / "run"
+    args = [command, path] + (["-o", str(output), "--no-report", "-q"] if command == "run" else [])
+    result = CliRunner().invoke(main, args)
+    assert result.exception is None or isinstance(result.exception, SystemExit), result.exception
+    return result.exit_code, result.stderr.strip().splitlines(), output
+
+
+@pytest.mark.parametrize(("key", "name", "expected"), [
+    ("model", "tiny_models:tiny_condconv_nett",
+     "layers[0].model: model 'tiny_models:tiny_condconv_nett': tiny_models has no callable 'tiny_condconv_nett'; did you mean 'tiny_condconv_net'?"),
+    ("floor", "tiny_models:tiny_flor_net",
+     "layers[0].floor: model 'tiny_models:tiny_flor_net': tiny_models has no callable 'tiny_flor_net'; did you mean 'tiny_floor_net'?"),
+    ("floor", "tiny_modls:tiny_floor_net", "layers[0].floor: model 'tiny_modls:tiny_floor_net': cannot import module 'tiny_modls'"),
+])
+@pytest.mark.parametrize("command", ["validate", "run"])
+def test_an_unknown_model_or_floor_is_refused_before_anything_runs(tmp_path, key: str, name: str, expected: str, command: str) -> None:
+    code, lines, output = run_cli(tmp_path, {key: name}, command)
+    assert code == 2 and len(lines) == 1, lines
+    assert lines[0].startswith(f"error: {tmp_path / 'suite.yaml'}: {expected}"), lines[0]
+    assert not output.exists()
+
+
+def test_an_unknown_timm_model_is_refused_with_the_closest_name(tmp_path) -> None:
+    pytest.importorskip("timm")
+    code, lines, _ = run_cli(tmp_path, {"model": "timm:efficientnet_cc_b0_4x", "floor": "timm:efficientnet_b0"}, "validate")
+    assert code == 2 and len(lines) == 1, lines
+    assert "layers[0].model: model 'timm:efficientnet_cc_b0_4x': timm" in lines[0]
+    assert lines[0].endswith("has no model 'efficientnet_cc_b0_4x'; did you mean 'efficientnet_cc_b0_4e'?"), lines[0]
+
+
+@pytest.mark.parametrize(("change", "reason"), [
+    ({"in_channels": 5}, "ModelError: model 'tiny_models:tiny_condconv_net' cannot take inputs of 5 channels at 15x15 (in_channels, input_size): "),
+    ({"model": "tiny_models:tiny_unpadded_net", "input_size": 2},
+     "ModelError: model 'tiny_models:tiny_unpadded_net' cannot take inputs of 3 channels at 2x2 (in_channels, input_size): "),
+    ({"input_size": [15, 2], "model": "tiny_models:tiny_condconv_net", "floor": "tiny_models:tiny_unpadded_net"},
+     "ModelError: model 'tiny_models:tiny_unpadded_net' cannot take inputs of 3 channels at 15x2 (in_channels, input_size): "),
+    ({"model": "tiny_models:tiny_floor_net"},
+     "ModelError: model 'tiny_models:tiny_floor_net' has no CondConv layer that convert() recognises (a floor, the network without CondConv, goes under floor:)"),
+], ids=["channels", "input-size", "floor-input-size", "no-condconv"])
+def test_a_model_that_cannot_run_the_entry_is_one_error_row_per_case_and_one_line(tmp_path, change: dict, reason: str) -> None:
+    from condconv_bench.run.directory import RunDirectory
+
+    code, lines, output = run_cli(tmp_path, change)
+    rows = RunDirectory.open(output).results()
+    assert code == 0 and len(rows) == 3 and (rows["status"] == "error").all(), rows[["case_id", "status", "reason"]]
+    assert rows["reason"].str.startswith(reason).all(), rows["reason"].tolist()
+    errors = [line for line in lines if line.startswith("error row:")]
+    assert len(errors) == 1 and errors[0].startswith(f"error row: tiny, 3 cases: {reason}"), lines
+    assert "Traceback" not in "\n".join(lines)

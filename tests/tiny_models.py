@@ -71,3 +71,19 @@ def tiny_staged_net() -> nn.Module:
 
 def tiny_staged_floor() -> nn.Module:
     return _staged(condconv=False)
+
+
+class _Unpadded(nn.Module):
+    """A 3×3 CondConv layer without padding and a head: an input smaller than 3×3 is one it cannot take."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = CondConv2d(3, 8, 3, num_experts=4, strategy="grouped_conv")
+        self.head = nn.Linear(8, 10)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.conv(x).mean(dim=(2, 3)))
+
+
+def tiny_unpadded_net() -> nn.Module:
+    return _Unpadded()

@@ -85,8 +85,10 @@ def run(suite: str, output: Path | None, resume: bool, shard: str | None, impls:
     )
     if not no_report:
         click.echo(f"report: {write_report([outcome.run.path], None, 'html')}")
-    for _, row in frame[frame["status"] == "error"].iterrows():
-        click.echo(f"error row: {row['case_id']}: {row['reason']}", err=True)
+    # One line per reason and layer: a model entry that cannot run errs in every case with one reason.
+    for (layer, reason), rows in frame[frame["status"] == "error"].groupby(["layer", "reason"], sort=False):
+        where = rows["case_id"].iloc[0] if len(rows) == 1 else f"{layer}, {len(rows)} cases"
+        click.echo(f"error row: {where}: {reason}", err=True)
     for case_id in outcome.equivalence_failures:
         click.echo(f"equivalence failure: {case_id}", err=True)
     if outcome.equivalence_failures or (strict and counts["error"]):

@@ -24,7 +24,7 @@ from condconv_bench.core import equivalence, flops
 from condconv_bench.profiling import peak_memory
 from condconv_bench.core.case import Case, Role, role_of
 from condconv_bench.machine.devices import device_unavailable_reason, use_exact_float32
-from condconv_bench.errors import ImplUnavailableError, first_line
+from condconv_bench.errors import ImplUnavailableError, ModelError, first_line
 from condconv_bench.cases.inputs import GroupInputs, layer_state
 from condconv_bench.core.contract import CondConvBase
 from condconv_bench.core.limits import Ceilings, case_limits
@@ -38,9 +38,11 @@ from condconv_bench.cases.workload import Workload
 def skip_reason(cls: type[CondConvBase], case: Case, device: torch.device) -> str | None:
     """Why `case` cannot run here (no such device, implementation unavailable, layer unsupported,
     more memory than is available), or None."""
+    reason = device_unavailable_reason(device) or case.workload.unavailable_reason() or cls.unavailable_reason()
+    if reason:
+        return reason  # before the layers are asked for: a model's are known only where its library imports
     unsupported = (cls.unsupported_reason(spec, device, case.torch_dtype) for spec in case.workload.layer_specs())
-    return (device_unavailable_reason(device) or case.workload.unavailable_reason() or cls.unavailable_reason()
-            or next(filter(None, unsupported), None) or memory_reason(case, device))
+    return next(filter(None, unsupported), None) or memory_reason(case, device)
 
 
 class GroupContext:
@@ -151,7 +153,11 @@ def probe_case(case: Case, ctx: GroupContext, traces_dir: Path | None = None) ->
     cls = case.workload.impl_class(case.impl)
     row["role"] = str(role_of(cls))
     profile_record = None
-    reason = skip_reason(cls, case, device)
+    try:
+        reason = skip_reason(cls, case, device)
+    except ModelError as exc:  # a model that cannot take the case's input: every case of it says so, the run goes on
+        row.update(status="error", reason=first_line(exc), wall_s=time.perf_counter() - started)
+        return row, None
     if reason:
         row.update(status="skipped", reason=reason)
     else:

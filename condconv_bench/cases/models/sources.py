@@ -95,9 +95,12 @@ def build_model(source: str) -> nn.Module:
     """A freshly initialised model (random weights: nothing is downloaded) from its name."""
     check_name(source)
     library, name = split(source)
-    if library == TIMM:
-        return import_timm().create_model(name, pretrained=False)
-    model = getattr(_import(source, library), name)()
+    try:
+        model = import_timm().create_model(name, pretrained=False) if library == TIMM else getattr(_import(source, library), name)()
+    except ModelError:
+        raise
+    except Exception as exc:  # the model's own code: the suite's entry is what cannot run
+        raise ModelError(f"model {source!r} cannot be built: {first_line(exc)}") from None
     if not isinstance(model, nn.Module):
         raise ModelError(f"model {source!r}: {name}() returned {type(model).__name__}, not a torch.nn.Module")
     return model

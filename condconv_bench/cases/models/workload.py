@@ -14,6 +14,10 @@ no arithmetic), which gives the output shape, the CondConv layers' specs and the
 every contraction; the analytic MAC count of a case is computed from it: `routing` is what the
 CondConv layers route themselves, `mixing` their kernel mixing, `conv` every other contraction of
 the network (its static convs and linears, its blocks' routing layers, the CondConv layers' convs).
+The survey is also where a model entry that cannot run is found, since only running the model
+tells: a model or floor that cannot take the entry's `in_channels` and `input_size`, or a model
+without a CondConv layer that `convert()` recognises, is a `ModelError` for every case of it
+(one error row each, and the run goes on), surveyed once however many cases ask.
 """
 
 from __future__ import annotations
@@ -30,6 +34,7 @@ from condconv_bench.cases import memory_estimate
 from condconv_bench.core import equivalence
 from condconv_bench.conversion.adapters.timm_condconv2d import TimmCondConv2d
 from condconv_bench.conversion.swap import convert, find_layers
+from condconv_bench.errors import ModelError, first_line
 from condconv_bench.core.flops import AnalyticMacs, mixing_macs
 from condconv_bench.core.contract import CondConvBase
 from condconv_bench.cases.models import AS_SHIPPED, sources
@@ -78,8 +83,9 @@ class Survey:
 
 
 @functools.lru_cache(maxsize=16)
-def survey(source: str, input_shape: tuple[int, ...]) -> Survey:
-    """Build `source` on the meta device and run it on a meta input of `input_shape` (batch 1)."""
+def survey(source: str, input_shape: tuple[int, ...]) -> Survey | str:
+    """Build `source` on the meta device and run it on a meta input of `input_shape` (batch 1); or
+    why it cannot take that input (returned, not raised, so that the answer is cached too)."""
     with torch.device("meta"):
         model = sources.build_model(source).eval()
     layers = tuple((found.path, found.spec) for found in find_layers(model))
@@ -98,7 +104,12 @@ def survey(source: str, input_shape: tuple[int, ...]) -> Survey:
         if path in condconv or isinstance(module, (nn.Conv2d, nn.Linear)):
             module.register_forward_hook(hook(path))
     with torch.no_grad():
-        output = model(torch.empty(input_shape, device="meta"))
+        try:
+            output = model(torch.empty(input_shape, device="meta"))
+        except Exception as exc:  # whatever the model's own code raises on an input it cannot take
+            _, channels, height, width = input_shape
+            return (f"model {source!r} cannot take inputs of {channels} channels at {height}x{width} "
+                    f"(in_channels, input_size): {first_line(exc)}")
     return Survey(tuple(output.shape), layers, seen)
 
 
@@ -129,7 +140,16 @@ class ModelWorkload(Workload):
         return max(spec.num_experts for _, spec in self._survey().layers)
 
     def _survey(self, floor: bool = False) -> Survey:
-        return survey(self.floor if floor else self.source, self.input_shape(1))  # type: ignore[arg-type]
+        """The model's (or the floor's) survey; a `ModelError` where the model or its floor cannot
+        take the input, or the model has no CondConv layer to convert."""
+        surveys = {source: survey(source, self.input_shape(1)) for source in (self.source, self.floor) if source}
+        refusal = next((s for s in surveys.values() if isinstance(s, str)), None)
+        if refusal is not None:
+            raise ModelError(refusal)
+        if not surveys[self.source].layers:  # type: ignore[union-attr]
+            raise ModelError(f"model {self.source!r} has no CondConv layer that convert() recognises "
+                             "(a floor, the network without CondConv, goes under floor:)")
+        return surveys[self.floor if floor else self.source]  # type: ignore[return-value, index]
 
     def unavailable_reason(self) -> str | None:
         return next(filter(None, (sources.unavailable_reason(s) for s in (self.source, self.floor) if s)), None)
@@ -163,10 +183,7 @@ class ModelWorkload(Workload):
     def _finish(self, model: nn.Module, impl: type[CondConvBase]) -> nn.Module:
         if impl is AsShipped or impl.is_floor:
             return model
-        converted = convert(model, impl.key, elsewhere=UNSUITED_LAYERS_RUN)
-        if not converted.replaced:
-            raise ValueError(f"{self.source} has no CondConv layer that convert() recognises")
-        return converted.model
+        return convert(model, impl.key, elsewhere=UNSUITED_LAYERS_RUN).model
 
     def instantiate(self, impl: type[CondConvBase], state: dict[str, torch.Tensor]) -> nn.Module:
         """The model for `impl` with the group's parameters; a converted one also keeps the as-shipped
