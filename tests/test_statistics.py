@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 
 from condconv_bench.timing.rank_tests import compare_samples
+from condconv_bench.timing.samples import median, percentiles, spread
 
 THRESHOLD = 0.10
 
@@ -81,3 +82,15 @@ def test_tiny_sample_counts_cannot_reach_significance(n: int) -> None:
 def test_identical_constant_samples_are_unchanged() -> None:
     change = compare_samples([1e-3] * 10, [1e-3] * 10)
     assert change.ratio == 1.0 and change.p_value == 1.0
+
+
+def test_the_sample_statistics_are_numpys_percentiles_and_median() -> None:
+    """Autotune, the instrument and the gates read one implementation; it must agree with numpy's."""
+    rng = np.random.default_rng(7)
+    for n in (1, 2, 5, 20, 301):
+        values = list(timings(rng, n, spread=0.5))
+        assert median(values) == np.median(values)
+        assert percentiles(values, (10, 25, 75, 90)) == pytest.approx(np.percentile(values, (10, 25, 75, 90)), rel=1e-12)
+    assert spread([1.0, 2.0, 3.0, 4.0, 5.0]) == pytest.approx((4.0 - 2.0) / 3.0)
+    with pytest.raises(ValueError):
+        median([])

@@ -26,10 +26,10 @@ from typing import Protocol
 import numpy as np
 
 from condconv_bench.measure.protocol import Visit, VisitResult
-from condconv_bench.timing.ratios import Interval, hierarchical_interval, is_tied, process_medians
+from condconv_bench.timing.ratios import BOOTSTRAP_SEED, Interval, hierarchical_interval, is_tied, paired_ratios, process_medians
 from condconv_bench.timing.rounds import Round
 from condconv_bench.settings import MeasureSettings
-from condconv_bench.timing.samples import Timing
+from condconv_bench.timing.samples import Timing, median
 
 UNSTABLE_HALF_WIDTH = 0.05  # a ratio known no better than ±5% is flagged
 UNSTABLE_PROCESS_SPREAD = 1.10  # workers whose medians differ by more than 10% are flagged
@@ -38,7 +38,6 @@ MIN_ROUNDS_PER_VISIT = 3  # every worker contributes a few paired samples, howev
 # A GPU group's rounds are short, so it can afford enough samples for a rank test (the gate's);
 # a single synchronised block per case, as a plain blocked timer gives, cannot show a regression.
 MIN_SAMPLES_ON_DEVICE = 30
-_STATISTICS_SEED = 20191  # the bootstrap is seeded: the same samples always give the same verdict
 
 
 class Pool(Protocol):
@@ -88,17 +87,17 @@ class _Samples:
     def timing(self, case_id: str) -> Timing:
         picked = [(p, i, r.per_call_s[case_id]) for i, (p, r) in enumerate(self.rounds) if case_id in r.per_call_s]
         processes, rounds, times = zip(*picked)
-        return Timing(tuple(times), int(np.median(self.calls_per_block[case_id])), tuple(processes), tuple(rounds))
+        return Timing(tuple(times), int(median(self.calls_per_block[case_id])), tuple(processes), tuple(rounds))
 
     def paired(self, case_id: str, reference: str) -> tuple[np.ndarray, np.ndarray]:
-        pairs = [(p, r.per_call_s[case_id] / r.per_call_s[reference]) for p, r in self.rounds
-                 if case_id in r.per_call_s and reference in r.per_call_s]
+        """The paired ratios of `case_id` to `reference`, and the process of each."""
+        pairs = [(p, ratio) for p, r in self.rounds for ratio in paired_ratios([r], case_id, reference)]
         return np.array([v for _, v in pairs]), np.array([p for p, _ in pairs])
 
 
 def _verdicts(samples: _Samples, floor: str | None, candidates: set[str], dispatchers: set[str],
               tie_margin: float) -> dict[str, CaseTiming]:
-    rng = np.random.default_rng(_STATISTICS_SEED)
+    rng = np.random.default_rng(BOOTSTRAP_SEED)
     measured = list(dict.fromkeys(key for _, r in samples.rounds for key in r.per_call_s))
     timings = {key: samples.timing(key) for key in measured}
     has_floor = floor in timings

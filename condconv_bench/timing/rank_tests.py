@@ -21,6 +21,7 @@ import numpy as np
 from scipy.stats import mannwhitneyu, wilcoxon
 
 from condconv_bench.settings import DEFAULT_ALPHA
+from condconv_bench.timing.samples import median
 
 Direction = Literal["slower", "faster", "unchanged"]
 
@@ -47,7 +48,7 @@ def compare_samples(before: np.ndarray | list[float], after: np.ndarray | list[f
     after = np.asarray(after, dtype=float)
     if len(before) == 0 or len(after) == 0:
         raise ValueError("both samples need at least one value")
-    ratio = float(np.median(after) / np.median(before))
+    ratio = median(after) / median(before)
     if len(before) < 2 or len(after) < 2 or np.ptp(np.concatenate([before, after])) == 0:
         return SampleChange(ratio, 1.0)
     return SampleChange(ratio, float(mannwhitneyu(after, before, alternative="two-sided").pvalue))
@@ -60,5 +61,5 @@ def compare_paired(ratios: np.ndarray | list[float]) -> SampleChange:
         raise ValueError("need at least one paired ratio")
     logs = np.log(ratios)
     if len(ratios) < 2 or not np.any(logs):
-        return SampleChange(float(np.median(ratios)), 1.0)
-    return SampleChange(float(np.median(ratios)), float(wilcoxon(logs).pvalue))
+        return SampleChange(median(ratios), 1.0)
+    return SampleChange(median(ratios), float(wilcoxon(logs).pvalue))

@@ -11,12 +11,17 @@ mixture as a precise value, which a second invocation would not reproduce.
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from dataclasses import dataclass
 
 import numpy as np
 
+from condconv_bench.timing.rounds import Round
+from condconv_bench.timing.samples import median
+
 CONFIDENCE = 0.95
 RESAMPLES = 2000
+BOOTSTRAP_SEED = 20191  # the bootstrap is seeded: the same samples always give the same verdict
 
 
 @dataclass(frozen=True)
@@ -33,9 +38,14 @@ class Interval:
         return max(self.high / self.estimate - 1, 1 - self.low / self.estimate)
 
 
+def paired_ratios(rounds: Iterable[Round], key: str, reference: str) -> list[float]:
+    """`key`'s per-call time over `reference`'s in each round that timed both: the paired samples."""
+    return [r.per_call_s[key] / r.per_call_s[reference] for r in rounds if key in r.per_call_s and reference in r.per_call_s]
+
+
 def process_medians(values: np.ndarray, processes: np.ndarray) -> np.ndarray:
     """The median ratio of each process, in process order."""
-    return np.array([np.median(values[processes == p]) for p in np.unique(processes)])
+    return np.array([median(values[processes == p]) for p in np.unique(processes)])
 
 
 def hierarchical_interval(values: np.ndarray, processes: np.ndarray, rng: np.random.Generator,
@@ -43,7 +53,7 @@ def hierarchical_interval(values: np.ndarray, processes: np.ndarray, rng: np.ran
     """Median of `values` with a bootstrap interval resampling processes, then rounds within them."""
     values = np.asarray(values, dtype=float)
     processes = np.asarray(processes)
-    estimate = float(np.median(values))
+    estimate = median(values)
     groups = [values[processes == p] for p in np.unique(processes)]
     width = max(len(g) for g in groups)
     # One row per process, padded with NaN; each resample draws processes, then rounds inside each.

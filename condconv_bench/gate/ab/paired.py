@@ -17,11 +17,9 @@ import numpy as np
 from condconv_bench.gate.ab.pairs import SIDES, CasePair, group_visits
 from condconv_bench.measure.group import GroupMeasurement, measure_groups
 from condconv_bench.measure.pool import WorkerPool
-from condconv_bench.timing.ratios import Interval, hierarchical_interval
+from condconv_bench.timing.ratios import BOOTSTRAP_SEED, Interval, hierarchical_interval
 from condconv_bench.timing.rank_tests import SampleChange, compare_paired
 from condconv_bench.settings import MeasureSettings
-
-_STATISTICS_SEED = 20191
 
 
 @dataclass(frozen=True)
@@ -62,7 +60,7 @@ def measure_pairs(pairs: list[CasePair], seed: int, settings: MeasureSettings, p
         for tag, reason in result.errors.items():
             pair, side = tags[tag]
             errors.setdefault(pair.case_id, f"{side}: {reason}")
-    rng = np.random.default_rng(_STATISTICS_SEED)
+    rng = np.random.default_rng(BOOTSTRAP_SEED)
     timed = {pair.case_id: _paired(measurement, pair, rng)
              for measurement in measurements for pair in _pairs_of(measurement, tags) if pair.case_id not in errors}
     return timed, errors
