@@ -23,7 +23,7 @@ from condconv_bench.settings import MeasureSettings
 from condconv_bench.measure.pool import WorkerFailure
 from condconv_bench.measure.protocol import Visit, VisitResult, read_message, write_message
 from condconv_bench.timing.ratios import Interval, hierarchical_interval, is_tied
-from condconv_bench.timing.rounds import Round, calls_per_block, run_rounds
+from condconv_bench.timing.rounds import Block, Round, calls_per_block, planned_rounds, run_rounds
 from condconv_bench.run.directory import RunDirectory
 from condconv_bench.run.runner import run_suite
 from condconv_bench.suite.selection import CaseFilter
@@ -76,6 +76,26 @@ def test_rounds_stop_at_the_time_limit_but_not_before_the_minimum() -> None:
     assert len(run_rounds(steps, {"a": 1, "b": 1}, 50, random.Random(0), clock, no_sync, time_limit_s=0.02)) == 3
     assert len(run_rounds(steps, {"a": 1, "b": 1}, 50, random.Random(0), clock, no_sync, time_limit_s=0.02, min_rounds=5)) == 5
     assert len(run_rounds(steps, {"a": 1, "b": 1}, 2, random.Random(0), clock, no_sync, time_limit_s=1.0)) == 2
+
+
+def test_a_plan_changes_the_blocks_and_the_steps_between_rounds() -> None:
+    """What autotune's pruning rests on: the plan sees every round so far and names the next one's blocks."""
+    clock = FakeClock()
+    steps = {"a": clock.costing(1e-3), "b": clock.costing(2e-3), "c": clock.costing(5e-4)}
+    seen = []
+
+    def plan(measured: list[Round]) -> dict[str, Block]:
+        seen.append(len(measured))
+        if len(measured) < 2:
+            return {key: Block(1) for key in steps}
+        return {"c": Block(4, warm=False), "a": Block(2, warm=False)} if len(measured) < 5 else {}
+
+    rounds = planned_rounds(steps, plan, random.Random(0), clock, no_sync)
+    assert seen == [0, 1, 2, 3, 4, 5]  # asked before every round and once more to end them
+    assert [sorted(r.order) for r in rounds] == [["a", "b", "c"]] * 2 + [["a", "c"]] * 3
+    assert all(r.per_call_s == pytest.approx({"a": 1e-3, "b": 2e-3, "c": 5e-4}) for r in rounds[:2])
+    assert all(r.per_call_s == pytest.approx({"a": 1e-3, "c": 5e-4}) for r in rounds[2:])
+    assert clock.now == pytest.approx(2 * 2 * 3.5e-3 + 3 * (2e-3 + 2e-3))  # the last rounds' blocks start cold
 
 
 def test_paired_ratios_cancel_a_machine_that_slows_down_while_measuring() -> None:

@@ -56,17 +56,18 @@ from __future__ import annotations
 import math
 import os
 import random
-import statistics
 import time
-import warnings
-from collections.abc import Callable
+from collections.abc import Mapping
 from dataclasses import dataclass
 
 import torch
 
-from condconv_bench.dispatch.table import RIVALS, Entry
-from condconv_bench.timing.rounds import Round, gc_paused, time_block
 from condconv_bench.core.spec import LayerSpec, Pair
+from condconv_bench.dispatch.candidate_steps import candidate_step, compiled_forwards, sync_for
+from condconv_bench.dispatch.table import RIVALS, Entry
+from condconv_bench.timing.ratios import paired_ratios
+from condconv_bench.timing.rounds import Block, Clock, Round, calls_for, gc_paused, planned_rounds, time_block, times_of
+from condconv_bench.timing.samples import median, percentiles, spread
 
 MACS_FACTOR = 4.0
 HOPELESS_FACTOR = 8.0
@@ -84,9 +85,6 @@ WARM_BELOW_S = 0.02  # a block of calls shorter than this starts with an untimed
 MIN_ROUNDS = 3
 SETTLE_ROUNDS = 5  # the fewest rounds whose quartiles may settle the answer before the budget is spent
 MAX_ROUNDS = 200
-
-Forward = Callable[..., torch.Tensor]
-Clock = Callable[[], float]
 
 default_clock: Clock = time.perf_counter  # what the layers measure with; tests swap in a fake clock
 
@@ -133,39 +131,9 @@ def _load_per_cpu() -> float:
         return -1.0
 
 
-def _step(layer: torch.nn.Module, forward: Forward, x: torch.Tensor, routing_weights: torch.Tensor) -> Callable[[], object]:
-    """One call of a strategy as the caller would run it: the forward, and with autograd
-    recording also its backward to the parameters, input and routing weights that require a gradient."""
-    if not torch.is_grad_enabled():
-        routing = routing_weights.detach()
-        return lambda: forward(layer, x, routing)
-    routing = routing_weights.detach().requires_grad_(routing_weights.requires_grad)
-    inputs = [t for t in (x, routing, *layer.parameters()) if t.requires_grad]
-    if not inputs:
-        return lambda: forward(layer, x, routing)
-
-    def forward_and_backward() -> object:
-        out = forward(layer, x, routing)
-        return torch.autograd.grad(out, inputs, torch.ones_like(out), allow_unused=True)
-
-    return forward_and_backward
-
-
-def _sync_for(x: torch.Tensor) -> Callable[[], None]:
-    return torch.cuda.synchronize if x.device.type == "cuda" else (lambda: None)
-
-
-def _block(step: Callable[[], object], seconds_per_call: float, clock: Clock, sync: Callable[[], None]) -> float:
-    """One block of about BLOCK_S, warmed first where a block is short enough for caches to matter."""
-    number = max(1, round(BLOCK_S / max(seconds_per_call, 1e-9)))
-    return time_block(step, number, clock, sync, warm=seconds_per_call < WARM_BELOW_S)
-
-
-def _round(steps: dict[str, Callable[[], object]], estimate_s: dict[str, float], keys: list[str], rng: random.Random,
-           clock: Clock, sync: Callable[[], None]) -> Round:
-    order = list(keys)
-    rng.shuffle(order)
-    return Round({key: _block(steps[key], estimate_s[key], clock, sync) for key in order})
+def _block(seconds_per_call: float) -> Block:
+    """A block of about BLOCK_S, warmed first where a block is short enough for caches to matter."""
+    return Block(calls_for(BLOCK_S, seconds_per_call), warm=seconds_per_call < WARM_BELOW_S)
 
 
 def _round_cost(estimate_s: dict[str, float], keys: list[str]) -> float:
@@ -180,15 +148,14 @@ def measure(layer: torch.nn.Module, x: torch.Tensor, routing_weights: torch.Tens
     reached once the budget is spent by the first calls of two or more are not measured (a layer
     whose every call is slow ends near its budget rather than after two calls of each)."""
     clock = clock or default_clock
-    sync = _sync_for(x)
+    sync = sync_for(x)
     forwards = {key: cls.conditional_forward for key, cls in candidates.items()}
     compile_s = 0.0
     if compiled:
-        forwards, compile_s = _compiled_forwards(forwards, layer, x, routing_weights, clock)
+        forwards, compile_s = compiled_forwards(forwards, layer, x, routing_weights, clock)
     load = _load_per_cpu()
     started = clock()
-    deadline = started + budget_s * BUDGET_SLACK
-    steps = {key: _step(layer, forward, x, routing_weights) for key, forward in forwards.items()}
+    steps = {key: candidate_step(layer, forward, x, routing_weights) for key, forward in forwards.items()}
     observed: dict[str, list[float]] = {}  # every settled per-call time of each strategy: what pruning reads
     best = math.inf
     with gc_paused():
@@ -207,28 +174,9 @@ def measure(layer: torch.nn.Module, x: torch.Tensor, routing_weights: torch.Tens
         for key in [k for k in observed if k not in kept]:
             if clock() - started < budget_s:  # one call is one sample: a call the OS preempted must not drop a strategy
                 observed[key].append(time_block(steps[key], 1, clock, sync))
-        estimate = _fastest(observed)  # the latest per-call estimate of each strategy, which sizes its blocks
-        contenders = _within(estimate, FIRST_PRUNE_FACTOR)
-        rounds: list[Round] = []
-        rng = random.Random(0)
-        while len(contenders) > 1 and len(rounds) < MAX_ROUNDS:
-            if len(rounds) >= MIN_ROUNDS and clock() + _round_cost(estimate, contenders) > started + budget_s:
-                break  # the finalists' rounds end within the budget
-            while len(contenders) > 2 and clock() + _round_cost(estimate, contenders) > deadline:
-                contenders.remove(max(contenders, key=estimate.__getitem__))
-            if rounds and clock() + _round_cost(estimate, contenders) > deadline:
-                break
-            rounds.append(_round(steps, estimate, contenders, rng, clock, sync))
-            for key, seconds in rounds[-1].per_call_s.items():
-                observed[key].append(seconds)
-            estimate.update(_medians(rounds, contenders))
-            if len(rounds) >= MIN_ROUNDS:  # the median of three or more rounds outvotes one preempted block
-                contenders = _within({k: estimate[k] for k in contenders}, PRUNE_FACTOR)
-            else:  # one or two blocks each: drop only a strategy whose every block was slower than the best median
-                contenders = _within(_fastest({k: observed[k] for k in contenders}), ROUND_PRUNE_FACTOR,
-                                     least=min(estimate[k] for k in contenders))
-            if len(rounds) >= SETTLE_ROUNDS and _settled(rounds, contenders, min(contenders, key=estimate.__getitem__)):
-                break
+        race = _Race(observed, clock, started + budget_s, started + budget_s * BUDGET_SLACK)
+        rounds = planned_rounds(steps, race, random.Random(0), clock, sync)
+    estimate, contenders = race.estimate, race.contenders
     medians = {key: estimate[key] for key in contenders}
     strategy, tied = pick(medians)
     rivals = tuple(sorted((k for k in estimate if k != strategy), key=estimate.__getitem__)[:RIVALS])
@@ -240,6 +188,46 @@ def measure(layer: torch.nn.Module, x: torch.Tensor, routing_weights: torch.Tens
     )
 
 
+class _Race:
+    """`measure`'s rounds as a plan: what the next round times, learnt from the rounds so far.
+
+    Each round's blocks join every strategy's observed calls and its medians become the estimates
+    that size the next blocks; the pruning rules then drop contenders, and the budget decides
+    whether another round starts.
+    """
+
+    def __init__(self, observed: dict[str, list[float]], clock: Clock, budget_end: float, deadline: float) -> None:
+        self.observed, self.clock, self.budget_end, self.deadline = observed, clock, budget_end, deadline
+        self.estimate = _fastest(observed)  # the latest per-call estimate of each strategy, which sizes its blocks
+        self.contenders = _within(self.estimate, FIRST_PRUNE_FACTOR)
+
+    def __call__(self, rounds: list[Round]) -> Mapping[str, Block]:
+        if rounds:
+            self._learn(rounds)
+            best = min(self.contenders, key=self.estimate.__getitem__)
+            if len(rounds) >= SETTLE_ROUNDS and _settled(rounds, self.contenders, best):
+                return {}
+        if len(self.contenders) < 2 or len(rounds) >= MAX_ROUNDS:
+            return {}
+        if len(rounds) >= MIN_ROUNDS and self.clock() + _round_cost(self.estimate, self.contenders) > self.budget_end:
+            return {}  # the finalists' rounds end within the budget
+        while len(self.contenders) > 2 and self.clock() + _round_cost(self.estimate, self.contenders) > self.deadline:
+            self.contenders.remove(max(self.contenders, key=self.estimate.__getitem__))
+        if rounds and self.clock() + _round_cost(self.estimate, self.contenders) > self.deadline:
+            return {}
+        return {key: _block(self.estimate[key]) for key in self.contenders}
+
+    def _learn(self, rounds: list[Round]) -> None:
+        for key, seconds in rounds[-1].per_call_s.items():
+            self.observed[key].append(seconds)
+        self.estimate.update(_medians(rounds, self.contenders))
+        if len(rounds) >= MIN_ROUNDS:  # the median of three or more rounds outvotes one preempted block
+            self.contenders = _within({k: self.estimate[k] for k in self.contenders}, PRUNE_FACTOR)
+        else:  # one or two blocks each: drop only a strategy whose every block was slower than the best median
+            self.contenders = _within(_fastest({k: self.observed[k] for k in self.contenders}), ROUND_PRUNE_FACTOR,
+                                      least=min(self.estimate[k] for k in self.contenders))
+
+
 def confirm(layer: torch.nn.Module, x: torch.Tensor, routing_weights: torch.Tensor, cached: str, rivals: dict[str, type],
             candidates: dict[str, type], budget_s: float, clock: Clock | None = None) -> Tuning:
     """Race the `cached` choice against its recorded `rivals` on this call's input, at least
@@ -247,23 +235,27 @@ def confirm(layer: torch.nn.Module, x: torch.Tensor, routing_weights: torch.Tens
     choice holds unless a rival is faster by more than TIE_TOLERANCE, and then the fastest rival
     is the answer."""
     clock = clock or default_clock
-    sync = _sync_for(x)
+    sync = sync_for(x)
     racing = {cached: candidates[cached], **rivals}
+    keys = list(racing)
     load = _load_per_cpu()
     started = clock()
-    steps = {key: _step(layer, cls.conditional_forward, x, routing_weights) for key, cls in racing.items()}
+    steps = {key: candidate_step(layer, cls.conditional_forward, x, routing_weights) for key, cls in racing.items()}
     with gc_paused():
         for step in steps.values():
             step()  # builds layouts and primitives, untimed
-        estimate = {key: time_block(step, 1, clock, sync) for key, step in steps.items()}
-        rounds: list[Round] = []
-        rng = random.Random(0)
-        while len(rounds) < MIN_ROUNDS or (clock() - started < budget_s and len(rounds) < MAX_ROUNDS):
-            rounds.append(_round(steps, estimate, list(racing), rng, clock, sync))
-            medians = _medians(rounds, list(racing))
-            if len(rounds) >= SETTLE_ROUNDS and _settled(rounds, list(racing), min(medians, key=medians.__getitem__)):
-                break
-    medians = _medians(rounds, list(racing))
+        blocks = {key: _block(time_block(step, 1, clock, sync)) for key, step in steps.items()}
+
+        def plan(rounds: list[Round]) -> Mapping[str, Block]:
+            if len(rounds) >= SETTLE_ROUNDS:
+                medians = _medians(rounds, keys)
+                if _settled(rounds, keys, min(medians, key=medians.__getitem__)):
+                    return {}
+            going_on = len(rounds) < MIN_ROUNDS or (clock() - started < budget_s and len(rounds) < MAX_ROUNDS)
+            return blocks if going_on else {}
+
+        rounds = planned_rounds(steps, plan, random.Random(0), clock, sync)
+    medians = _medians(rounds, keys)
     best = min(medians.values())
     holds = medians[cached] <= best * (1 + TIE_TOLERANCE)
     strategy, tied = (cached, tuple(sorted(k for k, m in medians.items() if m <= medians[cached] * (1 + TIE_TOLERANCE)))) \
@@ -286,27 +278,6 @@ def drifted(entry: Entry | None, confirmation: Tuning) -> bool:
     return not 1 / DRIFT_FACTOR <= now / recorded <= DRIFT_FACTOR
 
 
-def _compiled_forwards(forwards: dict[str, Forward], layer: torch.nn.Module, x: torch.Tensor, routing_weights: torch.Tensor,
-                       clock: Clock) -> tuple[dict[str, Forward], float]:
-    """Each forward compiled by inductor for this input (compiled now, by one call), and the time
-    that took; a strategy inductor cannot compile here is left out."""
-    from condconv_bench.impls.compiled import configure_compiler
-
-    configure_compiler()
-    started = clock()
-    compiled = {}
-    for key, forward in forwards.items():
-        function = torch.compile(forward, dynamic=False)
-        try:
-            function(layer, x, routing_weights)
-        except Exception as exc:  # inductor raises its own types; the strategy just is not a candidate
-            warnings.warn(f"condconv_bench: autotune left {key} out: inductor could not compile it ({str(exc).splitlines()[0]})",
-                          stacklevel=4)
-            continue
-        compiled[key] = function
-    return compiled, clock() - started
-
-
 def _within(seconds: dict[str, float], factor: float, least: float | None = None) -> list[str]:
     """The keys whose time is at most `factor` × `least` (by default the least of `seconds`), in their given order."""
     least = min(seconds.values()) if least is None else least
@@ -320,7 +291,7 @@ def _fastest(observed: dict[str, list[float]]) -> dict[str, float]:
 
 
 def _medians(rounds: list[Round], keys: list[str]) -> dict[str, float]:
-    return {key: statistics.median(r.per_call_s[key] for r in rounds if key in r.per_call_s) for key in keys}
+    return {key: median(times_of(rounds, key)) for key in keys}
 
 
 def _settled(rounds: list[Round], contenders: list[str], best: str) -> bool:
@@ -330,10 +301,10 @@ def _settled(rounds: list[Round], contenders: list[str], best: str) -> bool:
     for key in contenders:
         if key == best:
             continue
-        ratios = [r.per_call_s[key] / r.per_call_s[best] for r in rounds if key in r.per_call_s and best in r.per_call_s]
+        ratios = paired_ratios(rounds, key, best)
         if len(ratios) < SETTLE_ROUNDS:
             return False
-        low, _, high = statistics.quantiles(ratios, n=4, method="inclusive")
+        low, high = percentiles(ratios, (25, 75))
         slower = low > 1 + TIE_TOLERANCE
         tied = 1 - TIE_TOLERANCE < low and high < 1 + TIE_TOLERANCE
         if not (slower or tied):
@@ -345,13 +316,9 @@ def _spread(rounds: list[Round], key: str, rivals: tuple[str, ...]) -> float:
     """Interquartile range / median, over the rounds, of the runner-up's time divided by `key`'s
     in the same round — how much the rounds disagree about the comparison, with the drift they
     share cancelled — or of `key`'s own times where it raced no one (0 with fewer than two rounds)."""
-    runner_up = next(iter(rivals), None)
-    paired = [r.per_call_s[runner_up] / r.per_call_s[key] for r in rounds if key in r.per_call_s and runner_up in r.per_call_s]
-    samples = paired if len(paired) >= 2 else [r.per_call_s[key] for r in rounds if key in r.per_call_s]
-    if len(samples) < 2:
-        return 0.0
-    low, _, high = statistics.quantiles(samples, n=4, method="inclusive")
-    return (high - low) / statistics.median(samples)
+    paired = paired_ratios(rounds, rivals[0], key) if rivals else []
+    samples = paired if len(paired) >= 2 else times_of(rounds, key)
+    return spread(samples) if len(samples) >= 2 else 0.0
 
 
 def cheap_enough(candidates: dict[str, type], spec: LayerSpec, batch_size: int, input_size: Pair) -> dict[str, type]:

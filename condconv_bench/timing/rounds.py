@@ -14,6 +14,10 @@ previous implementation left in the caches (measured here: a static depthwise co
 took 2.0–2.2 ms or 3.0–4.2 ms per call depending on its place in the round). The clock is read
 only around whole blocks and the device is synchronised before each read, so timer and launch
 overheads amortise and asynchronous devices are timed to the end of their work. The garbage collector is paused while blocks run, as `timeit` does.
+
+This is the one implementation of the protocol. The instrument's workers, the model-stage timer and
+the machine's ceilings repeat the same blocks (`run_rounds`); autotune decides round by round which
+strategies race on and how long their blocks are (`planned_rounds` with its own `Plan`).
 """
 
 from __future__ import annotations
@@ -21,7 +25,7 @@ from __future__ import annotations
 import gc
 import math
 import random
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass
 
@@ -40,6 +44,23 @@ class Round:
     @property
     def order(self) -> tuple[str, ...]:
         return tuple(self.per_call_s)
+
+
+@dataclass(frozen=True)
+class Block:
+    """How a round times one step: `number` back-to-back calls, after one untimed call with `warm`."""
+
+    number: int
+    warm: bool = True
+
+
+# Given the rounds so far, the blocks of the next round; an empty mapping ends the rounds.
+Plan = Callable[[list[Round]], Mapping[str, Block]]
+
+
+def times_of(rounds: Iterable[Round], key: str) -> list[float]:
+    """`key`'s per-call seconds in each round that timed it."""
+    return [r.per_call_s[key] for r in rounds if key in r.per_call_s]
 
 
 @contextmanager
@@ -79,20 +100,40 @@ def calls_per_block(steps: dict[str, Step], block_s: float, warmup: int, clock: 
     numbers = {}
     with gc_paused():
         for key, step in steps.items():
-            fastest = min(time_block(step, 1, clock, sync) for _ in range(max(1, warmup)))
-            numbers[key] = int(min(MAX_CALLS_PER_BLOCK, max(1, round(block_s / max(fastest, 1e-9)))))
+            numbers[key] = calls_for(block_s, min(time_block(step, 1, clock, sync) for _ in range(max(1, warmup))))
     return numbers
 
 
+def calls_for(block_s: float, seconds_per_call: float) -> int:
+    """The calls that make a block of about `block_s`, at least one."""
+    return int(min(MAX_CALLS_PER_BLOCK, max(1, round(block_s / max(seconds_per_call, 1e-9)))))
+
+
 def run_rounds(steps: dict[str, Step], numbers: dict[str, int], rounds: int, rng: random.Random, clock: Clock,
-               sync: Callable[[], None], time_limit_s: float = math.inf, min_rounds: int = 1) -> list[Round]:
-    """Up to `rounds` rounds, each timing one block of every step in a freshly shuffled order;
-    fewer once `time_limit_s` has passed, but never fewer than `min_rounds` (which may exceed `rounds`)."""
-    keys = list(steps)
-    measured: list[Round] = []
+               sync: Callable[[], None], time_limit_s: float = math.inf, min_rounds: int = 1, warm: bool = True) -> list[Round]:
+    """Up to `rounds` rounds, each timing one block of `numbers[key]` calls of every step (after
+    an untimed call with `warm`); fewer once `time_limit_s` has passed, but never fewer than
+    `min_rounds` (which may exceed `rounds`)."""
+    blocks = {key: Block(numbers[key], warm) for key in steps}
     started = clock()
+
+    def plan(measured: list[Round]) -> Mapping[str, Block]:
+        going_on = len(measured) < max(rounds, min_rounds) and (len(measured) < min_rounds or clock() - started < time_limit_s)
+        return blocks if going_on else {}
+
+    return planned_rounds(steps, plan, rng, clock, sync)
+
+
+def planned_rounds(steps: dict[str, Step], plan: Plan, rng: random.Random, clock: Clock,
+                   sync: Callable[[], None]) -> list[Round]:
+    """Rounds while `plan` names blocks, each timing them in an order shuffled afresh from the
+    last round's (a step the plan adds joins at the end before the shuffle)."""
+    measured: list[Round] = []
+    order: list[str] = []
     with gc_paused():
-        while len(measured) < max(rounds, min_rounds) and (len(measured) < min_rounds or clock() - started < time_limit_s):
-            rng.shuffle(keys)
-            measured.append(Round({key: time_block(steps[key], numbers[key], clock, sync, warm=True) for key in keys}))
+        while blocks := plan(measured):
+            order = [key for key in order if key in blocks] + [key for key in blocks if key not in order]
+            rng.shuffle(order)
+            measured.append(Round({key: time_block(steps[key], blocks[key].number, clock, sync, blocks[key].warm)
+                                   for key in order}))
     return measured
