@@ -246,8 +246,9 @@ def test_stage_attribution_times_every_stage_and_finds_the_mixing_where_the_cond
     assert [name for name, _ in stages_of(converted)] == ["stem", "blocks.0", "blocks.1", "head"]
     x = torch.randn(2, 3, 16, 16)
     times = time_stages({"converted": converted, "floor": floor}, x, rounds=3)
+    assert all(len(times.per_stage[stage]) == 3 and all(set(r.order) == {"converted", "floor"} for r in times.per_stage[stage])
+               for stage in times.stages)
     for label in ("converted", "floor"):
-        assert all(len(times.seconds[label][stage]) == 3 for stage in times.stages)
         assert sum(times.median(label, stage) for stage in times.stages) <= times.median(label)
     phases = {label: stage_phases(model, x, num_experts=4) for label, model in (("converted", converted), ("floor", floor))}
     assert phases["converted"]["blocks.0"]["mixing"] > 0 and phases["converted"]["blocks.1"]["mixing"] > 0
@@ -258,7 +259,7 @@ def test_stage_attribution_times_every_stage_and_finds_the_mixing_where_the_cond
     paths = condconv_paths(converted)  # per layer: the floor has plain convs at the same paths
     assert paths == [f"blocks.{s}.0.{i}" for s in (0, 1) for i in (0, 2, 4)]
     layers = time_stages({"converted": converted, "floor": floor}, x, rounds=2, paths=paths)
-    assert layers.stages == paths and all(len(layers.seconds["floor"][p]) == 2 for p in paths)
+    assert layers.stages == paths and all(len(layers.per_stage[p]) == 2 for p in paths)
     per_layer = {label: stage_phases(model, x, 4, paths=paths) for label, model in (("converted", converted), ("floor", floor))}
     assert all(per_layer["converted"][p]["mixing"] > 0 == per_layer["floor"][p]["mixing"] for p in paths)
     ran = {p: converted.get_submodule(p).last_strategy for p in paths}

@@ -27,7 +27,7 @@ The limits of each case (`condconv_bench.core.limits`) are read against them.
 
 from __future__ import annotations
 
-import statistics
+import random
 import time
 from collections.abc import Callable
 from typing import Any
@@ -37,7 +37,8 @@ import torch.nn.functional as F
 
 from condconv_bench.machine.environment import cache_bytes
 from condconv_bench.machine.devices import device_unavailable_reason, synchronize, use_exact_float32
-from condconv_bench.timing.rounds import calls_per_block, time_block
+from condconv_bench.timing.rounds import calls_per_block, run_rounds, times_of
+from condconv_bench.timing.samples import median
 
 from condconv_bench.core.case import TORCH_DTYPES, Case
 
@@ -54,14 +55,16 @@ _DEPTHWISE = ((32, 256, 14, 14, 3), (32, 256, 14, 14, 5), (32, 512, 7, 7, 5))
 
 
 def _block_seconds(step: Callable[[], object], device: torch.device, threads: int) -> list[float]:
-    """Seconds per call of `step` in each of a few timed blocks, at `threads` threads."""
+    """Seconds per call of `step` in each of a few timed blocks, at `threads` threads: rounds of
+    one step, back to back (nothing runs between them, so none starts with an untimed call)."""
     previous = torch.get_num_threads()
     torch.set_num_threads(threads)
     sync = lambda: synchronize(device)  # noqa: E731
     try:
         with torch.inference_mode():
-            number = calls_per_block({"step": step}, _BLOCK_S, 2, time.perf_counter, sync)["step"]
-            return [time_block(step, number, time.perf_counter, sync) for _ in range(_BLOCKS)]
+            numbers = calls_per_block({"step": step}, _BLOCK_S, 2, time.perf_counter, sync)
+            blocks = run_rounds({"step": step}, numbers, _BLOCKS, random.Random(0), time.perf_counter, sync, warm=False)
+            return times_of(blocks, "step")
     finally:
         torch.set_num_threads(previous)
 
@@ -73,7 +76,7 @@ def matmul_peak_flops(device: torch.device, dtype: torch.dtype, threads: int) ->
     a = torch.randn(n, n, generator=generator).to(device=device, dtype=dtype)
     b = torch.randn(n, n, generator=generator).to(device=device, dtype=dtype)
     use_exact_float32(device)  # the peak of the arithmetic the cases run: IEEE float32, not TF32
-    return 2 * n**3 / statistics.median(_block_seconds(lambda: a @ b, device, threads))
+    return 2 * n**3 / median(_block_seconds(lambda: a @ b, device, threads))
 
 
 def dense_peak_flops(device: torch.device, dtype: torch.dtype, threads: int) -> float:

@@ -6,9 +6,10 @@ sequences (timm's `blocks`) giving one stage per inner sequence (EfficientNet's 
 a stage of the CondConv model and the same stage of its floor compute the same shapes.
 
 - Time per stage: forward hooks on every stage read the clock before and after it; the models run
-  in shuffled interleaved rounds in one process (as `condconv_bench.measure` does for whole cases),
-  and each stage's ratio is the median of its per-round ratios. The hooks cost about a
-  microsecond each (a dozen stages), against milliseconds per stage.
+  in shuffled interleaved rounds in one process (`condconv_bench.timing.rounds`, one call per
+  block, as the instrument's workers do for whole cases), and each stage's ratio is the median of
+  its per-round ratios. The hooks cost about a microsecond each (a dozen stages), against
+  milliseconds per stage.
 - What the difference is made of: one profiled pass per model with a `record_function` label
   around each stage (only in that pass: a label costs about 4 µs without a profiler, which would
   distort the timed rounds) and the project's phase attribution (`condconv_bench.profiling.phases`) applied
@@ -24,11 +25,11 @@ autograd hooks that change what is measured. Run it as
 from __future__ import annotations
 
 import random
-import statistics
 import time
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass
+from functools import partial
 
 import torch
 from torch import nn
@@ -39,6 +40,9 @@ from condconv_bench.dispatch.cache import cache_off
 from condconv_bench.cases.models import sources
 from condconv_bench.profiling.phases import FORWARD_PHASES, outermost, classify
 from condconv_bench.profiling.session import profiler_session
+from condconv_bench.timing.ratios import paired_ratios
+from condconv_bench.timing.rounds import Round, run_rounds, times_of
+from condconv_bench.timing.samples import median
 
 
 def stages_of(model: nn.Module) -> list[tuple[str, nn.Module]]:
@@ -75,20 +79,22 @@ def _hooked(model: nn.Module, before: Callable[[str], None], after: Callable[[st
 
 @dataclass(frozen=True)
 class StageTimes:
-    """Seconds per stage and round of each model (rounds paired: the same round index ran back to back)."""
+    """Each model's seconds per round, of the whole forward and of each stage (a round ran every
+    model once, back to back, so the same round of two models is a paired sample)."""
 
     stages: list[str]
-    seconds: dict[str, dict[str, list[float]]]  # model label → stage → per-round seconds
-    totals: dict[str, list[float]]  # model label → per-round seconds of the whole forward
+    whole: list[Round]
+    per_stage: dict[str, list[Round]]
+
+    def _rounds(self, stage: str | None) -> list[Round]:
+        return self.whole if stage is None else self.per_stage[stage]
 
     def median(self, label: str, stage: str | None = None) -> float:
-        return statistics.median(self.totals[label] if stage is None else self.seconds[label][stage])
+        return median(times_of(self._rounds(stage), label))
 
     def ratio(self, label: str, over: str, stage: str | None = None) -> float:
         """Median of the per-round ratios of `label` to `over` (the whole forward when `stage` is None)."""
-        a = self.totals[label] if stage is None else self.seconds[label][stage]
-        b = self.totals[over] if stage is None else self.seconds[over][stage]
-        return statistics.median(x / y for x, y in zip(a, b))
+        return median(paired_ratios(self._rounds(stage), label, over))
 
 
 def time_stages(models: dict[str, nn.Module], x: torch.Tensor, rounds: int, seed: int = 0,
@@ -102,28 +108,25 @@ def time_stages(models: dict[str, nn.Module], x: torch.Tensor, rounds: int, seed
             raise ValueError(f"the models' stages differ: {names}")
     else:
         stages = paths
-    seconds = {label: {s: [] for s in stages} for label in models}
-    totals: dict[str, list[float]] = {label: [] for label in models}
+    seconds = {label: {s: [] for s in stages} for label in models}  # model label → stage → per-round seconds
     started: dict[str, float] = {}
-    order = list(models)
-    rng = random.Random(seed)
-    with torch.inference_mode():
+
+    def before(stage: str) -> None:
+        started[stage] = time.perf_counter()
+
+    def after(label: str, stage: str) -> None:
+        seconds[label][stage].append(time.perf_counter() - started[stage])
+
+    with torch.inference_mode(), ExitStack() as hooks:
         for model in models.values():
             model(x)  # the first call (autotune's tuning) is not a round
-        for _ in range(rounds):
-            rng.shuffle(order)
-            for label in order:
-                def before(stage: str) -> None:
-                    started[stage] = time.perf_counter()
-
-                def after(stage: str, label: str = label) -> None:
-                    seconds[label][stage].append(time.perf_counter() - started[stage])
-
-                with _hooked(models[label], before, after, paths):
-                    begin = time.perf_counter()
-                    models[label](x)
-                    totals[label].append(time.perf_counter() - begin)
-    return StageTimes(stages, seconds, totals)
+        for label, model in models.items():
+            hooks.enter_context(_hooked(model, before, partial(after, label), paths))
+        whole = run_rounds({label: partial(model, x) for label, model in models.items()}, dict.fromkeys(models, 1), rounds,
+                           random.Random(seed), time.perf_counter, lambda: None, warm=False)
+    per_stage = {stage: [Round({label: seconds[label][stage][i] for label in r.order}) for i, r in enumerate(whole)]
+                 for stage in stages}
+    return StageTimes(stages, whole, per_stage)
 
 
 def stage_phases(model: nn.Module, x: torch.Tensor, num_experts: int, steps: int = 3,
