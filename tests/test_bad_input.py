@@ -21,7 +21,8 @@ from condconv_bench.gate.snapshot import load_snapshot, save_baseline
 from condconv_bench.cli import main
 from condconv_bench.dispatch.table import DispatchTable
 from condconv_bench.cases.memory_estimate import estimated_bytes
-from condconv_bench.run.directory import COLUMNS, RunDirectory, load_results
+from condconv_bench.run.columns import DTYPES
+from condconv_bench.run.directory import RunDirectory, load_results
 from condconv_bench.run.runner import run_suite
 from condconv_bench.suite.selection import CaseFilter
 from condconv_bench.set_aside import RowSetAside
@@ -54,7 +55,7 @@ def test_a_bad_row_costs_that_row_only(small_run: Path, tmp_path: Path) -> None:
     run = _copy(small_run, tmp_path)
     with (run / "results.csv").open(newline="") as handle:
         rows = list(csv.reader(handle))
-    rows[3][list(COLUMNS).index("batch_size")] = "99999999999999999999"  # beyond 64 bits
+    rows[3][list(DTYPES).index("batch_size")] = "99999999999999999999"  # beyond 64 bits
     with (run / "results.csv").open("w", newline="") as handle:
         csv.writer(handle, lineterminator="\n").writerows(rows)
     with pytest.warns(RowSetAside, match=r"results.csv: line 4 set aside \(column batch_size: beyond a 64-bit integer"):

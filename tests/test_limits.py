@@ -17,7 +17,8 @@ from condconv_bench.core.flops import AnalyticMacs, compulsory_macs
 from condconv_bench.core.limits import Ceilings, limit, memory_seconds
 from condconv_bench.machine.ceilings import memory_bandwidths
 from condconv_bench.core.registry import get_impl
-from condconv_bench.run.directory import HEADERS, LIMIT_COLUMNS, load_results
+from condconv_bench.run.columns import COLUMNS, header
+from condconv_bench.run.directory import load_results
 from condconv_bench.run.runner import run_suite
 from condconv_bench.suite.selection import CaseFilter
 from condconv_bench.core.spec import LayerSpec
@@ -177,12 +178,12 @@ def test_a_version_3_run_directory_still_loads_without_limits_and_is_not_continu
     out = tmp_path / "run"
     run_suite(tiny, out, case_filter=CaseFilter(layers=("pw",), batch_sizes=(1,)))
     frame = pd.read_csv(out / "results.csv", dtype=str, keep_default_na=False)
-    frame[HEADERS[3]].to_csv(out / "results.csv", index=False)
+    frame[header(3)].to_csv(out / "results.csv", index=False)
     metadata = json.loads((out / "run.json").read_text())
     metadata["schema_version"] = 3
     metadata.pop("memory_bandwidths")
     (out / "run.json").write_text(json.dumps(metadata))
     rows = load_results(out)
-    assert (rows["status"] == "ok").any() and rows[list(LIMIT_COLUMNS)].isna().all().all()
+    assert (rows["status"] == "ok").any() and rows[[c.name for c in COLUMNS if c.topic == "limits"]].isna().all().all()
     with pytest.raises(ResultsError, match="older condconv-bench"):
         run_suite(tiny, out, resume=True, case_filter=CaseFilter(layers=("pw",), batch_sizes=(1,)))

@@ -14,7 +14,10 @@ import torch
 import yaml
 
 from condconv_bench.errors import CondConvBenchError, ResultsError
-from condconv_bench.run.directory import COLUMNS, LIMIT_COLUMNS, SCHEMA_VERSION, RunDirectory, load_results, merge_runs, writer_lock
+from condconv_bench.run.columns import COLUMNS, DTYPES, SCHEMA_VERSION, header
+from condconv_bench.run.directory import RunDirectory, load_results
+from condconv_bench.run.lock import writer_lock
+from condconv_bench.run.merge import merge_runs
 from condconv_bench.run.runner import run_suite
 from condconv_bench.suite.selection import CaseFilter, Shard
 from condconv_bench.suite.loader import load_suite
@@ -22,6 +25,7 @@ from condconv_bench.suite.loader import load_suite
 DATA = Path(__file__).parent / "data"
 TINY = DATA / "valid" / "tiny.yaml"
 HUNDRED_MIB = 100 * 2**20
+LIMIT_COLUMNS = [column.name for column in COLUMNS if column.topic == "limits"]
 
 
 def suite_with(tmp_path: Path, **changes) -> Path:
@@ -214,11 +218,11 @@ def test_every_probe_fills_its_columns(tiny_run: pd.DataFrame) -> None:
     # routing; a linear layer has no image size.
     may_be_empty = {"reason", "dispatched", "probed_dispatch", "tf32", "flops_problems", "fvcore_uncounted_ops", "input_size"}
     for impl, rows in on_cpu.groupby("impl"):
-        empty = {column for column in COLUMNS if column not in LIMIT_COLUMNS and rows[column].isna().any()} - may_be_empty
+        empty = {column for column in DTYPES if column not in LIMIT_COLUMNS and rows[column].isna().any()} - may_be_empty
         # Limits model a layer's forward pass: every inference row has them, no training row does.
         inference = rows["mode"] == "inference"
-        assert rows.loc[inference, list(LIMIT_COLUMNS)].notna().all().all(), impl
-        assert rows.loc[~inference, list(LIMIT_COLUMNS)].isna().all().all(), impl
+        assert rows.loc[inference, LIMIT_COLUMNS].notna().all().all(), impl
+        assert rows.loc[~inference, LIMIT_COLUMNS].isna().all().all(), impl
         if impl == "static":  # the floor is not CondConv: no equivalence check, no ratio to itself
             assert empty == {"equivalent", "max_abs_error", "max_rel_error", "tolerance", "worst_tensor",
                              "tied_fastest", "vs_best", "vs_best_ci_high", "vs_best_ci_low", "vs_floor",
@@ -229,7 +233,7 @@ def test_every_probe_fills_its_columns(tiny_run: pd.DataFrame) -> None:
 
 def test_result_columns_include_the_documented_ones() -> None:
     required = "impl layer batch_size device dtype mode threads status latency_median_s latency_iqr_s macs_fvcore flops_torch macs_analytic peak_memory_bytes max_rel_error equivalent"
-    assert set(required.split()) <= set(COLUMNS)
+    assert set(required.split()) <= set(DTYPES)
 
 
 def test_corrupt_run_json_is_a_results_error(tmp_path: Path) -> None:
@@ -242,7 +246,6 @@ def test_corrupt_run_json_is_a_results_error(tmp_path: Path) -> None:
 
 def test_a_version_4_run_directory_loads_without_the_probed_choice_and_gates(tmp_path) -> None:
     from condconv_bench.gate.snapshot import load_snapshot
-    from condconv_bench.run.directory import HEADERS
 
     data = yaml.safe_load(TINY.read_text())
     data["impls"] = ["static", "auto"]
@@ -252,7 +255,7 @@ def test_a_version_4_run_directory_loads_without_the_probed_choice_and_gates(tmp
     run_suite(suite, out, case_filter=CaseFilter(layers=("pw",), batch_sizes=(1,), devices=("cpu",)))
     assert load_results(out)["probed_dispatch"].notna().any()
     frame = pd.read_csv(out / "results.csv", dtype=str, keep_default_na=False)
-    frame[HEADERS[4]].to_csv(out / "results.csv", index=False)
+    frame[header(4)].to_csv(out / "results.csv", index=False)
     metadata = json.loads((out / "run.json").read_text())
     (out / "run.json").write_text(json.dumps({**metadata, "schema_version": 4}))
     rows = load_results(out)

@@ -17,7 +17,7 @@ from condconv_bench.run.phase_profile import profile_phases
 from condconv_bench.profiling.phases import PHASES
 from condconv_bench import formatting
 from condconv_bench.report import RUN_FORMATS, tables, write_report
-from condconv_bench.run.directory import merge_runs
+from condconv_bench.run.merge import merge_runs
 from condconv_bench.run.runner import default_output, run_suite
 from condconv_bench.suite.selection import CaseFilter, Shard
 from condconv_bench.suite.loader import load_suite

@@ -25,7 +25,8 @@ from pydantic import BaseModel, ConfigDict, TypeAdapter, ValidationError
 from condconv_bench.atomic import write_text_atomically
 from condconv_bench.errors import ResultsError, first_problem
 from condconv_bench.core.case import GROUP_KEYS, Role
-from condconv_bench.run.directory import RunDirectory, SuiteRecord
+from condconv_bench.run.directory import RunDirectory
+from condconv_bench.run.metadata import SuiteRecord
 from condconv_bench.set_aside import set_aside
 from condconv_bench.timing.samples import Timing
 

@@ -33,7 +33,9 @@ from condconv_bench.measure.group import GroupMeasurement, measure_groups
 from condconv_bench.measure.pool import WorkerPool
 from condconv_bench.measure.protocol import Visit
 from condconv_bench.run.probes import GroupContext, probe_case
-from condconv_bench.run.directory import SCHEMA_VERSION, RunDirectory, writer_lock
+from condconv_bench.run.columns import SCHEMA_VERSION
+from condconv_bench.run.directory import RunDirectory
+from condconv_bench.run.lock import writer_lock
 from condconv_bench.run.rows import record_timing
 from condconv_bench.suite.selection import CaseFilter, Shard
 from condconv_bench.settings import MeasureSettings
