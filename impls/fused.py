@@ -105,7 +105,11 @@ class Fused(CondConvBase):
 
     def __init__(self, spec: LayerSpec) -> None:
         super().__init__(spec)
-        _native()  # the build happens here, once per machine, never inside a timed call
+        self.prepare()  # the build happens here, once per machine, never inside a timed call
+
+    @classmethod
+    def prepare(cls) -> None:
+        _native()
 
     @classmethod
     def description(cls) -> str:

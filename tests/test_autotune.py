@@ -24,6 +24,7 @@ from condconv_bench.impls import chunked_matmul
 from condconv_bench.impls.grouped_conv import GroupedConv
 from condconv_bench.machine import allocators
 from condconv_bench.core.registry import create_impl, dispatchable_impls
+from condconv_bench.errors import ImplUnavailableError
 
 from test_auto import entry, query
 
@@ -88,6 +89,30 @@ def test_autotune_measures_and_never_picks_a_planted_slow_strategy(monkeypatch) 
     assert layer.last_strategy == tuning.strategy == "grouped_conv"
     assert "spinning" in tuning.pruned or tuning.medians_s["spinning"] > 1.5 * tuning.medians_s["grouped_conv"]
     assert tuning.seconds < 2.0  # ends early once one finalist is left
+
+
+def test_a_strategy_is_prepared_before_its_first_timed_call_and_one_that_cannot_be_is_no_candidate(monkeypatch) -> None:
+    """A native strategy builds its code in `prepare` (tens of seconds the first time on a machine):
+    in a first timed call that build would look hopeless and be pruned for good; where it cannot
+    be built at all (no compiler), autotune and auto must go on without it."""
+    clock = FakeClock()
+    strategies = costing(clock, {"quick": 1e-3, "slow": 3e-3, "unbuildable": 1e-4})
+    building = {"quick": 30.0}  # the first call of "quick" would pay for its build, but prepare pays it untimed
+
+    def prepare(cls) -> None:
+        if cls.__name__ == "unbuildable":
+            raise ImplUnavailableError("the planted kernel cannot be built here (no compiler)")
+        clock.now += building.pop(cls.__name__, 0.0)
+
+    for cls in strategies.values():
+        cls.prepare = classmethod(prepare)
+    only(monkeypatch, strategies)
+    monkeypatch.setattr(autotuning, "default_clock", clock)
+    layer = CondConv2d(8, 16, 1, num_experts=4, strategy="autotune")
+    with torch.no_grad():
+        layer(torch.randn(2, 8, 5, 5))
+    assert layer.last_strategy == "quick" and "quick" not in layer.last_tuning.pruned and not building
+    assert "unbuildable" not in {*layer.last_tuning.medians_s, *layer.last_tuning.pruned}
 
 
 def test_the_choice_is_cached_per_signature_and_survives_the_process(monkeypatch) -> None:

@@ -85,6 +85,12 @@ class CondConvBase(nn.Module, ABC):
         return None
 
     @classmethod
+    def prepare(cls) -> None:
+        """Make the strategy ready to run, so that no timed call pays for it: a native strategy
+        builds or loads its code here. The dispatching layers call it before timing candidates;
+        it raises `ImplUnavailableError` when the strategy cannot be made ready."""
+
+    @classmethod
     def unsupported_reason(cls, spec: LayerSpec, device: torch.device, dtype: torch.dtype) -> str | None:
         """Why this implementation cannot run this layer on this device and dtype, or None."""
         return None

@@ -27,7 +27,7 @@ import torch
 from condconv_bench.dispatch import autotuning, switch
 from condconv_bench.dispatch.cache import MachineCache, machine_cache
 from condconv_bench.dispatch.table import DispatchTable, Query, resolve_table
-from condconv_bench.errors import UnknownImplError
+from condconv_bench.errors import ImplUnavailableError, UnknownImplError
 from condconv_bench.core.contract import CondConvBase
 from condconv_bench.machine import allocators
 from condconv_bench.core.registry import dispatchable_impls, register_impl
@@ -95,6 +95,16 @@ def _tracing() -> bool:
     return torch.compiler.is_compiling() or torch.compiler.is_exporting()
 
 
+def _prepared(cls: type[CondConvBase]) -> bool:
+    """Whether `cls` is ready to be timed: a native strategy's first build (tens of seconds) must
+    happen here, not in the first timed call, where it would look hopeless and be pruned."""
+    try:
+        cls.prepare()
+    except ImplUnavailableError:
+        return False
+    return True
+
+
 @register_impl("auto")
 class Auto(CondConvBase):
     """Dispatch per call to the strategy measured fastest for this shape, device, dtype and batch."""
@@ -136,7 +146,9 @@ class Auto(CondConvBase):
 
     def _candidates(self, x: torch.Tensor, first: str) -> dict[str, type[CondConvBase]]:
         """The strategies worth measuring for an input like `x`, `first` (the table's pick) first."""
-        supported = {k: cls for k, cls in dispatchable_impls().items() if cls.unsupported_reason(self.spec, x.device, x.dtype) is None}
+        supported = {k: cls for k, cls in dispatchable_impls().items()
+                     if cls.unavailable_reason() is None and cls.unsupported_reason(self.spec, x.device, x.dtype) is None
+                     and _prepared(cls)}
         ordered = dict(sorted(supported.items(), key=lambda item: item[0] != first))
         input_size = tuple(x.shape[2:4]) if x.dim() == 4 else (1, 1)
         return autotuning.cheap_enough(ordered, self.spec, x.shape[0], input_size)  # type: ignore[arg-type]
