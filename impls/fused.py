@@ -63,7 +63,12 @@ from condconv_bench.errors import ImplUnavailableError
 from condconv_bench.machine import native_build
 
 # -ffp-contract=fast lets the portable loops use FMAs too; -march=native is why the cache is per CPU.
-_CFLAGS = ("-O3", "-march=native", "-ffp-contract=fast", "-fno-math-errno")
+# -fopenmp: `at::parallel_for` is inlined into the extension as an OpenMP pragma, which the compiler
+# drops without it (the kernel then ran on one thread whatever torch.set_num_threads said: 2.1-2.8x
+# the static layer at 2 threads in the mobile suite). Only the compile gets the flag: the GOMP
+# symbols resolve to the OpenMP runtime torch has already loaded, so the kernel shares torch's
+# thread pool and thread count instead of starting a second runtime.
+_CFLAGS = ("-O3", "-march=native", "-ffp-contract=fast", "-fno-math-errno", "-fopenmp")
 _GENERIC_VARIABLE = "CONDCONV_FUSED_GENERIC"
 _COL_BLOCK = 64  # kColBlock in fused.cpp: the packed experts' column block
 
