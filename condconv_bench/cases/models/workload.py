@@ -9,21 +9,13 @@ float64 on the same parameters and input (output, and in training every gradient
 does not fit in memory, against the as-shipped model in the case's dtype at a stated, looser
 tolerance (the row's `reason` says so).
 
-Shapes come from a *survey*: the model built on the meta device and run once there (no memory,
-no arithmetic), which gives the output shape, the CondConv layers' specs and the input size of
-every contraction; the analytic MAC count of a case is computed from it: `routing` is what the
-CondConv layers route themselves, `mixing` their kernel mixing, `conv` every other contraction of
-the network (its static convs and linears, its blocks' routing layers, the CondConv layers' convs).
-The survey is also where a model entry that cannot run is found, since only running the model
-tells: a model or floor that cannot take the entry's `in_channels` and `input_size`, or a model
-without a CondConv layer that `convert()` recognises, is a `ModelError` for every case of it
-(one error row each, and the run goes on), surveyed once however many cases ask.
+Shapes, the analytic MAC count and the entries that cannot run come from the model's survey
+(`cases.models.survey`), made once however many cases ask.
 """
 
 from __future__ import annotations
 
 import copy
-import functools
 import math
 from dataclasses import dataclass
 
@@ -34,10 +26,11 @@ from condconv_bench.cases import memory_estimate
 from condconv_bench.core import equivalence
 from condconv_bench.conversion.adapters.timm_condconv2d import TimmCondConv2d
 from condconv_bench.conversion.swap import convert, find_layers
-from condconv_bench.errors import ModelError, first_line
+from condconv_bench.errors import ModelError
 from condconv_bench.core.flops import AnalyticMacs, mixing_macs
 from condconv_bench.core.contract import CondConvBase
 from condconv_bench.cases.models import AS_SHIPPED, sources
+from condconv_bench.cases.models.survey import Contraction, Survey, survey
 from condconv_bench.core.registry import get_impl
 from condconv_bench.layers.same_padding import SamePadCondConv2d
 from condconv_bench.core.spec import LayerSpec, Pair
@@ -64,53 +57,6 @@ class AsShipped(CondConvBase):
 
     def conditional_forward(self, x: torch.Tensor, routing_weights: torch.Tensor) -> torch.Tensor:
         raise TypeError("as_shipped names a whole model's own layers; it is not a layer implementation")
-
-
-@dataclass(frozen=True)
-class Contraction:
-    """One conv / linear / CondConv layer of a model as the survey saw it (batch 1)."""
-
-    input_size: Pair
-    output_numel: int  # per example
-    routes_itself: bool  # a CondConv layer called without routing weights
-
-
-@dataclass(frozen=True)
-class Survey:
-    output_shape: tuple[int, ...]  # at batch 1
-    layers: tuple[tuple[str, LayerSpec], ...]  # (path, spec) of each CondConv layer
-    contractions: dict[str, Contraction]
-
-
-@functools.lru_cache(maxsize=16)
-def survey(source: str, input_shape: tuple[int, ...]) -> Survey | str:
-    """Build `source` on the meta device and run it on a meta input of `input_shape` (batch 1); or
-    why it cannot take that input (returned, not raised, so that the answer is cached too)."""
-    with torch.device("meta"):
-        model = sources.build_model(source).eval()
-    layers = tuple((found.path, found.spec) for found in find_layers(model))
-    condconv = {path for path, _ in layers}
-    seen: dict[str, Contraction] = {}
-
-    def hook(path: str):
-        def record(module: nn.Module, args: tuple, output: torch.Tensor) -> None:
-            x = args[0]
-            size = tuple(x.shape[-2:]) if x.dim() == 4 else (1, 1)
-            routes = path in condconv and (len(args) < 2 or args[1] is None)
-            seen[path] = Contraction(size, output[0].numel(), routes)  # type: ignore[arg-type]
-        return record
-
-    for path, module in model.named_modules():
-        if path in condconv or isinstance(module, (nn.Conv2d, nn.Linear)):
-            module.register_forward_hook(hook(path))
-    with torch.no_grad():
-        try:
-            output = model(torch.empty(input_shape, device="meta"))
-        except Exception as exc:  # whatever the model's own code raises on an input it cannot take
-            _, channels, height, width = input_shape
-            return (f"model {source!r} cannot take inputs of {channels} channels at {height}x{width} "
-                    f"(in_channels, input_size): {first_line(exc)}")
-    return Survey(tuple(output.shape), layers, seen)
 
 
 def _timm_macs(module: nn.Module, contraction: Contraction, batch_size: int) -> AnalyticMacs:
