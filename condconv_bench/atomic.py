@@ -4,7 +4,7 @@ A report, baseline or dispatch table cut short by a crash, a full disk or Ctrl-C
 back later as corrupt, or worse, as a shorter valid file. Each is written to a temporary file in
 the same folder, flushed to disk and renamed over the target: a rename within one file system is
 atomic, so a reader sees the old file or the new one. Results rows are appended instead (see
-`results.py`), one fsynced write per case.
+`run/lines.py`), one fsynced write per case.
 """
 
 from __future__ import annotations

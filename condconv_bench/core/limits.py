@@ -1,7 +1,7 @@
 """The limit of a case: the least time its work can take on this machine, as a pure function.
 
 `limit_s = max(compute_s, memory_s)` (the roofline): compute is the MACs over the measured FLOP
-rate, memory the bytes over the measured bandwidth (`machine_peak`). A case gets two limits: that
+rate, memory the bytes over the measured bandwidth (`machine.ceilings`). A case gets two limits: that
 of the *compulsory* work of the CondConv computation (the routing, and the cheaper of mixing B
 kernels then one conv or E convs — `flops.compulsory_macs`; every expert read once, input,
 output — `traffic.compulsory_traffic`), which no exact strategy can beat, and
@@ -39,7 +39,7 @@ from condconv_bench.core.traffic import Traffic
 class Ceilings:
     """A device's measured ceilings at one dtype and thread count."""
 
-    dense_flops_per_s: float  # the best of a matmul and a 1x1 conv (`machine_peak.dense_peak_flops`)
+    dense_flops_per_s: float  # the best of a matmul and a 1x1 conv (`machine.ceilings.dense_peak_flops`)
     depthwise_flops_per_s: float
     dram_bytes_per_s: float
     llc_bytes_per_s: float

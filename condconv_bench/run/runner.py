@@ -6,7 +6,7 @@ processes, until their ratios are precise or their budgets are spent; each case'
 (`rows`) is appended to the run directory as soon as its sweep is measured. A case that cannot
 run is `skipped` with the reason; one that fails is an `error` row with the message; neither stops
 the suite. The run's metadata records the suite, the environment and the machine's ceilings
-(`machine_peak`). Nothing here prints: progress goes to an optional listener, which the CLI turns
+(`machine.ceilings`). Nothing here prints: progress goes to an optional listener, which the CLI turns
 into a progress bar or progress lines.
 """
 
