@@ -118,12 +118,14 @@ class Fused(CondConvBase):
 
     @classmethod
     def description(cls) -> str:
-        return f"{super().description()} [{native_build.build_status(native_source())}]"
+        """The class's line, with how the kernel is built here; an unavailable build's reason is
+        `list`'s own column, not repeated."""
+        status = native_build.build_status(native_source())
+        return super().description() if status.startswith("unavailable: ") else f"{super().description()} [{status}]"
 
     @classmethod
     def unavailable_reason(cls) -> str | None:
-        status = native_build.build_status(native_source())
-        return status.removeprefix("unavailable: ") if status.startswith("unavailable: ") else None
+        return native_build.unavailable_reason(native_source())
 
     @classmethod
     def unsupported_reason(cls, spec: LayerSpec, device: torch.device, dtype: torch.dtype) -> str | None:

@@ -56,6 +56,9 @@ def test_matches_oracle_low_precision(key: str, dtype: torch.dtype, name: str) -
 @pytest.mark.parametrize("key", CONDCONV_KEYS)
 def test_one_state_dict_loads_everywhere(key: str) -> None:
     scenario = next(s for s in SCENARIOS if s.name == "k3_bias_odd")
+    reason = get_impl(key).unsupported_reason(scenario.spec, torch.device("cpu"), torch.float32)
+    if reason:
+        pytest.skip(reason)  # e.g. compiled without a C++ compiler for inductor
     torch.manual_seed(3)
     source = create_impl("naive_moe", scenario.spec)
     target = create_impl(key, scenario.spec)

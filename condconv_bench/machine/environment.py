@@ -54,7 +54,7 @@ def _read(path: str) -> str | None:
         return None
 
 
-def _cpu_flags() -> list[str]:
+def cpu_flags() -> list[str]:
     """The instruction sets the kernel enabled (x86's `flags`, Arm's `Features`), sorted."""
     return sorted((_cpuinfo("flags", "Features") or "").split())
 
@@ -87,7 +87,7 @@ def machine_fingerprint() -> dict[str, Any]:
     of them can still run 1.3–2× apart, which the measured matmul peak of a run (`matmul_peaks` in
     its metadata) shows; `condconv_bench.gate.compare` reads the two together.
     """
-    flags = _cpu_flags()
+    flags = cpu_flags()
     return {
         "cpu_model": _cpu_model(),
         "logical_cpus": os.cpu_count(),

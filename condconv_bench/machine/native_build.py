@@ -31,6 +31,7 @@ from types import ModuleType
 import torch
 
 from condconv_bench.errors import ImplUnavailableError
+from condconv_bench.machine.environment import cpu_flags
 
 # Compilers `torch.utils.cpp_extension` uses on Linux and macOS: `$CXX`, else `c++` (g++ where
 # `c++` is missing). Windows needs MSVC and other flags, which the native strategies do not pass.
@@ -58,7 +59,7 @@ class NativeSource:
         """16 hex digits naming this source as built on this machine with this toolchain."""
         digest = hashlib.sha256()
         for part in (self.source.read_bytes(), torch.__version__.encode(), " ".join(self.cflags).encode(),
-                     cpu_flags().encode(), sys.version.encode(), str(compiler() or "").encode()):
+                     " ".join(cpu_flags()).encode(), platform.machine().encode(), sys.version.encode(), str(compiler() or "").encode()):
             digest.update(part)
             digest.update(b"\0")
         return digest.hexdigest()[:16]
@@ -90,21 +91,9 @@ def compiler() -> str | None:
     return next(filter(None, (shutil.which(name) for name in _COMPILERS)), None)
 
 
-def cpu_flags() -> str:
-    """The CPU's feature flags (x86 `flags`, Arm `Features`), sorted; the platform's name where
-    /proc/cpuinfo is missing. A `-march=native` binary is valid only where these match."""
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith(("flags", "Features")):
-                return " ".join(sorted(line.split(":", 1)[1].split()))
-    except OSError:
-        pass
-    return f"{platform.system()} {platform.machine()} {platform.processor()}"
-
-
 def vector_isa() -> str:
     """The widest vector extension a `-march=native` build targets here, in words."""
-    flags = set(cpu_flags().split())
+    flags = set(cpu_flags())
     if "avx512f" in flags:
         return "AVX-512"
     if "avx2" in flags:
@@ -125,9 +114,17 @@ def toolchain_missing() -> str | None:
     return None
 
 
+def unavailable_reason(source: NativeSource) -> str | None:
+    """Why `source` cannot run here, or None: cheap enough for every dispatch decision (no hashing
+    of the source once it is loaded)."""
+    if source.name in _loaded:
+        return None
+    return _failed.get(source.name) or toolchain_missing()
+
+
 def build_status(source: NativeSource) -> str:
     """How `source` is built on this machine, for `condconv-bench list`: loaded, cached or not yet."""
-    missing = _failed.get(source.name) or toolchain_missing()
+    missing = unavailable_reason(source)
     if missing is not None:
         return f"unavailable: {missing}"
     library = source.cached_library()
