@@ -129,6 +129,11 @@ class Fused(CondConvBase):
 
     @classmethod
     def unsupported_reason(cls, spec: LayerSpec, device: torch.device, dtype: torch.dtype) -> str | None:
+        """Where the kernel cannot be built (no compiler) it runs no layer at all: said here too, so
+        that everything that asks whether a layer is supported skips it with that reason."""
+        unavailable = cls.unavailable_reason()
+        if unavailable is not None:
+            return f"fused {unavailable}"
         reason = _refusal(spec, device, dtype)
         return None if reason is None else f"fused {reason}"
 

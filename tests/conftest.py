@@ -93,3 +93,19 @@ def fixed_ceilings(request, monkeypatch) -> None:
         "dram_bytes_per_s": 3e10, "llc_bytes_per_s": 1.5e11, "llc_bytes": 32 * 2**20})
     monkeypatch.setattr(ceilings, "depthwise_peak_flops", lambda device, dtype, threads: 3e10)
     monkeypatch.setattr(ceilings, "dense_peak_flops", lambda device, dtype, threads: 1e11)
+
+
+def _cpp_compiler_missing() -> str | None:
+    """Why inductor cannot compile for the CPU here (no C++ compiler), or None."""
+    from torch._inductor.cpp_builder import get_cpp_compiler
+
+    try:
+        get_cpp_compiler()
+    except Exception as exc:  # inductor raises its own, non-public types
+        return f"torch.compile needs a C++ compiler for CPU: {str(exc).splitlines()[0]}"
+    return None
+
+
+# torch.compile tests on a machine without a C++ compiler say why they did not run.
+CPP_COMPILER_MISSING = _cpp_compiler_missing()
+needs_cpp_compiler = pytest.mark.skipif(CPP_COMPILER_MISSING is not None, reason=CPP_COMPILER_MISSING or "")

@@ -17,7 +17,8 @@ from condconv_bench.dispatch.table import ENVIRONMENT_VARIABLE, Entry, Query, ru
 from condconv_bench.core.equivalence import check_equivalence
 from condconv_bench.errors import ResultsError, UnknownImplError
 from condconv_bench.machine import allocators
-from condconv_bench.core.registry import dispatchable_impls
+from condconv_bench.core.registry import dispatchable_impls, get_impl
+from conftest import needs_cpp_compiler
 from condconv_bench.run.runner import run_suite
 from condconv_bench.suite.selection import CaseFilter
 
@@ -97,6 +98,9 @@ def test_fixed_strategy_and_unknown_strategy() -> None:
 
 @pytest.mark.parametrize("strategy", ["auto", *dispatchable_impls()])
 def test_drop_in_conv_matches_the_oracle_in_training_with_channels_last(strategy: str) -> None:
+    unavailable = strategy != "auto" and get_impl(strategy).unavailable_reason()
+    if unavailable:
+        pytest.skip(unavailable)  # a native strategy without a compiler
     torch.manual_seed(0)
     layer = CondConv2d(8, 12, 3, stride=2, padding=1, num_experts=4, strategy=strategy).train()
     x = torch.randn(3, 8, 9, 9).to(memory_format=torch.channels_last)
@@ -129,6 +133,7 @@ def test_state_dict_round_trip_and_flat_expert_import() -> None:
 
 
 @pytest.mark.slow
+@needs_cpp_compiler
 def test_auto_under_torch_compile_matches_eager() -> None:
     torch.manual_seed(0)
     layer = CondConv2d(8, 16, 1, num_experts=4)
@@ -202,6 +207,7 @@ def test_dispatch_summary_gives_each_choice_its_share_of_the_builds() -> None:
 
 
 @pytest.mark.slow
+@needs_cpp_compiler
 def test_auto_compiles_one_graph_per_input_size_with_dynamic_false() -> None:
     """By default a second shape makes dynamo's sizes dynamic, and the per-shape lookup cannot be
     called on those; with dynamic=False (what the README says) every size gets its own graph."""

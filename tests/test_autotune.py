@@ -26,6 +26,7 @@ from condconv_bench.machine import allocators
 from condconv_bench.core.registry import create_impl, dispatchable_impls
 from condconv_bench.errors import ImplUnavailableError
 
+from conftest import needs_cpp_compiler
 from test_auto import entry, query
 
 
@@ -431,6 +432,7 @@ def test_new_strategies_are_autotune_candidates() -> None:
 
 
 @pytest.mark.slow
+@needs_cpp_compiler
 def test_tuning_for_compile_measures_compiled_variants_and_the_graph_uses_their_choice(monkeypatch) -> None:
     only(monkeypatch, {"grouped_conv": GroupedConv, "batched_matmul": dispatchable_impls()["batched_matmul"]})
     set_autotune(True, budget_s=0.05, compiled=True)
