@@ -175,7 +175,7 @@ def fused_traffic(spec: LayerSpec, batch_size: int, input_size: Pair, itemsize: 
 # Dispatch: the native paths, or the composition where a tracer or counter must see torch ops.
 
 
-def _seen_by_tracer() -> bool:
+def seen_by_tracer() -> bool:
     """Whether the call is being traced or counted by something that sees only torch ops."""
     if torch.compiler.is_compiling() or torch.compiler.is_exporting() or torch.jit.is_tracing():
         return True
@@ -189,7 +189,7 @@ def fused_forward(layer: CondConvBase, x: torch.Tensor, routing_weights: torch.T
     """The strategy, on `layer`'s shared parameters (so `auto` may run it on its own)."""
     spec = layer.spec
     weight, bias = layer.weight, layer.bias
-    if _seen_by_tracer():
+    if seen_by_tracer():
         return composition(spec, x, weight, bias, routing_weights)
     reason = _refusal(spec, x.device, x.dtype) or next(
         (f"got {name} in {t.dtype} on {t.device}: it must be float32 on the CPU like x"
@@ -327,7 +327,7 @@ class _FusedFunction(torch.autograd.Function):
         needs = ctx.needs_input_grad[:4]
         grad = grad.contiguous() if spec.kind == "linear" else grad
         if spec.kind == "linear":
-            return (*_backward_linear(x, weight, bias, alpha, grad, needs), None)
+            return (*linear_backward(x, weight, bias, alpha, grad, needs), None)
         if spec.is_pointwise and spec.stride == (1, 1) and spec.groups == 1:
             return (*_backward_pointwise(x, weight, bias, alpha, grad, needs), None)
         with torch.enable_grad():
@@ -338,7 +338,7 @@ class _FusedFunction(torch.autograd.Function):
         return (*(next(grads) if t is not None and t.requires_grad else None for t in leaves), None)
 
 
-def _backward_linear(x, weight, bias, alpha, grad, needs):
+def linear_backward(x, weight, bias, alpha, grad, needs):
     """grad_x = (α⊗g) @ W_flat and grad_W = (α⊗g)ᵀ x without forming a mixed kernel; grad_α from
     the expert outputs, recomputed in one product over the batch."""
     need_x, need_w, need_b, need_a = needs

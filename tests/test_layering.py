@@ -31,13 +31,14 @@ def lint_imports(root: Path) -> subprocess.CompletedProcess[str]:
 def strategy_imports_out_of_bounds(root: Path) -> list[str]:
     """`impls.x imports y` for each import of a strategy module that leaves its layers."""
     problems = []
-    for path in sorted((root / "impls").glob("*.py")):
+    for path in sorted((root / "impls").rglob("*.py")):  # strategies in a folder of their own too
+        module = ".".join(path.relative_to(root / "impls").with_suffix("").parts).removesuffix(".__init__")
         for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
             names = [a.name for a in node.names] if isinstance(node, ast.Import) else [node.module or ""] if isinstance(node, ast.ImportFrom) else []
             for name in names:
                 inside = name.split(".")[1] if name.startswith(PACKAGE + ".") else None
                 if inside is not None and inside not in STRATEGIES_MAY_IMPORT:
-                    problems.append(f"impls.{path.stem} imports {name}")
+                    problems.append(f"impls.{module} imports {name}")
     return problems
 
 

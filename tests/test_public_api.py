@@ -62,4 +62,5 @@ def test_every_package_of_the_tree_is_listed_for_installation() -> None:
     listed = set(tomllib.loads((root / "pyproject.toml").read_text())["tool"]["setuptools"]["packages"])
     found = {".".join(init.parent.relative_to(root).parts) for init in (root / "condconv_bench").rglob("__init__.py")}
     found |= {"condconv_bench.impls", "condconv_bench.suites"}  # the top-level impls/ and suites/ folders, installed under the package
+    found |= {".".join(("condconv_bench", *init.parent.relative_to(root).parts)) for init in (root / "impls").glob("*/__init__.py")}
     assert found - listed == set()

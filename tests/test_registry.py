@@ -12,9 +12,11 @@ from condconv_bench.impls.grouped_conv import GroupedConv
 
 import condconv_bench.impls
 
-# One module per strategy, named by its key, and the two dispatching layers: the registry must
-# list exactly these, so a built-in that stops registering (or a file whose key differs) fails here.
-STRATEGY_FILES = {p.stem for p in Path(condconv_bench.impls.__path__[0]).glob("*.py") if p.stem != "__init__"}
+# One module (or a folder, for a strategy with kernels of its own) per strategy, named by its key,
+# and the two dispatching layers: the registry must list exactly these, so a built-in that stops
+# registering (or a file whose key differs) fails here.
+STRATEGY_FILES = ({p.stem for p in Path(condconv_bench.impls.__path__[0]).glob("*.py") if p.stem != "__init__"}
+                  | {p.parent.name for p in Path(condconv_bench.impls.__path__[0]).glob("*/__init__.py")})
 BUILTINS = STRATEGY_FILES | {"auto", "autotune"}
 
 

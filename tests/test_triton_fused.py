@@ -1,0 +1,170 @@
+"""The Triton strategy against the float64 oracle, on a GPU where there is one and otherwise on the
+CPU through Triton's interpreter (`TRITON_INTERPRET=1`), which runs the same kernels with NumPy.
+
+The registry-parametrised tests (test_oracle, test_contexts) see `triton_fused` only where CUDA
+is present; these run it everywhere Triton is installed: every shared scenario forward and
+backward, shapes that span several tiles with tails in each, strided, channels_last and
+non-contiguous inputs, bias, bfloat16 and float16, and its refusals.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+
+import pytest
+import torch
+
+from condconv_bench import LayerSpec, convert, create_impl, get_impl, list_impls
+from condconv_bench.core.equivalence import RELATIVE_TOLERANCE, check_equivalence
+from condconv_bench.core.flops import count_flops
+from condconv_bench.errors import ImplUnavailableError
+
+from conftest import SCENARIOS, Scenario
+from tiny_models import TinyCondConvNet
+
+pytest.importorskip("triton", reason="Triton is an optional extra (pip install -e '.[triton]'; the dev extra includes it)")
+
+ON_GPU = torch.cuda.is_available()
+DEVICE = torch.device("cuda" if ON_GPU else "cpu")
+
+
+@pytest.fixture(autouse=True, scope="module")
+def triton_runs_here():
+    """On a machine without a GPU, the interpreter, for this module only (the kernels are first
+    imported here, so they are imported interpreted)."""
+    with pytest.MonkeyPatch.context() as patch:
+        if not ON_GPU:
+            patch.setenv("TRITON_INTERPRET", "1")
+        yield
+
+
+def layer(spec: LayerSpec, dtype: torch.dtype = torch.float32) -> torch.nn.Module:
+    torch.manual_seed(0)
+    return create_impl("triton_fused", spec).to(DEVICE, dtype)
+
+
+def check(module: torch.nn.Module, x: torch.Tensor, routing: torch.Tensor | None = None, backward: bool = True):
+    """The float64 oracle's verdict on forward (and backward, with a fixed output gradient)."""
+    x = x.to(DEVICE)
+    routing = None if routing is None else routing.to(DEVICE)
+    grad_output = None
+    if backward:
+        with torch.no_grad():
+            shape = module(x, routing).shape
+        grad_output = torch.randn(shape, generator=torch.Generator().manual_seed(1)).to(DEVICE, x.dtype)
+    return check_equivalence(module, x, routing, grad_output)
+
+
+@pytest.mark.parametrize("scenario", SCENARIOS, ids=lambda s: s.name)
+def test_matches_the_float64_oracle_forward_and_backward(scenario: Scenario) -> None:
+    x, routing = scenario.inputs()
+    report = check(layer(scenario.spec), x, routing)
+    names = {c.name for c in report.comparisons}
+    assert {"output", "grad_input", "grad_weight"} <= names
+    assert ("grad_bias" in names) == scenario.spec.bias
+    assert ("grad_routing_weights" in names) == scenario.routing_given
+    assert report.passed and report.max_rel_error < RELATIVE_TOLERANCE[torch.float32], report
+
+
+def _strided(shape: tuple[int, ...]) -> torch.Tensor:
+    """Neither NCHW- nor channels_last-contiguous: every other channel, one row dropped."""
+    return torch.randn(shape[0], shape[1] * 2, shape[2] + 1, shape[3])[:, ::2, 1:, :]
+
+
+# Past one tile in every dimension (tiles are 16-64 wide) with tails: 81 pixels, 72 and 130
+# channels, 20 examples in a linear layer's example tile.
+LARGE = [
+    pytest.param(LayerSpec("conv2d", 72, 80, 3), (2, 72, 9, 9), id="pointwise_72_80"),
+    pytest.param(LayerSpec("conv2d", 40, 40, 3, kernel_size=3, stride=2, padding=1, groups=40, bias=True), (2, 40, 10, 10), id="depthwise_s2"),
+    pytest.param(LayerSpec("conv2d", 36, 40, 3, kernel_size=3, padding=1, groups=2, bias=True), (2, 36, 9, 9), id="grouped_k3"),
+    pytest.param(LayerSpec("conv2d", 9, 130, 3, kernel_size=3, stride=2, padding=2, dilation=2), (3, 9, 8, 7), id="k3_dilated_s2"),
+]
+
+
+@pytest.mark.parametrize("layout", ["strided", "channels_last"])
+@pytest.mark.parametrize(("spec", "shape"), LARGE)
+def test_several_tiles_with_tails_and_any_input_layout(spec: LayerSpec, shape: tuple[int, ...], layout: str) -> None:
+    x = _strided(shape) if layout == "strided" else torch.randn(shape).contiguous(memory_format=torch.channels_last)
+    report = check(layer(spec), x)
+    assert report.passed and report.max_rel_error < RELATIVE_TOLERANCE[torch.float32], report
+
+
+def test_a_linear_layer_over_several_example_tiles() -> None:
+    report = check(layer(LayerSpec("linear", 70, 130, 3, bias=True)), torch.randn(20, 70))
+    assert report.passed, report
+
+
+def test_outputs_keep_the_inputs_memory_format() -> None:
+    x = torch.randn(2, 8, 6, 6, device=DEVICE).contiguous(memory_format=torch.channels_last)
+    with torch.no_grad():
+        out = layer(LayerSpec("conv2d", 8, 16, 4, kernel_size=3, padding=1))(x)
+    assert out.is_contiguous(memory_format=torch.channels_last)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
+@pytest.mark.parametrize("name", ["k3_bias_odd", "dw5_stride2", "channels_last_pointwise", "linear"])
+def test_low_precision_matches_the_oracle_forward_and_backward(dtype: torch.dtype, name: str) -> None:
+    scenario = next(s for s in SCENARIOS if s.name == name)
+    x, routing = scenario.inputs(dtype)
+    report = check(layer(scenario.spec, dtype), x, routing)
+    assert report.passed, report
+
+
+def test_the_kernels_run_not_a_torch_composition(monkeypatch) -> None:
+    """A planted error in the kernel's launcher must reach the output, or the oracle checked the
+    fallback the tracers see instead."""
+    from condconv_bench.impls.triton_fused import kernels
+
+    real = kernels.conv
+    monkeypatch.setattr(kernels, "conv", lambda *args, **kwargs: real(*args, **kwargs).mul_(1.01))
+    scenario = next(s for s in SCENARIOS if s.name == "k3_bias_odd")
+    x, _ = scenario.inputs()
+    report = check(layer(scenario.spec), x, backward=False)
+    assert not report.passed and report.max_rel_error > 5e-3
+
+
+def test_what_it_refuses_is_declared_in_one_line_and_raised_by_a_call() -> None:
+    spec = LayerSpec("conv2d", 8, 8, 3)
+    reason = get_impl("triton_fused").unsupported_reason(spec, DEVICE, torch.float64)
+    assert reason == "triton_fused has kernels for float32, bfloat16 and float16, not float64"
+    with pytest.raises(ImplUnavailableError, match="not float64"):
+        layer(spec, torch.float64)(torch.randn(2, 8, 5, 5, device=DEVICE, dtype=torch.float64))
+
+
+def test_without_a_gpu_or_the_interpreter_it_is_unavailable_with_the_reason(monkeypatch) -> None:
+    if not ON_GPU:
+        monkeypatch.delenv("TRITON_INTERPRET")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    info = next(i for i in list_impls() if i.key == "triton_fused")
+    assert not info.available and "needs a CUDA GPU (TRITON_INTERPRET=1 runs it on the CPU" in info.unavailable_reason
+    reason = get_impl("triton_fused").unsupported_reason(LayerSpec("conv2d", 8, 8, 3), torch.device("cpu"), torch.float32)
+    assert reason.startswith("triton_fused needs a CUDA GPU") and "\n" not in reason
+
+
+def test_without_triton_it_is_unavailable_with_the_install_line(monkeypatch) -> None:
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *args: None if name == "triton" else real(name, *args))
+    assert "pip install -e '.[triton]'" in get_impl("triton_fused").unavailable_reason()
+
+
+def test_traffic_writes_no_kernels_and_the_flop_counters_agree_with_its_count() -> None:
+    strategy = get_impl("triton_fused")
+    spec = LayerSpec("conv2d", 192, 1152, 8, kernel_size=3, padding=1)
+    traffic = strategy.analytic_bytes(spec, 8, (7, 7), 2)
+    assert traffic.kernels == traffic.columns == 0 and traffic.moved == traffic.compulsory
+    assert not strategy.materialises_kernels
+    for small, shape in ((LayerSpec("conv2d", 8, 16, 4, kernel_size=3, padding=1, bias=True), (2, 8, 5, 5)),
+                         (LayerSpec("linear", 16, 12, 4, bias=True), (3, 16))):
+        module = layer(small).cpu()  # the counters trace the composition, on any device
+        counts = count_flops(module, torch.randn(shape), None, module.cost(shape[0], shape[2:] if len(shape) == 4 else (1, 1)))
+        assert counts.agree, counts.problems
+
+
+def test_convert_runs_a_model_on_it_and_it_agrees_with_the_original() -> None:
+    torch.manual_seed(0)
+    model = TinyCondConvNet().eval().to(DEVICE)
+    x = torch.randn(3, 3, 16, 16, device=DEVICE)
+    converted, replaced = convert(model, "triton_fused", copy=True)
+    assert {r.strategy for r in replaced} == {"triton_fused"} and len(replaced) == 2
+    with torch.no_grad():
+        torch.testing.assert_close(converted(x), model(x), rtol=1e-4, atol=1e-5)
