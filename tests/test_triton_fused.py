@@ -4,7 +4,9 @@ CPU through Triton's interpreter (`TRITON_INTERPRET=1`), which runs the same ker
 The registry-parametrised tests (test_oracle, test_contexts) see `triton_fused` only where CUDA
 is present; these run it everywhere Triton is installed: every shared scenario forward and
 backward, shapes that span several tiles with tails in each, strided, channels_last and
-non-contiguous inputs, bias, bfloat16 and float16, and its refusals.
+non-contiguous inputs, bias, bfloat16 and float16, and its refusals. And each kernel is compiled
+for a Hopper GPU by Triton's compiler, which needs no GPU, so what only the GPU compiler rejects
+fails here too.
 """
 
 from __future__ import annotations
@@ -168,3 +170,47 @@ def test_convert_runs_a_model_on_it_and_it_agrees_with_the_original() -> None:
     assert {r.strategy for r in replaced} == {"triton_fused"} and len(replaced) == 2
     with torch.no_grad():
         torch.testing.assert_close(converted(x), model(x), rtol=1e-4, atol=1e-5)
+
+
+# Each kernel with the constexpr switches and dtypes it is launched with, compiled to a GPU's
+# machine code by Triton's own compiler (ptxas ships in its wheel): no GPU is needed to find a
+# kernel that the interpreter runs but the compiler rejects.
+COMPILED = [
+    ("_implicit_gemm", "fp32", {"TRANSPOSED": False, "HAS_BIAS": True, "BLOCK_M": 64, "BLOCK_N": 64, "BLOCK_K": 32}),
+    ("_implicit_gemm", "bf16", {"TRANSPOSED": True, "HAS_BIAS": False, "BLOCK_M": 64, "BLOCK_N": 16, "BLOCK_K": 32}),
+    ("_implicit_gemm_weight_grad", "fp16", {"BLOCK_M": 64, "BLOCK_N": 64, "BLOCK_K": 64}),
+    ("_depthwise", "bf16", {"TRANSPOSED": False, "HAS_BIAS": True, "BLOCK_M": 64, "BLOCK_C": 32}),
+    ("_depthwise", "fp32", {"TRANSPOSED": True, "HAS_BIAS": False, "BLOCK_M": 16, "BLOCK_C": 32}),
+    ("_depthwise_weight_grad", "fp32", {"BLOCK_M": 64, "BLOCK_C": 32}),
+    ("_linear", "bf16", {"HAS_BIAS": True, "BLOCK_B": 16, "BLOCK_N": 64, "BLOCK_K": 32}),
+]
+
+
+@pytest.fixture(scope="module")
+def compilable_kernels(triton_runs_here):
+    """The kernels module loaded afresh, for the GPU: this module's copy is the interpreter's."""
+    import importlib.util as loader
+
+    from condconv_bench.impls.triton_fused import kernels
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.delenv("TRITON_INTERPRET", raising=False)
+        spec = loader.spec_from_file_location("triton_fused_kernels_for_the_gpu", kernels.__file__)
+        module = loader.module_from_spec(spec)
+        spec.loader.exec_module(module)
+    return module
+
+
+@pytest.mark.parametrize(("kernel", "dtype", "constexprs"), COMPILED, ids=[f"{k}-{d}-{i}" for i, (k, d, _) in enumerate(COMPILED)])
+def test_the_kernels_compile_for_a_hopper_gpu(compilable_kernels, kernel: str, dtype: str, constexprs: dict) -> None:
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource, compile
+
+    fn = getattr(compilable_kernels, kernel)
+    constexprs = {**constexprs, "WIDEN": False} if "WIDEN" in fn.arg_names else constexprs
+    pointers = {"src", "experts", "alpha", "bias", "dst", "grad", "x", "out"}
+    signature = {p.name: "constexpr" if p.is_constexpr else "*fp32" if p.name == "per_example" else f"*{dtype}" if p.name in pointers else "i32"
+                 for p in fn.params}
+    binary = compile(ASTSource(fn=fn, signature=signature, constexprs=constexprs), target=GPUTarget("cuda", 90, 32),
+                     options={"enable_fp_fusion": True})
+    assert binary.asm["cubin"]

@@ -24,6 +24,9 @@ INTERPRETED = bool(triton.knobs.runtime.interpret)
 # autotuning must not run under the interpreter, and no GPU has tuned them yet.
 _SMALLEST, _LARGEST = 16, 64
 _DEPTHWISE_CHANNELS = 32
+# Multiply-adds may contract to FMAs, as `fused` builds with -ffp-contract=fast (said explicitly:
+# Triton 3.9 warns when it is left to its default, which changes in 3.10).
+_OPTIONS = {"enable_fp_fusion": True}
 
 
 def widen_dot(dtype: torch.dtype) -> bool:
@@ -301,7 +304,7 @@ def conv(src: torch.Tensor, experts: torch.Tensor, alpha: torch.Tensor, bias: to
                          out_per_group, in_per_group, groups, *geometry,
                          *src.stride(), *dst.stride(),
                          TRANSPOSED=transposed, HAS_BIAS=bias is not None, WIDEN=widen_dot(src.dtype),
-                         BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k)
+                         BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, **_OPTIONS)
     return dst
 
 
@@ -317,7 +320,7 @@ def conv_weight_grad(grad: torch.Tensor, x: torch.Tensor, c_out: int, in_per_gro
     grid = (groups * triton.cdiv(out_per_group, block_n) * batch * triton.cdiv(reduced, block_k),)
     _implicit_gemm_weight_grad[grid](grad, x, per_example, batch, x.shape[2], x.shape[3], height_out, width_out,
                                      out_per_group, in_per_group, groups, *geometry, *grad.stride(), *x.stride(), WIDEN=widen_dot(x.dtype),
-                                     BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k)
+                                     BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, **_OPTIONS)
     return per_example
 
 
@@ -330,7 +333,7 @@ def depthwise(src: torch.Tensor, experts: torch.Tensor, alpha: torch.Tensor, bia
     _depthwise[grid](src, experts, alpha, bias if bias is not None else alpha, dst,
                      batch, channels, experts.shape[0], src.shape[2], src.shape[3], height_dst, width_dst,
                      *geometry, *src.stride(), *dst.stride(),
-                     TRANSPOSED=transposed, HAS_BIAS=bias is not None, BLOCK_M=block_m, BLOCK_C=block_c)
+                     TRANSPOSED=transposed, HAS_BIAS=bias is not None, BLOCK_M=block_m, BLOCK_C=block_c, **_OPTIONS)
     return dst
 
 
@@ -342,7 +345,7 @@ def depthwise_weight_grad(grad: torch.Tensor, x: torch.Tensor, geometry: tuple[i
     block_c = tile(channels, _DEPTHWISE_CHANNELS)
     grid = (triton.cdiv(channels, block_c) * batch,)
     _depthwise_weight_grad[grid](grad, x, per_example, batch, channels, x.shape[2], x.shape[3], height_out, width_out,
-                                 *geometry, *grad.stride(), *x.stride(), BLOCK_M=tile(height_out * width_out), BLOCK_C=block_c)
+                                 *geometry, *grad.stride(), *x.stride(), BLOCK_M=tile(height_out * width_out), BLOCK_C=block_c, **_OPTIONS)
     return per_example
 
 
@@ -359,5 +362,5 @@ def linear(x: torch.Tensor, experts: torch.Tensor, alpha: torch.Tensor, bias: to
     grid = (triton.cdiv(batch, block_b) * triton.cdiv(n_out, block_n),)
     _linear[grid](x, experts, alpha, bias if bias is not None else alpha, out, batch, experts.shape[0], n_out, n_in,
                   *x.stride(), w_e, w_n, w_k, *out.stride(),
-                  HAS_BIAS=bias is not None, WIDEN=widen_dot(x.dtype), BLOCK_B=block_b, BLOCK_N=block_n, BLOCK_K=block_k)
+                  HAS_BIAS=bias is not None, WIDEN=widen_dot(x.dtype), BLOCK_B=block_b, BLOCK_N=block_n, BLOCK_K=block_k, **_OPTIONS)
     return out
