@@ -9,8 +9,12 @@
 // The build is per machine (-march=native), so the AVX-512 path is compiled only where the
 // compiler's target has it; everywhere else the portable loops below are used instead.
 
-#include <torch/extension.h>
+// Only what the kernels use: tensors, at::empty, at::parallel_for and the pybind11 casters for
+// tensors. <torch/extension.h> (all of libtorch's C++ API) took 2.2x as long to compile here.
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/empty.h>
 #include <ATen/Parallel.h>
+#include <torch/csrc/utils/pybind.h>
 
 #include <algorithm>
 #include <cstdint>

@@ -31,7 +31,7 @@ strategy there). A direct call on such a layer raises `ImplUnavailableError` wit
 
 Build. The C++ is compiled once per machine with `-march=native` (`machine.native_build`: cached
 under the user's cache folder, keyed by source, flags, torch, compiler and CPU features) at the
-first `create_impl("fused", …)` of a process, ~30-40 s on a 2-core machine, then ~0.2 s per
+first `create_impl("fused", …)` of a process, ~20 s on a 2-core machine, then ~0.2 s per
 process. Without a C++ compiler or ninja it is listed unavailable, with the reason.
 
 Tracers and counters see its composition. A pybind11 call is opaque to `torch.compile`,

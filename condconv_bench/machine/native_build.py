@@ -12,7 +12,7 @@ worker processes of one run) wait for the first one.
 Nothing here compiles at import, nor in `toolchain_missing`/`build_status`, which only look at
 PATH and the cache folder: `condconv-bench list` stays instant. The first `load_native` of a
 process compiles when the cache misses (one stderr line, e.g. `compiling the fused kernel… (36 s)`;
-~30-40 s on a 2-core machine) or imports the cached library (~0.2 s). A machine without a C++
+~20 s on a 2-core machine) or imports the cached library (~0.2 s). A machine without a C++
 compiler or `ninja` gets a one-line reason instead, which the strategy reports as unavailable.
 """
 
@@ -129,7 +129,7 @@ def build_status(source: NativeSource) -> str:
         return f"unavailable: {missing}"
     library = source.cached_library()
     if library is None:
-        return f"not built yet: compiles at first use (~40 s), {vector_isa()}"
+        return f"not built yet: compiles at first use (~20 s), {vector_isa()}"
     state = "loaded" if source.name in _loaded else "cached"
     return f"native, {vector_isa()}, {state} at {library.parent}"
 
