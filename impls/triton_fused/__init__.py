@@ -40,6 +40,7 @@ Source: own work (issue 28); the loop order is `fused`'s.
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 import os
 from dataclasses import replace
@@ -121,9 +122,11 @@ class TritonFused(CondConvBase):
         if reason is not None:
             raise ImplUnavailableError(reason)
         tensors = (x, weight, bias, routing_weights)
-        if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors):
-            return _TritonFusedFunction.apply(x, weight, bias, routing_weights, spec)
-        return _forward(spec, x, weight, bias, routing_weights.contiguous())
+        # Triton launches on the current CUDA device: make it x's (autograd does so for backward).
+        with torch.cuda.device(x.device) if x.is_cuda else contextlib.nullcontext():
+            if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors):
+                return _TritonFusedFunction.apply(x, weight, bias, routing_weights, spec)
+            return _forward(spec, x, weight, bias, routing_weights.contiguous())
 
 
 def _interpreter_mismatch(device: torch.device) -> str | None:
