@@ -69,30 +69,37 @@ def test_matches_the_float64_oracle_forward_and_backward(scenario: Scenario) -> 
 
 
 def _strided(shape: tuple[int, ...]) -> torch.Tensor:
-    """Neither NCHW- nor channels_last-contiguous: every other channel, one row dropped."""
-    return torch.randn(shape[0], shape[1] * 2, shape[2] + 1, shape[3])[:, ::2, 1:, :]
+    """Neither NCHW- nor channels_last-contiguous (every other channel, one row dropped), made on
+    the device: a copy to it would be contiguous again."""
+    x = torch.randn(shape[0], shape[1] * 2, shape[2] + 1, shape[3], device=DEVICE)[:, ::2, 1:, :]
+    assert not x.is_contiguous() and not x.is_contiguous(memory_format=torch.channels_last)
+    return x
 
 
-# Past one tile in every dimension (tiles are 16-64 wide) with tails: 81 pixels, 72 and 130
-# channels, 20 examples in a linear layer's example tile.
+# Past one tile in every dimension (tiles are 16-64 wide) with tails: 81 pixels, 72-160 channels,
+# groups with several channel tiles each, and height and width that differ in every setting.
 LARGE = [
     pytest.param(LayerSpec("conv2d", 72, 80, 3), (2, 72, 9, 9), id="pointwise_72_80"),
     pytest.param(LayerSpec("conv2d", 40, 40, 3, kernel_size=3, stride=2, padding=1, groups=40, bias=True), (2, 40, 10, 10), id="depthwise_s2"),
     pytest.param(LayerSpec("conv2d", 36, 40, 3, kernel_size=3, padding=1, groups=2, bias=True), (2, 36, 9, 9), id="grouped_k3"),
+    pytest.param(LayerSpec("conv2d", 4, 160, 3, kernel_size=3, padding=1, groups=2), (2, 4, 5, 5), id="grouped_wide_out"),
+    pytest.param(LayerSpec("conv2d", 160, 8, 3, groups=2, bias=True), (2, 160, 5, 5), id="grouped_wide_in"),
     pytest.param(LayerSpec("conv2d", 9, 130, 3, kernel_size=3, stride=2, padding=2, dilation=2), (3, 9, 8, 7), id="k3_dilated_s2"),
+    pytest.param(LayerSpec("conv2d", 6, 10, 3, kernel_size=(3, 2), stride=(2, 1), padding=(1, 2), dilation=(1, 2), bias=True),
+                 (2, 6, 9, 7), id="unequal_h_w"),
 ]
 
 
 @pytest.mark.parametrize("layout", ["strided", "channels_last"])
 @pytest.mark.parametrize(("spec", "shape"), LARGE)
 def test_several_tiles_with_tails_and_any_input_layout(spec: LayerSpec, shape: tuple[int, ...], layout: str) -> None:
-    x = _strided(shape) if layout == "strided" else torch.randn(shape).contiguous(memory_format=torch.channels_last)
+    x = _strided(shape) if layout == "strided" else torch.randn(shape, device=DEVICE).contiguous(memory_format=torch.channels_last)
     report = check(layer(spec), x)
     assert report.passed and report.max_rel_error < RELATIVE_TOLERANCE[torch.float32], report
 
 
 def test_a_linear_layer_over_several_example_tiles() -> None:
-    report = check(layer(LayerSpec("linear", 70, 130, 3, bias=True)), torch.randn(20, 70))
+    report = check(layer(LayerSpec("linear", 70, 130, 3, bias=True)), torch.randn(70, 70))  # tiles hold 64 examples
     assert report.passed, report
 
 
@@ -147,10 +154,22 @@ def test_without_a_gpu_or_the_interpreter_it_is_unavailable_with_the_reason(monk
     assert reason.startswith("triton_fused needs a CUDA GPU") and "\n" not in reason
 
 
-def test_without_triton_it_is_unavailable_with_the_install_line(monkeypatch) -> None:
+@pytest.mark.parametrize(("found", "version", "fragment"), [(False, "3.9.0", "pip install -e '.[triton]'"),
+                                                           (True, "3.2.0", "needs Triton ≥ 3.4, found 3.2.0")])
+def test_without_a_recent_triton_it_is_unavailable_in_one_line(monkeypatch, found: bool, version: str, fragment: str) -> None:
+    import triton
+
+    from condconv_bench.impls import triton_fused
+
     real = importlib.util.find_spec
-    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *args: None if name == "triton" else real(name, *args))
-    assert "pip install -e '.[triton]'" in get_impl("triton_fused").unavailable_reason()
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *args: real(name, *args) if found or name != "triton" else None)
+    monkeypatch.setattr(triton, "__version__", version)
+    triton_fused._triton_refusal.cache_clear()  # the answer is kept for the process: here the process "changes"
+    try:
+        reason = get_impl("triton_fused").unavailable_reason()
+    finally:
+        triton_fused._triton_refusal.cache_clear()
+    assert fragment in reason and "\n" not in reason
 
 
 def test_traffic_writes_no_kernels_and_the_flop_counters_agree_with_its_count() -> None:
@@ -167,6 +186,9 @@ def test_traffic_writes_no_kernels_and_the_flop_counters_agree_with_its_count() 
 
 
 def test_convert_runs_a_model_on_it_and_it_agrees_with_the_original() -> None:
+    from condconv_bench.machine.devices import use_exact_float32
+
+    use_exact_float32(DEVICE)  # the original's cuDNN convolutions would otherwise use TF32 on a GPU
     torch.manual_seed(0)
     model = TinyCondConvNet().eval().to(DEVICE)
     x = torch.randn(3, 3, 16, 16, device=DEVICE)
@@ -180,27 +202,25 @@ def test_convert_runs_a_model_on_it_and_it_agrees_with_the_original() -> None:
 # machine code by Triton's own compiler (ptxas ships in its wheel): no GPU is needed to find a
 # kernel that the interpreter runs but the compiler rejects.
 COMPILED = [
-    ("_implicit_gemm", "fp32", {"TRANSPOSED": False, "HAS_BIAS": True, "BLOCK_M": 64, "BLOCK_N": 64, "BLOCK_K": 32}),
-    ("_implicit_gemm", "bf16", {"TRANSPOSED": True, "HAS_BIAS": False, "BLOCK_M": 64, "BLOCK_N": 16, "BLOCK_K": 32}),
-    ("_implicit_gemm_weight_grad", "fp16", {"BLOCK_M": 64, "BLOCK_N": 64, "BLOCK_K": 64}),
-    ("_depthwise", "bf16", {"TRANSPOSED": False, "HAS_BIAS": True, "BLOCK_M": 64, "BLOCK_C": 32}),
-    ("_depthwise", "fp32", {"TRANSPOSED": True, "HAS_BIAS": False, "BLOCK_M": 16, "BLOCK_C": 32}),
+    *(("_implicit_gemm", dtype, {"TRANSPOSED": transposed, "HAS_BIAS": not transposed, "BLOCK_M": 64, "BLOCK_N": 64, "BLOCK_K": 32})
+      for dtype in ("fp32", "bf16", "fp16") for transposed in (False, True)),
+    *(("_implicit_gemm_weight_grad", dtype, {"BLOCK_M": 64, "BLOCK_N": 64, "BLOCK_K": 64}) for dtype in ("fp32", "bf16", "fp16")),
+    *(("_depthwise", dtype, {"TRANSPOSED": transposed, "HAS_BIAS": not transposed, "BLOCK_M": 64, "BLOCK_C": 32})
+      for dtype in ("fp32", "bf16") for transposed in (False, True)),
     ("_depthwise_weight_grad", "fp32", {"BLOCK_M": 64, "BLOCK_C": 32}),
-    ("_linear", "bf16", {"HAS_BIAS": True, "BLOCK_B": 16, "BLOCK_N": 64, "BLOCK_K": 32}),
+    *(("_linear", dtype, {"HAS_BIAS": True, "BLOCK_B": 16, "BLOCK_N": 64, "BLOCK_K": 32}) for dtype in ("fp32", "bf16", "fp16")),
 ]
 
 
 @pytest.fixture(scope="module")
 def compilable_kernels(triton_runs_here):
     """The kernels module loaded afresh, for the GPU: this module's copy is the interpreter's."""
-    import importlib.util as loader
-
     from condconv_bench.impls.triton_fused import kernels
 
     with pytest.MonkeyPatch.context() as patch:
         patch.delenv("TRITON_INTERPRET", raising=False)
-        spec = loader.spec_from_file_location("triton_fused_kernels_for_the_gpu", kernels.__file__)
-        module = loader.module_from_spec(spec)
+        spec = importlib.util.spec_from_file_location("triton_fused_kernels_for_the_gpu", kernels.__file__)
+        module = importlib.util.module_from_spec(spec)
         spec.loader.exec_module(module)
     return module
 
@@ -218,3 +238,5 @@ def test_the_kernels_compile_for_a_hopper_gpu(compilable_kernels, kernel: str, d
     binary = compile(ASTSource(fn=fn, signature=signature, constexprs=constexprs), target=GPUTarget("cuda", 90, 32),
                      options={"enable_fp_fusion": True})
     assert binary.asm["cubin"]
+    if dtype == "fp32":  # IEEE products, as the float32 oracle needs: no TF32 instruction anywhere
+        assert "tf32" not in binary.asm["ptx"]

@@ -11,7 +11,7 @@ worker processes of one run) wait for the first one.
 
 Nothing here compiles at import, nor in `toolchain_missing`/`build_status`, which only look at
 PATH and the cache folder: `condconv-bench list` stays instant. The first `load_native` of a
-process compiles when the cache misses (one stderr line, e.g. `compiling the fused kernel… (36 s)`;
+process compiles when the cache misses (one stderr line, e.g. `compiling the fused kernel… (18 s)`;
 ~20 s on a 2-core machine) or imports the cached library (~0.2 s). A machine without a C++
 compiler or `ninja` gets a one-line reason instead, which the strategy reports as unavailable.
 """

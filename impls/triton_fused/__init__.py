@@ -5,7 +5,7 @@ before a grouped convolution or a batched matmul. Here a program owns (output-ch
 pixel tile, example); at each step of the reduction it loads the E expert tiles, mixes the
 example's tile `Σ_e α_be·W_e` in float32 registers and feeds it straight to `tl.dot`
 (`kernels.py`). Nothing kernel-sized is written; programs that share an output-channel tile are
-launched together, so the expert tiles come from L2. Each program mixes its own copy of a tile,
+launched together, so that the expert tiles can come from L2 (intended; no GPU has measured it). Each program mixes its own copy of a tile,
 so the mixing is repeated once per pixel tile (E/BLOCK_M extra multiply-adds per product, on
 the CUDA cores); the analytic MACs count it once, like the composition the FLOP counters trace.
 
@@ -16,7 +16,7 @@ Paths, by layer:
 - depthwise (groups = C_in = C_out): a direct convolution over (pixel block × channel block),
   each tap's weights mixed once per block. Input gradient: the same, transposed.
 - linear: one pixel per example, so mixing a kernel per example would cost as much as the E
-  expert products; α scales the input tile and the E products run on the tensor cores, a tile of
+  expert products; α scales the input tile and the E products are `tl.dot`s over a tile of
   examples at a time.
 - weight and routing gradients: a kernel writes each example's weight gradient
   `G_b = g_bᵀ·im2col(x_b)` (float32, the size of the mixed kernels: the backward's only
@@ -41,8 +41,9 @@ Source: own work (issue 28); the loop order is `fused`'s.
 from __future__ import annotations
 
 import contextlib
+import functools
 import importlib.util
-import os
+import re
 from dataclasses import replace
 from types import ModuleType
 
@@ -60,8 +61,28 @@ INTERPRET_VARIABLE = "TRITON_INTERPRET"
 _DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
 
+# What the kernels use first appeared in Triton 3.4 (`triton.knobs`); older ones are refused in one line.
+_OLDEST_TRITON = (3, 4)
+
+
 def _interpreting() -> bool:
-    return os.environ.get(INTERPRET_VARIABLE) == "1"
+    """Whether Triton would interpret the kernels if they were imported now (its own reading of the variable)."""
+    import triton
+
+    return bool(triton.knobs.runtime.interpret)
+
+
+@functools.cache
+def _triton_refusal() -> str | None:
+    """Why the installed Triton cannot run the kernels, or None."""
+    if importlib.util.find_spec("triton") is None:
+        return "needs Triton (pip install -e '.[triton]'; CUDA builds of torch include it)"
+    import triton
+
+    version = tuple(int(part) for part in re.findall(r"\d+", triton.__version__)[:2])
+    if version < _OLDEST_TRITON:
+        return f"needs Triton ≥ {'.'.join(map(str, _OLDEST_TRITON))}, found {triton.__version__}"
+    return None
 
 
 def _kernels() -> ModuleType:
@@ -90,8 +111,9 @@ class TritonFused(CondConvBase):
 
     @classmethod
     def unavailable_reason(cls) -> str | None:
-        if importlib.util.find_spec("triton") is None:
-            return "needs Triton (pip install -e '.[triton]'; CUDA builds of torch include it)"
+        refusal = _triton_refusal()
+        if refusal is not None:
+            return refusal
         if not torch.cuda.is_available() and not _interpreting():
             return f"needs a CUDA GPU ({INTERPRET_VARIABLE}=1 runs it on the CPU through Triton's interpreter, for tests)"
         return None
@@ -118,7 +140,9 @@ class TritonFused(CondConvBase):
         spec, weight, bias = self.spec, self.weight, self.bias
         if seen_by_tracer():
             return composition(spec, x, weight, bias, routing_weights)
-        reason = self.unsupported_reason(spec, x.device, x.dtype) or _interpreter_mismatch(x.device)
+        reason = self.unsupported_reason(spec, x.device, x.dtype) or _interpreter_mismatch(x.device) or next(
+            (f"triton_fused: {name} on {t.device}, x on {x.device}: the kernels read them as one device's memory"
+             for name, t in (("weights", weight), ("routing weights", routing_weights)) if t.device != x.device), None)
         if reason is not None:
             raise ImplUnavailableError(reason)
         tensors = (x, weight, bias, routing_weights)
@@ -160,7 +184,7 @@ def _forward(spec: LayerSpec, x: torch.Tensor, weight: torch.Tensor, bias: torch
     kernels = _kernels()
     experts = weight.contiguous()
     if spec.kind == "linear":
-        return kernels.linear(x, experts, alpha, _mixed_bias(bias, alpha), transposed=False)
+        return kernels.linear(x, experts, alpha, _mixed_bias(bias, alpha))
     out = _empty_like_input(x, spec.out_channels, spec.output_size((x.shape[2], x.shape[3])))
     if _is_depthwise(spec):
         return kernels.depthwise(x, experts, alpha, _mixed_bias(bias, alpha), out, _geometry(spec), transposed=False)
@@ -189,7 +213,9 @@ class _TritonFusedFunction(torch.autograd.Function):
         return (*_conv_backward(spec, x, weight.contiguous(), bias, alpha, grad, needs), None)
 
 
-def _conv_backward(spec: LayerSpec, x, weight, bias, alpha, grad, needs):
+def _conv_backward(spec: LayerSpec, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, alpha: torch.Tensor,
+                   grad: torch.Tensor, needs: tuple[bool, ...]) -> tuple[torch.Tensor | None, ...]:
+    """Gradients of (x, experts, bias, α) for a conv layer; the only kernel-sized buffer is G_b."""
     need_x, need_w, need_b, need_a = needs
     kernels = _kernels()
     geometry = _geometry(spec)
@@ -204,7 +230,7 @@ def _conv_backward(spec: LayerSpec, x, weight, bias, alpha, grad, needs):
         if _is_depthwise(spec):
             per_example = kernels.depthwise_weight_grad(grad, x, geometry)
         else:
-            per_example = kernels.conv_weight_grad(grad, x, spec.out_channels, weight.shape[2], spec.groups, geometry)
+            per_example = kernels.conv_weight_grad(grad, x, weight, spec.groups, geometry)
         per_example = per_example.view(x.shape[0], -1)
         experts = weight.reshape(weight.shape[0], -1)
         if need_w:

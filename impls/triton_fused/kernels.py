@@ -7,9 +7,10 @@ CPU tensors with NumPy), and that choice lasts for the process. `INTERPRETED` re
 Every kernel forms an example's kernel tile on chip — `Σ_e α_be·W_e[tile]`, mixed in float32
 registers from the E expert tiles — and uses it at once, so no per-example kernel is ever written
 to memory. Indices are computed from the tensors' strides, so NCHW, channels_last and
-non-contiguous inputs need no copy. Grids are one-dimensional with the output-channel tile
-outermost: programs that read the same expert tiles are launched together, so those tiles are
-served from L2 rather than DRAM.
+non-contiguous inputs need no copy. Grids are one-dimensional, ordered (group, output-channel
+tile, example, pixel tile) from slowest to fastest: programs that read the same expert tiles are
+launched together, so that those tiles can be served from L2 rather than DRAM (the intent; no GPU
+has measured it yet).
 """
 
 from __future__ import annotations
@@ -231,9 +232,7 @@ def _depthwise_weight_grad(grad, x, per_example,
                            BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr):
     """Each example's depthwise weight gradient `G_b[c, tap] = Σ_pixels g·x(shifted)`, float32."""
     taps = kernel_h * kernel_w
-    pid = tl.program_id(0)
-    example = pid % batch
-    chan_tile = pid // batch
+    _, example, chan_tile, _ = _program_tile(1, batch, _cdiv(channels, BLOCK_C))
     chans = chan_tile * BLOCK_C + tl.arange(0, BLOCK_C)
     chan_ok = chans < channels
     for t in range(taps):
@@ -259,8 +258,8 @@ def _linear(x, experts, alpha, bias, out, batch, num_experts, n_out, n_in,
             x_b, x_k, w_e, w_n, w_k, o_b, o_n,
             HAS_BIAS: tl.constexpr, WIDEN: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
     """`out_b = Σ_e α_be·(W_e x_b)` for a tile of examples: one pixel per example, so mixing a
-    kernel per example would cost as much as the E products; α scales the input tile instead
-    and every product runs on the tensor cores. With W's strides swapped it is grad_x."""
+    kernel per example would cost as much as the E products; α scales the input tile instead,
+    and the E products are `tl.dot`s over a tile of examples (tensor cores in bfloat16 and float16)."""
     example_tiles = _cdiv(batch, BLOCK_B)
     pid = tl.program_id(0)
     examples = (pid % example_tiles) * BLOCK_B + tl.arange(0, BLOCK_B)
@@ -308,10 +307,11 @@ def conv(src: torch.Tensor, experts: torch.Tensor, alpha: torch.Tensor, bias: to
     return dst
 
 
-def conv_weight_grad(grad: torch.Tensor, x: torch.Tensor, c_out: int, in_per_group: int, groups: int,
+def conv_weight_grad(grad: torch.Tensor, x: torch.Tensor, experts: torch.Tensor, groups: int,
                      geometry: tuple[int, ...]) -> torch.Tensor:
-    """Per-example weight gradients `(B, C_out, C_in/groups·kh·kw)`, float32."""
+    """Per-example weight gradients `(B, C_out, C_in/groups·kh·kw)`, float32, for experts `(E, C_out, C_in/groups, kh, kw)`."""
     kernel_h, kernel_w = geometry[:2]
+    c_out, in_per_group = experts.shape[1:3]
     batch, _, height_out, width_out = grad.shape
     out_per_group = c_out // groups
     reduced = in_per_group * kernel_h * kernel_w
@@ -349,14 +349,11 @@ def depthwise_weight_grad(grad: torch.Tensor, x: torch.Tensor, geometry: tuple[i
     return per_example
 
 
-def linear(x: torch.Tensor, experts: torch.Tensor, alpha: torch.Tensor, bias: torch.Tensor | None,
-           transposed: bool) -> torch.Tensor:
-    """`Σ_e α_be·(W_e x_b)` (+ mixed bias), or with `transposed` `Σ_e α_be·(W_eᵀ g_b)` = grad_x."""
+def linear(x: torch.Tensor, experts: torch.Tensor, alpha: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    """`Σ_e α_be·(W_e x_b)` (+ mixed bias) for a batch `x` `(B, C_in)`; experts `(E, C_out, C_in)`."""
     batch = x.shape[0]
     w_e, w_n, w_k = experts.stride()
     n_out, n_in = experts.shape[1:]
-    if transposed:
-        n_out, n_in, w_n, w_k = n_in, n_out, w_k, w_n
     out = torch.empty(batch, n_out, device=x.device, dtype=x.dtype)
     block_b, block_n, block_k = tile(batch), tile(n_out), tile(n_in, 32)
     grid = (triton.cdiv(batch, block_b) * triton.cdiv(n_out, block_n),)
