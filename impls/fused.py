@@ -34,11 +34,13 @@ under the user's cache folder, keyed by source, flags, torch, compiler and CPU f
 first `create_impl("fused", …)` of a process, ~20 s on a 2-core machine, then ~0.2 s per
 process. Without a C++ compiler or ninja it is listed unavailable, with the reason.
 
-Tracers and counters see its composition. A pybind11 call is opaque to `torch.compile`,
-`torch.export`, `torch.jit.trace` (fvcore) and FlopCounterMode, so under them `fused` runs the
-same contractions as torch ops (the mix then the batch-as-groups conv; for linear the E expert
-products): the FLOP counters then cross-check the analytic count, and a traced graph is exact —
-but it is that composition, not the native kernel, that a compiled or exported `fused` runs.
+Under torch.compile, for inference, it is one custom operator (`condconv_bench::fused_inference_…`)
+that the compiled graph calls: the native kernel runs there, the rest of the model is compiled
+around it. A pybind11 call is opaque to `torch.export`, `torch.jit.trace` (fvcore), FlopCounterMode
+and to autograd under torch.compile, so there `fused` runs the same contractions as torch ops (the
+mix then the batch-as-groups conv; for linear the E expert products): the FLOP counters then
+cross-check the analytic count, an exported graph is exact (and portable to other runtimes), and a
+compiled training step differentiates the composition.
 
 Source: own work (issue 25); no public CondConv has a fused CPU kernel. `CONDCONV_FUSED_GENERIC=1`
 builds the portable C++ loops instead of the AVX-512 intrinsics (a separate cache entry), to test them.
@@ -47,9 +49,12 @@ builds the portable C++ loops instead of the AVX-512 intrinsics (a separate cach
 from __future__ import annotations
 
 import os
+import re
+from collections.abc import Callable
 from dataclasses import replace
 from pathlib import Path
 from types import ModuleType
+from typing import Optional
 
 import torch
 import torch.nn.functional as F
@@ -189,32 +194,79 @@ def fused_forward(layer: CondConvBase, x: torch.Tensor, routing_weights: torch.T
     """The strategy, on `layer`'s shared parameters (so `auto` may run it on its own)."""
     spec = layer.spec
     weight, bias = layer.weight, layer.bias
-    if seen_by_tracer():
-        return composition(spec, x, weight, bias, routing_weights)
+    tensors = (x, weight, bias, routing_weights)
+    needs_grad = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
     reason = _refusal(spec, x.device, x.dtype) or next(
         (f"got {name} in {t.dtype} on {t.device}: it must be float32 on the CPU like x"
          for name, t in (("weights", weight), ("routing weights", routing_weights))
          if t.dtype != torch.float32 or t.device.type != "cpu"), None)
+    if seen_by_tracer():
+        if torch.compiler.is_compiling() and not torch.compiler.is_exporting() and not needs_grad and reason is None:
+            return fused_inference(x, weight, bias, routing_weights, _layer_fields(spec))
+        return composition(spec, x, weight, bias, routing_weights)
     if reason is not None:
         raise ImplUnavailableError(f"fused {reason}")
-    tensors = (x, weight, bias, routing_weights)
-    if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors):
+    if needs_grad:
         return _FusedFunction.apply(x, weight, bias, routing_weights, layer)
-    return _forward(layer, x, weight, bias, routing_weights.contiguous())
+    return _forward(spec, layer.expert_layout, x, weight, bias, routing_weights.contiguous())
 
 
-def _forward(layer: CondConvBase, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
+Layout = Callable[[str, Callable[[torch.Tensor], torch.Tensor]], torch.Tensor]  # CondConvBase.expert_layout
+
+
+def _forward(spec: LayerSpec, layout: Layout, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
              alpha: torch.Tensor) -> torch.Tensor:
-    spec = layer.spec
+    """The native paths; `layout` gives the experts re-laid out (a layer's cache, or built afresh)."""
     if spec.kind == "linear":
-        return _forward_linear(x, layer.expert_layout("fused_pw_cl", _pack_pointwise_cl), bias, alpha, spec.out_channels)
+        return _forward_linear(x, layout("fused_pw_cl", _pack_pointwise_cl), bias, alpha, spec.out_channels)
     if _is_depthwise(spec):
-        return _forward_depthwise(spec, x, layer.expert_layout("fused_dw", _pack_depthwise), bias, alpha)
+        return _forward_depthwise(spec, x, layout("fused_dw", _pack_depthwise), bias, alpha)
     if spec.is_pointwise and spec.stride == (1, 1):
         if _is_channels_last(x):
-            return _forward_pointwise_cl(x, layer.expert_layout("fused_pw_cl", _pack_pointwise_cl), bias, alpha, spec.out_channels)
+            return _forward_pointwise_cl(x, layout("fused_pw_cl", _pack_pointwise_cl), bias, alpha, spec.out_channels)
         return _forward_pointwise_nchw(x, weight, bias, alpha)
     return _forward_unfolded(spec, x, weight, bias, alpha)
+
+
+# ---------------------------------------------------------------------------------------------
+# Under torch.compile: the native kernel as a custom operator, for inference.
+
+
+def _layer_fields(spec: LayerSpec) -> list[int]:
+    """What the operator needs of a spec, as the integers an operator may take."""
+    return [int(spec.kind == "linear"), spec.in_channels, spec.out_channels, spec.num_experts, *spec.kernel_size,
+            *spec.stride, *spec.padding, *spec.dilation, spec.groups]
+
+
+def _spec_of(fields: list[int]) -> LayerSpec:
+    linear, in_channels, out_channels, experts, kh, kw, sh, sw, ph, pw, dh, dw, groups = fields
+    if linear:
+        return LayerSpec("linear", in_channels, out_channels, experts)
+    return LayerSpec("conv2d", in_channels, out_channels, experts, (kh, kw), (sh, sw), (ph, pw), (dh, dw), groups)
+
+
+# Named after the module: the A/B gate imports two revisions of this file into one process, and an
+# operator's name can be registered once.
+_OPERATOR = "condconv_bench::fused_inference_" + re.sub(r"\W", "_", __name__)
+
+
+@torch.library.custom_op(_OPERATOR, mutates_args=())
+def fused_inference(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], alpha: torch.Tensor,
+                    layer: list[int]) -> torch.Tensor:
+    """The fused forward as one operator, so that a graph compiled by torch.compile calls the native
+    kernel instead of tracing the composition. A compiled graph keeps no cache between calls, so
+    the experts' re-laid-out copy (channels_last 1×1 and linear layers) is built on every call."""
+    return _forward(_spec_of(layer), lambda name, build: build(weight), x, weight, bias, alpha.contiguous())
+
+
+@fused_inference.register_fake
+def _fused_inference_shape(x, weight, bias, alpha, layer):
+    """The output as the native paths make it: channels_last where the input is."""
+    spec = _spec_of(layer)
+    if spec.kind == "linear":
+        return x.new_empty(x.shape[0], spec.out_channels)
+    out = x.new_empty(x.shape[0], spec.out_channels, *spec.output_size((x.shape[2], x.shape[3])))
+    return out.contiguous(memory_format=torch.channels_last) if _is_channels_last(x) else out
 
 
 def _is_channels_last(x: torch.Tensor) -> bool:
@@ -317,7 +369,7 @@ class _FusedFunction(torch.autograd.Function):
         alpha = alpha.contiguous()
         ctx.spec = layer.spec
         ctx.save_for_backward(x, weight, bias, alpha)
-        return _forward(layer, x, weight, bias, alpha)
+        return _forward(layer.spec, layer.expert_layout, x, weight, bias, alpha)
 
     @staticmethod
     @torch.autograd.function.once_differentiable

@@ -219,3 +219,28 @@ def test_without_ninja_it_is_unavailable_and_a_first_build_raises_the_reason(mon
     assert "needs ninja" in get_impl("fused").unavailable_reason()
     with pytest.raises(ImplUnavailableError, match="needs ninja"):
         create_impl("fused", LayerSpec("conv2d", 4, 4, 2))
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("layout", ["channels_last", "nchw"])
+def test_torch_compile_calls_the_native_kernel_at_inference_and_the_composition_in_training(monkeypatch, layout) -> None:
+    import torch._dynamo
+
+    import condconv_bench.impls.fused as fused
+
+    calls = []
+    real = fused._forward
+    monkeypatch.setattr(fused, "_forward", lambda *args: calls.append(args[0]) or real(*args))
+    torch._dynamo.reset()
+    spec = LayerSpec("conv2d", 16, 24, 4, bias=True)
+    layer, alpha = layer_and_alpha(spec, 3)
+    x = make_x((3, 16, 5, 5), layout)
+    compiled = torch.compile(layer, fullgraph=True)
+    with torch.no_grad():
+        out = compiled(x, alpha)
+    assert len(calls) == 1 and rel_err(out, reference(layer, x, alpha)) < 1e-5  # one native call, no composition
+    assert out.stride() == layer(x, alpha).stride()
+    calls.clear()
+    x.requires_grad_(True)
+    compiled(x, alpha).sum().backward()
+    assert calls == [] and x.grad is not None  # training differentiates the composition
