@@ -215,8 +215,10 @@ def test_every_probe_fills_its_columns(tiny_run: pd.DataFrame) -> None:
     on_cpu = tiny_run[(tiny_run["status"] == "ok") & (tiny_run["device"] == "cpu")]
     # Empty by design for these cases: no error or skip reason, no dispatcher, TF32 only on CUDA,
     # no FLOP disagreement; fvcore names the routing's elementwise ops it skips only where there is
-    # routing; a linear layer has no image size.
-    may_be_empty = {"reason", "dispatched", "probed_dispatch", "tf32", "flops_problems", "fvcore_uncounted_ops", "input_size"}
+    # routing; a linear layer has no image size; eager cases export nothing (tests/test_runtimes.py
+    # checks the export columns of runtime cases).
+    may_be_empty = {"reason", "dispatched", "probed_dispatch", "tf32", "flops_problems", "fvcore_uncounted_ops", "input_size",
+                    "export", "export_reason", "export_ops", "export_s"}
     for impl, rows in on_cpu.groupby("impl"):
         empty = {column for column in DTYPES if column not in LIMIT_COLUMNS and rows[column].isna().any()} - may_be_empty
         # Limits model a layer's forward pass: every inference row has them, no training row does.

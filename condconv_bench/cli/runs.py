@@ -42,6 +42,7 @@ def summary_table(frame: pd.DataFrame) -> str:
 @click.option("--layer", "layers", multiple=True, help="Only this layer (repeatable).")
 @click.option("--dtype", "dtypes", multiple=True, help="Only this dtype (repeatable).")
 @click.option("--mode", "modes", multiple=True, help="Only this mode, inference or training (repeatable).")
+@click.option("--runtime", "runtimes", multiple=True, help="Only this runtime: eager, onnxruntime or openvino (repeatable).")
 @click.option("--strict", is_flag=True, help="Exit 1 if any case ended in an error.")
 @click.option("--profile", is_flag=True, help="Also record torch.profiler traces per case into RUN_DIR/traces.")
 @click.option("--no-report", is_flag=True, help="Do not write RUN_DIR/report.html at the end.")
@@ -50,10 +51,10 @@ def summary_table(frame: pd.DataFrame) -> str:
 @click.option("-q", "--quiet", is_flag=True, help="No progress (a bar on a terminal, a line per group in a log).")
 def run(suite: str, output: Path | None, resume: bool, shard: str | None, impls: tuple[str, ...],
         devices: tuple[str, ...], batch_sizes: tuple[int, ...], layers: tuple[str, ...], dtypes: tuple[str, ...],
-        modes: tuple[str, ...], strict: bool, profile: bool, no_report: bool, processes: int | None, allocator: str | None, quiet: bool) -> None:
+        modes: tuple[str, ...], runtimes: tuple[str, ...], strict: bool, profile: bool, no_report: bool, processes: int | None, allocator: str | None, quiet: bool) -> None:
     """Run SUITE (a YAML file, or the name of a shipped suite) and write a run directory.
 
-    Each group (a layer at one batch size, device, dtype, mode, memory format and thread count) is
+    Each group (a layer at one batch size, device, dtype, mode, memory format, thread count and runtime) is
     timed in interleaved rounds in several fresh worker processes, until every ratio to the static
     floor is known within the suite's precision or its time budget is spent.
     """
@@ -65,7 +66,7 @@ def run(suite: str, output: Path | None, resume: bool, shard: str | None, impls:
     try:
         outcome = run_suite(
             loaded, output, resume=resume, shard=Shard.parse(shard) if shard else None,
-            case_filter=CaseFilter(impls, devices, batch_sizes, layers, dtypes, modes), listener=progress, profile=profile,
+            case_filter=CaseFilter(impls, devices, batch_sizes, layers, dtypes, modes, runtimes), listener=progress, profile=profile,
             processes=processes, allocator=allocator,
         )
     except KeyboardInterrupt:

@@ -1,6 +1,7 @@
 """What a case is: its identity fields, the group it belongs to, and the roles inside a group.
 
-A *group* is one layer at one device, dtype, mode, thread count, memory format and batch size.
+A *group* is one layer at one device, dtype, mode, thread count, memory format, batch size and
+runtime (eager PyTorch, or an exported graph in ONNX Runtime or OpenVINO: `condconv_bench.runtimes`).
 Its implementations share parameters, inputs and the float64 oracle, and are timed together in
 interleaved rounds, so ratios between them are paired measurements. Inside a group each
 implementation has a `Role`: the *floor* (an implementation with `is_floor`, the plain static
@@ -21,7 +22,7 @@ import torch
 if TYPE_CHECKING:
     from condconv_bench.cases.workload import Workload
 
-GROUP_KEYS = ("layer", "device", "dtype", "mode", "threads", "memory_format", "batch_size")
+GROUP_KEYS = ("layer", "device", "dtype", "mode", "threads", "memory_format", "batch_size", "runtime")
 TORCH_DTYPES: dict[str, torch.dtype] = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
@@ -54,6 +55,7 @@ class Case:
     mode: str
     threads: int
     memory_format: str
+    runtime: str = "eager"
 
     @property
     def group(self) -> tuple[Any, ...]:
@@ -62,9 +64,10 @@ class Case:
 
     @property
     def id(self) -> str:
+        """Eager cases keep the ids they had before runtimes existed, so older runs and baselines still match."""
         return (
             f"{self.layer}/{self.impl}/b{self.batch_size}/{self.device}/{self.dtype}/{self.mode}"
-            f"/t{self.threads}/{self.memory_format}"
+            f"/t{self.threads}/{self.memory_format}" + ("" if self.runtime == "eager" else f"/{self.runtime}")
         )
 
     @property

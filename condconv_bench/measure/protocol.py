@@ -44,6 +44,7 @@ class Visit:
     shuffle_seed: int
     time_limit_s: float = math.inf
     min_rounds: int = 1
+    graphs: dict[str, str] = field(default_factory=dict)  # a runtime case's exported graph (a file), by case id
 
 
 @dataclass(frozen=True)

@@ -6,6 +6,9 @@ print there (a library's warning, a native log line) is sent to stderr instead, 
 corrupt the answers. Its allocator policy comes from the environment it was started with, which
 is why timing happens in workers and never in the runner's own long-lived process.
 
+A runtime case loads the graph file the runner's probes exported (`Visit.graphs`) into its
+runtime and times that; a worker never exports.
+
 A group stays built between visits, so a second visit of the same group costs no compile and no
 warm-up; the next group replaces it.
 """
@@ -18,6 +21,7 @@ import random
 import sys
 import time
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import torch
 
@@ -27,6 +31,8 @@ from condconv_bench.machine.devices import synchronize, use_exact_float32
 from condconv_bench.cases.inputs import GroupInputs, layer_state
 from condconv_bench.measure.protocol import BUILDING, READY, SETUP_VARIABLE, TIMING, Visit, VisitResult, read_message, write_message
 from condconv_bench.cases.steps import build_module, dispatched, first_call, grad_mode, step_function
+from condconv_bench.runtimes.catalog import EAGER
+from condconv_bench.runtimes.graphs import ExportedGraph
 from condconv_bench.timing.rounds import Step, calls_per_block, run_rounds
 
 STDIN = 0
@@ -58,10 +64,12 @@ def build_group(visit: Visit) -> BuiltGroup:
         _log(BUILDING + case.id)
         try:
             # Built outside inference mode, as a user's model is: parameters stay ordinary tensors.
-            module = build_module(case, visit.classes[case.id], state, device)
+            eager = case.runtime == EAGER
+            module = build_module(case, visit.classes[case.id], state, device) if eager else ExportedGraph(
+                case.runtime, Path(visit.graphs[case.id]), case.threads)
             step = step_function(module, x, inputs, case.mode)
             with grad_mode(case.mode):
-                first_call(step, visit.classes[case.id].compiles, device)
+                first_call(step, visit.classes[case.id].compiles and eager, device)
                 group.calls_per_block.update(calls_per_block({case.id: step}, visit.block_s, visit.warmup, time.perf_counter, sync))
             group.steps[case.id] = step
             choice = dispatched(module)

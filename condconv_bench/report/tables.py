@@ -120,7 +120,7 @@ def varying(frame: pd.DataFrame, columns: list[str]) -> list[str]:
     return [c for c in columns if frame[c].nunique(dropna=False) > 1]
 
 
-CONTEXT_COLUMNS = ["device", "dtype", "mode", "threads", "memory_format"]
+CONTEXT_COLUMNS = ["device", "dtype", "mode", "threads", "memory_format", "runtime"]
 
 
 def contexts(frame: pd.DataFrame) -> list[tuple[str, pd.DataFrame]]:

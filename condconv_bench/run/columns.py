@@ -12,7 +12,9 @@ Schema history (pyperf keeps its format's the same way): 1 — first release; 2 
 (what `auto` ran); 3 — interleaved rounds in worker processes: `role`, paired ratios with
 intervals, ties, `processes`, `process_spread`, `stopped_because`, `tf32`, and `noisy` means "not
 reproducible"; 4 — each case's limits (`limit_s`, `vs_limit`, …), and the run's memory
-bandwidths in `run.json`; 5 — `probed_dispatch`. Versions 3 and 4 still load, but a run is only
+bandwidths in `run.json`; 5 — `probed_dispatch`; 6 — runtimes: `runtime` (a part of the case's
+identity; empty in older runs, which read as `eager`), `export`, `export_reason`, `export_ops`,
+`export_s`, and the runtimes' versions in `run.json`. Versions 3 to 5 still load, but a run is only
 continued in its own version.
 """
 
@@ -21,8 +23,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Literal
 
-SCHEMA_VERSION = 5
-READABLE_VERSIONS = (3, 4, 5)
+SCHEMA_VERSION = 6
+READABLE_VERSIONS = (3, 4, 5, 6)
 
 Dtype = Literal["string", "boolean", "Int64", "float64"]
 
@@ -60,6 +62,7 @@ COLUMNS: tuple[Column, ...] = (
         ("threads", "Int64", "", "torch's intra-op threads"),
         ("memory_format", "string", "", "contiguous or channels_last"),
         ("role", "string", "", "floor (the static layer every ratio divides by), strategy or dispatcher (auto, autotune)", 3),
+        ("runtime", "string", "", "eager (PyTorch), or the runtime that ran the exported graph: onnxruntime, openvino", 6),
     ),
     *_topic(
         "status",
@@ -101,6 +104,13 @@ COLUMNS: tuple[Column, ...] = (
         "dispatch",
         ("dispatched", "string", "", "what a dispatcher ran in the timed workers, with each choice's share where their builds differed", 2),
         ("probed_dispatch", "string", "", "what it ran in the probing process: the choice the row's FLOPs, peak memory and equivalence describe", 5),
+    ),
+    *_topic(
+        "export",
+        ("export", "string", "", "a runtime case only: ok (one graph with a dynamic batch runs at every batch), batch_fixed (exported at this batch) or failed", 6),
+        ("export_reason", "string", "", "why the graph is not dynamic (batch_fixed) or not exported (failed): the exporter's or the runtime's reason", 6),
+        ("export_ops", "string", "", "the exported graph's ONNX operators with their counts", 6),
+        ("export_s", "float64", "s", "exporting and checking the graph (shared by the batches of a dynamic graph)", 6),
     ),
     *_topic(
         "FLOPs",

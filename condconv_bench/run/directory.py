@@ -21,6 +21,7 @@ from pydantic import ValidationError
 from condconv_bench.atomic import write_text_atomically
 from condconv_bench.errors import ResultsError, first_problem
 from condconv_bench.profiling.phases import phases_of
+from condconv_bench.runtimes.catalog import EAGER
 from condconv_bench.run.columns import DTYPES, READABLE_VERSIONS, SCHEMA_VERSION, header
 from condconv_bench.run.lines import append_durably, complete_bytes, complete_text
 from condconv_bench.run.metadata import RunMetadata
@@ -52,6 +53,10 @@ class RunDirectory:
     @property
     def profiles_file(self) -> Path:
         return self.path / PROFILES_FILE
+
+    @property
+    def exports_dir(self) -> Path:
+        return self.path / "exports"
 
     @property
     def traces_dir(self) -> Path:
@@ -173,7 +178,9 @@ class RunDirectory:
                 records.append(parse_row(fields, written))
             except ValueError as exc:
                 set_aside(self.results_file, f"line {reader.line_num}", str(exc))
-        return pd.DataFrame(records, columns=list(DTYPES)).astype(DTYPES)
+        frame = pd.DataFrame(records, columns=list(DTYPES)).astype(DTYPES)
+        frame["runtime"] = frame["runtime"].fillna(EAGER)  # versions before 6 ran eager PyTorch only
+        return frame
 
     def completed_case_ids(self) -> set[str]:
         return set(self.results()["case_id"])

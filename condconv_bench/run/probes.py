@@ -5,6 +5,11 @@ parameter set, draw the group's seeded inputs and run in a fixed order: the cold
 (compile time), the tensors' sizes, equivalence against the float64 oracle, FLOP counts, the
 compulsory limit, peak memory. Latency is measured afterwards, in the worker processes. A case
 that cannot run is `skipped` with the reason; one that fails is an `error` row with the message.
+
+A case of a runtime other than eager first exports the strategy (`run.exports`); the graph then
+takes the module's place in the first call and the equivalence check, a strategy that does not
+export at all is `skipped` with the exporter's reason, and peak memory is not probed (the
+runtime allocates outside torch's profiler).
 """
 
 from __future__ import annotations
@@ -30,7 +35,10 @@ from condconv_bench.core.contract import CondConvBase
 from condconv_bench.core.limits import Ceilings, case_limits
 from condconv_bench.cases.memory_estimate import memory_reason
 from condconv_bench.profiling.traces import record_profile
-from condconv_bench.run.rows import equivalence_columns, flop_columns, identity_columns, limit_columns
+from condconv_bench.run.exports import Exports
+from condconv_bench.run.rows import equivalence_columns, export_columns, flop_columns, identity_columns, limit_columns
+from condconv_bench.runtimes.catalog import EAGER, case_unavailable_reason
+from condconv_bench.runtimes.graphs import ExportedGraph
 from condconv_bench.cases.steps import CompileFellBackError, build_module, dispatched, first_call, grad_mode, step_function
 from condconv_bench.cases.workload import Workload
 
@@ -38,7 +46,8 @@ from condconv_bench.cases.workload import Workload
 def skip_reason(cls: type[CondConvBase], case: Case, device: torch.device) -> str | None:
     """Why `case` cannot run here (no such device, implementation unavailable, layer unsupported,
     more memory than is available), or None."""
-    reason = device_unavailable_reason(device) or case.workload.unavailable_reason() or cls.unavailable_reason()
+    reason = (device_unavailable_reason(device) or case_unavailable_reason(case.runtime, case.device, case.dtype, case.mode, case.memory_format)
+              or case.workload.unavailable_reason() or cls.unavailable_reason())
     if reason:
         return reason  # before the layers are asked for: a model's are known only where its library imports
     unsupported = (cls.unsupported_reason(spec, device, case.torch_dtype) for spec in case.workload.layer_specs())
@@ -49,9 +58,10 @@ class GroupContext:
     """The layer's parameters, the group's inputs and its float64 oracle, each built once per group
     and only when a case of the group gets to run (a skipped device never allocates)."""
 
-    def __init__(self, case: Case, seed: int, ceilings: Ceilings | None = None) -> None:
+    def __init__(self, case: Case, seed: int, ceilings: Ceilings | None = None, exports: Exports | None = None) -> None:
         self._case, self._seed = case, seed
         self.ceilings = ceilings  # the run's measured ceilings for the group's context, for its limits
+        self.exports = exports  # the run's exported graphs, for a runtime case
         self._reference: equivalence.Reference | None = None
 
     @cached_property
@@ -95,7 +105,7 @@ def _first_call(cls: type[CondConvBase], module: nn.Module, step: Callable[[], A
     with grad_mode(case.mode):
         started = time.perf_counter()
         try:
-            graphs = first_call(step, cls.compiles, device)
+            graphs = first_call(step, cls.compiles and case.runtime == EAGER, device)
         except CompileFellBackError:
             row.update(compiled_graphs=0, tf32=tf32)
             raise
@@ -124,21 +134,42 @@ def _probe(case: Case, cls: type[CondConvBase], device: torch.device, ctx: Group
     module = build_module(case, cls, ctx.state, device)
     inputs = ctx.inputs
     x = inputs.formatted_x(case)
-    step = step_function(module, x, inputs, case.mode)
+    runs = module if case.runtime == EAGER else _exported(case, module, ctx, row)
+    step = step_function(runs, x, inputs, case.mode)
 
     row.update(asdict(_first_call(cls, module, step, case, device, row)))
     row.update(asdict(_sizes(case, module, inputs, x.element_size())))
     if role_of(cls) is not Role.FLOOR:
         reference = ctx.reference(workload, module)
-        row.update(equivalence_columns(equivalence.check_equivalence(module, x, inputs.routing_weights, inputs.grad_output, reference)))
+        row.update(equivalence_columns(equivalence.check_equivalence(runs, x, inputs.routing_weights, inputs.grad_output, reference)))
     analytic = workload.analytic_macs(module, case.batch_size)
     row.update(flop_columns(flops.count_flops(workload.eager_module(module), x, inputs.routing_weights, analytic)))
     work = workload.work(module, case.batch_size) if case.mode == "inference" else None
     if work is not None and ctx.ceilings is not None:
         row.update(limit_columns(case_limits(work, ctx.ceilings)))
+    if case.runtime != EAGER:
+        return None
     with grad_mode(case.mode):
         row["peak_memory_bytes"] = peak_memory.peak_memory_bytes(step, device)
         return record_profile(case.id, step, traces_dir, device, workload.num_experts) if traces_dir is not None else None
+
+
+class ExportFailedError(ImplUnavailableError):
+    """The strategy does not export for the case's runtime, even at a fixed batch: the row is skipped with the exporter's reason."""
+
+
+def _exported(case: Case, module: nn.Module, ctx: GroupContext, row: dict[str, Any]) -> ExportedGraph:
+    """The case's graph in its runtime; the export's outcome goes into `row` first."""
+    if ctx.exports is None:
+        raise ValueError("a runtime case needs the run's exports (GroupContext.exports)")
+    inputs = ctx.inputs
+    with torch.inference_mode():  # a dispatcher decides on its first call: the row's FLOPs and limits describe that choice
+        module(inputs.x) if inputs.routing_weights is None else module(inputs.x, inputs.routing_weights)
+    export = ctx.exports.of(case, module)
+    row.update(export_columns(export))
+    if export.path is None:
+        raise ExportFailedError(f"does not export for {case.runtime}: {export.reason}")
+    return ExportedGraph(case.runtime, export.path, case.threads)
 
 
 def probe_case(case: Case, ctx: GroupContext, traces_dir: Path | None = None) -> tuple[dict[str, Any], dict[str, Any] | None]:

@@ -15,6 +15,7 @@ from condconv_bench.core.equivalence import EquivalenceReport
 from condconv_bench.core.flops import FlopCounts
 from condconv_bench.core.limits import CaseLimits
 from condconv_bench.measure.group import CaseTiming, GroupTiming
+from condconv_bench.runtimes.export import Export
 from condconv_bench.timing.ratios import Interval
 from condconv_bench.timing.samples import Timing
 
@@ -34,7 +35,12 @@ def identity_columns(case: Case) -> dict[str, Any]:
         "mode": case.mode,
         "threads": case.threads,
         "memory_format": case.memory_format,
+        "runtime": case.runtime,
     }
+
+
+def export_columns(export: Export) -> dict[str, Any]:
+    return {"export": export.status, "export_reason": export.reason, "export_ops": export.operators, "export_s": export.seconds}
 
 
 def equivalence_columns(report: EquivalenceReport) -> dict[str, Any]:

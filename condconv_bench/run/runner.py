@@ -32,7 +32,9 @@ from condconv_bench.machine import allocators
 from condconv_bench.measure.group import GroupMeasurement, measure_groups
 from condconv_bench.measure.pool import WorkerPool
 from condconv_bench.measure.protocol import Visit
+from condconv_bench.run.exports import Exports
 from condconv_bench.run.probes import GroupContext, probe_case
+from condconv_bench.runtimes.catalog import describe_runtimes
 from condconv_bench.run.columns import SCHEMA_VERSION
 from condconv_bench.run.directory import RunDirectory
 from condconv_bench.run.lock import writer_lock
@@ -67,7 +69,7 @@ class RunOutcome:
 
 
 def _measurement(cases: list[Case], rows: dict[str, dict[str, Any]], suite: Suite,
-                 settings: MeasureSettings) -> GroupMeasurement | None:
+                 settings: MeasureSettings, exports: Exports) -> GroupMeasurement | None:
     """The timing of a group's probed cases, ready to be measured; None when none of them can run."""
     timed = [case for case in cases if rows[case.id]["status"] == "ok"]
     if not timed:
@@ -77,8 +79,9 @@ def _measurement(cases: list[Case], rows: dict[str, dict[str, Any]], suite: Suit
     floor = next((case_id for case_id, role in roles.items() if role == Role.FLOOR), None)
     candidates = {c for c, role in roles.items() if role == Role.STRATEGY and rows[c].get("equivalent") is True}
     dispatchers = {c for c, role in roles.items() if role == Role.DISPATCHER}
+    graphs = {case.id: str(path) for case in timed if (path := exports.graph_of(case)) is not None}
     visit = Visit(tuple(timed), classes, suite.model.seed, settings.rounds, settings.block_s, settings.warmup,
-                  seed_of(suite.model.seed, *timed[0].group))
+                  seed_of(suite.model.seed, *timed[0].group), graphs=graphs)
     return GroupMeasurement(visit, settings, floor=floor, candidates=candidates, dispatchers=dispatchers)
 
 
@@ -112,6 +115,7 @@ def _open_run(suite: Suite, output: Path, resume: bool, shard: Shard | None, cas
         "cases_total": len(cases),
         "matmul_peaks": matmul_peaks_of(cases),
         "memory_bandwidths": memory_bandwidths_of(cases),
+        "runtimes": describe_runtimes({case.runtime for case in cases}),
     }
     return RunDirectory.create(output, metadata)
 
@@ -169,6 +173,7 @@ def _run_cases(suite: Suite, cases: list[Case], settings: MeasureSettings, pool:
     outcome = RunOutcome(run, len(cases), len(done & {case.id for case in cases}))
     position = {case.id: index for index, case in enumerate(cases, start=1)}
     warmed: set[tuple[str, str]] = set()
+    exports = Exports(run.exports_dir, cases, suite.model.seed)
     if listener:
         listener.run_started([case for case in cases if case.id not in done])
     with pool:
@@ -183,7 +188,8 @@ def _run_cases(suite: Suite, cases: list[Case], settings: MeasureSettings, pool:
                 if (first.device, first.dtype) not in warmed and device_unavailable_reason(torch.device(first.device)) is None:
                     warm_up_device(torch.device(first.device), first.torch_dtype)
                     warmed.add((first.device, first.dtype))
-                ctx = GroupContext(first, suite.model.seed, Ceilings.from_metadata(run.metadata(), first.device, first.dtype, first.threads))
+                ctx = GroupContext(first, suite.model.seed, Ceilings.from_metadata(run.metadata(), first.device, first.dtype, first.threads),
+                                   exports)
                 rows = {}
                 for case in group:
                     if listener:
@@ -191,7 +197,7 @@ def _run_cases(suite: Suite, cases: list[Case], settings: MeasureSettings, pool:
                     rows[case.id], profile_record = probe_case(case, ctx, run.traces_dir if profile and case in missing else None)
                     if profile_record is not None:
                         run.append_profile(profile_record)
-                probed.append((missing, rows, _measurement(group, rows, suite, settings)))
+                probed.append((missing, rows, _measurement(group, rows, suite, settings, exports)))
             timed = [m for _, _, m in probed if m is not None]
             if listener and timed:
                 listener.timing_started(len(timed), settings.budget_s)

@@ -2,8 +2,8 @@
 
 Axes resolve per layer, then per device, then for the suite (the first that sets one wins); a layer
 may name its own `devices` instead of the suite's. Cases are ordered so that one group — a layer,
-device, dtype, mode, batch size, memory format and thread count — runs all its implementations back
-to back: ratios to the floor are then measured minutes apart at most, and the float64 oracle is
+device, dtype, mode, batch size, memory format, thread count and runtime — runs all its
+implementations back to back: ratios to the floor are then measured minutes apart at most, and the float64 oracle is
 computed once per group.
 """
 
@@ -53,7 +53,7 @@ class Suite:
                     threads = threads[:1]  # host threads barely matter when the device computes
                 axes = {
                     axis: getattr(layer.entry, axis) or getattr(device_overrides, axis, None) or getattr(self.model, axis)
-                    for axis in ("batch_sizes", "dtypes", "modes")
+                    for axis in ("batch_sizes", "dtypes", "modes", "runtimes")
                 }
                 formats = self.model.memory_formats if layer.workload.has_spatial_input else ["contiguous"]
                 impls = layer.entry.impls or self.model.impls
@@ -62,11 +62,12 @@ class Suite:
                         for batch_size in axes["batch_sizes"]:
                             for memory_format in dict.fromkeys(formats):
                                 for thread_count in threads:
-                                    for impl in impls:
-                                        cases.append(
-                                            Case(
-                                                layer.name, layer.workload, impl,
-                                                batch_size, device, dtype, mode, thread_count, memory_format,
+                                    for runtime in axes["runtimes"]:
+                                        for impl in impls:
+                                            cases.append(
+                                                Case(
+                                                    layer.name, layer.workload, impl, batch_size, device, dtype,
+                                                    mode, thread_count, memory_format, runtime,
+                                                )
                                             )
-                                        )
         return cases

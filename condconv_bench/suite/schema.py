@@ -18,6 +18,7 @@ from typing import Annotated, Any, ClassVar, Literal
 from pydantic import AliasChoices, BaseModel, ConfigDict, Field, StrictBool, StrictFloat, StrictInt, StrictStr, create_model
 
 from condconv_bench.machine.allocators import ALLOCATORS
+from condconv_bench.runtimes.catalog import RuntimeName
 from condconv_bench.settings import GateSettings, MeasureSettings
 
 DType = Literal["float32", "bfloat16", "float16"]
@@ -83,6 +84,7 @@ class AxisOverrides(_Model):
     batch_sizes: list[PositiveInt] | None = Field(default=None, min_length=1)
     dtypes: list[DType] | None = Field(default=None, min_length=1)
     modes: list[Mode] | None = Field(default=None, min_length=1)
+    runtimes: list[RuntimeName] | None = Field(default=None, min_length=1)
 
 
 class StageEntry(_Model):
@@ -139,6 +141,7 @@ class SuiteModel(_Model):
     devices: list[StrictStr | DeviceEntry] = Field(default=["cpu"], min_length=1)
     dtypes: list[DType] = Field(default=["float32"], min_length=1)
     modes: list[Mode] = Field(default=["inference"], min_length=1)
+    runtimes: list[RuntimeName] = Field(default=["eager"], min_length=1)
     threads: list[PositiveInt] | None = Field(default=None, min_length=1)
     memory_formats: list[MemoryFormat] = Field(default=["contiguous"], min_length=1)
     timing: TimingSection = TimingSection()

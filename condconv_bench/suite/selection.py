@@ -49,6 +49,7 @@ class CaseFilter:
     layers: tuple[str, ...] = ()
     dtypes: tuple[str, ...] = ()
     modes: tuple[str, ...] = ()
+    runtimes: tuple[str, ...] = ()
 
     def apply(self, cases: list[Case], suite: Suite) -> list[Case]:
         for option, values, attribute in (
@@ -58,6 +59,7 @@ class CaseFilter:
             ("--layer", self.layers, "layer"),
             ("--dtype", self.dtypes, "dtype"),
             ("--mode", self.modes, "mode"),
+            ("--runtime", self.runtimes, "runtime"),
         ):
             known = list(dict.fromkeys(getattr(case, attribute) for case in cases))
             for value in values:
