@@ -22,7 +22,7 @@ from condconv_bench import __version__
 from condconv_bench.atomic import write_bytes_atomically, write_text_atomically
 from condconv_bench import formatting
 from condconv_bench.core.limits import Ceilings
-from condconv_bench.report import plots, tables
+from condconv_bench.report import deployment, plots, tables
 from condconv_bench.report.model_tables import ModelTable, model_tables
 from condconv_bench.report.runs import LoadedRun, comparison_summary, cross_run
 
@@ -40,6 +40,25 @@ class Context:
 
     label: str
     figures: list[Figure]
+
+
+@dataclass(frozen=True)
+class Deployment:
+    """One context's deployment tables (`report.deployment`): the strategy × runtime matrix, the
+    fastest deployable strategy per layer and batch, and the same per layer class."""
+
+    label: str
+    matrix: pd.DataFrame
+    fastest: pd.DataFrame
+    by_class: pd.DataFrame
+
+
+def _deployment(frame: pd.DataFrame) -> list[Deployment]:
+    sections = []
+    for label, rows in deployment.settings(frame):
+        fastest = deployment.fastest_deployable(rows)
+        sections.append(Deployment(label, deployment.matrix(rows), fastest, deployment.by_layer_class(fastest)))
+    return sections
 
 
 @dataclass
@@ -61,6 +80,7 @@ class RunSection:
     compile_times: pd.DataFrame
     profiles: list[dict[str, Any]] = field(default_factory=list)
     models: list[ModelTable] = field(default_factory=list)
+    deployment: list[Deployment] = field(default_factory=list)
 
 
 def _slug(text: str) -> str:
@@ -74,8 +94,9 @@ def _figures(run: LoadedRun, context_label: str, rows: pd.DataFrame, plots_dir: 
     drawn = {
         "latency_vs_batch": ("Latency vs batch size", plots.latency_vs_batch(rows, colours)),
         "speed_vs_floor": ("Speed relative to the static floor", plots.speed_vs_floor(rows)),
-        "peak_memory": ("Peak memory", plots.peak_memory(rows, colours)),
     }
+    if rows["peak_memory_bytes"].notna().any():  # a runtime's allocations are outside torch's profiler
+        drawn["peak_memory"] = ("Peak memory", plots.peak_memory(rows, colours))
     if not tables.achieved_flops(rows).empty:  # forward FLOPs only: nothing to show for training rows
         drawn["achieved_gflops"] = ("Achieved GFLOP/s and the machine's matmul peak", plots.achieved_gflops(rows, colours, peak))
     ceilings = Ceilings.from_metadata(run.metadata, first["device"], first["dtype"], int(first["threads"]))
@@ -127,6 +148,7 @@ def build_section(run: LoadedRun, plots_dir: Path, report_dir: Path, prefix: str
         compile_times=tables.compile_times(frame),
         profiles=_profiles(run, report_dir),
         models=model_tables(frame),
+        deployment=_deployment(frame),
     )
 
 

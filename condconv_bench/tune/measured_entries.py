@@ -12,17 +12,20 @@ import pandas as pd
 from condconv_bench.core.case import GROUP_KEYS
 from condconv_bench.core.spec import LayerSpec, Pair
 from condconv_bench.dispatch.table import RIVALS, Entry, Query
+from condconv_bench.runtimes.catalog import EAGER
 
 
 def entries_from_results(frame: pd.DataFrame, workloads: dict[str, tuple[LayerSpec, Pair]], eligible: set[str],
                          allocator: str) -> list[Entry]:
     """One entry per measured group of a run (whose workers ran under `allocator`): the fastest
-    eligible strategy that passed equivalence."""
-    rows = frame[(frame["status"] == "ok") & frame["impl"].isin(eligible) & frame["equivalent"].fillna(False).astype(bool)]
+    eligible strategy that passed equivalence. Only eager rows: the table serves the eager layers,
+    and a runtime's speeds are the runtime's."""
+    rows = frame[(frame["status"] == "ok") & frame["impl"].isin(eligible) & frame["equivalent"].fillna(False).astype(bool)
+                 & (frame["runtime"] == EAGER)]
     rows = rows[rows["layer"].isin(workloads)]
     entries = []
     for key, group in rows.groupby(list(GROUP_KEYS), sort=False):
-        layer, device, dtype, mode, threads, memory_format, batch_size = key
+        layer, device, dtype, mode, threads, memory_format, batch_size, _ = key
         spec, input_size = workloads[layer]
         ranked = group.sort_values("latency_median_s")
         best = ranked.iloc[0]

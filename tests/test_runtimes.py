@@ -1,0 +1,131 @@
+"""The runtime axis: strategies exported to ONNX and run by ONNX Runtime beside eager PyTorch,
+their export outcome recorded per case, and the report's deployment tables.
+
+One small run (a pointwise and a linear layer, two batches, four implementations) is shared by the
+module; it needs the `onnx` extra and is skipped without it, as the GPU machine has none.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+from pathlib import Path
+
+import pytest
+import yaml
+from bs4 import BeautifulSoup
+from click.testing import CliRunner
+
+from condconv_bench.cli import main
+from condconv_bench.report import write_report
+from condconv_bench.report.deployment import layer_class
+from condconv_bench.run.directory import load_results
+from condconv_bench.run.runner import run_suite
+from condconv_bench.runtimes import catalog
+from condconv_bench.suite.loader import load_suite
+
+SUITE = {
+    "name": "runtimes",
+    "impls": ["static", "grouped_conv", "per_sample_loop", "batched_matmul"],
+    "batch_sizes": [1, 3],
+    "runtimes": ["eager", "onnxruntime"],
+    "threads": [1],
+    "timing": {"processes": 1, "rounds": 2, "block_s": 0.001, "warmup": 0, "budget_s": 0.1},
+    "layer_defaults": {"experts": 3},
+    "layers": [
+        {"name": "pw", "in_channels": 6, "out_channels": 10, "input_size": 5},
+        {"name": "fc", "kind": "linear", "in_channels": 12, "out_channels": 5, "bias": True, "routing_weights": "given",
+         "impls": ["static", "batched_matmul"]},
+    ],
+}
+ONNX_MISSING = catalog.RUNTIMES["onnxruntime"].unavailable_reason()
+needs_onnx = pytest.mark.skipif(ONNX_MISSING is not None, reason=ONNX_MISSING or "")
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory) -> Path:
+    base = tmp_path_factory.mktemp("runtimes")
+    suite = base / "suite.yaml"
+    suite.write_text(yaml.safe_dump(SUITE))
+    run_suite(suite, base / "run")
+    return base / "run"
+
+
+@pytest.fixture(scope="module")
+def rows(run):
+    return load_results(run).set_index("case_id")
+
+
+@needs_onnx
+def test_each_strategy_records_how_it_exports(rows) -> None:
+    onnx = rows[rows["runtime"] == "onnxruntime"]
+    export = {impl: set(group["export"]) for impl, group in onnx.groupby("impl")}
+    assert export == {"static": {"ok"}, "batched_matmul": {"ok"}, "grouped_conv": {"batch_fixed"}, "per_sample_loop": {"batch_fixed"}}
+    grouped = onnx[onnx["impl"] == "grouped_conv"]["export_reason"]
+    assert grouped.str.startswith("aten.conv2d").all(), "the reason names the operator that bakes the batch in"
+    assert onnx[onnx["impl"] == "per_sample_loop"]["export_reason"].str.contains("fails at batch").all()
+    assert onnx.loc["pw/batched_matmul/b3/cpu/float32/inference/t1/contiguous/onnxruntime", "export_ops"].count("MatMul")
+    assert rows[rows["runtime"] == "eager"]["export"].isna().all()
+
+
+@needs_onnx
+def test_runtime_cases_are_verified_and_timed_against_the_exported_floor(rows) -> None:
+    onnx = rows[rows["runtime"] == "onnxruntime"]
+    assert (onnx["status"] == "ok").all() and onnx["latency_median_s"].notna().all()
+    strategies = onnx[onnx["role"] == "strategy"]
+    assert strategies["equivalent"].all() and (strategies["max_rel_error"] < 1e-5).all()
+    assert strategies["vs_floor"].notna().all()
+    assert onnx["peak_memory_bytes"].isna().all(), "a runtime allocates outside torch's profiler"
+    assert len(rows[rows["runtime"] == "eager"]) == len(onnx), "eager ids stay as they were, runtime ids add the runtime"
+
+
+@needs_onnx
+def test_graphs_and_the_runtimes_versions_are_kept_with_the_run(run) -> None:
+    graphs = {path.name for path in (run / "exports" / "pw").glob("*.onnx")}
+    assert {"batched_matmul-onnxruntime.onnx", "grouped_conv-onnxruntime-b1.onnx", "grouped_conv-onnxruntime-b3.onnx"} <= graphs
+    recorded = json.loads((run / "run.json").read_text())["runtimes"]["onnxruntime"]
+    assert recorded["versions"]["onnxruntime"] and "threads" in recorded
+
+
+@needs_onnx
+def test_the_report_has_a_deployment_matrix(run, tmp_path) -> None:
+    soup = BeautifulSoup(write_report([run], tmp_path / "report.html").read_text(encoding="utf-8"), "html.parser")
+    matrix = soup.find("table", class_="deployment-matrix")
+    cells = {tr.find("td").get_text(): [td.get_text() for td in tr.find_all("td")[1:]] for tr in matrix.find_all("tr")[1:]}
+    assert [th.get_text() for th in matrix.find_all("th")] == ["strategy", "eager", "onnxruntime"]
+    assert cells["batched_matmul"][1].startswith("dynamic batch") and cells["grouped_conv"][1].startswith("batch fixed")
+    assert cells["grouped_conv"][0].startswith("eager ·")
+    classes = soup.find("table", class_="deployment-classes").get_text()
+    assert "pointwise" in classes and "linear" in classes
+
+
+def test_a_runtime_that_is_not_installed_is_a_skipped_row_with_the_install_line(tmp_path, monkeypatch) -> None:
+    find_spec = importlib.util.find_spec
+    monkeypatch.setattr(catalog.importlib.util, "find_spec", lambda name: None if name == "openvino" else find_spec(name))
+    suite = tmp_path / "suite.yaml"
+    suite.write_text(yaml.safe_dump({**SUITE, "runtimes": ["openvino"], "impls": ["static"], "batch_sizes": [1],
+                                     "layers": SUITE["layers"][:1]}))
+    row = load_results(run_suite(suite, tmp_path / "run").run.path).iloc[0]
+    assert row["status"] == "skipped" and row["runtime"] == "openvino"
+    assert row["reason"] == 'openvino needs openvino, not installed here: pip install -e ".[openvino]"'
+
+
+def test_runtimes_are_narrowed_like_dtypes_and_filtered_on_the_command_line(tmp_path) -> None:
+    suite = tmp_path / "suite.yaml"
+    narrowed = {**SUITE, "devices": ["cpu", {"name": "cuda", "runtimes": ["eager"]}],
+                "layers": [{**SUITE["layers"][0], "runtimes": ["onnxruntime"]}, SUITE["layers"][1]]}
+    suite.write_text(yaml.safe_dump(narrowed))
+    cases = load_suite(suite).cases()
+    assert {c.runtime for c in cases if c.layer == "pw"} == {"onnxruntime"}
+    assert {c.runtime for c in cases if c.layer == "fc" and c.device == "cuda"} == {"eager"}
+    result = CliRunner().invoke(main, ["run", str(suite), "--runtime", "tensorrt", "-o", str(tmp_path / "out")])
+    assert result.exit_code == 2
+    assert result.output.strip().splitlines() == [f"error: --runtime tensorrt: not in {suite} (it has: onnxruntime, eager)"]
+
+
+@pytest.mark.parametrize("description, expected", [
+    ("conv2d 192→1152 k1 E8", "pointwise"), ("conv2d 672→672 k5 s2 g672 E8", "depthwise k5"),
+    ("conv2d 64→64 k3 E8", "conv k3"), ("conv2d 8→12 k3 g4 E4", "grouped k3"), ("linear 1280→1000 E8", "linear"),
+])
+def test_layer_classes_of_the_deployment_tables(description: str, expected: str) -> None:
+    assert layer_class(description) == expected
