@@ -64,6 +64,7 @@ def _examples_per_chunk(spec: LayerSpec, batch_size: int, itemsize: int) -> int:
 class ChunkedMatmul(CondConvBase):
     """pixel_major_matmul over chunks of examples whose kernels fit in the L2 caches."""
 
+    batch_fixed_export = "splits the batch into chunks in Python, so a trace keeps the chunks of the batch it saw"
     dispatchable = True
 
     def conditional_forward(self, x: torch.Tensor, routing_weights: torch.Tensor) -> torch.Tensor:

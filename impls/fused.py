@@ -110,6 +110,7 @@ def _refusal(spec: LayerSpec, device: torch.device, dtype: torch.dtype) -> str |
 class Fused(CondConvBase):
     """Native CPU kernel: mixes each example's kernel tile by tile in cache and uses it at once."""
 
+    batch_fixed_export = "under a tracer it runs the batch as a grouped conv's groups, which ONNX's Conv takes as a fixed attribute"
     materialises_kernels = False
     dispatchable = True
 

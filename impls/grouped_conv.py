@@ -20,6 +20,7 @@ from condconv_bench.core.registry import register_impl
 class GroupedConv(CondConvBase):
     """Fold the batch into groups: one mix, one grouped conv (timm, DynamicConv ports)."""
 
+    batch_fixed_export = "folds the batch into the convolution's groups, which ONNX's Conv takes as a fixed attribute"
     dispatchable = True
 
     def conditional_forward(self, x: torch.Tensor, routing_weights: torch.Tensor) -> torch.Tensor:

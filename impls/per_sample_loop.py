@@ -22,6 +22,7 @@ from condconv_bench.core.traffic import Traffic, compulsory_traffic, kernel_byte
 class PerSampleLoop(CondConvBase):
     """Loop over the batch: mix one example's kernel, run one conv (TF original)."""
 
+    batch_fixed_export = "loops over the examples in Python, so a trace unrolls the batch it saw"
     dispatchable = True
     materialises_kernels = False
 

@@ -12,17 +12,25 @@ import json
 from pathlib import Path
 
 import pytest
+import torch
 import yaml
 from bs4 import BeautifulSoup
 from click.testing import CliRunner
 
 from condconv_bench.cli import main
+from condconv_bench.conversion.swap import convert
+from condconv_bench.core.registry import get_impl
+from condconv_bench.core.spec import LayerSpec
+from condconv_bench.dispatch.deployable import BatchFixedExportWarning, deployed_strategy
+from condconv_bench.layers.condconv import CondConv2d
 from condconv_bench.report import write_report
 from condconv_bench.report.deployment import layer_class
 from condconv_bench.run.directory import load_results
 from condconv_bench.run.runner import run_suite
 from condconv_bench.runtimes import catalog
+from condconv_bench.runtimes.export import export_dynamic
 from condconv_bench.suite.loader import load_suite
+from tiny_models import TinyCondConvNet
 
 SUITE = {
     "name": "runtimes",
@@ -129,3 +137,34 @@ def test_runtimes_are_narrowed_like_dtypes_and_filtered_on_the_command_line(tmp_
 ])
 def test_layer_classes_of_the_deployment_tables(description: str, expected: str) -> None:
     assert layer_class(description) == expected
+
+
+# Strategies the run above does not export (fused's native build is tested in test_fused.py, and
+# workspace_matmul runs batched_matmul's code); each declares whether its graph keeps a dynamic batch.
+OTHERS = ["pixel_major_matmul", "chunked_matmul", "naive_moe", "stacked_moe", "auto"]
+
+
+@needs_onnx
+@pytest.mark.parametrize("impl", OTHERS)
+def test_each_strategy_declares_whether_its_exported_graph_keeps_a_dynamic_batch(impl: str, tmp_path) -> None:
+    cls = get_impl(impl)
+    spec = LayerSpec("conv2d", 6, 10, num_experts=3)
+    export = export_dynamic(cls(spec).eval(), lambda batch: (torch.randn(batch, 6, 5, 5),), [3], "onnxruntime", tmp_path / "g.onnx", 1)
+    assert (export.status == "ok") == (cls.batch_fixed_export is None), export.reason
+
+
+def test_a_model_prepared_for_export_runs_a_strategy_with_a_dynamic_batch_in_every_layer() -> None:
+    model = TinyCondConvNet()  # both layers fixed to grouped_conv, which bakes the batch in
+    replaced = convert(model, "grouped_conv", for_export=True).replaced
+    assert [r.strategy for r in replaced] == [deployed_strategy(r.spec) for r in replaced] == ["batched_matmul", "stacked_moe"]
+    assert all(r.reason.startswith("for export: grouped_conv folds the batch into the convolution's groups") for r in replaced)
+    assert all(get_impl(r.strategy).batch_fixed_export is None for r in replaced)
+    kept = convert(TinyCondConvNet(), "pixel_major_matmul", for_export=True).replaced
+    assert [(r.strategy, r.reason is None) for r in kept] == [("pixel_major_matmul", True), ("stacked_moe", False)]
+
+
+@needs_onnx
+def test_a_layer_fixed_to_a_batch_baking_strategy_says_so_when_exported(tmp_path) -> None:
+    layer = CondConv2d(6, 10, 1, num_experts=3, strategy="grouped_conv").eval()
+    with pytest.warns(BatchFixedExportWarning, match="grouped_conv folds the batch"):
+        torch.onnx.export(layer, (torch.randn(2, 6, 5, 5),), dynamo=True, verbose=False)

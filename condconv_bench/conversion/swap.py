@@ -18,6 +18,7 @@ from typing import TYPE_CHECKING, NamedTuple
 from torch import nn
 
 from condconv_bench.conversion.adapters import LayerAdapter, NotExact, Target, adapters
+from condconv_bench.dispatch.deployable import batch_fixed_reason, deployed_strategy
 from condconv_bench.dispatch.dispatching_layers import SELECTORS
 from condconv_bench.errors import UnmappableLayerError
 from condconv_bench.core.registry import get_impl
@@ -89,6 +90,7 @@ def convert(
     elsewhere: str | None = "auto",
     dispatch_table: DispatchTable | str | Path | None = None,
     tuning_budget_s: float | None = None,
+    for_export: bool = False,
 ) -> Conversion:
     """Replace every CondConv layer of `model` by `CondConv2d` / `CondConvLinear` running `strategy`.
 
@@ -99,7 +101,12 @@ def convert(
     `chunked_matmul`) are not for depthwise layers, which have no matrix product to batch, so a
     model converted "to batched_matmul" runs `elsewhere` (default `auto`; any strategy key or
     `autotune`) in its depthwise layers, and its record says so (`Replacement.reason`);
-    `elsewhere=None` runs `strategy` in every layer regardless. Weights, dtype, device, training
+    `elsewhere=None` runs `strategy` in every layer regardless. `for_export` prepares the model
+    for an exported graph with a dynamic batch: every layer runs `strategy` where that is a fixed
+    strategy that exports so and suits the layer, else the strategy measured fastest for its
+    class among those that do (`dispatch.deployable`), and its record says why. (`auto` and
+    `autotune` layers run that one while being exported anyway; `for_export` also runs it eagerly,
+    so that what is tested is what is exported.) Weights, dtype, device, training
     mode and `requires_grad` carry over; each replacement is called as the layer it replaces
     (timm's blocks pass their routing weights). In place, unless `copy` (then `model` is
     untouched). Raises `UnmappableLayerError` (one line: the module path and the reason) before
@@ -111,7 +118,7 @@ def convert(
     built: dict[int, nn.Module] = {}
     replaced = []
     for layer in found:
-        runs, reason = _strategy_for(layer.spec, strategy, elsewhere)
+        runs, reason = _exported_strategy_for(layer.spec, strategy) if for_export else _strategy_for(layer.spec, strategy, elsewhere)
         built[id(layer.module)] = layer.adapter.replacement(layer.module, layer.spec, Target(runs, dispatch_table, tuning_budget_s))
         replaced.append(Replacement(layer.path, _class_name(layer.module), _class_name(built[id(layer.module)]), runs,
                                     layer.spec, reason))
@@ -130,3 +137,12 @@ def _strategy_for(spec: LayerSpec, strategy: str, elsewhere: str | None) -> tupl
         return strategy, None
     reason = get_impl(strategy).unsuited_reason(spec)
     return (strategy, None) if reason is None else (elsewhere, f"{strategy} {reason}: runs {elsewhere}")
+
+
+def _exported_strategy_for(spec: LayerSpec, strategy: str) -> tuple[str, str | None]:
+    """What runs in a layer of `spec` in a model prepared for export when `strategy` is asked for, and why."""
+    deployed = deployed_strategy(spec)
+    if strategy in SELECTORS:
+        return deployed, None if strategy == deployed else f"for export: {strategy} runs {deployed} in an exported graph"
+    reason = batch_fixed_reason(strategy) or get_impl(strategy).unsuited_reason(spec)
+    return (strategy, None) if reason is None else (deployed, f"for export: {strategy} {reason}: runs {deployed}")

@@ -57,6 +57,10 @@ class CondConvBase(nn.Module, ABC):
     # dispatching layer (`auto`) may run it on its own parameters. Only a class's own declaration
     # counts (see `registry.dispatchable_impls`): a subclass may override the helpers it calls.
     dispatchable: ClassVar[bool] = False
+    # Why a graph exported from this strategy (torch.export, ONNX) runs only at the batch it was
+    # traced with, or None where one graph serves every batch: a deployed model needs the latter.
+    # `runtimes.export` measures it per case; tests/test_runtimes.py holds each declaration to the exporter.
+    batch_fixed_export: ClassVar[str | None] = None
 
     def __init__(self, spec: LayerSpec) -> None:
         super().__init__()

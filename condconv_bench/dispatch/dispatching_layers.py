@@ -15,10 +15,15 @@ nothing but the shared parameters (`dispatchable`) are candidates.
   over `DRIFT_FACTOR` faster or slower than its entry recorded, the machine is in another state
   than when it was tuned and the layer tunes afresh), so a tuning from a bad moment cannot stick. An entry with no rival to race (none recorded, and the table agreeing) is
   measured afresh.
+
+While a graph is exported (`torch.export`, the ONNX exporter) neither looks anything up by batch
+size: each runs the strategy `deployable` names for its layer class, so that one exported graph
+serves every batch; a layer fixed to a strategy that bakes the batch in says so with a warning.
 """
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Callable
 from pathlib import Path
 
@@ -26,6 +31,7 @@ import torch
 
 from condconv_bench.dispatch import autotuning, switch
 from condconv_bench.dispatch.cache import MachineCache, machine_cache
+from condconv_bench.dispatch.deployable import BatchFixedExportWarning, batch_fixed_reason, deployed_strategy
 from condconv_bench.dispatch.table import DispatchTable, Query, resolve_table
 from condconv_bench.errors import ImplUnavailableError, UnknownImplError
 from condconv_bench.core.contract import CondConvBase
@@ -88,11 +94,6 @@ def _lookup(table: DispatchTable | str | Path | None, tuned: bool, compiling: bo
 # without fullgraph it breaks the graph there; `torch.compile(model, dynamic=False)` keeps one
 # graph per shape, each with its own choice baked in.
 _lookup._dynamo_marked_constant = True  # type: ignore[attr-defined]
-
-
-def _tracing() -> bool:
-    """Whether the call is being traced (torch.compile or torch.export) rather than run."""
-    return torch.compiler.is_compiling() or torch.compiler.is_exporting()
 
 
 def _prepared(cls: type[CondConvBase]) -> bool:
@@ -198,8 +199,24 @@ class Auto(CondConvBase):
         self.last_strategy = key
         return key, strategies[key].conditional_forward
 
+    def exported_strategy(self) -> str:
+        """What this layer runs in an exported graph: its fixed strategy, else the deployed one for its class."""
+        return deployed_strategy(self.spec) if self.strategy in SELECTORS else self.strategy
+
+    def _exported_choice(self) -> str:
+        """`exported_strategy`, with a warning where it bakes the traced batch into the graph."""
+        reason = batch_fixed_reason(self.exported_strategy())
+        if reason is not None:
+            warnings.warn(f"{self.strategy} {reason}: the exported graph runs only at the batch size it was traced with; "
+                          "convert(model, for_export=True) gives every layer a strategy that exports with a dynamic batch",
+                          BatchFixedExportWarning, stacklevel=2)
+        return self.exported_strategy()
+
     def conditional_forward(self, x: torch.Tensor, routing_weights: torch.Tensor) -> torch.Tensor:
-        if _tracing():  # choose while tracing; the traced graph bakes the choice in
+        if torch.compiler.is_exporting():
+            self.last_strategy = self._exported_choice()
+            return dispatchable_impls()[self.last_strategy].conditional_forward(self, x, routing_weights)
+        if torch.compiler.is_compiling():  # choose while tracing; the traced graph bakes the choice in
             return dispatchable_impls()[self.choose(x)].conditional_forward(self, x, routing_weights)
         key = (x.shape, x.stride(), x.dtype, x.device, torch.is_grad_enabled(), torch.get_num_threads())
         choice = self._choices.get(key)

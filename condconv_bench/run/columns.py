@@ -48,7 +48,7 @@ def _topic(topic: str, *columns: tuple) -> tuple[Column, ...]:
 COLUMNS: tuple[Column, ...] = (
     *_topic(
         "identity",
-        ("case_id", "string", "", "the case's unique id: layer/impl/batch/device/dtype/mode/threads/format"),
+        ("case_id", "string", "", "the case's unique id: layer/impl/batch/device/dtype/mode/threads/format, and /runtime unless eager"),
         ("impl", "string", "", "the implementation's registry key"),
         ("layer", "string", "", "the layer's name in the suite"),
         ("layer_desc", "string", "", "the workload in words (kind, channels, kernel, experts)"),

@@ -41,6 +41,7 @@ from condconv_bench.runtimes.catalog import EAGER, case_unavailable_reason
 from condconv_bench.runtimes.graphs import ExportedGraph
 from condconv_bench.cases.steps import CompileFellBackError, build_module, dispatched, first_call, grad_mode, step_function
 from condconv_bench.cases.workload import Workload
+from condconv_bench.dispatch.dispatching_layers import Auto
 
 
 def skip_reason(cls: type[CondConvBase], case: Case, device: torch.device) -> str | None:
@@ -162,10 +163,10 @@ def _exported(case: Case, module: nn.Module, ctx: GroupContext, row: dict[str, A
     """The case's graph in its runtime; the export's outcome goes into `row` first."""
     if ctx.exports is None:
         raise ValueError("a runtime case needs the run's exports (GroupContext.exports)")
-    inputs = ctx.inputs
-    with torch.inference_mode():  # a dispatcher decides on its first call: the row's FLOPs and limits describe that choice
-        module(inputs.x) if inputs.routing_weights is None else module(inputs.x, inputs.routing_weights)
     export = ctx.exports.of(case, module)
+    for layer in module.modules():  # the row's dispatch, FLOPs and limits describe what the graph runs
+        if isinstance(layer, Auto):
+            layer.last_strategy = layer.exported_strategy()
     row.update(export_columns(export))
     if export.path is None:
         raise ExportFailedError(f"does not export for {case.runtime}: {export.reason}")

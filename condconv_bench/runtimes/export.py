@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import contextlib
 import io
+import logging
 import re
 import time
 import warnings
@@ -66,9 +67,15 @@ def _write_onnx(module: nn.Module, inputs: tuple[torch.Tensor, ...], path: Path,
     """Export `module` on `inputs` into `path`; returns the operator summary. Raises what the exporter raises."""
     batch = torch.export.Dim("batch", min=1)
     shapes = tuple({0: batch} for _ in inputs) if dynamic else None
-    with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()):
-        warnings.simplefilter("ignore")  # the exporter's deprecation notes are not the case's result
-        program = torch.onnx.export(module, inputs, dynamo=True, dynamic_shapes=shapes, verbose=False)
+    exporter_log = logging.getLogger("torch.onnx")
+    level = exporter_log.level
+    exporter_log.setLevel(logging.CRITICAL)  # its notes (and a torchvision stand-in it trips over) are not the case's result
+    try:
+        with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()):
+            warnings.simplefilter("ignore")
+            program = torch.onnx.export(module, inputs, dynamo=True, dynamic_shapes=shapes, verbose=False)
+    finally:
+        exporter_log.setLevel(level)
     path.parent.mkdir(parents=True, exist_ok=True)
     program.save(str(path))
     counts = Counter(node.op_type for node in program.model_proto.graph.node)
