@@ -104,7 +104,8 @@ def validate(suite: str) -> None:
     cases = loaded.cases()
     click.echo(
         f"{loaded.path}: ok — {len(cases)} cases: {len(loaded.layers)} layers, "
-        f"{len({c.impl for c in cases})} implementations, devices {', '.join(sorted({c.device for c in cases}))}"
+        f"{len({c.impl for c in cases})} implementations, devices {', '.join(sorted({c.device for c in cases}))}, "
+        f"runtimes {', '.join(dict.fromkeys(c.runtime for c in cases))}"
     )
     click.echo("timing: " + ", ".join(f"{key} {value:g}" if isinstance(value, float) else f"{key} {value}"
                                       for key, value in asdict(loaded.model.timing.settings()).items()))

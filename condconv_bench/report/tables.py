@@ -181,9 +181,9 @@ def noisy_cases(frame: pd.DataFrame) -> pd.DataFrame:
 
 
 def not_measured(frame: pd.DataFrame) -> pd.DataFrame:
-    """Skipped and errored cases, grouped by implementation, device and reason, with counts."""
+    """Skipped and errored cases, grouped by implementation, device, runtime and reason, with counts."""
     rows = frame[frame["status"] != "ok"]
-    grouped = rows.groupby(["status", "impl", "device", "reason"], dropna=False, sort=False).size()
+    grouped = rows.groupby(["status", "impl", "device", "runtime", "reason"], dropna=False, sort=False).size()
     return grouped.rename("cases").reset_index()
 
 
