@@ -22,6 +22,7 @@ from condconv_bench.cases.steps import build_module, first_call, grad_mode, step
 from condconv_bench.profiling.phases import PhaseBreakdown, measure_phases
 from condconv_bench.core.registry import get_impl
 from condconv_bench.run.probes import skip_reason
+from condconv_bench.runtimes.catalog import EAGER
 from condconv_bench.suite.selection import CaseFilter
 from condconv_bench.suite.grid import Suite
 from condconv_bench.suite.loader import load_suite
@@ -35,10 +36,11 @@ class CasePhases:
 
 
 def profile_phases(suite: Suite | str | Path, case_filter: CaseFilter) -> list[CasePhases]:
-    """The phases of every case of `suite` that `case_filter` keeps (CondConvBenchError if none)."""
+    """The phases of every eager case of `suite` that `case_filter` keeps (CondConvBenchError if
+    none): phases are torch's operators, which a runtime's graph does not run."""
     if not isinstance(suite, Suite):
         suite = load_suite(suite)
-    cases = case_filter.apply(suite.cases(), suite)
+    cases = [case for case in case_filter.apply(suite.cases(), suite) if case.runtime == EAGER]
     if not cases:
         raise CondConvBenchError(f"{suite.path}: no cases to profile after filters")
     with cache_off():  # as in a run: the machine's autotune cache is neither read nor filled
