@@ -4,7 +4,8 @@ The probes check its output against the float64 oracle and the workers time it t
 step functions as an eager module, so a runtime case is measured by exactly the instrument an
 eager one is. The runtime's session is created here with the case's thread count: ONNX Runtime's
 intra-op threads, OpenVINO's inference threads (both with no parallelism between operators, as
-torch's eager inference has none); OpenVINO is held to float32 and tuned for latency (one request).
+torch's eager inference has none); ONNX Runtime's threads do not spin between runs, and OpenVINO
+is held to float32 and tuned for latency (one request).
 """
 
 from __future__ import annotations
@@ -27,6 +28,9 @@ def _onnxruntime_session(path: Path, threads: int) -> Session:
     options.inter_op_num_threads = 1
     options.execution_mode = onnxruntime.ExecutionMode.ORT_SEQUENTIAL
     options.log_severity_level = 3  # its warnings about unused initialisers would reach the user's terminal
+    # Its pool threads would spin after every run, and a group interleaves many sessions, each with
+    # its own pool: the sessions not running would take the cores from the one being timed.
+    options.add_session_config_entry("session.intra_op.allow_spinning", "0")
     session = onnxruntime.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
     names = [graph_input.name for graph_input in session.get_inputs()]
     return lambda arrays: session.run(None, dict(zip(names, arrays)))[0]
