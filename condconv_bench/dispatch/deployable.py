@@ -17,7 +17,7 @@ from condconv_bench.core.spec import LayerSpec
 
 # Per layer class, the strategy with a dynamic batch that ran fastest in ONNX Runtime on the mobile
 # suite (2-core CPU, float32, 2 threads, batch 1, 8 and 32; README "Deploying" has the figures).
-DEPLOYED = {"depthwise": "stacked_moe", "dense": "batched_matmul"}
+DEPLOYED = {"depthwise": "naive_moe", "linear": "stacked_moe", "dense": "batched_matmul"}
 
 
 class BatchFixedExportWarning(UserWarning):
@@ -25,6 +25,8 @@ class BatchFixedExportWarning(UserWarning):
 
 
 def layer_class(spec: LayerSpec) -> str:
+    if spec.kind == "linear":
+        return "linear"
     return "depthwise" if spec.is_depthwise else "dense"
 
 
