@@ -21,7 +21,7 @@ from condconv_bench.cli import main
 from condconv_bench.conversion.swap import convert
 from condconv_bench.core.registry import get_impl
 from condconv_bench.core.spec import LayerSpec
-from condconv_bench.dispatch.deployable import BatchFixedExportWarning, deployed_strategy
+from condconv_bench.dispatch.deployable import DEPLOYED, BatchFixedExportWarning
 from condconv_bench.layers.condconv import CondConv2d
 from condconv_bench.report import write_report
 from condconv_bench.report.deployment import layer_class
@@ -141,7 +141,7 @@ def test_layer_classes_of_the_deployment_tables(description: str, expected: str)
 
 # Strategies the run above does not export (fused's native build is tested in test_fused.py, and
 # workspace_matmul runs batched_matmul's code); each declares whether its graph keeps a dynamic batch.
-OTHERS = ["pixel_major_matmul", "chunked_matmul", "naive_moe", "stacked_moe", "auto"]
+OTHERS = ["pixel_major_matmul", "chunked_matmul", "naive_moe", "stacked_moe", "fanout_moe", "auto"]
 
 
 @needs_onnx
@@ -156,11 +156,11 @@ def test_each_strategy_declares_whether_its_exported_graph_keeps_a_dynamic_batch
 def test_a_model_prepared_for_export_runs_a_strategy_with_a_dynamic_batch_in_every_layer() -> None:
     model = TinyCondConvNet()  # both layers fixed to grouped_conv, which bakes the batch in
     replaced = convert(model, "grouped_conv", for_export=True).replaced
-    assert [r.strategy for r in replaced] == [deployed_strategy(r.spec) for r in replaced] == ["batched_matmul", "stacked_moe"]
+    assert [r.strategy for r in replaced] == [DEPLOYED["dense"], DEPLOYED["depthwise"]]
     assert all(r.reason.startswith("for export: grouped_conv folds the batch into the convolution's groups") for r in replaced)
     assert all(get_impl(r.strategy).batch_fixed_export is None for r in replaced)
     kept = convert(TinyCondConvNet(), "pixel_major_matmul", for_export=True).replaced
-    assert [(r.strategy, r.reason is None) for r in kept] == [("pixel_major_matmul", True), ("stacked_moe", False)]
+    assert [(r.strategy, r.reason is None) for r in kept] == [("pixel_major_matmul", True), (DEPLOYED["depthwise"], False)]
 
 
 @needs_onnx
