@@ -108,6 +108,7 @@ class TritonFused(CondConvBase):
 
     materialises_kernels = False
     dispatchable = True
+    batch_fixed_export = Fused.batch_fixed_export  # an exported graph holds fused's composition, not the kernels
 
     @classmethod
     def unavailable_reason(cls) -> str | None:
