@@ -223,7 +223,7 @@ def test_cases_new_removed_or_redefined_are_listed_not_failed(repo: Path) -> Non
     }
 
 
-@pytest.mark.slow
+@pytest.mark.callgrind
 def test_instruction_gate_catches_three_percent_more_work(repo: Path, monkeypatch) -> None:
     """Also run from the checkout's root, with its harness broken: `python -m` there would import
     the checkout's worker modules instead of the instrument's, and every count would be lost."""
