@@ -14,6 +14,9 @@ from condconv_bench.core.equivalence import RELATIVE_TOLERANCE, check_equivalenc
 from conftest import SCENARIOS, Scenario
 
 CONDCONV_KEYS = [info.key for info in list_impls(include_floor=False, available_only=True)]
+# `compiled` is grouped_conv (checked on every scenario) through inductor, which compiles each
+# scenario anew (~3 s): one scenario per layer kind and memory format covers what inductor changes.
+COMPILED_SCENARIOS = {"pointwise", "k3_bias_odd", "dw5_stride2", "channels_last", "linear"}
 
 
 def build(key: str, scenario: Scenario, dtype: torch.dtype = torch.float32):
@@ -29,6 +32,8 @@ def build(key: str, scenario: Scenario, dtype: torch.dtype = torch.float32):
 @pytest.mark.parametrize("key", CONDCONV_KEYS)
 @pytest.mark.parametrize("training", [False, True], ids=["forward", "backward"])
 def test_matches_oracle_float32(key: str, scenario: Scenario, training: bool) -> None:
+    if key == "compiled" and scenario.name not in COMPILED_SCENARIOS:
+        pytest.skip("compiled: checked on one scenario per layer kind (COMPILED_SCENARIOS)")
     module, x, routing = build(key, scenario)
     grad_output = None
     if training:
