@@ -15,7 +15,8 @@ from torch.utils._pytree import tree_leaves
 from condconv_bench.errors import ResultsError
 from condconv_bench.core.flops import AnalyticMacs, compulsory_macs
 from condconv_bench.core.limits import Ceilings, limit, memory_seconds
-from condconv_bench.machine.ceilings import memory_bandwidths
+from condconv_bench.machine import ceilings
+from condconv_bench.machine.ceilings import best_ceilings, memory_bandwidths
 from condconv_bench.core.registry import get_impl
 from condconv_bench.run.columns import COLUMNS, header
 from condconv_bench.run.directory import load_results
@@ -136,6 +137,39 @@ def test_a_strategy_that_copies_its_input_ten_times_moves_more_and_is_further_fr
     assert planted["limit_own_s"] >= honest["limit_own_s"]  # higher only where memory binds its own work
     assert planted["vs_limit"] > 1.2 * honest["vs_limit"]
     assert planted["arithmetic_intensity"] < honest["arithmetic_intensity"]
+
+
+def test_ceilings_keep_the_best_of_every_measurement_per_context() -> None:
+    start = [{"device": "cpu", "dtype": "float32", "threads": 2, "flops_per_s": 1e11, "dense_flops_per_s": 2e11,
+              "depthwise_flops_per_s": 8e10}]
+    later = [{"device": "cpu", "dtype": "float32", "threads": 2, "flops_per_s": 3e11, "dense_flops_per_s": 1.8e11,
+              "depthwise_flops_per_s": 9e10},
+             {"device": "cpu", "dtype": "float32", "threads": 1, "flops_per_s": 5e10, "dense_flops_per_s": 1e11,
+              "depthwise_flops_per_s": 4e10}]
+    merged = {entry["threads"]: entry for entry in best_ceilings(start, later)}
+    assert merged[2]["dense_flops_per_s"] == 2e11 and merged[2]["depthwise_flops_per_s"] == 9e10
+    assert merged[2]["flops_per_s"] == 1e11  # the median matmul tells machines apart: kept as first measured
+    assert merged[2]["measurements"] == 2 and merged[1]["measurements"] == 1
+    again = best_ceilings(best_ceilings([], [{"device": "cpu", "threads": 1, "dram_bytes_per_s": 3e10}]),
+                          [{"device": "cpu", "threads": 1, "dram_bytes_per_s": 4e10}])
+    assert again == [{"device": "cpu", "threads": 1, "dram_bytes_per_s": 4e10, "measurements": 2}]
+
+
+def test_a_run_reads_its_limits_from_the_best_ceilings_measured_before_and_after_its_sweep(tmp_path: Path, monkeypatch) -> None:
+    """The run measures its ceilings at the start (three passes) and once more after the sweep's
+    timing; here the machine is planted 4x faster by then, so every compute-bound limit is 4x lower
+    than in a run that measured the same figure both times."""
+    layer = {"name": "pw", "in_channels": 64, "out_channels": 64, "input_size": 28, "experts": 4}
+    suite = _suite(tmp_path, [layer], ["static", "grouped_conv"], [8])
+    run_suite(suite, tmp_path / "steady")
+    calls = iter(range(100))
+    monkeypatch.setattr(ceilings, "dense_peak_flops", lambda device, dtype, threads: 1e11 if next(calls) < ceilings.CEILING_PASSES else 4e11)
+    run_suite(suite, tmp_path / "faster_later")
+    steady, faster = (load_results(tmp_path / name).set_index("impl") for name in ("steady", "faster_later"))
+    assert (steady["limit_bound"] == "compute").all()
+    assert steady["limit_s"].to_numpy() == pytest.approx(4 * faster["limit_s"].to_numpy(), rel=1e-6)
+    peaks = json.loads((tmp_path / "faster_later" / "run.json").read_text())["matmul_peaks"]
+    assert [(p["dense_flops_per_s"], p["measurements"]) for p in peaks] == [(4e11, 2)]
 
 
 @pytest.mark.real_ceilings

@@ -142,15 +142,16 @@ def memory_bandwidths(device: torch.device, threads: int) -> dict[str, float | i
 # 2-thread LLC copy measured 0.8 GB/s against 100 GB/s a minute before): each is taken as the best
 # of a few passes over all of them, so a burst must last the whole measurement to lower it.
 CEILING_PASSES = 3
+# What `best_ceilings` keeps the best of; the matmul peak (a median that tells machines apart) is
+# kept as first measured.
+CEILING_FIELDS = ("dense_flops_per_s", "depthwise_flops_per_s", "dram_bytes_per_s", "llc_bytes_per_s")
 
 
-
-def _best(measure: Callable[[], float]) -> float:
-    return max(measure() for _ in range(CEILING_PASSES))
-
+def _best(measure: Callable[[], float], passes: int) -> float:
+    return max(measure() for _ in range(passes))
 
 
-def matmul_peaks_of(cases: list[Case]) -> list[dict[str, Any]]:
+def matmul_peaks_of(cases: list[Case], passes: int = CEILING_PASSES) -> list[dict[str, Any]]:
     """The machine's matmul, dense and depthwise-conv FLOP/s for each device, dtype and thread count the cases use."""
     peaks = []
     for device, dtype, threads in dict.fromkeys((c.device, c.dtype, c.threads) for c in cases):
@@ -158,19 +159,38 @@ def matmul_peaks_of(cases: list[Case]) -> list[dict[str, Any]]:
             target, torch_dtype = torch.device(device), TORCH_DTYPES[dtype]
             peaks.append({"device": device, "dtype": dtype, "threads": threads,
                           "flops_per_s": matmul_peak_flops(target, torch_dtype, threads),
-                          "dense_flops_per_s": _best(lambda: dense_peak_flops(target, torch_dtype, threads)),
-                          "depthwise_flops_per_s": _best(lambda: depthwise_peak_flops(target, torch_dtype, threads))})
+                          "dense_flops_per_s": _best(lambda: dense_peak_flops(target, torch_dtype, threads), passes),
+                          "depthwise_flops_per_s": _best(lambda: depthwise_peak_flops(target, torch_dtype, threads), passes)})
     return peaks
 
 
-
-def memory_bandwidths_of(cases: list[Case]) -> list[dict[str, Any]]:
+def memory_bandwidths_of(cases: list[Case], passes: int = CEILING_PASSES) -> list[dict[str, Any]]:
     """The machine's DRAM and last-level-cache bandwidth for each device and thread count the cases use."""
     measured = []
     for device, threads in dict.fromkeys((c.device, c.threads) for c in cases):
         if device_unavailable_reason(torch.device(device)) is None:
-            passes = [memory_bandwidths(torch.device(device), threads) for _ in range(CEILING_PASSES)]
-            best = {key: max(p[key] for p in passes) for key in ("dram_bytes_per_s", "llc_bytes_per_s")}
-            measured.append({"device": device, "threads": threads, **passes[0], **best})
+            each = [memory_bandwidths(torch.device(device), threads) for _ in range(passes)]
+            best = {key: max(p[key] for p in each) for key in ("dram_bytes_per_s", "llc_bytes_per_s")}
+            measured.append({"device": device, "threads": threads, **each[0], **best})
     return measured
 
+
+def best_ceilings(earlier: list[dict[str, Any]], later: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Entries of two measurements of `matmul_peaks_of` or `memory_bandwidths_of`, merged per
+    context with the higher of each ceiling and a count of the measurements behind it.
+
+    Why a run measures again between its sweeps: on a shared machine the ceilings measured at one
+    moment moved 6-8% from one run to the next (a depthwise peak of 69-98 GFLOP/s, DRAM 32-46 GB/s
+    over four runs of the mobile suite), while the cases' ratios, sampled across the run's minutes,
+    moved less; the best of measurements spread over the run is as stable as those samples."""
+    def context(entry: dict[str, Any]) -> tuple[Any, ...]:
+        return entry["device"], entry.get("dtype"), int(entry["threads"])
+
+    merged = {context(entry): dict(entry) for entry in earlier}
+    for entry in later:
+        kept = merged.setdefault(context(entry), {**entry, "measurements": 0})
+        for field in CEILING_FIELDS:
+            if field in entry:
+                kept[field] = max(kept.get(field) or 0.0, entry[field])
+        kept["measurements"] = kept.get("measurements", 1) + 1
+    return list(merged.values())

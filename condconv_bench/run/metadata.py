@@ -28,6 +28,7 @@ class MatmulPeak(BaseModel):
     flops_per_s: float = Field(gt=0)
     dense_flops_per_s: float | None = Field(default=None, gt=0)  # since version 4: best of matmul and 1x1 conv
     depthwise_flops_per_s: float | None = Field(default=None, gt=0)  # since version 4
+    measurements: int = Field(default=1, ge=1)  # the ceilings are the best of this many (`machine.ceilings.best_ceilings`)
 
 
 class MemoryBandwidth(BaseModel):
@@ -40,6 +41,7 @@ class MemoryBandwidth(BaseModel):
     dram_bytes_per_s: float = Field(gt=0)
     llc_bytes_per_s: float = Field(gt=0)
     llc_bytes: int | None = None
+    measurements: int = Field(default=1, ge=1)
 
 
 class RunMetadata(_Record):

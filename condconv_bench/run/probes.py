@@ -32,11 +32,11 @@ from condconv_bench.machine.devices import device_unavailable_reason, use_exact_
 from condconv_bench.errors import ImplUnavailableError, ModelError, first_line
 from condconv_bench.cases.inputs import GroupInputs, layer_state
 from condconv_bench.core.contract import CondConvBase
-from condconv_bench.core.limits import Ceilings, case_limits
+from condconv_bench.core.limits import CaseWork
 from condconv_bench.cases.memory_estimate import memory_reason
 from condconv_bench.profiling.traces import record_profile
 from condconv_bench.run.exports import Exports
-from condconv_bench.run.rows import equivalence_columns, export_columns, flop_columns, identity_columns, limit_columns
+from condconv_bench.run.rows import equivalence_columns, export_columns, flop_columns, identity_columns
 from condconv_bench.runtimes.catalog import EAGER, case_unavailable_reason
 from condconv_bench.runtimes.graphs import ExportedGraph
 from condconv_bench.cases.steps import CompileFellBackError, build_module, dispatched, first_call, grad_mode, step_function
@@ -59,9 +59,9 @@ class GroupContext:
     """The layer's parameters, the group's inputs and its float64 oracle, each built once per group
     and only when a case of the group gets to run (a skipped device never allocates)."""
 
-    def __init__(self, case: Case, seed: int, ceilings: Ceilings | None = None, exports: Exports | None = None) -> None:
+    def __init__(self, case: Case, seed: int, exports: Exports | None = None) -> None:
         self._case, self._seed = case, seed
-        self.ceilings = ceilings  # the run's measured ceilings for the group's context, for its limits
+        self.works: dict[str, CaseWork] = {}  # per case id: the work its limits are read from, once the ceilings are known
         self.exports = exports  # the run's exported graphs, for a runtime case
         self._reference: equivalence.Reference | None = None
 
@@ -146,8 +146,8 @@ def _probe(case: Case, cls: type[CondConvBase], device: torch.device, ctx: Group
     analytic = workload.analytic_macs(module, case.batch_size)
     row.update(flop_columns(flops.count_flops(workload.eager_module(module), x, inputs.routing_weights, analytic)))
     work = workload.work(module, case.batch_size) if case.mode == "inference" else None
-    if work is not None and ctx.ceilings is not None:
-        row.update(limit_columns(case_limits(work, ctx.ceilings)))
+    if work is not None:
+        ctx.works[case.id] = work
     if case.runtime != EAGER:
         return None
     with grad_mode(case.mode):

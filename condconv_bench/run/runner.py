@@ -26,8 +26,8 @@ from condconv_bench.dispatch.cache import FRESH_MACHINE, cache_off
 from condconv_bench.machine.environment import describe_environment
 from condconv_bench.errors import CondConvBenchError, ResultsError
 from condconv_bench.cases.inputs import seed_of
-from condconv_bench.core.limits import Ceilings
-from condconv_bench.machine.ceilings import matmul_peaks_of, memory_bandwidths_of
+from condconv_bench.core.limits import CaseWork, Ceilings, case_limits
+from condconv_bench.machine.ceilings import best_ceilings, matmul_peaks_of, memory_bandwidths_of
 from condconv_bench.machine import allocators
 from condconv_bench.measure.group import GroupMeasurement, measure_groups
 from condconv_bench.measure.pool import WorkerPool
@@ -38,7 +38,7 @@ from condconv_bench.runtimes.catalog import describe_runtimes
 from condconv_bench.run.columns import SCHEMA_VERSION
 from condconv_bench.run.directory import RunDirectory
 from condconv_bench.run.lock import writer_lock
-from condconv_bench.run.rows import record_timing
+from condconv_bench.run.rows import limit_columns, record_timing
 from condconv_bench.suite.selection import CaseFilter, Shard
 from condconv_bench.settings import MeasureSettings
 from condconv_bench.suite.grid import Suite
@@ -120,6 +120,24 @@ def _open_run(suite: Suite, output: Path, resume: bool, shard: Shard | None, cas
     return RunDirectory.create(output, metadata)
 
 
+def _measure_ceilings_again(run: RunDirectory, cases: list[Case]) -> None:
+    """After a sweep's timing, the ceilings once more, kept as the best of all measurements
+    (`best_ceilings` says why): a run's limits are then read from ceilings sampled across it."""
+    metadata = run.metadata()
+    run.update_metadata(
+        matmul_peaks=best_ceilings(metadata.get("matmul_peaks", []), matmul_peaks_of(cases, passes=1)),
+        memory_bandwidths=best_ceilings(metadata.get("memory_bandwidths", []), memory_bandwidths_of(cases, passes=1)))
+
+
+def _add_limits(rows: dict[str, dict[str, Any]], works: dict[str, CaseWork], metadata: dict[str, Any]) -> None:
+    """Each row's limits, read from the run's best ceilings for its context (none before version 4)."""
+    for case_id, work in works.items():
+        row = rows[case_id]
+        ceilings = Ceilings.from_metadata(metadata, row["device"], row["dtype"], int(row["threads"]))
+        if ceilings is not None:
+            row.update(limit_columns(case_limits(work, ceilings)))
+
+
 def _groups(cases: list[Case]) -> list[list[Case]]:
     """Cases split into their groups, in run order (a suite lists each group's cases together)."""
     groups: dict[tuple[Any, ...], list[Case]] = {}
@@ -188,8 +206,7 @@ def _run_cases(suite: Suite, cases: list[Case], settings: MeasureSettings, pool:
                 if (first.device, first.dtype) not in warmed and device_unavailable_reason(torch.device(first.device)) is None:
                     warm_up_device(torch.device(first.device), first.torch_dtype)
                     warmed.add((first.device, first.dtype))
-                ctx = GroupContext(first, suite.model.seed, Ceilings.from_metadata(run.metadata(), first.device, first.dtype, first.threads),
-                                   exports)
+                ctx = GroupContext(first, suite.model.seed, exports)
                 rows = {}
                 for case in group:
                     if listener:
@@ -197,12 +214,16 @@ def _run_cases(suite: Suite, cases: list[Case], settings: MeasureSettings, pool:
                     rows[case.id], profile_record = probe_case(case, ctx, run.traces_dir if profile and case in missing else None)
                     if profile_record is not None:
                         run.append_profile(profile_record)
-                probed.append((missing, rows, _measurement(group, rows, suite, settings, exports)))
-            timed = [m for _, _, m in probed if m is not None]
+                probed.append((missing, rows, _measurement(group, rows, suite, settings, exports), ctx))
+            timed = [m for _, _, m, _ in probed if m is not None]
             if listener and timed:
                 listener.timing_started(len(timed), settings.budget_s)
             measured = iter(measure_groups(pool, timed))
-            for missing, rows, measurement in probed:
+            if timed:
+                _measure_ceilings_again(run, [case for group in groups[start : start + settings.sweep_groups] for case in group])
+            metadata = run.metadata()
+            for missing, rows, measurement, ctx in probed:
+                _add_limits(rows, ctx.works, metadata)
                 timings = record_timing(next(measured), rows) if measurement is not None else {}
                 for case in missing:
                     row = rows[case.id]
