@@ -534,84 +534,129 @@ void dw_row(const DwGeom& g, const float* xb, const float* wt, int64_t wstride, 
 }
 #endif
 
-at::Tensor dw_forward_cl(const at::Tensor& x, const at::Tensor& wp, const at::Tensor& alpha,
-                         const c10::optional<at::Tensor>& bias_mix, int64_t kh, int64_t kw, int64_t sh, int64_t sw,
-                         int64_t ph, int64_t pw, int64_t dh, int64_t dw) {
+// dst[j * ld_d + i] = src[i * ld_s + j] for i < rows, j < cols. The depthwise kernel turns an NCHW
+// block (64 channel planes) into channels-last in L2 and back with it: a copy of the whole tensor
+// to channels-last and back, through DRAM, took longer than the convolution itself.
+#if FUSED_AVX512
+inline void transpose16(const float* src, int64_t ld_s, float* dst, int64_t ld_d) {
+  __m512 r[16], t[16];
+#pragma GCC unroll 16
+  for (int i = 0; i < 16; ++i) r[i] = _mm512_loadu_ps(src + i * ld_s);
+#pragma GCC unroll 8
+  for (int i = 0; i < 8; ++i) {  // pairs of rows interleaved
+    t[2 * i] = _mm512_unpacklo_ps(r[2 * i], r[2 * i + 1]);
+    t[2 * i + 1] = _mm512_unpackhi_ps(r[2 * i], r[2 * i + 1]);
+  }
+#pragma GCC unroll 4
+  for (int g = 0; g < 4; ++g) {  // 4x4 transposes within each 128-bit lane
+    r[4 * g + 0] = _mm512_shuffle_ps(t[4 * g + 0], t[4 * g + 2], 0x44);
+    r[4 * g + 1] = _mm512_shuffle_ps(t[4 * g + 0], t[4 * g + 2], 0xEE);
+    r[4 * g + 2] = _mm512_shuffle_ps(t[4 * g + 1], t[4 * g + 3], 0x44);
+    r[4 * g + 3] = _mm512_shuffle_ps(t[4 * g + 1], t[4 * g + 3], 0xEE);
+  }
+#pragma GCC unroll 4
+  for (int k = 0; k < 4; ++k) {  // then the 128-bit lanes of the four row groups
+    const __m512 u0 = _mm512_shuffle_f32x4(r[k], r[4 + k], 0x44), u1 = _mm512_shuffle_f32x4(r[k], r[4 + k], 0xEE);
+    const __m512 u2 = _mm512_shuffle_f32x4(r[8 + k], r[12 + k], 0x44), u3 = _mm512_shuffle_f32x4(r[8 + k], r[12 + k], 0xEE);
+    _mm512_storeu_ps(dst + k * ld_d, _mm512_shuffle_f32x4(u0, u2, 0x88));
+    _mm512_storeu_ps(dst + (4 + k) * ld_d, _mm512_shuffle_f32x4(u0, u2, 0xDD));
+    _mm512_storeu_ps(dst + (8 + k) * ld_d, _mm512_shuffle_f32x4(u1, u3, 0x88));
+    _mm512_storeu_ps(dst + (12 + k) * ld_d, _mm512_shuffle_f32x4(u1, u3, 0xDD));
+  }
+}
+#endif
+
+void transpose(const float* src, int64_t ld_s, int64_t rows, int64_t cols, float* dst, int64_t ld_d) {
+  int64_t i0 = 0;
+#if FUSED_AVX512
+  for (; i0 + 16 <= rows; i0 += 16) {
+    int64_t j0 = 0;
+    for (; j0 + 16 <= cols; j0 += 16) transpose16(src + i0 * ld_s + j0, ld_s, dst + j0 * ld_d + i0, ld_d);
+    for (int64_t j = j0; j < cols; ++j)
+      for (int64_t i = i0; i < i0 + 16; ++i) dst[j * ld_d + i] = src[i * ld_s + j];
+  }
+#endif
+  for (int64_t i = i0; i < rows; ++i)
+    for (int64_t j = 0; j < cols; ++j) dst[j * ld_d + i] = src[i * ld_s + j];
+}
+
+// x: (B, H, W, C) channels-last, or (B, C, H, W) when `planar`; the output in the same layout.
+at::Tensor dw_forward(const at::Tensor& x, const at::Tensor& wp, const at::Tensor& alpha,
+                      const c10::optional<at::Tensor>& bias_mix, int64_t kh, int64_t kw, int64_t sh, int64_t sw,
+                      int64_t ph, int64_t pw, int64_t dh, int64_t dw, bool planar) {
   check_f32(x, "x");
   check_f32(wp, "packed weight");
   check_f32(alpha, "alpha");
-  TORCH_CHECK(x.dim() == 4 && wp.dim() == 3 && alpha.dim() == 2, "dw_forward_cl: bad ranks");
-  const int64_t B = x.size(0), H = x.size(1), W = x.size(2), C = x.size(3), E = wp.size(0), T = kh * kw;
+  TORCH_CHECK(x.dim() == 4 && wp.dim() == 3 && alpha.dim() == 2, "dw_forward: bad ranks");
+  const int64_t B = x.size(0), C = x.size(planar ? 1 : 3), H = x.size(planar ? 2 : 1), W = x.size(planar ? 3 : 2);
+  const int64_t E = wp.size(0), T = kh * kw;
   TORCH_CHECK(wp.size(1) == T && wp.size(2) == C && alpha.size(0) == B && alpha.size(1) == E,
-              "dw_forward_cl: shape mismatch");
+              "dw_forward: shape mismatch");
   const int64_t Ho = (H + 2 * ph - dh * (kh - 1) - 1) / sh + 1;
   const int64_t Wo = (W + 2 * pw - dw * (kw - 1) - 1) / sw + 1;
-  TORCH_CHECK(Ho > 0 && Wo > 0, "dw_forward_cl: empty output");
+  TORCH_CHECK(Ho > 0 && Wo > 0, "dw_forward: empty output");
   const float* bias_p = nullptr;
   if (bias_mix && bias_mix->defined()) {
     check_f32(*bias_mix, "bias");
-    TORCH_CHECK(bias_mix->numel() == B * C, "dw_forward_cl: bias shape");
+    TORCH_CHECK(bias_mix->numel() == B * C, "dw_forward: bias shape");
     bias_p = bias_mix->data_ptr<float>();
   }
-  auto out = at::empty({B, Ho, Wo, C}, x.options());
+  auto out = planar ? at::empty({B, C, Ho, Wo}, x.options()) : at::empty({B, Ho, Wo, C}, x.options());
   const float* xp = x.data_ptr<float>();
   const float* wpp = wp.data_ptr<float>();
   const float* ap = alpha.data_ptr<float>();
   float* op = out.data_ptr<float>();
   const int64_t ncb = (C + kDwBlock - 1) / kDwBlock;
-  DwGeom g{H, W, C, kh, kw, sh, sw, ph, pw, dh, dw, Ho, Wo, 0, Wo};
+  // Planar blocks are computed in channels-last scratch whose channel stride is the block's.
+  DwGeom g{H, W, planar ? kDwBlock : C, kh, kw, sh, sw, ph, pw, dh, dw, Ho, Wo, 0, Wo};
   while (g.owa < Wo && g.owa * sw - pw < 0) ++g.owa;
   while (g.owb > g.owa && (g.owb - 1) * sw - pw + (kw - 1) * dw >= W) --g.owb;
-  const int64_t per_item = 1;  // channel blocks per item
-  const int64_t items = B * ncb;
-  at::parallel_for(0, items, 1, [&](int64_t begin, int64_t end) {
-    // Mixed taps of the item's channel blocks, zero-padded per block so loads need no mask.
-    std::vector<float> wt(T * per_item * kDwBlock, 0.f);
-    std::vector<float> bias(per_item * kDwBlock, 0.f);
-    const int64_t wstride = per_item * kDwBlock;
+  at::parallel_for(0, B * ncb, 1, [&](int64_t begin, int64_t end) {
+    // Mixed taps of the item's channel block, zero-padded so loads need no mask.
+    std::vector<float> wt(T * kDwBlock, 0.f), bias(kDwBlock, 0.f);
+    std::vector<float> x_cl(planar ? H * W * kDwBlock : 0), out_cl(planar ? Ho * Wo * kDwBlock : 0);
     for (int64_t it = begin; it < end; ++it) {
-      const int64_t b = it / ncb;
-      const int64_t cb0 = it % ncb;
-      const int64_t c0 = cb0 * kDwBlock, cols = std::min(per_item * kDwBlock, C - c0);
-      for (int64_t t = 0; t < T; ++t) mix(E, ap + b * E, wpp + t * C + c0, T * C, cols, wt.data() + t * wstride);
+      const int64_t b = it / ncb, c0 = it % ncb * kDwBlock, cols = std::min(kDwBlock, C - c0);
+      for (int64_t t = 0; t < T; ++t) mix(E, ap + b * E, wpp + t * C + c0, T * C, cols, wt.data() + t * kDwBlock);
       for (int64_t c = 0; c < cols; ++c) bias[c] = bias_p ? bias_p[b * C + c0 + c] : 0.f;
-      const float* xb0 = xp + b * H * W * C;
-      float* ob0 = op + b * Ho * Wo * C;
-      for (int64_t oh = 0; oh < Ho; ++oh) {
-        for (int64_t cb = cb0; cb < cb0 + per_item && cb < ncb; ++cb) {
-          const int64_t cc = cb * kDwBlock, bcols = std::min(kDwBlock, C - cc);
-          const float* wtb = wt.data() + (cc - c0);
-          const float* xb = xb0 + cc;
-          float* orow = ob0 + oh * Wo * C + cc;
-#if FUSED_AVX512
-          const float* bb = bias.data() + (cc - c0);
-          const __mmask16 tail = tail_mask(bcols);
-          switch ((bcols + 15) / 16) {
-            case 1: dw_row<1>(g, xb, wtb, wstride, bb, tail, oh, orow); break;
-            case 2: dw_row<2>(g, xb, wtb, wstride, bb, tail, oh, orow); break;
-            case 3: dw_row<3>(g, xb, wtb, wstride, bb, tail, oh, orow); break;
-            default: dw_row<4>(g, xb, wtb, wstride, bb, tail, oh, orow); break;
-          }
-#else
-          for (int64_t ow = 0; ow < Wo; ++ow) {
-            float acc[kDwBlock];
-            for (int64_t c = 0; c < bcols; ++c) acc[c] = bias[cc - c0 + c];
-            for (int64_t i = 0; i < kh; ++i) {
-              const int64_t ih = oh * sh - ph + i * dh;
-              if (ih < 0 || ih >= H) continue;
-              for (int64_t j = 0; j < kw; ++j) {
-                const int64_t iw = ow * sw - pw + j * dw;
-                if (iw < 0 || iw >= W) continue;
-                const float* xq = xb + (ih * W + iw) * C;
-                const float* wq = wtb + (i * kw + j) * wstride;
-                for (int64_t c = 0; c < bcols; ++c) acc[c] += xq[c] * wq[c];
-              }
-            }
-            for (int64_t c = 0; c < bcols; ++c) orow[ow * C + c] = acc[c];
-          }
-#endif
-        }
+      const float* xb = xp + b * H * W * C + c0;
+      float* ob = op + b * Ho * Wo * C + c0;
+      if (planar) {
+        transpose(xp + (b * C + c0) * H * W, H * W, cols, H * W, x_cl.data(), kDwBlock);
+        xb = x_cl.data();
+        ob = out_cl.data();
       }
+      const int64_t cs = g.C;
+      for (int64_t oh = 0; oh < Ho; ++oh) {
+        float* orow = ob + oh * Wo * cs;
+#if FUSED_AVX512
+        const __mmask16 tail = tail_mask(cols);
+        switch ((cols + 15) / 16) {
+          case 1: dw_row<1>(g, xb, wt.data(), kDwBlock, bias.data(), tail, oh, orow); break;
+          case 2: dw_row<2>(g, xb, wt.data(), kDwBlock, bias.data(), tail, oh, orow); break;
+          case 3: dw_row<3>(g, xb, wt.data(), kDwBlock, bias.data(), tail, oh, orow); break;
+          default: dw_row<4>(g, xb, wt.data(), kDwBlock, bias.data(), tail, oh, orow); break;
+        }
+#else
+        for (int64_t ow = 0; ow < Wo; ++ow) {
+          float acc[kDwBlock];
+          for (int64_t c = 0; c < cols; ++c) acc[c] = bias[c];
+          for (int64_t i = 0; i < kh; ++i) {
+            const int64_t ih = oh * sh - ph + i * dh;
+            if (ih < 0 || ih >= H) continue;
+            for (int64_t j = 0; j < kw; ++j) {
+              const int64_t iw = ow * sw - pw + j * dw;
+              if (iw < 0 || iw >= W) continue;
+              const float* xq = xb + (ih * W + iw) * cs;
+              const float* wq = wt.data() + (i * kw + j) * kDwBlock;
+              for (int64_t c = 0; c < cols; ++c) acc[c] += xq[c] * wq[c];
+            }
+          }
+          for (int64_t c = 0; c < cols; ++c) orow[ow * cs + c] = acc[c];
+        }
+#endif
+      }
+      if (planar) transpose(out_cl.data(), kDwBlock, Ho * Wo, cols, op + (b * C + c0) * Ho * Wo, Ho * Wo);
     }
   });
   return out;
@@ -624,5 +669,5 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("pw_forward_cl", &pw_forward_cl, "fused 1x1 CondConv, channels-last");
   m.def("linear_forward", &linear_forward, "fused linear CondConv (expert outputs, alpha in the epilogue)");
   m.def("pw_forward_nchw", &pw_forward_nchw, "fused 1x1 (or im2col) CondConv, NCHW");
-  m.def("dw_forward_cl", &dw_forward_cl, "fused depthwise CondConv, channels-last");
+  m.def("dw_forward", &dw_forward, "fused depthwise CondConv, channels-last or planar (NCHW)");
 }

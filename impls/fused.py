@@ -17,7 +17,9 @@ Paths, by layer:
   the kernel computes `Σ_e α_be (W_e x_b)` with α in the micro-kernel's epilogue, streaming the
   experts once (E× the static layer's MACs at batch > 1, as every exact linear CondConv).
 - depthwise (groups = C_in = C_out), any stride/padding/dilation: a direct channels-last conv,
-  each (example, 64-channel block) mixing its taps once into L1.
+  each (example, 64-channel block) mixing its taps once into L1. An NCHW block is transposed to
+  channels-last in L2 and back (copying the whole tensor through DRAM each way had cost more
+  than the convolution).
 - other k×k with groups 1 (and strided or padded 1×1): `F.unfold`, then the NCHW fused product.
 - backward: grad_x of a 1×1 layer is the same fused kernel on the transposed experts; the weight
   and routing gradients go through one `bmm` of per-example `g_bᵀ x_b` (the size a mixed kernel
@@ -63,7 +65,7 @@ from condconv_bench.core.contract import CondConvBase
 from condconv_bench.core.flops import AnalyticMacs, conv_macs, routing_macs
 from condconv_bench.core.registry import register_impl
 from condconv_bench.core.spec import LayerSpec, Pair
-from condconv_bench.core.traffic import Traffic, compulsory_traffic, input_bytes, output_bytes, unfold_bytes
+from condconv_bench.core.traffic import Traffic, compulsory_traffic, unfold_bytes
 from condconv_bench.errors import ImplUnavailableError
 from condconv_bench.machine import native_build
 
@@ -166,14 +168,13 @@ class Fused(CondConvBase):
 
 def fused_traffic(spec: LayerSpec, batch_size: int, input_size: Pair, itemsize: int) -> Traffic:
     """The compulsory bytes (every expert read once: the packed layouts are cached across calls),
-    no kernels, the mixed bias `(B, C_out)` where the layer has bias, im2col columns for k×k
-    layers other than depthwise (and the strided gather of a strided 1×1), and for depthwise the
-    channels-last copies of an NCHW input and output (a channels_last input needs neither)."""
+    no kernels, the mixed bias `(B, C_out)` where the layer has bias, and im2col columns for k×k
+    layers other than depthwise (and the strided gather of a strided 1×1); depthwise reads and
+    writes its tensors once in either layout (the transposes happen in cache)."""
     traffic = compulsory_traffic(spec, batch_size, input_size, itemsize)
     bias = batch_size * spec.out_channels * itemsize if spec.bias else 0
     if _is_depthwise(spec):
-        return replace(traffic, kernels=bias, columns=input_bytes(spec, batch_size, input_size, itemsize),
-                       copies=output_bytes(spec, batch_size, input_size, itemsize))
+        return replace(traffic, kernels=bias)
     return replace(traffic, kernels=bias, columns=unfold_bytes(spec, batch_size, input_size, itemsize))
 
 
@@ -332,11 +333,12 @@ def _forward_unfolded(spec: LayerSpec, x: torch.Tensor, weight: torch.Tensor, bi
 
 def _forward_depthwise(spec: LayerSpec, x: torch.Tensor, packed: torch.Tensor, bias: torch.Tensor | None,
                        alpha: torch.Tensor) -> torch.Tensor:
+    """Channels-last in and out, or NCHW in and out: the kernel transposes NCHW blocks in cache."""
     (kh, kw), (sh, sw), (ph, pw), (dh, dw) = spec.kernel_size, spec.stride, spec.padding, spec.dilation
-    channels_last = x.permute(0, 2, 3, 1).contiguous()  # a view for a channels_last input, else a copy
-    out = _native().dw_forward_cl(channels_last, packed, alpha, _mixed_bias(bias, alpha), kh, kw, sh, sw, ph, pw, dh, dw)
-    out = out.permute(0, 3, 1, 2)
-    return out if _is_channels_last(x) else out.contiguous()
+    planar = not _is_channels_last(x)
+    rows = x.contiguous() if planar else x.permute(0, 2, 3, 1)
+    out = _native().dw_forward(rows, packed, alpha, _mixed_bias(bias, alpha), kh, kw, sh, sw, ph, pw, dh, dw, planar)
+    return out if planar else out.permute(0, 3, 1, 2)
 
 
 def _forward_linear(x: torch.Tensor, packed: torch.Tensor, bias: torch.Tensor | None, alpha: torch.Tensor, n: int) -> torch.Tensor:
