@@ -389,12 +389,15 @@ at::Tensor pw_forward_nchw(const at::Tensor& x, const at::Tensor& w, const at::T
 }
 
 // ---------------------------------------------------------------------------------------------
-// Depthwise k x k, channels-last: x (B, H, W, C), packed taps wp (E, T, C) with T = kh*kw,
-// alpha (B, E), bias_mix (B, C) or empty. Returns (B, Ho, Wo, C). Vectorised over channels.
+// Depthwise k x k: x (B, H, W, C) channels-last or (B, C, H, W) planar, packed taps wp (E, T, C)
+// with T = kh*kw, alpha (B, E), bias_mix (B, C) or empty; the output in x's layout. Vectorised
+// over channels.
 //
-// Work split: an item is (example, 64-channel block); its mixed taps (k*k x 64, 6.4 KB for 5x5)
-// and the input rows it slides over stay in L1, and every tap is mixed exactly once. Items of
-// whole examples (taps of all channels, 70 KB, walking full pixel rows) measured slower.
+// Work split: an item is (example, 64-channel block), so that every tap is mixed exactly once
+// into a 6.4 KB (5x5) tile. Inside it, one 16-channel vector at a time sweeps the whole output
+// plane: its slice of the input (14x14x16 floats, 12.5 KB) stays in L1 for all the rows that
+// read it. Sweeping all 64 channels per row instead (50 KB per plane, beyond L1) ran 1.5-1.7x
+// slower at batch 8.
 struct DwGeom {
   int64_t H, W, C, kh, kw, sh, sw, ph, pw, dh, dw, Ho, Wo;
   int64_t owa, owb;  // columns whose taps are all inside the image
@@ -402,104 +405,87 @@ struct DwGeom {
 
 #if FUSED_AVX512
 // Any stride/dilation: PX output pixels share each tap's weight load.
-template <int NV, int PX>
+template <int PX>
 inline void dw_pixels(const float* xb, int64_t W, int64_t C, const float* wt, int64_t wstride, int64_t kw,
                       int64_t ilo, int64_t ihi, int64_t jlo, int64_t jhi, int64_t ih0, int64_t iw0, int64_t sw,
                       int64_t dh, int64_t dw, const float* bias, __mmask16 tail, float* op) {
-  __m512 acc[PX][NV];
-#pragma GCC unroll 4
-  for (int v = 0; v < NV; ++v) {
-    const __m512 b0 = _mm512_loadu_ps(bias + 16 * v);
+  __m512 acc[PX];
+  const __m512 b0 = _mm512_loadu_ps(bias);
 #pragma GCC unroll 8
-    for (int p = 0; p < PX; ++p) acc[p][v] = b0;
-  }
+  for (int p = 0; p < PX; ++p) acc[p] = b0;
   for (int64_t i = ilo; i < ihi; ++i) {
     const float* xr = xb + (ih0 + i * dh) * W * C;
     for (int64_t j = jlo; j < jhi; ++j) {
-      const float* wtap = wt + (i * kw + j) * wstride;
+      const __m512 w = _mm512_loadu_ps(wt + (i * kw + j) * wstride);
       const float* xq = xr + (iw0 + j * dw) * C;
-      __m512 w[NV];
-#pragma GCC unroll 4
-      for (int v = 0; v < NV; ++v) w[v] = _mm512_loadu_ps(wtap + 16 * v);
 #pragma GCC unroll 8
-      for (int p = 0; p < PX; ++p) {
-        const float* xpp = xq + p * sw * C;
-#pragma GCC unroll 4
-        for (int v = 0; v < NV; ++v) {
-          const __m512 xv = (v == NV - 1) ? _mm512_maskz_loadu_ps(tail, xpp + 16 * v) : _mm512_loadu_ps(xpp + 16 * v);
-          acc[p][v] = _mm512_fmadd_ps(xv, w[v], acc[p][v]);
-        }
-      }
+      for (int p = 0; p < PX; ++p) acc[p] = _mm512_fmadd_ps(_mm512_maskz_loadu_ps(tail, xq + p * sw * C), w, acc[p]);
     }
   }
 #pragma GCC unroll 8
-  for (int p = 0; p < PX; ++p)
-#pragma GCC unroll 4
-    for (int v = 0; v < NV; ++v)
-      _mm512_mask_storeu_ps(op + p * C + 16 * v, (v == NV - 1) ? tail : (__mmask16)0xFFFF, acc[p][v]);
+  for (int p = 0; p < PX; ++p) _mm512_mask_storeu_ps(op + p * C, tail, acc[p]);
 }
 
-// Stride 1, no horizontal dilation: the PX pixels of a tap row read the PX + KW - 1 input
-// vectors once into registers (a sliding window) instead of PX * KW loads, which halves the
+// Stride 1 or 2, no horizontal dilation: the PX pixels of a tap row read the (PX - 1) * SW + KW
+// input vectors once into registers (a sliding window) instead of PX * KW loads, which halves the
 // loads per FMA for 5x5 -- the loop is load-bound otherwise. Columns outside the image load
 // zeros, so border pixels take the same path: at 7x7 with 5x5 taps every column is a border
 // column, and a per-pixel border path ran at half the speed.
-template <int NV, int PX, int KW>
-inline void dw_pixels_s1(const float* xb, int64_t W, int64_t C, const float* wt, int64_t wstride, int64_t ilo,
-                         int64_t ihi, int64_t ih0, int64_t iw0, int64_t dh, const float* bias, __mmask16 tail,
-                         float* op) {
-  __m512 acc[PX][NV];
-#pragma GCC unroll 4
-  for (int v = 0; v < NV; ++v) {
-    const __m512 b0 = _mm512_loadu_ps(bias + 16 * v);
+template <int PX, int KW, int SW>
+inline void dw_pixels_window(const float* xb, int64_t W, int64_t C, const float* wt, int64_t wstride, int64_t ilo,
+                             int64_t ihi, int64_t ih0, int64_t iw0, int64_t dh, const float* bias, __mmask16 tail,
+                             float* op) {
+  constexpr int NX = (PX - 1) * SW + KW;
+  __m512 acc[PX];
+  const __m512 b0 = _mm512_loadu_ps(bias);
 #pragma GCC unroll 8
-    for (int p = 0; p < PX; ++p) acc[p][v] = b0;
-  }
-  bool inside[PX + KW - 1];
-#pragma GCC unroll 16
-  for (int q = 0; q < PX + KW - 1; ++q) inside[q] = iw0 + q >= 0 && iw0 + q < W;
+  for (int p = 0; p < PX; ++p) acc[p] = b0;
+  __mmask16 masks[NX];
+#pragma GCC unroll 32
+  for (int q = 0; q < NX; ++q) masks[q] = iw0 + q >= 0 && iw0 + q < W ? tail : (__mmask16)0;
   for (int64_t i = ilo; i < ihi; ++i) {
     const float* xr = xb + ((ih0 + i * dh) * W + iw0) * C;
     const float* wrow = wt + i * KW * wstride;
-#pragma GCC unroll 4
-    for (int v = 0; v < NV; ++v) {
-      const __mmask16 lm = (v == NV - 1) ? tail : (__mmask16)0xFFFF;
-      __m512 xw[PX + KW - 1];
-#pragma GCC unroll 16
-      for (int q = 0; q < PX + KW - 1; ++q)
-        xw[q] = _mm512_maskz_loadu_ps(inside[q] ? lm : (__mmask16)0, xr + q * C + 16 * v);
+    __m512 xw[NX];
+#pragma GCC unroll 32
+    for (int q = 0; q < NX; ++q) xw[q] = _mm512_maskz_loadu_ps(masks[q], xr + q * C);
 #pragma GCC unroll 8
-      for (int j = 0; j < KW; ++j) {
-        const __m512 w = _mm512_loadu_ps(wrow + j * wstride + 16 * v);
+    for (int j = 0; j < KW; ++j) {
+      const __m512 w = _mm512_loadu_ps(wrow + j * wstride);
 #pragma GCC unroll 8
-        for (int p = 0; p < PX; ++p) acc[p][v] = _mm512_fmadd_ps(xw[p + j], w, acc[p][v]);
-      }
+      for (int p = 0; p < PX; ++p) acc[p] = _mm512_fmadd_ps(xw[p * SW + j], w, acc[p]);
     }
   }
 #pragma GCC unroll 8
-  for (int p = 0; p < PX; ++p)
-#pragma GCC unroll 4
-    for (int v = 0; v < NV; ++v)
-      _mm512_mask_storeu_ps(op + p * C + 16 * v, (v == NV - 1) ? tail : (__mmask16)0xFFFF, acc[p][v]);
+  for (int p = 0; p < PX; ++p) _mm512_mask_storeu_ps(op + p * C, tail, acc[p]);
 }
 
-template <int NV, int KW>
-void dw_row_s1(int64_t W, int64_t C, int64_t Wo, int64_t pw, const float* xb, const float* wt, int64_t wstride,
-               int64_t ilo, int64_t ihi, int64_t ih0, int64_t dh, const float* bias, __mmask16 tail, float* orow) {
-  int64_t ow = 0;
-  for (; ow + 4 <= Wo; ow += 4)
-    dw_pixels_s1<NV, 4, KW>(xb, W, C, wt, wstride, ilo, ihi, ih0, ow - pw, dh, bias, tail, orow + ow * C);
-  switch (Wo - ow) {
-    case 3: dw_pixels_s1<NV, 3, KW>(xb, W, C, wt, wstride, ilo, ihi, ih0, ow - pw, dh, bias, tail, orow + ow * C); break;
-    case 2: dw_pixels_s1<NV, 2, KW>(xb, W, C, wt, wstride, ilo, ihi, ih0, ow - pw, dh, bias, tail, orow + ow * C); break;
-    case 1: dw_pixels_s1<NV, 1, KW>(xb, W, C, wt, wstride, ilo, ihi, ih0, ow - pw, dh, bias, tail, orow + ow * C); break;
-    default: break;
+// The row's last Wo % PX pixels, as one block of that many.
+template <int KW, int SW, int P>
+inline void dw_tail_window(int64_t rest, int64_t W, int64_t C, const float* xb, const float* wt, int64_t wstride,
+                           int64_t ilo, int64_t ihi, int64_t ih0, int64_t iw0, int64_t dh, const float* bias,
+                           __mmask16 tail, float* op) {
+  if constexpr (P > 0) {
+    if (rest == P)
+      dw_pixels_window<P, KW, SW>(xb, W, C, wt, wstride, ilo, ihi, ih0, iw0, dh, bias, tail, op);
+    else
+      dw_tail_window<KW, SW, P - 1>(rest, W, C, xb, wt, wstride, ilo, ihi, ih0, iw0, dh, bias, tail, op);
   }
 }
 
+// 8 pixels at a time: 8 accumulators and up to 19 window vectors stay in the 32 registers.
+template <int KW, int SW>
+void dw_row_window(int64_t W, int64_t C, int64_t Wo, int64_t pw, const float* xb, const float* wt, int64_t wstride,
+                   int64_t ilo, int64_t ihi, int64_t ih0, int64_t dh, const float* bias, __mmask16 tail, float* orow) {
+  constexpr int PX = 8;
+  int64_t ow = 0;
+  for (; ow + PX <= Wo; ow += PX)
+    dw_pixels_window<PX, KW, SW>(xb, W, C, wt, wstride, ilo, ihi, ih0, ow * SW - pw, dh, bias, tail, orow + ow * C);
+  dw_tail_window<KW, SW, PX - 1>(Wo - ow, W, C, xb, wt, wstride, ilo, ihi, ih0, ow * SW - pw, dh, bias, tail,
+                                 orow + ow * C);
+}
 
-// One output row of one channel block (wt: taps of this block, tap stride wstride).
-template <int NV>
+// One output row of one 16-channel vector (wt: its taps, tap stride wstride).
 void dw_row(const DwGeom& g, const float* xb, const float* wt, int64_t wstride, const float* bias, __mmask16 tail,
             int64_t oh, float* orow) {
   const int64_t ih0 = oh * g.sh - g.ph;
@@ -507,11 +493,10 @@ void dw_row(const DwGeom& g, const float* xb, const float* wt, int64_t wstride, 
   while (ilo < g.kh && ih0 + ilo * g.dh < 0) ++ilo;
   while (ihi > ilo && ih0 + (ihi - 1) * g.dh >= g.H) --ihi;
   const int64_t C = g.C;
-  if (g.sw == 1 && g.dw == 1 && (g.kw == 3 || g.kw == 5)) {
-    if (g.kw == 5)
-      dw_row_s1<NV, 5>(g.W, C, g.Wo, g.pw, xb, wt, wstride, ilo, ihi, ih0, g.dh, bias, tail, orow);
-    else
-      dw_row_s1<NV, 3>(g.W, C, g.Wo, g.pw, xb, wt, wstride, ilo, ihi, ih0, g.dh, bias, tail, orow);
+  if ((g.sw == 1 || g.sw == 2) && g.dw == 1 && (g.kw == 3 || g.kw == 5)) {
+    const auto row = g.sw == 1 ? (g.kw == 5 ? dw_row_window<5, 1> : dw_row_window<3, 1>)
+                               : (g.kw == 5 ? dw_row_window<5, 2> : dw_row_window<3, 2>);
+    row(g.W, C, g.Wo, g.pw, xb, wt, wstride, ilo, ihi, ih0, g.dh, bias, tail, orow);
     return;
   }
   auto edge = [&](int64_t ow) {
@@ -519,17 +504,17 @@ void dw_row(const DwGeom& g, const float* xb, const float* wt, int64_t wstride, 
     int64_t jlo = 0, jhi = g.kw;
     while (jlo < g.kw && iw0 + jlo * g.dw < 0) ++jlo;
     while (jhi > jlo && iw0 + (jhi - 1) * g.dw >= g.W) --jhi;
-    dw_pixels<NV, 1>(xb, g.W, C, wt, wstride, g.kw, ilo, ihi, jlo, jhi, ih0, iw0, g.sw, g.dh, g.dw, bias, tail,
-                     orow + ow * C);
+    dw_pixels<1>(xb, g.W, C, wt, wstride, g.kw, ilo, ihi, jlo, jhi, ih0, iw0, g.sw, g.dh, g.dw, bias, tail,
+                 orow + ow * C);
   };
   for (int64_t ow = 0; ow < g.owa; ++ow) edge(ow);
   int64_t ow = g.owa;
-  for (; ow + 4 <= g.owb; ow += 4)
-    dw_pixels<NV, 4>(xb, g.W, C, wt, wstride, g.kw, ilo, ihi, 0, g.kw, ih0, ow * g.sw - g.pw, g.sw, g.dh, g.dw, bias,
-                     tail, orow + ow * C);
+  for (; ow + 8 <= g.owb; ow += 8)
+    dw_pixels<8>(xb, g.W, C, wt, wstride, g.kw, ilo, ihi, 0, g.kw, ih0, ow * g.sw - g.pw, g.sw, g.dh, g.dw, bias,
+                 tail, orow + ow * C);
   for (; ow < g.owb; ++ow)
-    dw_pixels<NV, 1>(xb, g.W, C, wt, wstride, g.kw, ilo, ihi, 0, g.kw, ih0, ow * g.sw - g.pw, g.sw, g.dh, g.dw, bias,
-                     tail, orow + ow * C);
+    dw_pixels<1>(xb, g.W, C, wt, wstride, g.kw, ilo, ihi, 0, g.kw, ih0, ow * g.sw - g.pw, g.sw, g.dh, g.dw, bias,
+                 tail, orow + ow * C);
   for (ow = std::max(g.owb, g.owa); ow < g.Wo; ++ow) edge(ow);
 }
 #endif
@@ -627,17 +612,15 @@ at::Tensor dw_forward(const at::Tensor& x, const at::Tensor& wp, const at::Tenso
         ob = out_cl.data();
       }
       const int64_t cs = g.C;
+#if FUSED_AVX512
+      for (int64_t v = 0; v < cols; v += 16) {
+        const __mmask16 tail = tail_mask(std::min<int64_t>(16, cols - v));
+        for (int64_t oh = 0; oh < Ho; ++oh)
+          dw_row(g, xb + v, wt.data() + v, kDwBlock, bias.data() + v, tail, oh, ob + oh * Wo * cs + v);
+      }
+#else
       for (int64_t oh = 0; oh < Ho; ++oh) {
         float* orow = ob + oh * Wo * cs;
-#if FUSED_AVX512
-        const __mmask16 tail = tail_mask(cols);
-        switch ((cols + 15) / 16) {
-          case 1: dw_row<1>(g, xb, wt.data(), kDwBlock, bias.data(), tail, oh, orow); break;
-          case 2: dw_row<2>(g, xb, wt.data(), kDwBlock, bias.data(), tail, oh, orow); break;
-          case 3: dw_row<3>(g, xb, wt.data(), kDwBlock, bias.data(), tail, oh, orow); break;
-          default: dw_row<4>(g, xb, wt.data(), kDwBlock, bias.data(), tail, oh, orow); break;
-        }
-#else
         for (int64_t ow = 0; ow < Wo; ++ow) {
           float acc[kDwBlock];
           for (int64_t c = 0; c < cols; ++c) acc[c] = bias[c];
@@ -654,8 +637,8 @@ at::Tensor dw_forward(const at::Tensor& x, const at::Tensor& wp, const at::Tenso
           }
           for (int64_t c = 0; c < cols; ++c) orow[ow * cs + c] = acc[c];
         }
-#endif
       }
+#endif
       if (planar) transpose(out_cl.data(), kDwBlock, Ho * Wo, cols, op + (b * C + c0) * Ho * Wo, Ho * Wo);
     }
   });

@@ -77,10 +77,11 @@ def test_linear_forward(cin, cout, batch, bias) -> None:
     check_forward(LayerSpec("linear", cin, cout, 3, bias=bias), torch.randn(batch, cin))
 
 
-# C, H, W, k, stride, padding, dilation: both stride-1 sliding-window paths (k 3 and 5), strided,
-# dilated, padding beyond the taps' reach, channel tails past a 64-channel block.
+# C, H, W, k, stride, padding, dilation: the sliding-window paths (k 3 and 5, stride 1 and 2, rows
+# of more and fewer than its 8 pixels), dilated, padding beyond the taps' reach, channel tails past
+# a 16-channel vector and a 64-channel block.
 DEPTHWISE = [(7, 5, 5, 3, 1, 1, 1), (13, 5, 6, 5, 2, 2, 1), (70, 9, 7, 5, 1, 2, 1), (33, 8, 8, 3, 2, 1, 2),
-             (5, 6, 3, 3, 1, 3, 1), (20, 10, 11, 3, 1, 1, 1)]
+             (5, 6, 3, 3, 1, 3, 1), (20, 10, 11, 3, 1, 1, 1), (40, 9, 19, 3, 2, 1, 1), (17, 14, 14, 5, 1, 2, 1)]
 
 
 @pytest.mark.parametrize("layout", ["nchw", "channels_last", "noncontig"])
