@@ -141,7 +141,7 @@ def test_layer_classes_of_the_deployment_tables(description: str, expected: str)
 
 # Strategies the run above does not export (fused's native build is tested in test_fused.py, and
 # workspace_matmul runs batched_matmul's code); each declares whether its graph keeps a dynamic batch.
-OTHERS = ["pixel_major_matmul", "chunked_matmul", "naive_moe", "stacked_moe", "auto"]
+OTHERS = ["pixel_major_matmul", "chunked_matmul", "naive_moe", "stacked_moe", "input_scaled_moe", "auto"]
 
 
 @needs_onnx
