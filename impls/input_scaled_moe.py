@@ -17,12 +17,14 @@ E output-sized ones. So the routing weights scale whichever side of the conv is 
 example: the input where it is no larger than the output (stride 1 depthwise, widening 1×1),
 the output otherwise (a stride-2 conv's input is 4× its output; there this is naive_moe).
 
-Measured (2-core AMD EPYC, torch 2.13.0+cpu, onnxruntime 1.32.0, 2 intra-op threads not
-spinning; exported with a dynamic batch, ratio to the static layer exported the same way, medians
-of 25 interleaved rounds in one process, on a shared machine): on the mobile suite's stride-1
-depthwise layers 5.5–7.3× the floor at batch 1, 8 and 32, against naive_moe's 6.8–11.2× in the
-same rounds (1.1–1.65× faster, geometric mean 1.3×); the stride-2 layer runs naive_moe's form.
-README "Deploying" has the table.
+Measured (2-core AMD EPYC, torch 2.13.0+cpu, onnxruntime 1.32.0, float32, 2 intra-op threads;
+one graph with a dynamic batch per layer; `condconv-bench run suites/mobile.yaml --device cpu
+--runtime onnxruntime` on the five depthwise layers at batch 1, 8 and 32, a shared machine): its
+ratio to the static layer exported the same way 5.6–7.6× (geometric mean 6.59×) on the stride-1
+layers against naive_moe's 6.7–11.9× (8.40×) in the same rounds, faster in all 12 of them; on
+the stride-2 layer it runs naive_moe's form (4.6–6.0×, equal). Three more invocations of a script
+interleaving the two in one process agreed (faster in 36 of 36 stride-1 cases, 1.05–1.66×).
+README "Deploying" has the table. Its eager speed is not measured here (mobile runs it).
 """
 
 from __future__ import annotations
