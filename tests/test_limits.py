@@ -27,7 +27,7 @@ from condconv_bench.core.traffic import Traffic, compulsory_traffic
 
 MOBILE = Path(__file__).parent.parent / "suites" / "mobile.yaml"
 STRATEGIES = ["static", "grouped_conv", "batched_matmul", "workspace_matmul", "pixel_major_matmul", "chunked_matmul",
-              "per_sample_loop", "naive_moe", "stacked_moe"]
+              "per_sample_loop", "naive_moe", "stacked_moe", "input_scaled_moe"]
 SHAPES = {
     "pointwise": (LayerSpec("conv2d", 16, 32, 4), (6, 6)),
     "pointwise_s2": (LayerSpec("conv2d", 16, 32, 4, stride=2), (7, 7)),

@@ -141,7 +141,7 @@ def test_layer_classes_of_the_deployment_tables(description: str, expected: str)
 
 # Strategies the run above does not export (fused's native build is tested in test_fused.py, and
 # workspace_matmul runs batched_matmul's code); each declares whether its graph keeps a dynamic batch.
-OTHERS = ["pixel_major_matmul", "chunked_matmul", "naive_moe", "stacked_moe", "auto"]
+OTHERS = ["pixel_major_matmul", "chunked_matmul", "naive_moe", "stacked_moe", "input_scaled_moe", "auto"]
 
 
 @needs_onnx
@@ -168,3 +168,22 @@ def test_a_layer_fixed_to_a_batch_baking_strategy_says_so_when_exported(tmp_path
     layer = CondConv2d(6, 10, 1, num_experts=3, strategy="grouped_conv").eval()
     with pytest.warns(BatchFixedExportWarning, match="grouped_conv folds the batch"):
         torch.onnx.export(layer, (torch.randn(2, 6, 5, 5),), dynamo=True, verbose=False)
+
+
+@needs_onnx
+def test_input_scaled_moe_exports_its_convs_on_the_scaled_input_where_that_is_the_smaller_side(tmp_path) -> None:
+    import onnx
+
+    from condconv_bench.impls.input_scaled_moe import scales_input
+
+    spec = LayerSpec("conv2d", 8, 8, num_experts=3, kernel_size=3, padding=1, groups=8)
+    export = export_dynamic(get_impl("input_scaled_moe")(spec).eval(), lambda batch: (torch.randn(batch, 8, 6, 6),), [3],
+                            "onnxruntime", tmp_path / "g.onnx", 1)
+    assert export.status == "ok", export.reason
+    graph = onnx.load(str(export.path)).graph
+    made_by = {name: node.op_type for node in graph.node for name in node.output}
+    convs = [node for node in graph.node if node.op_type == "Conv"]
+    # each expert's conv reads α_e·x, so that ONNX Runtime can fuse the running sum into the next conv
+    assert len(convs) == 3 and all(made_by.get(conv.input[0]) == "Mul" for conv in convs)
+    strided = LayerSpec("conv2d", 8, 8, num_experts=3, kernel_size=3, stride=2, padding=1, groups=8)
+    assert scales_input(spec, (6, 6)) and not scales_input(strided, (6, 6))  # 4× more input than output: naive_moe's form

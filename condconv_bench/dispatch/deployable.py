@@ -17,7 +17,7 @@ from condconv_bench.core.spec import LayerSpec
 
 # Per layer class, the strategy with a dynamic batch that ran fastest in ONNX Runtime on the mobile
 # suite (2-core CPU, float32, 2 threads, batch 1, 8 and 32; README "Deploying" has the figures).
-DEPLOYED = {"depthwise": "naive_moe", "linear": "stacked_moe", "dense": "batched_matmul"}
+DEPLOYED = {"depthwise": "input_scaled_moe", "linear": "stacked_moe", "dense": "batched_matmul"}
 
 
 class BatchFixedExportWarning(UserWarning):
