@@ -179,10 +179,12 @@ def best_ceilings(earlier: list[dict[str, Any]], later: list[dict[str, Any]]) ->
     """Entries of two measurements of `matmul_peaks_of` or `memory_bandwidths_of`, merged per
     context with the higher of each ceiling and a count of the measurements behind it.
 
-    Why a run measures again between its sweeps: on a shared machine the ceilings measured at one
-    moment moved 6-8% from one run to the next (a depthwise peak of 69-98 GFLOP/s, DRAM 32-46 GB/s
-    over four runs of the mobile suite), while the cases' ratios, sampled across the run's minutes,
-    moved less; the best of measurements spread over the run is as stable as those samples."""
+    Why a run measures again between its sweeps: a ceiling is an upper bound, and a moment in
+    which another tenant loads the shared machine only lowers it; measurements spread over the run
+    make one disturbed moment (the run's start) cost nothing. It does not make `vs_limit` as
+    reproducible as `vs_floor`: the latencies themselves drift between runs (two mobile runs on one
+    machine: the static layers' medians 8% apart, within 5% in 31% of cases), and a best-of ceiling
+    does not follow a slower machine, while a paired ratio cancels it."""
     def context(entry: dict[str, Any]) -> tuple[Any, ...]:
         return entry["device"], entry.get("dtype"), int(entry["threads"])
 
