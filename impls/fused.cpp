@@ -34,6 +34,8 @@ namespace {
 constexpr int64_t kColBlock = 64;
 // Rows of the micro-kernel: 6 x 4 accumulators + 4 B vectors + 1 broadcast fit in 32 zmm.
 constexpr int kMR = 6;
+// Pixels of a last, partly filled vector that the NCHW kernel computes as dot products.
+constexpr int64_t kDotColumns = 4;
 // Output-channel rows per NCHW work item (8 micro-kernel stripes share one mixed tile).
 constexpr int64_t kRowBlock = 48;
 // Depthwise channel block: the mixed taps (k*k x 64) stay in L1 for a whole output plane.
@@ -176,6 +178,27 @@ inline void gemm_stripe(int M, int64_t ncols, int64_t K, const float* A, int64_t
       if (ep.accumulate) r += C[m * ldc + n];
       C[m * ldc + n] = r + (ep.bias_col ? ep.bias_col[n] : 0.f) + (ep.bias_row ? ep.bias_row[m] : 0.f);
     }
+#endif
+}
+
+// sum_k a[k] * b[k].
+inline float dot(const float* a, const float* b, int64_t K) {
+#if FUSED_AVX512
+  __m512 acc0 = _mm512_setzero_ps(), acc1 = _mm512_setzero_ps();
+  int64_t k = 0;
+  for (; k + 32 <= K; k += 32) {
+    acc0 = _mm512_fmadd_ps(_mm512_loadu_ps(a + k), _mm512_loadu_ps(b + k), acc0);
+    acc1 = _mm512_fmadd_ps(_mm512_loadu_ps(a + k + 16), _mm512_loadu_ps(b + k + 16), acc1);
+  }
+  for (; k < K; k += 16) {
+    const __mmask16 m = tail_mask(std::min<int64_t>(16, K - k));
+    acc0 = _mm512_fmadd_ps(_mm512_maskz_loadu_ps(m, a + k), _mm512_maskz_loadu_ps(m, b + k), acc0);
+  }
+  return _mm512_reduce_add_ps(_mm512_add_ps(acc0, acc1));
+#else
+  float sum = 0.f;
+  for (int64_t k = 0; k < K; ++k) sum += a[k] * b[k];
+  return sum;
 #endif
 }
 
@@ -365,8 +388,13 @@ at::Tensor pw_forward_nchw(const at::Tensor& x, const at::Tensor& w, const at::T
   const float* ap = alpha.data_ptr<float>();
   float* op = out.data_ptr<float>();
   const int64_t nrb = (N + kRowBlock - 1) / kRowBlock;
+  // A last vector of at most kDotColumns pixels (49 = 3 x 16 + 1 at 7x7) would cost the micro-kernel
+  // a whole FMA per row and k for those few lanes (a quarter of its work at 7x7): those columns are
+  // dot products of the tile's rows instead, 16 k at a time.
+  const int64_t last = P % 16;
+  const int64_t split = last > 0 && last <= kDotColumns && P > last ? P - last : P;
   at::parallel_for(0, nrb * B, 1, [&](int64_t begin, int64_t end) {
-    std::vector<float> tile(kRowBlock * K);
+    std::vector<float> tile(kRowBlock * K), x_columns((P - split) * K);
     for (int64_t it = begin; it < end; ++it) {
       const int64_t rb = it / B, b = it % B;
       const int64_t n0 = rb * kRowBlock, rows = std::min(kRowBlock, N - n0);
@@ -374,14 +402,20 @@ at::Tensor pw_forward_nchw(const at::Tensor& x, const at::Tensor& w, const at::T
       const float* xb = xp + b * K * P;
       float* ob = op + b * N * P;
       const float* br = bias_p ? bias_p + b * N + n0 : nullptr;
-      for (int64_t pc = 0; pc < P; pc += kColBlock) {
-        const int64_t ncols = std::min(kColBlock, P - pc);
+      for (int64_t pc = 0; pc < split; pc += kColBlock) {
+        const int64_t ncols = std::min(kColBlock, split - pc);
         for (int64_t r0 = 0; r0 < rows; r0 += kMR) {
           const int M = (int)std::min<int64_t>(kMR, rows - r0);
           Epi ep;
           ep.bias_row = br ? br + r0 : nullptr;
           gemm_stripe(M, ncols, K, tile.data() + r0 * K, K, xb + pc, P, false, ob + (n0 + r0) * P + pc, P, ep);
         }
+      }
+      for (int64_t p = split; p < P; ++p) {
+        float* column = x_columns.data() + (p - split) * K;
+        for (int64_t k = 0; k < K; ++k) column[k] = xb[k * P + p];
+        for (int64_t r = 0; r < rows; ++r)
+          ob[(n0 + r) * P + p] = dot(tile.data() + r * K, column, K) + (br ? br[r] : 0.f);
       }
     }
   });

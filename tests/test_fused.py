@@ -62,10 +62,12 @@ def check_forward(spec: LayerSpec, x: torch.Tensor) -> torch.Tensor:
 
 
 # C_in 600 takes three K-chunks of the channels-last kernel; C_out 70 and 130 leave column tails;
-# batch 5 is a group of 4 examples and one more.
+# batch 5 is a group of 4 examples and one more; 7x7 and 9x9 leave one pixel past whole vectors
+# (NCHW computes it as dot products), 14x14 four.
 @pytest.mark.parametrize("layout", ["nchw", "channels_last", "noncontig"])
 @pytest.mark.parametrize(("cin", "cout", "hw", "batch", "bias"), [(7, 13, 5, 1, True), (64, 70, 3, 5, False),
-                                                                  (600, 67, 3, 2, True), (3, 130, 9, 3, False)])
+                                                                  (600, 67, 3, 2, True), (3, 130, 9, 3, False),
+                                                                  (56, 50, 7, 3, True), (37, 20, 14, 2, False)])
 def test_pointwise_forward(layout, cin, cout, hw, batch, bias) -> None:
     out = check_forward(LayerSpec("conv2d", cin, cout, 3, bias=bias), make_x((batch, cin, hw, hw), layout))
     if layout == "channels_last":
