@@ -172,6 +172,24 @@ def test_a_run_reads_its_limits_from_the_best_ceilings_measured_before_and_after
     assert [(p["dense_flops_per_s"], p["measurements"]) for p in peaks] == [(4e11, 2)]
 
 
+def test_a_device_error_while_measuring_the_ceilings_again_keeps_the_sweeps_rows(tmp_path: Path, monkeypatch) -> None:
+    layer = {"name": "pw", "in_channels": 16, "out_channels": 16, "input_size": 5, "experts": 2}
+    suite = _suite(tmp_path, [layer], ["static", "grouped_conv"], [2])
+    calls = iter(range(100))
+
+    def broken_after_the_start(device, dtype, threads):
+        if next(calls) >= ceilings.CEILING_PASSES:
+            raise RuntimeError("planted: CUDA error: an illegal memory access was encountered")
+        return 1e11
+
+    monkeypatch.setattr(ceilings, "dense_peak_flops", broken_after_the_start)
+    run_suite(suite, tmp_path / "run")
+    rows = load_results(tmp_path / "run")
+    assert list(rows["status"]) == ["ok", "ok"] and rows["limit_s"].notna().all() and rows["vs_limit"].notna().all()
+    peaks = json.loads((tmp_path / "run" / "run.json").read_text())["matmul_peaks"]
+    assert [(p["dense_flops_per_s"], p["measurements"]) for p in peaks] == [(1e11, 1)]
+
+
 @pytest.mark.real_ceilings
 def test_no_strategy_beats_its_limit_on_shipped_mobile_shapes(tmp_path: Path) -> None:
     """A latency below the compulsory limit would mean a ceiling or a traffic model is wrong."""

@@ -122,11 +122,16 @@ def _open_run(suite: Suite, output: Path, resume: bool, shard: Shard | None, cas
 
 def _measure_ceilings_again(run: RunDirectory, cases: list[Case]) -> None:
     """After a sweep's timing, the ceilings once more, kept as the best of all measurements
-    (`best_ceilings` says why): a run's limits are then read from ceilings sampled across it."""
+    (`best_ceilings` says why): a run's limits are then read from ceilings sampled across it.
+    The sweep's timed rows are not yet written, so a device error here (a GPU a case left broken,
+    out of memory) keeps the earlier ceilings instead of losing them."""
     metadata = run.metadata()
-    run.update_metadata(
-        matmul_peaks=best_ceilings(metadata.get("matmul_peaks", []), matmul_peaks_of(cases, passes=1)),
-        memory_bandwidths=best_ceilings(metadata.get("memory_bandwidths", []), memory_bandwidths_of(cases, passes=1)))
+    try:
+        peaks, bandwidths = matmul_peaks_of(cases, passes=1), memory_bandwidths_of(cases, passes=1)
+    except RuntimeError:
+        return
+    run.update_metadata(matmul_peaks=best_ceilings(metadata.get("matmul_peaks", []), peaks),
+                        memory_bandwidths=best_ceilings(metadata.get("memory_bandwidths", []), bandwidths))
 
 
 def _add_limits(rows: dict[str, dict[str, Any]], works: dict[str, CaseWork], metadata: dict[str, Any]) -> None:
