@@ -62,7 +62,7 @@ import torch
 import torch.nn.functional as F
 
 from condconv_bench.core.contract import CondConvBase
-from condconv_bench.core.flops import AnalyticMacs, conv_macs, routing_macs
+from condconv_bench.core.flops import AnalyticMacs, expert_products_macs
 from condconv_bench.core.registry import register_impl
 from condconv_bench.core.spec import LayerSpec, Pair
 from condconv_bench.core.traffic import Traffic, compulsory_traffic, unfold_bytes
@@ -154,8 +154,7 @@ class Fused(CondConvBase):
         """Convs: route, mix (tile by tile, but every tile once), one conv. Linear: no mixing of
         kernels, the E expert products instead (the mixed bias still is a mix)."""
         if spec.kind == "linear":
-            bias_mix = batch_size * spec.num_experts * spec.out_channels if spec.bias else 0
-            return AnalyticMacs(routing_macs(spec, batch_size), bias_mix, spec.num_experts * conv_macs(spec, batch_size, input_size))
+            return expert_products_macs(spec, batch_size, input_size)
         return super().analytic_macs(spec, batch_size, input_size)
 
     @classmethod

@@ -23,7 +23,7 @@ from dataclasses import replace
 import torch
 import torch.nn.functional as F
 
-from condconv_bench.core.flops import AnalyticMacs, conv_macs, routing_macs
+from condconv_bench.core.flops import AnalyticMacs, expert_products_macs
 from condconv_bench.core.contract import CondConvBase
 from condconv_bench.core.registry import register_impl
 from condconv_bench.core.spec import LayerSpec, Pair
@@ -62,8 +62,7 @@ class StackedMoE(CondConvBase):
     @classmethod
     def analytic_macs(cls, spec: LayerSpec, batch_size: int, input_size: Pair) -> AnalyticMacs:
         """E× the conv on the stacked input; only the bias is mixed."""
-        mixing = batch_size * spec.num_experts * spec.out_channels if spec.bias else 0
-        return AnalyticMacs(routing_macs(spec, batch_size), mixing, spec.num_experts * conv_macs(spec, batch_size, input_size))
+        return expert_products_macs(spec, batch_size, input_size)
 
     @classmethod
     def analytic_bytes(cls, spec: LayerSpec, batch_size: int, input_size: Pair, itemsize: int) -> Traffic:

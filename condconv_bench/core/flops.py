@@ -51,6 +51,13 @@ def mixing_macs(spec: LayerSpec, batch_size: int) -> int:
     return batch_size * spec.num_experts * per_expert
 
 
+def expert_products_macs(spec: LayerSpec, batch_size: int, input_size: Pair) -> AnalyticMacs:
+    """The E-products form with its bias mixed: routing, the B mixed bias vectors (where there is
+    bias) and E full convs/products, one per expert (stacked_moe, input_scaled_moe, fused's linear)."""
+    bias_mix = batch_size * spec.num_experts * spec.out_channels if spec.bias else 0
+    return AnalyticMacs(routing_macs(spec, batch_size), bias_mix, spec.num_experts * conv_macs(spec, batch_size, input_size))
+
+
 def compulsory_macs(spec: LayerSpec, batch_size: int, input_size: Pair) -> AnalyticMacs:
     """The least MACs any exact CondConv strategy needs: the routing, and the cheaper of mixing B
     kernels then one conv (`B·E·P + conv`) or E convs (`E · conv`, output- or input-side mixture).
