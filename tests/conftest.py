@@ -99,6 +99,7 @@ def fixed_ceilings(request, monkeypatch) -> None:
         "dram_bytes_per_s": 3e10, "llc_bytes_per_s": 1.5e11, "llc_bytes": 32 * 2**20})
     monkeypatch.setattr(ceilings, "depthwise_peak_flops", lambda device, dtype, threads: 3e10)
     monkeypatch.setattr(ceilings, "dense_peak_flops", lambda device, dtype, threads: 1e11)
+    monkeypatch.setattr(ceilings, "sentinel_work", lambda kind, device: 1.0)  # no sentinel's rate raises the fixed figures
 
 
 def _cpp_compiler_missing() -> str | None:

@@ -14,9 +14,9 @@ from torch.utils._pytree import tree_leaves
 
 from condconv_bench.errors import ResultsError
 from condconv_bench.core.flops import AnalyticMacs, compulsory_macs
-from condconv_bench.core.limits import Ceilings, limit, memory_seconds
+from condconv_bench.core.limits import CaseWork, Ceilings, Work, case_limits, limit, memory_seconds
 from condconv_bench.machine import ceilings
-from condconv_bench.machine.ceilings import best_ceilings, memory_bandwidths
+from condconv_bench.machine.ceilings import best_ceilings, fastest_sentinels, memory_bandwidths
 from condconv_bench.core.registry import get_impl
 from condconv_bench.run.columns import COLUMNS, header
 from condconv_bench.run.directory import load_results
@@ -109,6 +109,31 @@ def test_depthwise_convs_are_held_to_the_depthwise_peak() -> None:
     assert limit(macs, traffic, traffic.compulsory, False, CEILINGS).compute_s == pytest.approx(2200 / 1e11)
 
 
+@pytest.mark.parametrize(("macs", "moved", "depthwise", "ceiling"), [
+    (10**6, 400, False, "dense"), (10**6, 400, True, "depthwise"), (1, 400, False, "llc"), (1, 3000, True, "dram")])
+def test_a_limit_names_the_ceiling_it_is_drawn_from(macs, moved, depthwise, ceiling) -> None:
+    """The sentinel a group's rounds time is that of this ceiling (`machine.ceilings`)."""
+    traffic = Traffic(input=moved // 4, output=moved // 4, experts=moved // 2, routing=0)
+    work = Work(AnalyticMacs(0, 0, macs), traffic)
+    assert case_limits(CaseWork(work, work, depthwise), CEILINGS).binding_ceiling == ceiling
+
+
+def test_a_sentinel_faster_than_its_ceiling_raises_that_ceiling_in_its_own_context() -> None:
+    def sentinel(kind: str, per_s: float, dtype: str = "float32") -> dict:
+        return {"device": "cpu", "dtype": dtype, "threads": 2, "sentinel": kind, "seconds": 1e-3, "per_s": per_s}
+
+    metadata = {"matmul_peaks": [{"device": "cpu", "dtype": "float32", "threads": 2, "dense_flops_per_s": 1e11, "depthwise_flops_per_s": 1e10}],
+                "memory_bandwidths": [{"device": "cpu", "threads": 2, "dram_bytes_per_s": 1e10, "llc_bytes_per_s": 1e11, "llc_bytes": 1000}],
+                "sentinels": [sentinel("dense", 2e11), sentinel("llc", 5e10), sentinel("depthwise", 9e10, "bfloat16")]}
+    assert Ceilings.from_metadata(metadata, "cpu", "float32", 2) == Ceilings(2e11, 1e10, 1e10, 1e11, 1000)
+
+
+@pytest.mark.parametrize("kind", ceilings.SENTINELS)
+def test_every_ceiling_has_a_sentinel_that_runs(kind) -> None:
+    step = ceilings.sentinel_step(kind, torch.device("cpu"), torch.float32)
+    assert torch.isfinite(step()).all()
+
+
 def test_a_working_set_beyond_the_llc_streams_its_excess_from_dram() -> None:
     assert memory_seconds(800, 800, CEILINGS) == (pytest.approx(800 / 1e11), "llc")
     seconds, level = memory_seconds(3000, 1500, CEILINGS)  # 500 bytes cannot stay in a 1000-byte LLC
@@ -156,6 +181,17 @@ def test_ceilings_keep_the_best_of_every_measurement_per_context() -> None:
     assert again == [{"device": "cpu", "threads": 1, "dram_bytes_per_s": 4e10, "measurements": 2}]
 
 
+
+def test_each_sentinel_keeps_its_fastest_block_per_context() -> None:
+    def entry(kind: str, seconds: float, threads: int = 2) -> dict:
+        return {"device": "cpu", "dtype": "float32", "threads": threads, "sentinel": kind, "seconds": seconds, "per_s": 1 / seconds}
+
+    merged = fastest_sentinels([entry("dram", 5e-3), entry("llc", 3e-5)], [entry("dram", 4e-3), entry("llc", 6e-5), entry("llc", 7e-5, 1)])
+    assert sorted((e["sentinel"], e["threads"], e["seconds"]) for e in merged) == [("dram", 2, 4e-3), ("llc", 1, 7e-5), ("llc", 2, 3e-5)]
+    assert ceilings.sentinel_best_seconds({"sentinels": merged}, "cpu", "float32", 2, "llc") == 3e-5
+    assert ceilings.sentinel_best_seconds({"sentinels": merged}, "cpu", "float32", 2, "dense") is None
+
+
 def test_a_run_reads_its_limits_from_the_best_ceilings_measured_before_and_after_its_sweep(tmp_path: Path, monkeypatch) -> None:
     """The run measures its ceilings at the start (three passes) and once more after the sweep's
     timing; here the machine is planted 4x faster by then, so every compute-bound limit is 4x lower
@@ -171,6 +207,12 @@ def test_a_run_reads_its_limits_from_the_best_ceilings_measured_before_and_after
     assert steady["limit_s"].to_numpy() == pytest.approx(4 * faster["limit_s"].to_numpy(), rel=1e-6)
     peaks = json.loads((tmp_path / "faster_later" / "run.json").read_text())["matmul_peaks"]
     assert [(p["dense_flops_per_s"], p["measurements"]) for p in peaks] == [(4e11, 2)]
+    # The group's rounds timed the dense ceiling's sentinel; its latency at the ceilings' moment is read from it.
+    sentinels = json.loads((tmp_path / "steady" / "run.json").read_text())["sentinels"]
+    assert [(s["sentinel"], s["device"], s["threads"]) for s in sentinels] == [("dense", "cpu", 1)]
+    assert (steady["sentinel"] == "dense").all() and (steady["sentinel_best_s"] == sentinels[0]["seconds"]).all()
+    assert (steady["sentinel_median_s"] >= steady["sentinel_best_s"]).all() and (steady["vs_sentinel"] > 0).all()
+    assert steady["vs_limit"].to_numpy() == pytest.approx((steady["vs_sentinel"] * steady["sentinel_best_s"] / steady["limit_s"]).to_numpy())
 
 
 def test_a_device_error_while_measuring_the_ceilings_again_keeps_the_sweeps_rows(tmp_path: Path, monkeypatch) -> None:

@@ -21,10 +21,11 @@ from condconv_bench.machine.allocators import AllocatorUnavailableError, worker_
 from condconv_bench.measure.group import GroupMeasurement, GroupTiming, measure_groups
 from condconv_bench.settings import MeasureSettings
 from condconv_bench.measure.pool import WorkerFailure
-from condconv_bench.measure.protocol import Visit, VisitResult, read_message, write_message
+from condconv_bench.measure.protocol import SENTINEL_KEY, Visit, VisitResult, read_message, write_message
 from condconv_bench.timing.ratios import Interval, hierarchical_interval, is_tied
 from condconv_bench.timing.rounds import Block, Round, calls_per_block, planned_rounds, run_rounds
 from condconv_bench.run.directory import RunDirectory
+from condconv_bench.run.rows import record_timing
 from condconv_bench.run.runner import run_suite
 from condconv_bench.suite.selection import CaseFilter
 
@@ -136,7 +137,7 @@ def test_tie_rule_uses_the_lower_end_of_the_interval() -> None:
 class FakePool:
     """Workers that return fixed per-call times per process, advancing a fake clock as real ones would."""
 
-    latencies: list[dict[str, float]]  # per process: case id → seconds per call
+    latencies: list[dict[str, float]]  # per process: case id (and SENTINEL_KEY, for a visit that names one) → seconds per call
     clock: FakeClock
     jitter: float = 0.0  # alternating ± per round, so intervals never close
     failures: dict[int, object] | None = None
@@ -150,7 +151,7 @@ class FakePool:
         self.visits += 1
         if self.failures and index in self.failures:
             return self.failures[index]
-        ids = [case.id for case in visit.cases]
+        ids = [case.id for case in visit.cases] + ([SENTINEL_KEY] if visit.sentinel else [])
         rounds = []
         for r in range(max(visit.rounds, visit.min_rounds)):
             sign = 1 if r % 2 else -1
@@ -159,9 +160,9 @@ class FakePool:
         return VisitResult(pid=100 + index, rounds=rounds, calls_per_block={cid: 10 for cid in ids})
 
 
-def visit_of(*case_ids: str, rounds: int = 5, device: str = "cpu") -> Visit:
+def visit_of(*case_ids: str, rounds: int = 5, device: str = "cpu", sentinel: str | None = None) -> Visit:
     cases = tuple(SimpleNamespace(id=cid, device=device) for cid in case_ids)
-    return Visit(cases, {}, 0, rounds, 0.005, 0, 0)
+    return Visit(cases, {}, 0, rounds, 0.005, 0, 0, sentinel=sentinel)
 
 
 def measure_group(pool, visit: Visit, settings: MeasureSettings, *, clock, **roles) -> GroupTiming:
@@ -189,6 +190,35 @@ def test_steady_group_stops_after_one_pass_with_exact_ratios_and_ties() -> None:
     assert not any(v.unstable for v in verdicts.values())
     timing = verdicts["a"].timing
     assert len(timing.times_s) == 10 and set(timing.process) == {0, 1} and timing.number_per_run == 10
+
+
+def test_a_sentinel_timed_beside_the_group_gives_each_case_its_paired_ratio_to_it() -> None:
+    clock = FakeClock()
+    quiet = {"floor": 1e-3, "a": 2e-3, SENTINEL_KEY: 5e-4}
+    loaded = {key: 2 * seconds for key, seconds in quiet.items()}  # another tenant halves the machine's speed in one worker
+    measured = measure_group(FakePool([quiet, loaded], clock), visit_of("floor", "a", sentinel="dense"),
+                             MeasureSettings(budget_s=100), clock=clock, **ROLES)
+    assert set(measured.cases) == {"floor", "a"}  # the sentinel is no case
+    assert measured.cases["a"].vs_sentinel == pytest.approx(4.0) and measured.cases["floor"].vs_sentinel == pytest.approx(2.0)
+    assert measured.sentinel_median_s == pytest.approx(7.5e-4)
+    alone = measure_group(FakePool([quiet, loaded], clock), visit_of("floor", "a"), MeasureSettings(budget_s=100), clock=clock, **ROLES)
+    assert alone.cases["a"].vs_sentinel is None and alone.sentinel_median_s is None
+
+
+def test_a_group_measured_while_the_machine_ran_twice_as_slow_keeps_its_distance_to_the_limit() -> None:
+    vs_limit = {}
+    for slowdown in (1.0, 2.0):
+        clock = FakeClock()
+        per_call = {"floor": 1e-3 * slowdown, "a": 2e-3 * slowdown, SENTINEL_KEY: 5e-4 * slowdown}
+        measured = measure_group(FakePool([per_call, per_call], clock), visit_of("floor", "a", sentinel="dense"),
+                                 MeasureSettings(budget_s=100), clock=clock, **ROLES)
+        rows = {case_id: {"status": "ok", "wall_s": 0.0, "batch_size": 8, "limit_s": 2.5e-4, "limit_own_s": 5e-4,
+                          "macs_analytic": 10**6, "bytes_modelled": 10**6, "sentinel_best_s": 5e-4} for case_id in ("floor", "a")}
+        record_timing(measured, rows)
+        assert rows["a"]["latency_median_s"] == pytest.approx(2e-3 * slowdown)
+        assert rows["a"]["sentinel_median_s"] == pytest.approx(5e-4 * slowdown)
+        vs_limit[slowdown] = (rows["a"]["vs_limit"], rows["a"]["vs_limit_own"])
+    assert vs_limit[1.0] == vs_limit[2.0] == (pytest.approx(8.0), pytest.approx(4.0))  # 2 ms at the ceilings' moment
 
 
 def test_a_sweep_visits_every_group_in_one_worker_before_the_next_worker() -> None:

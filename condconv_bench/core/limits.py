@@ -47,15 +47,22 @@ class Ceilings:
 
     @classmethod
     def from_metadata(cls, metadata: dict[str, Any], device: str, dtype: str, threads: int) -> Ceilings | None:
-        """The ceilings a run measured for this context, or None when it measured none (before version 4)."""
+        """The ceilings a run measured for this context, or None when it measured none (before version 4).
+
+        Each is the higher of its ceiling passes and its sentinel's rate at the sentinel's fastest
+        block in the run's rounds (`sentinels`, version 7; `machine.ceilings` says why)."""
         peak = next((p for p in metadata.get("matmul_peaks", [])
                      if (p["device"], p["dtype"], int(p["threads"])) == (device, dtype, threads)), None)
         memory = next((m for m in metadata.get("memory_bandwidths", [])
                        if (m["device"], int(m["threads"])) == (device, threads)), None)
         if peak is None or memory is None or not peak.get("dense_flops_per_s") or not peak.get("depthwise_flops_per_s"):
             return None
-        return cls(float(peak["dense_flops_per_s"]), float(peak["depthwise_flops_per_s"]), float(memory["dram_bytes_per_s"]),
-                   float(memory["llc_bytes_per_s"]), memory.get("llc_bytes"))
+        sentinels = {s["sentinel"]: float(s["per_s"]) for s in metadata.get("sentinels", [])
+                     if (s["device"], s["dtype"], int(s["threads"])) == (device, dtype, threads)}
+        return cls(max(float(peak["dense_flops_per_s"]), sentinels.get("dense", 0.0)),
+                   max(float(peak["depthwise_flops_per_s"]), sentinels.get("depthwise", 0.0)),
+                   max(float(memory["dram_bytes_per_s"]), sentinels.get("dram", 0.0)),
+                   max(float(memory["llc_bytes_per_s"]), sentinels.get("llc", 0.0)), memory.get("llc_bytes"))
 
 
 @dataclass(frozen=True)
@@ -112,6 +119,14 @@ class CaseLimits:
     work: CaseWork
     compulsory: Limit  # of the CondConv computation itself: no exact strategy beats it
     own: Limit  # of the strategy's own modelled work
+
+    @property
+    def binding_ceiling(self) -> str:
+        """The ceiling the compulsory limit is mostly drawn from: `dense` or `depthwise` compute, or
+        `llc` or `dram` bandwidth (the names of `machine.ceilings.SENTINELS`)."""
+        if self.compulsory.bound == "memory":
+            return self.compulsory.memory_level
+        return "depthwise" if self.work.depthwise else "dense"
 
     @property
     def arithmetic_intensity(self) -> float:

@@ -23,6 +23,25 @@ ceilings take the fastest block, since a ceiling must not be lowered by a distur
 shared 2-core machine one block of a 2-thread copy ran 100× slow while another process ran).
 These are context figures measured in the runner's own process; no verdict depends on them.
 The limits of each case (`condconv_bench.core.limits`) are read against them.
+
+A ceiling is the machine at its best moment, while a case's latency is measured at whatever
+moment its group ran: on a shared machine two mobile runs put the same static layer's median 8%
+apart (up to 30%), so latency over a best-of ceiling drifts as much, and the passes here put the
+dense peak 7–9% apart between runs. The dense peak therefore has a *sentinel*: a channels-last
+1x1 conv (`sentinel_step`), which the workers time in the same interleaved rounds as the cases
+of every group whose limit the dense peak binds. A case's latency over the sentinel's in the same
+rounds is a paired ratio that a slower moment cancels out of; times the sentinel's fastest block
+in the whole run (`fastest_sentinels`), it is the latency the case would have had at the
+machine's quietest (`run.rows`). The sentinel's rate at that block also measures the dense peak
+(`core.limits.Ceilings.from_metadata` keeps the higher): a best of hundreds of blocks, within
+0.2% between two mobile runs where the passes were 7% apart, and above them (214 GFLOP/s against
+169–182 on a 2-core EPYC). A distance to a limit that the sentinel sets is then a paired ratio
+times a ratio of modelled work.
+
+Only the dense peak has one. Tried on two mobile runs: a 5x5 depthwise conv (32x256x14x14), the
+depthwise peak's best kernel back to back, ran 1.7–2.7x its fastest block when interleaved with
+the cases, and that block differed 17% between the runs; an LLC copy paired worse than no pairing
+on the six memory-bound cases. A sentinel that does not slow down with the cases only adds noise.
 """
 
 from __future__ import annotations
@@ -37,7 +56,7 @@ import torch.nn.functional as F
 
 from condconv_bench.machine.environment import cache_bytes
 from condconv_bench.machine.devices import device_unavailable_reason, synchronize, use_exact_float32
-from condconv_bench.timing.rounds import calls_per_block, run_rounds, times_of
+from condconv_bench.timing.rounds import Step, calls_per_block, run_rounds, times_of
 from condconv_bench.timing.samples import median
 
 from condconv_bench.core.case import TORCH_DTYPES, Case
@@ -52,6 +71,10 @@ _LLC_MAX_BUFFER = 4 * 2**20
 _DENSE_CONV = {"cpu": (16, 256, 14, 14, 512), "cuda": (64, 1024, 28, 28, 1024)}
 # (batch, channels, H, W, k) depthwise convs; the best of them is the depthwise peak.
 _DEPTHWISE = ((32, 256, 14, 14, 3), (32, 256, 14, 14, 5), (32, 512, 7, 7, 5))
+# (batch, C_in, H, W, C_out) of the dense sentinel: about a millisecond on a CPU, so that it adds
+# little to a group's rounds, and faster per FLOP than `_DENSE_CONV` at its best block here.
+_DENSE_SENTINEL = (8, 256, 14, 14, 256)
+SENTINELS = ("dense",)  # the ceilings that have one (`core.limits.CaseLimits.binding_ceiling` names)
 
 
 def _block_seconds(step: Callable[[], object], device: torch.device, threads: int) -> list[float]:
@@ -138,6 +161,22 @@ def memory_bandwidths(device: torch.device, threads: int) -> dict[str, float | i
     }
 
 
+def sentinel_step(kind: str, device: torch.device, dtype: torch.dtype) -> Step:
+    """The sentinel of a ceiling in `SENTINELS`: for `dense`, a channels-last 1x1 conv."""
+    batch, in_channels, height, width, out_channels = _DENSE_SENTINEL
+    generator = torch.Generator().manual_seed(0)
+    x = torch.randn(batch, in_channels, height, width, generator=generator).to(device=device, dtype=dtype)
+    w = torch.randn(out_channels, in_channels, 1, 1, generator=generator).to(device=device, dtype=dtype)
+    x, w = (t.contiguous(memory_format=torch.channels_last) for t in (x, w))
+    return lambda: F.conv2d(x, w)
+
+
+def sentinel_work(kind: str, device: torch.device) -> float:
+    """FLOPs of one call of `kind`'s sentinel."""
+    batch, in_channels, height, width, out_channels = _DENSE_SENTINEL
+    return 2.0 * batch * in_channels * height * width * out_channels
+
+
 # Ceilings are upper bounds, and another process's burst only ever lowers a measurement (once, a
 # 2-thread LLC copy measured 0.8 GB/s against 100 GB/s a minute before): each is taken as the best
 # of a few passes over all of them, so a burst must last the whole measurement to lower it.
@@ -175,6 +214,30 @@ def memory_bandwidths_of(cases: list[Case], passes: int = CEILING_PASSES) -> lis
     return measured
 
 
+def sentinel_entry(kind: str, case: Case, seconds: float) -> dict[str, Any]:
+    """What `run.json` keeps of a sentinel's fastest block in a group of `case`'s context."""
+    return {"device": case.device, "dtype": case.dtype, "threads": case.threads, "sentinel": kind, "seconds": seconds,
+            "per_s": sentinel_work(kind, torch.device(case.device)) / seconds}
+
+
+def fastest_sentinels(earlier: list[dict[str, Any]], later: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Sentinel entries (`device`, `dtype`, `threads`, `sentinel`, `seconds`: its fastest block in
+    some groups' rounds, `per_s`: its rate there) merged per context and kind, keeping the fastest."""
+    merged = {(e["device"], e["dtype"], int(e["threads"]), e["sentinel"]): dict(e) for e in earlier}
+    for entry in later:
+        kept = merged.setdefault((entry["device"], entry["dtype"], int(entry["threads"]), entry["sentinel"]), dict(entry))
+        if entry["seconds"] < kept["seconds"]:
+            kept.update(seconds=entry["seconds"], per_s=entry["per_s"])
+    return list(merged.values())
+
+
+def sentinel_best_seconds(metadata: dict[str, Any], device: str, dtype: str, threads: int, kind: str) -> float | None:
+    """`kind`'s fastest sentinel block in a run's rounds so far (`run.json`) for one context; None before any."""
+    entry = next((e for e in metadata.get("sentinels", [])
+                  if (e["device"], e["dtype"], int(e["threads"]), e["sentinel"]) == (device, dtype, threads, kind)), None)
+    return None if entry is None else entry["seconds"]
+
+
 def best_ceilings(earlier: list[dict[str, Any]], later: list[dict[str, Any]]) -> list[dict[str, Any]]:
     """Entries of two measurements of `matmul_peaks_of` or `memory_bandwidths_of`, merged per
     context with the higher of each ceiling and a count of the measurements behind it.
@@ -184,7 +247,7 @@ def best_ceilings(earlier: list[dict[str, Any]], later: list[dict[str, Any]]) ->
     make one disturbed moment (the run's start) cost nothing. It does not make `vs_limit` as
     reproducible as `vs_floor`: the latencies themselves drift between runs (two mobile runs on one
     machine: the static layers' medians 8% apart, within 5% in 31% of cases), and a best-of ceiling
-    does not follow a slower machine, while a paired ratio cancels it."""
+    does not follow a slower machine, while a paired ratio cancels it: the sentinels (module docstring)."""
     def context(entry: dict[str, Any]) -> tuple[Any, ...]:
         return entry["device"], entry.get("dtype"), int(entry["threads"])
 

@@ -25,7 +25,7 @@ from typing import Protocol
 
 import numpy as np
 
-from condconv_bench.measure.protocol import Visit, VisitResult
+from condconv_bench.measure.protocol import SENTINEL_KEY, Visit, VisitResult
 from condconv_bench.timing.ratios import BOOTSTRAP_SEED, Interval, hierarchical_interval, is_tied, paired_ratios, process_medians
 from condconv_bench.timing.rounds import Round
 from condconv_bench.settings import MeasureSettings
@@ -56,6 +56,7 @@ class CaseTiming:
     tied_fastest: bool | None  # None for the floor, which does not compete
     process_spread: float  # max/min over workers of the median ratio to the floor (latency for the floor)
     unstable: bool
+    vs_sentinel: float | None = None  # median over rounds of latency / the group's sentinel in the same round, where one was timed
 
 
 @dataclass
@@ -70,6 +71,8 @@ class GroupTiming:
     passes: int = 0
     elapsed_s: float = 0.0
     stopped_because: str = ""
+    sentinel_median_s: float | None = None  # the sentinel's median time per call over the group's rounds
+    sentinel_fastest_s: float | None = None  # and its fastest block
 
 
 @dataclass
@@ -98,8 +101,10 @@ class _Samples:
 def _verdicts(samples: _Samples, floor: str | None, candidates: set[str], dispatchers: set[str],
               tie_margin: float) -> dict[str, CaseTiming]:
     rng = np.random.default_rng(BOOTSTRAP_SEED)
-    measured = list(dict.fromkeys(key for _, r in samples.rounds for key in r.per_call_s))
+    measured = [key for key in dict.fromkeys(key for _, r in samples.rounds for key in r.per_call_s) if key != SENTINEL_KEY]
     timings = {key: samples.timing(key) for key in measured}
+    sentinel_timed = SENTINEL_KEY in samples.calls_per_block
+    vs_sentinel = {key: median(samples.paired(key, SENTINEL_KEY)[0]) for key in measured} if sentinel_timed else {}
     has_floor = floor in timings
     to_floor = {key: samples.paired(key, floor) for key in measured if has_floor and key != floor}  # type: ignore[arg-type]
     vs_floor = {key: hierarchical_interval(values, processes, rng) for key, (values, processes) in to_floor.items()}
@@ -119,7 +124,7 @@ def _verdicts(samples: _Samples, floor: str | None, candidates: set[str], dispat
         spread = float(medians.max() / medians.min())
         interval = vs_floor.get(key)
         unstable = spread > UNSTABLE_PROCESS_SPREAD or (interval is not None and interval.relative_half_width > UNSTABLE_HALF_WIDTH)
-        verdicts[key] = CaseTiming(timings[key], interval, vs_best, tied, spread, unstable)
+        verdicts[key] = CaseTiming(timings[key], interval, vs_best, tied, spread, unstable, vs_sentinel.get(key))
     return verdicts
 
 
@@ -188,6 +193,9 @@ class GroupMeasurement:
             self.result.stopped_because = "no worker measured the group"
             return False
         self.result.cases = _verdicts(self.samples, self.floor, self.candidates, self.dispatchers, settings.tie_margin)
+        if SENTINEL_KEY in self.samples.calls_per_block:
+            sentinel = self.samples.timing(SENTINEL_KEY)
+            self.result.sentinel_median_s, self.result.sentinel_fastest_s = sentinel.median_s, min(sentinel.times_s)
         if _precise(self.result.cases, settings.precision):
             self.result.stopped_because = f"every ratio within ±{settings.precision:.0%}"
             return False

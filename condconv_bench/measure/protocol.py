@@ -28,6 +28,8 @@ READY = "ready"  # a worker's first message: imports done, nothing else will com
 # which case killed it: `BUILDING <case id>` before building a case, `TIMING` before the rounds.
 BUILDING = "condconv-bench worker: building "
 TIMING = "condconv-bench worker: timing rounds"
+# The round key of a group's sentinel (`machine.ceilings.sentinel_step`), timed beside its cases.
+SENTINEL_KEY = "ceiling sentinel"
 
 
 @dataclass(frozen=True)
@@ -45,6 +47,7 @@ class Visit:
     time_limit_s: float = math.inf
     min_rounds: int = 1
     graphs: dict[str, str] = field(default_factory=dict)  # a runtime case's exported graph (a file), by case id
+    sentinel: str | None = None  # the ceiling whose sentinel the rounds time beside the cases (`SENTINEL_KEY`)
 
 
 @dataclass(frozen=True)

@@ -29,7 +29,8 @@ import condconv_bench.cases.workload  # noqa: F401  (imported before `READY`, no
 from condconv_bench.errors import first_line
 from condconv_bench.machine.devices import synchronize, use_exact_float32
 from condconv_bench.cases.inputs import GroupInputs, layer_state
-from condconv_bench.measure.protocol import BUILDING, READY, SETUP_VARIABLE, TIMING, Visit, VisitResult, read_message, write_message
+from condconv_bench.machine.ceilings import sentinel_step
+from condconv_bench.measure.protocol import BUILDING, SENTINEL_KEY, READY, SETUP_VARIABLE, TIMING, Visit, VisitResult, read_message, write_message
 from condconv_bench.cases.steps import build_module, dispatched, first_call, grad_mode, step_function
 from condconv_bench.runtimes.catalog import EAGER
 from condconv_bench.runtimes.graphs import ExportedGraph
@@ -50,7 +51,8 @@ class BuiltGroup:
 
 
 def build_group(visit: Visit) -> BuiltGroup:
-    """Every implementation of the group, called once (compiling where it compiles) and warmed up."""
+    """Every implementation of the group, called once (compiling where it compiles) and warmed up,
+    and the visit's sentinel beside them."""
     first = visit.cases[0]
     device = torch.device(first.device)
     torch.set_num_threads(first.threads)
@@ -77,6 +79,10 @@ def build_group(visit: Visit) -> BuiltGroup:
                 group.dispatched[case.id] = choice
         except Exception as exc:  # the implementation under test failed here: report it, time the others
             group.errors[case.id] = first_line(exc)
+    if visit.sentinel is not None and group.steps:
+        sentinel = sentinel_step(visit.sentinel, device, first.torch_dtype)
+        group.calls_per_block.update(calls_per_block({SENTINEL_KEY: sentinel}, visit.block_s, visit.warmup, time.perf_counter, sync))
+        group.steps[SENTINEL_KEY] = sentinel
     return group
 
 

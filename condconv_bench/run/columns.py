@@ -14,7 +14,8 @@ intervals, ties, `processes`, `process_spread`, `stopped_because`, `tf32`, and `
 reproducible"; 4 — each case's limits (`limit_s`, `vs_limit`, …), and the run's memory
 bandwidths in `run.json`; 5 — `probed_dispatch`; 6 — runtimes: `runtime` (a part of the case's
 identity; empty in older runs, which read as `eager`), `export`, `export_reason`, `export_ops`,
-`export_s`, and the runtimes' versions in `run.json`. Versions 3 to 5 still load, but a run is only
+`export_s`, and the runtimes' versions in `run.json`; 7 — the ceilings' sentinels (`sentinel`,
+`sentinel_best_s`, `sentinel_median_s`, `vs_sentinel`), and `vs_limit` paired with them. Versions 3 to 6 still load, but a run is only
 continued in its own version.
 """
 
@@ -23,8 +24,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Literal
 
-SCHEMA_VERSION = 6
-READABLE_VERSIONS = (3, 4, 5, 6)
+SCHEMA_VERSION = 7
+READABLE_VERSIONS = (3, 4, 5, 6, 7)
 
 Dtype = Literal["string", "boolean", "Int64", "float64"]
 
@@ -142,8 +143,12 @@ COLUMNS: tuple[Column, ...] = (
         ("limit_bound", "string", "", "compute or memory: what bounds `limit_s`", 4),
         ("limit_memory", "string", "", "llc (the working set fits in the last-level cache) or dram", 4),
         ("arithmetic_intensity", "float64", "FLOP/B", "FLOP per modelled byte of this strategy", 4),
-        ("vs_limit", "float64", "ratio", "latency / `limit_s` (≥ 1 unless a ceiling or a model is wrong)", 4),
-        ("vs_limit_own", "float64", "ratio", "latency / `limit_own_s`", 4),
+        ("vs_limit", "float64", "ratio", "latency at the ceilings' moment (`vs_sentinel` × `sentinel_best_s` where a sentinel was timed) / `limit_s` (≥ 1 unless a ceiling or a model is wrong)", 4),
+        ("vs_limit_own", "float64", "ratio", "the same latency / `limit_own_s`", 4),
+        ("sentinel", "string", "", "the ceiling whose small kernel the group's rounds timed beside it: dense, depthwise, llc or dram", 7),
+        ("sentinel_best_s", "float64", "s", "that kernel's fastest block in the run's ceiling measurements", 7),
+        ("sentinel_median_s", "float64", "s", "its median in the group's rounds: over `sentinel_best_s`, how much slower the machine ran then", 7),
+        ("vs_sentinel", "float64", "ratio", "median over rounds of latency / the sentinel's time in the same round", 7),
         ("achieved_gflop_per_s", "float64", "GFLOP/s", "2 × `macs_analytic` / latency", 4),
         ("achieved_gb_per_s", "float64", "GB/s", "`bytes_modelled` / latency", 4),
     ),

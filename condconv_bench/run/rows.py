@@ -72,12 +72,19 @@ def limit_columns(limits: CaseLimits) -> dict[str, Any]:
 
 
 def _distance_columns(row: dict[str, Any]) -> dict[str, float]:
-    """Given a row's latency and limits: latency over each limit, and the achieved FLOP and byte rates."""
+    """Given a row's latency and limits: latency over each limit, and the achieved FLOP and byte rates.
+
+    The limits are drawn from the run's best ceilings, its quietest moment; where the group's
+    rounds timed a sentinel, the latency set against them is the one the case had at that moment:
+    its paired ratio to the sentinel times the sentinel's best time (`machine.ceilings`). A group
+    measured while another tenant slowed the machine then keeps its distance to the limit."""
     latency = row.get("latency_median_s")
     if not latency or not row.get("limit_s"):
         return {}
+    paired = row.get("vs_sentinel") and row.get("sentinel_best_s")
+    at_best = row["vs_sentinel"] * row["sentinel_best_s"] if paired else latency
     return {
-        "vs_limit": latency / row["limit_s"], "vs_limit_own": latency / row["limit_own_s"],
+        "vs_limit": at_best / row["limit_s"], "vs_limit_own": at_best / row["limit_own_s"],
         "achieved_gflop_per_s": 2 * row["macs_analytic"] / latency / 1e9,
         "achieved_gb_per_s": row["bytes_modelled"] / latency / 1e9,
     }
@@ -98,6 +105,7 @@ def _timing_columns(verdict: CaseTiming, batch_size: int) -> dict[str, Any]:
         "process_spread": verdict.process_spread, "throughput_per_s": batch_size / timing.median_s,
         "timed_s": float(sum(timing.times_s)) * timing.number_per_run, "tied_fastest": verdict.tied_fastest,
         **_interval_columns("vs_floor", verdict.vs_floor), **_interval_columns("vs_best", verdict.vs_best),
+        **({"vs_sentinel": verdict.vs_sentinel} if verdict.vs_sentinel is not None else {}),
     }
 
 
@@ -110,6 +118,8 @@ def record_timing(measured: GroupTiming, rows: dict[str, dict[str, Any]]) -> dic
         row["wall_s"] += share
         if case_id in measured.cases:
             row.update(_timing_columns(measured.cases[case_id], row["batch_size"]), stopped_because=measured.stopped_because)
+            if measured.sentinel_median_s is not None:
+                row["sentinel_median_s"] = measured.sentinel_median_s
             row.update(_distance_columns(row))
             if case_id in measured.dispatched:
                 row["dispatched"] = dispatch_summary(measured.dispatched[case_id])

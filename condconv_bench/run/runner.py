@@ -27,9 +27,10 @@ from condconv_bench.machine.environment import describe_environment
 from condconv_bench.errors import CondConvBenchError, ResultsError
 from condconv_bench.cases.inputs import seed_of
 from condconv_bench.core.limits import CaseWork, Ceilings, case_limits
-from condconv_bench.machine.ceilings import best_ceilings, matmul_peaks_of, memory_bandwidths_of
+from condconv_bench.machine.ceilings import (SENTINELS, best_ceilings, fastest_sentinels, matmul_peaks_of, memory_bandwidths_of,
+                                             sentinel_best_seconds, sentinel_entry)
 from condconv_bench.machine import allocators
-from condconv_bench.measure.group import GroupMeasurement, measure_groups
+from condconv_bench.measure.group import GroupMeasurement, GroupTiming, measure_groups
 from condconv_bench.measure.pool import WorkerPool
 from condconv_bench.measure.protocol import Visit
 from condconv_bench.run.exports import Exports
@@ -69,8 +70,9 @@ class RunOutcome:
 
 
 def _measurement(cases: list[Case], rows: dict[str, dict[str, Any]], suite: Suite,
-                 settings: MeasureSettings, exports: Exports) -> GroupMeasurement | None:
-    """The timing of a group's probed cases, ready to be measured; None when none of them can run."""
+                 settings: MeasureSettings, exports: Exports, sentinel: str | None) -> GroupMeasurement | None:
+    """The timing of a group's probed cases, with `sentinel` beside them, ready to be measured; None
+    when none of them can run."""
     timed = [case for case in cases if rows[case.id]["status"] == "ok"]
     if not timed:
         return None
@@ -81,7 +83,7 @@ def _measurement(cases: list[Case], rows: dict[str, dict[str, Any]], suite: Suit
     dispatchers = {c for c, role in roles.items() if role == Role.DISPATCHER}
     graphs = {case.id: str(path) for case in timed if (path := exports.graph_of(case)) is not None}
     visit = Visit(tuple(timed), classes, suite.model.seed, settings.rounds, settings.block_s, settings.warmup,
-                  seed_of(suite.model.seed, *timed[0].group), graphs=graphs)
+                  seed_of(suite.model.seed, *timed[0].group), graphs=graphs, sentinel=sentinel)
     return GroupMeasurement(visit, settings, floor=floor, candidates=candidates, dispatchers=dispatchers)
 
 
@@ -134,13 +136,33 @@ def _measure_ceilings_again(run: RunDirectory, cases: list[Case]) -> None:
                         memory_bandwidths=best_ceilings(metadata.get("memory_bandwidths", []), bandwidths))
 
 
-def _add_limits(rows: dict[str, dict[str, Any]], works: dict[str, CaseWork], metadata: dict[str, Any]) -> None:
-    """Each row's limits, read from the run's best ceilings for its context (none before version 4)."""
+def _record_sentinels(run: RunDirectory, timed: list[GroupMeasurement], measured: list[GroupTiming]) -> None:
+    """Each sentinel's fastest block in the sweep's rounds, kept in `run.json` as the fastest of the run so far."""
+    fastest = [sentinel_entry(m.visit.sentinel, m.cases[0], t.sentinel_fastest_s)
+               for m, t in zip(timed, measured) if t.sentinel_fastest_s is not None]
+    if fastest:
+        run.update_metadata(sentinels=fastest_sentinels(run.metadata().get("sentinels", []), fastest))
+
+
+def _sentinel_of(case: Case, works: dict[str, CaseWork], metadata: dict[str, Any]) -> str | None:
+    """The ceiling that binds the group's compulsory limit, where it has a sentinel for the rounds
+    to time (none where the group has no limits: models, training)."""
+    ceilings = Ceilings.from_metadata(metadata, case.device, case.dtype, case.threads)
+    work = next(iter(works.values()), None)
+    binding = None if ceilings is None or work is None else case_limits(work, ceilings).binding_ceiling
+    return binding if binding in SENTINELS else None
+
+
+def _add_limits(rows: dict[str, dict[str, Any]], works: dict[str, CaseWork], metadata: dict[str, Any], sentinel: str | None) -> None:
+    """Each row's limits, read from the run's best ceilings for its context (none before version
+    4), and the fastest time of the sentinel timed beside it."""
     for case_id, work in works.items():
         row = rows[case_id]
         ceilings = Ceilings.from_metadata(metadata, row["device"], row["dtype"], int(row["threads"]))
         if ceilings is not None:
             row.update(limit_columns(case_limits(work, ceilings)))
+            if sentinel is not None:
+                row.update(sentinel=sentinel, sentinel_best_s=sentinel_best_seconds(metadata, row["device"], row["dtype"], int(row["threads"]), sentinel))
 
 
 def _groups(cases: list[Case]) -> list[list[Case]]:
@@ -202,6 +224,7 @@ def _run_cases(suite: Suite, cases: list[Case], settings: MeasureSettings, pool:
     with pool:
         groups = _groups(cases)
         for start in range(0, len(groups), settings.sweep_groups):
+            ceilings_so_far = run.metadata()
             probed = []  # per group of this sweep: its cases not yet in the run, their rows, its measurement
             for group in groups[start : start + settings.sweep_groups]:
                 missing = [case for case in group if case.id not in done]
@@ -219,16 +242,18 @@ def _run_cases(suite: Suite, cases: list[Case], settings: MeasureSettings, pool:
                     rows[case.id], profile_record = probe_case(case, ctx, run.traces_dir if profile and case in missing else None)
                     if profile_record is not None:
                         run.append_profile(profile_record)
-                probed.append((missing, rows, _measurement(group, rows, suite, settings, exports), ctx))
-            timed = [m for _, _, m, _ in probed if m is not None]
+                sentinel = _sentinel_of(first, ctx.works, ceilings_so_far)
+                probed.append((missing, rows, _measurement(group, rows, suite, settings, exports, sentinel), ctx, sentinel))
+            timed = [m for _, _, m, _, _ in probed if m is not None]
             if listener and timed:
                 listener.timing_started(len(timed), settings.budget_s)
-            measured = iter(measure_groups(pool, timed))
+            measured = measure_groups(pool, timed)
             if timed:
                 _measure_ceilings_again(run, [case for group in groups[start : start + settings.sweep_groups] for case in group])
-            metadata = run.metadata()
-            for missing, rows, measurement, ctx in probed:
-                _add_limits(rows, ctx.works, metadata)
+                _record_sentinels(run, timed, measured)
+            metadata, measured = run.metadata(), iter(measured)
+            for missing, rows, measurement, ctx, sentinel in probed:
+                _add_limits(rows, ctx.works, metadata, sentinel)
                 timings = record_timing(next(measured), rows) if measurement is not None else {}
                 for case in missing:
                     row = rows[case.id]
