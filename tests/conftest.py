@@ -144,11 +144,11 @@ def _machine_share(exclusive: bool) -> Iterator[None]:
 
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
-    """Files holding `exclusive` tests run last. pytest-xdist's `--dist loadfile` hands files out in
-    this order, so the other workers' long tests (a whole run killed and resumed, the report's
-    fixture) are over by then and an exclusive test rarely waits for one."""
+    """Files holding `exclusive` tests run first. pytest-xdist's `--dist loadfile` hands files out in
+    this order, so an exclusive test waits for another worker's test of those files, all short,
+    never for one of the long ones (a run killed and resumed, the report's fixture: up to a minute)."""
     exclusive_files = {item.path for item in items if item.get_closest_marker("exclusive")}
-    items.sort(key=lambda item: item.path in exclusive_files)
+    items.sort(key=lambda item: item.path not in exclusive_files)
 
 
 @pytest.hookimpl(hookwrapper=True)

@@ -26,6 +26,8 @@ DATA = Path(__file__).parent / "data"
 TINY = DATA / "valid" / "tiny.yaml"
 HUNDRED_MIB = 100 * 2**20
 LIMIT_COLUMNS = [column.name for column in COLUMNS if column.topic == "limits"]
+SENTINEL_COLUMNS = ["sentinel", "sentinel_best_s", "sentinel_median_s", "vs_sentinel"]
+LIMIT_COLUMNS_ALWAYS = [column for column in LIMIT_COLUMNS if column not in SENTINEL_COLUMNS]
 
 
 def suite_with(tmp_path: Path, **changes) -> Path:
@@ -188,7 +190,8 @@ def test_half_written_row_is_dropped_on_resume(tmp_path: Path) -> None:
 
 @pytest.mark.slow
 def test_kill_9_then_resume_gives_every_case_exactly_once(tmp_path: Path) -> None:
-    path = suite_with(tmp_path, devices=["cpu"], batch_sizes=[1, 2, 3, 4], timing={"processes": 1, "rounds": 3, "block_time": 0.002, "warmup": 1, "budget": 0.2, "sweep_groups": 1})
+    # Sweeps of four groups (12 rows): each sweep's end re-measures the real ceilings in this subprocess.
+    path = suite_with(tmp_path, devices=["cpu"], batch_sizes=[1, 2, 3, 4], timing={"processes": 1, "rounds": 3, "block_time": 0.002, "warmup": 1, "budget": 0.2, "sweep_groups": 4})
     out = tmp_path / "run"
     command = [sys.executable, "-m", "condconv_bench", "run", str(path), "-o", str(out), "-q"]
     process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
@@ -219,12 +222,17 @@ def test_every_probe_fills_its_columns(tiny_run: pd.DataFrame) -> None:
     # checks the export columns of runtime cases).
     may_be_empty = {"reason", "dispatched", "probed_dispatch", "tf32", "flops_problems", "fvcore_uncounted_ops", "input_size",
                     "export", "export_reason", "export_ops", "export_s"}
+    assert on_cpu["sentinel"].notna().any()
     for impl, rows in on_cpu.groupby("impl"):
         empty = {column for column in DTYPES if column not in LIMIT_COLUMNS and rows[column].isna().any()} - may_be_empty
         # Limits model a layer's forward pass: every inference row has them, no training row does.
         inference = rows["mode"] == "inference"
-        assert rows.loc[inference, LIMIT_COLUMNS].notna().all().all(), impl
+        assert rows.loc[inference, LIMIT_COLUMNS_ALWAYS].notna().all().all(), impl
         assert rows.loc[~inference, LIMIT_COLUMNS].isna().all().all(), impl
+        # A group times the dense peak's sentinel where the dense peak binds its limit (tests' fixed ceilings: 1x1 layers).
+        paired = rows["sentinel"].notna()
+        assert rows.loc[paired, SENTINEL_COLUMNS].notna().all().all(), impl
+        assert (rows.loc[paired, "limit_bound"] == "compute").all() and (rows.loc[paired, "sentinel"] == "dense").all(), impl
         if impl == "static":  # the floor is not CondConv: no equivalence check, no ratio to itself
             assert empty == {"equivalent", "max_abs_error", "max_rel_error", "tolerance", "worst_tensor",
                              "tied_fastest", "vs_best", "vs_best_ci_high", "vs_best_ci_low", "vs_floor",
