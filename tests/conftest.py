@@ -2,13 +2,7 @@
 
 from __future__ import annotations
 
-import fcntl
-import os
-import tempfile
-from collections.abc import Iterator
-from contextlib import contextmanager
 from dataclasses import dataclass
-from pathlib import Path
 
 import pytest
 import torch
@@ -116,42 +110,3 @@ def _cpp_compiler_missing() -> str | None:
 # torch.compile tests on a machine without a C++ compiler say why they did not run.
 CPP_COMPILER_MISSING = _cpp_compiler_missing()
 needs_cpp_compiler = pytest.mark.skipif(CPP_COMPILER_MISSING is not None, reason=CPP_COMPILER_MISSING or "")
-
-
-@contextmanager
-def _machine_share(exclusive: bool) -> Iterator[None]:
-    """Under pytest-xdist, hold the machine shared, or alone for an `exclusive` test.
-
-    A test whose assertion rests on measured time (a gate's verdict, autotune's choice, a ratio to
-    the limit) flakes when another worker's test loads the same cores: under `-n 2` on a 2-core
-    machine a planted 1.5x slowdown measured 0.99x. Every test takes a shared flock for its whole
-    protocol (fixtures included) and an exclusive one waits until no other test runs; the
-    turnstile lets a waiting exclusive test in before the next shared one (no starvation)."""
-    run = os.environ.get("PYTEST_XDIST_TESTRUNUID")
-    if run is None:
-        yield
-        return
-    folder = Path(tempfile.gettempdir()) / f"condconv-bench-tests-{run}"
-    folder.mkdir(exist_ok=True)
-    with open(folder / "turnstile", "a") as turnstile, open(folder / "machine", "a") as machine:
-        fcntl.flock(turnstile, fcntl.LOCK_EX)
-        fcntl.flock(machine, fcntl.LOCK_EX if exclusive else fcntl.LOCK_SH)
-        fcntl.flock(turnstile, fcntl.LOCK_UN)
-        try:
-            yield
-        finally:
-            fcntl.flock(machine, fcntl.LOCK_UN)
-
-
-def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
-    """Files holding `exclusive` tests run first. pytest-xdist's `--dist loadfile` hands files out in
-    this order, so an exclusive test waits for another worker's test of those files, all short,
-    never for one of the long ones (a run killed and resumed, the report's fixture: up to a minute)."""
-    exclusive_files = {item.path for item in items if item.get_closest_marker("exclusive")}
-    items.sort(key=lambda item: item.path not in exclusive_files)
-
-
-@pytest.hookimpl(hookwrapper=True)
-def pytest_runtest_protocol(item, nextitem):
-    with _machine_share(exclusive=item.get_closest_marker("exclusive") is not None):
-        yield

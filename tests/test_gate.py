@@ -21,9 +21,6 @@ from condconv_bench.settings import GateSettings
 
 import fake_impls
 
-# The baseline fixture and every gate below judge latencies measured in this module's runs.
-pytestmark = pytest.mark.exclusive
-
 PLANTED = "planted"
 FLOOR = GateSettings(comparison="floor")
 SUITE = {

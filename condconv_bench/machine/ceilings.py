@@ -29,14 +29,15 @@ moment its group ran: on a shared machine two mobile runs put the same static la
 apart (up to 30%), so latency over a best-of ceiling drifts as much, and the passes here put the
 dense peak 7–9% apart between runs. The dense peak therefore has a *sentinel*: a channels-last
 1x1 conv (`sentinel_step`), which the workers time in the same interleaved rounds as the cases
-of every group whose limit the dense peak binds. A case's latency over the sentinel's in the same
-rounds is a paired ratio that a slower moment cancels out of; times the sentinel's fastest block
-in the whole run (`fastest_sentinels`), it is the latency the case would have had at the
-machine's quietest (`run.rows`). The sentinel's rate at that block also measures the dense peak
-(`core.limits.Ceilings.from_metadata` keeps the higher): a best of hundreds of blocks, within
-0.2% between two mobile runs where the passes were 7% apart, and above them (214 GFLOP/s against
-169–182 on a 2-core EPYC). A distance to a limit that the sentinel sets is then a paired ratio
-times a ratio of modelled work.
+of every group whose limit the dense peak binds. Its fastest block in the whole run
+(`fastest_sentinels`) is a best of hundreds of blocks, and its rate there also measures the dense
+peak (`core.limits.Ceilings.from_metadata` keeps the higher): within 0.2% between two mobile runs
+where the passes were 7% apart, and above them (210–214 GFLOP/s against 169–182 on a 2-core
+EPYC). A case's latency over the sentinel's in the same rounds (`vs_sentinel`) is a paired ratio
+that a slower moment cancels out of; it is recorded, not folded into `vs_limit`: times the
+sentinel's best time over the limit, it reproduced better (56% of the paired mobile rows within
+±5% against 46%) but fell below 1 where a group had few rounds (a static 1x1 layer at 0.88 of its
+limit at one thread), and a limit must stay an upper bound.
 
 Only the dense peak has one. Tried on two mobile runs: a 5x5 depthwise conv (32x256x14x14), the
 depthwise peak's best kernel back to back, ran 1.7–2.7x its fastest block when interleaved with

@@ -15,7 +15,7 @@ reproducible"; 4 — each case's limits (`limit_s`, `vs_limit`, …), and the ru
 bandwidths in `run.json`; 5 — `probed_dispatch`; 6 — runtimes: `runtime` (a part of the case's
 identity; empty in older runs, which read as `eager`), `export`, `export_reason`, `export_ops`,
 `export_s`, and the runtimes' versions in `run.json`; 7 — the ceilings' sentinels (`sentinel`,
-`sentinel_best_s`, `sentinel_median_s`, `vs_sentinel`), and `vs_limit` paired with them. Versions 3 to 6 still load, but a run is only
+`sentinel_best_s`, `sentinel_median_s`, `vs_sentinel`). Versions 3 to 6 still load, but a run is only
 continued in its own version.
 """
 
@@ -143,8 +143,8 @@ COLUMNS: tuple[Column, ...] = (
         ("limit_bound", "string", "", "compute or memory: what bounds `limit_s`", 4),
         ("limit_memory", "string", "", "llc (the working set fits in the last-level cache) or dram", 4),
         ("arithmetic_intensity", "float64", "FLOP/B", "FLOP per modelled byte of this strategy", 4),
-        ("vs_limit", "float64", "ratio", "latency at the machine's quietest (`vs_sentinel` × `sentinel_best_s` where a sentinel was timed, else the median) / `limit_s` (≥ 1 unless a ceiling or a model is wrong)", 4),
-        ("vs_limit_own", "float64", "ratio", "the same latency / `limit_own_s`", 4),
+        ("vs_limit", "float64", "ratio", "latency / `limit_s` (≥ 1 unless a ceiling or a model is wrong)", 4),
+        ("vs_limit_own", "float64", "ratio", "latency / `limit_own_s`", 4),
         ("sentinel", "string", "", "the ceiling whose kernel the group's rounds timed beside it (`dense`, where the dense peak binds `limit_s`); empty where none", 7),
         ("sentinel_best_s", "float64", "s", "that kernel's fastest block in the run's rounds so far", 7),
         ("sentinel_median_s", "float64", "s", "its median in the group's rounds: over `sentinel_best_s`, how much slower the machine ran then", 7),

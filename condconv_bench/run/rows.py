@@ -72,19 +72,12 @@ def limit_columns(limits: CaseLimits) -> dict[str, Any]:
 
 
 def _distance_columns(row: dict[str, Any]) -> dict[str, float]:
-    """Given a row's latency and limits: latency over each limit, and the achieved FLOP and byte rates.
-
-    The limits are drawn from the run's best ceilings, its quietest moment; where the group's
-    rounds timed a sentinel, the latency set against them is the one the case had at that moment:
-    its paired ratio to the sentinel times the sentinel's best time (`machine.ceilings`). A group
-    measured while another tenant slowed the machine then keeps its distance to the limit."""
+    """Given a row's latency and limits: latency over each limit, and the achieved FLOP and byte rates."""
     latency = row.get("latency_median_s")
     if not latency or not row.get("limit_s"):
         return {}
-    paired = row.get("vs_sentinel") and row.get("sentinel_best_s")
-    at_best = row["vs_sentinel"] * row["sentinel_best_s"] if paired else latency
     return {
-        "vs_limit": at_best / row["limit_s"], "vs_limit_own": at_best / row["limit_own_s"],
+        "vs_limit": latency / row["limit_s"], "vs_limit_own": latency / row["limit_own_s"],
         "achieved_gflop_per_s": 2 * row["macs_analytic"] / latency / 1e9,
         "achieved_gb_per_s": row["bytes_modelled"] / latency / 1e9,
     }
