@@ -144,11 +144,12 @@ def _record_sentinels(run: RunDirectory, timed: list[GroupMeasurement], measured
         run.update_metadata(sentinels=fastest_sentinels(run.metadata().get("sentinels", []), fastest))
 
 
-def _sentinel_of(case: Case, works: dict[str, CaseWork], metadata: dict[str, Any]) -> str | None:
-    """The ceiling that binds the group's compulsory limit, where it has a sentinel for the rounds
-    to time (none where the group has no limits: models, training)."""
+def _sentinel_of(case: Case, works: dict[str, CaseWork], rows: dict[str, dict[str, Any]], metadata: dict[str, Any]) -> str | None:
+    """The ceiling that binds the group's CondConv compulsory limit (the floor's is the plain
+    layer's), where it has a sentinel for the rounds to time (none where the group has no limits:
+    models, training)."""
     ceilings = Ceilings.from_metadata(metadata, case.device, case.dtype, case.threads)
-    work = next(iter(works.values()), None)
+    work = next((work for case_id, work in works.items() if rows[case_id]["role"] != Role.FLOOR), None)
     binding = None if ceilings is None or work is None else case_limits(work, ceilings).binding_ceiling
     return binding if binding in SENTINELS else None
 
@@ -242,7 +243,7 @@ def _run_cases(suite: Suite, cases: list[Case], settings: MeasureSettings, pool:
                     rows[case.id], profile_record = probe_case(case, ctx, run.traces_dir if profile and case in missing else None)
                     if profile_record is not None:
                         run.append_profile(profile_record)
-                sentinel = _sentinel_of(first, ctx.works, ceilings_so_far)
+                sentinel = _sentinel_of(first, ctx.works, rows, ceilings_so_far)
                 probed.append((missing, rows, _measurement(group, rows, suite, settings, exports, sentinel), ctx, sentinel))
             timed = [m for _, _, m, _, _ in probed if m is not None]
             if listener and timed:
