@@ -49,7 +49,7 @@ class Ceilings:
     def from_metadata(cls, metadata: dict[str, Any], device: str, dtype: str, threads: int) -> Ceilings | None:
         """The ceilings a run measured for this context, or None when it measured none (before version 4).
 
-        Each is the higher of its ceiling passes and its sentinel's rate at the sentinel's fastest
+        The dense peak is the higher of its passes and its sentinel's rate at the sentinel's fastest
         block in the run's rounds (`sentinels`, version 7; `machine.ceilings` says why)."""
         peak = next((p for p in metadata.get("matmul_peaks", [])
                      if (p["device"], p["dtype"], int(p["threads"])) == (device, dtype, threads)), None)
@@ -57,12 +57,10 @@ class Ceilings:
                        if (m["device"], int(m["threads"])) == (device, threads)), None)
         if peak is None or memory is None or not peak.get("dense_flops_per_s") or not peak.get("depthwise_flops_per_s"):
             return None
-        sentinels = {s["sentinel"]: float(s["per_s"]) for s in metadata.get("sentinels", [])
-                     if (s["device"], s["dtype"], int(s["threads"])) == (device, dtype, threads)}
-        return cls(max(float(peak["dense_flops_per_s"]), sentinels.get("dense", 0.0)),
-                   max(float(peak["depthwise_flops_per_s"]), sentinels.get("depthwise", 0.0)),
-                   max(float(memory["dram_bytes_per_s"]), sentinels.get("dram", 0.0)),
-                   max(float(memory["llc_bytes_per_s"]), sentinels.get("llc", 0.0)), memory.get("llc_bytes"))
+        sentinel = max((float(s["per_s"]) for s in metadata.get("sentinels", [])
+                        if (s["device"], s["dtype"], int(s["threads"]), s["sentinel"]) == (device, dtype, threads, "dense")), default=0.0)
+        return cls(max(float(peak["dense_flops_per_s"]), sentinel), float(peak["depthwise_flops_per_s"]), float(memory["dram_bytes_per_s"]),
+                   float(memory["llc_bytes_per_s"]), memory.get("llc_bytes"))
 
 
 @dataclass(frozen=True)
