@@ -101,6 +101,7 @@ def _plant_spin_wait(repo: Path, factor: float, module: str = "grouped_conv", cl
     path.write_text(path.read_text() + plant)
 
 
+@pytest.mark.timing
 @pytest.mark.slow
 def test_planted_slowdown_fails_exactly_its_cases(repo: Path) -> None:
     _plant_spin_wait(repo, 1.5)
@@ -150,6 +151,7 @@ def net():
 """
 
 
+@pytest.mark.timing
 @pytest.mark.slow
 def test_a_model_is_converted_by_each_sides_own_code(repo: Path, tmp_path: Path, monkeypatch) -> None:
     """A model case converts the model by strategy name: each side must convert it with its own
@@ -165,6 +167,7 @@ def test_a_model_is_converted_by_each_sides_own_code(repo: Path, tmp_path: Path,
     assert verdicts == {"as_shipped": "unchanged", "batched_matmul": "slower"}, [(c.case_id, c.verdict, c.note, c.timing) for c in result.cases]
 
 
+@pytest.mark.timing
 @pytest.mark.slow
 def test_unchanged_code_passes_with_every_case_compared(repo: Path, monkeypatch) -> None:
     # Run from the checkout's root with its worker module broken: the instrument's must be used.
@@ -182,6 +185,7 @@ def test_unchanged_code_passes_with_every_case_compared(repo: Path, monkeypatch)
 BEFORE_THE_LAYERS = "5b5e648062bcdd8ab6ccb1e1780c69790fb09379"
 
 
+@pytest.mark.timing
 @pytest.mark.slow
 def test_a_head_in_the_layered_layout_compares_every_case_with_a_base_from_before_it(tmp_path: Path, monkeypatch) -> None:
     archive = subprocess.run(["git", "-C", str(PROJECT), "archive", BEFORE_THE_LAYERS, "condconv_bench", "impls", "suites", "pyproject.toml"],

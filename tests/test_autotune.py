@@ -81,6 +81,7 @@ def planted_entry(strategy: str, rivals: tuple[str, ...], x: torch.Tensor, spec:
     fresh_process_cache()
 
 
+@pytest.mark.timing
 def test_autotune_measures_and_never_picks_a_planted_slow_strategy(monkeypatch) -> None:
     only(monkeypatch, {"grouped_conv": GroupedConv, "spinning": SpinningGroupedConv})
     layer = CondConv2d(8, 16, 3, padding=1, num_experts=4, strategy="autotune", tuning_budget_s=0.2)
@@ -288,6 +289,7 @@ def test_training_tuning_includes_the_routing_weights_gradient(monkeypatch) -> N
     assert seen and all(seen)  # the tuned step differentiates the routing weights too, as the model's backward does
 
 
+@pytest.mark.timing
 def test_a_choice_measured_fast_in_one_process_and_slow_in_the_next_is_replaced(tmp_path) -> None:
     script = tmp_path / "tune_once.py"
     script.write_text(textwrap.dedent('''
@@ -431,6 +433,7 @@ def test_new_strategies_are_autotune_candidates() -> None:
     assert {"pixel_major_matmul", "chunked_matmul"} <= set(dispatchable_impls())
 
 
+@pytest.mark.timing
 @pytest.mark.slow
 @needs_cpp_compiler
 def test_tuning_for_compile_measures_compiled_variants_and_the_graph_uses_their_choice(monkeypatch) -> None:

@@ -21,6 +21,9 @@ from condconv_bench.settings import GateSettings
 
 import fake_impls
 
+# The baseline fixture and every gate below judge latencies measured in this module's runs.
+pytestmark = pytest.mark.timing
+
 PLANTED = "planted"
 FLOOR = GateSettings(comparison="floor")
 SUITE = {

@@ -150,6 +150,7 @@ def _suite(tmp_path: Path, layers: list[dict], impls: list[str], batch_sizes: li
     return path
 
 
+@pytest.mark.timing
 def test_a_strategy_that_copies_its_input_ten_times_moves_more_and_is_further_from_the_limit(tmp_path: Path) -> None:
     layer = {"name": "pw", "in_channels": 64, "out_channels": 64, "input_size": 28, "experts": 4}
     suite = _suite(tmp_path, [layer], ["static", "grouped_conv", "fake_impls:CopiesInputTenTimes"], [8])
@@ -232,6 +233,7 @@ def test_a_device_error_while_measuring_the_ceilings_again_keeps_the_sweeps_rows
     assert [(p["dense_flops_per_s"], p["measurements"]) for p in peaks] == [(1e11, 1)]
 
 
+@pytest.mark.timing
 @pytest.mark.real_ceilings
 def test_no_strategy_beats_its_limit_on_shipped_mobile_shapes(tmp_path: Path) -> None:
     """A latency below the compulsory limit would mean a ceiling or a traffic model is wrong."""
@@ -251,6 +253,7 @@ def test_no_strategy_beats_its_limit_on_shipped_mobile_shapes(tmp_path: Path) ->
     assert (ok["limit_own_s"] >= ok["limit_s"] * 0.999).all()  # a strategy's own work includes the compulsory
 
 
+@pytest.mark.timing
 @pytest.mark.real_ceilings
 def test_bandwidths_are_measured_for_the_cpu() -> None:
     measured = memory_bandwidths(torch.device("cpu"), 1)
