@@ -1,4 +1,4 @@
-// Fused CondConv forward kernels for CPU (fp32).
+// Fused CondConv forward kernels for CPU (fp32; bf16 products where the CPU has AVX512-BF16).
 //
 // The per-example kernel K_b = sum_e alpha[b,e] * W_e is never materialised for the whole
 // batch: each work item (channel block, example) mixes only its own small tile of K_b into a
@@ -18,6 +18,7 @@
 
 #include <algorithm>
 #include <cstdint>
+#include <cstring>
 #include <vector>
 
 #if defined(__AVX512F__) && !defined(FUSED_FORCE_GENERIC)
@@ -25,6 +26,14 @@
 #include <immintrin.h>
 #else
 #define FUSED_AVX512 0
+#endif
+
+// The bfloat16 kernels need vdpbf16ps (AVX512-BF16: AMD Zen 4, Intel Cooper Lake and Sapphire
+// Rapids on); elsewhere they are not built and the Python side refuses bfloat16 with the reason.
+#if FUSED_AVX512 && defined(__AVX512BF16__)
+#define FUSED_BF16 1
+#else
+#define FUSED_BF16 0
 #endif
 
 namespace {
@@ -40,6 +49,8 @@ constexpr int64_t kDotColumns = 4;
 constexpr int64_t kRowBlock = 48;
 // Depthwise channel block: the mixed taps (k*k x 64) stay in L1 for a whole output plane.
 constexpr int64_t kDwBlock = 64;
+
+bool has_bf16() { return FUSED_BF16; }
 
 const char* isa_name() {
 #if FUSED_AVX512
@@ -103,6 +114,24 @@ struct Epi {
 
 #if FUSED_AVX512
 template <int M, int NV>
+inline void store_tile(__m512 (&acc)[M][NV], float* __restrict C, int64_t ldc, __mmask16 st_tail, const Epi& ep) {
+#pragma GCC unroll 4
+  for (int v = 0; v < NV; ++v) {
+    const __mmask16 sm = (v == NV - 1) ? st_tail : (__mmask16)0xFFFF;
+    const __m512 bc = ep.bias_col ? _mm512_maskz_loadu_ps(sm, ep.bias_col + 16 * v) : _mm512_setzero_ps();
+#pragma GCC unroll 8
+    for (int m = 0; m < M; ++m) {
+      __m512 r = acc[m][v];
+      if (ep.row_scale) r = _mm512_mul_ps(r, _mm512_set1_ps(ep.row_scale[m * ep.row_scale_stride]));
+      if (ep.accumulate) r = _mm512_add_ps(r, _mm512_maskz_loadu_ps(sm, C + m * ldc + 16 * v));
+      r = _mm512_add_ps(r, bc);
+      if (ep.bias_row) r = _mm512_add_ps(r, _mm512_set1_ps(ep.bias_row[m]));
+      _mm512_mask_storeu_ps(C + m * ldc + 16 * v, sm, r);
+    }
+  }
+}
+
+template <int M, int NV>
 void ukern(int64_t K, const float* __restrict A, int64_t lda, const float* __restrict B, int64_t ldb,
            float* __restrict C, int64_t ldc, __mmask16 ld_tail, __mmask16 st_tail, const Epi& ep) {
   __m512 acc[M][NV];
@@ -123,20 +152,7 @@ void ukern(int64_t K, const float* __restrict A, int64_t lda, const float* __res
       for (int v = 0; v < NV; ++v) acc[m][v] = _mm512_fmadd_ps(a, b[v], acc[m][v]);
     }
   }
-#pragma GCC unroll 4
-  for (int v = 0; v < NV; ++v) {
-    const __mmask16 sm = (v == NV - 1) ? st_tail : (__mmask16)0xFFFF;
-    const __m512 bc = ep.bias_col ? _mm512_maskz_loadu_ps(sm, ep.bias_col + 16 * v) : _mm512_setzero_ps();
-#pragma GCC unroll 8
-    for (int m = 0; m < M; ++m) {
-      __m512 r = acc[m][v];
-      if (ep.row_scale) r = _mm512_mul_ps(r, _mm512_set1_ps(ep.row_scale[m * ep.row_scale_stride]));
-      if (ep.accumulate) r = _mm512_add_ps(r, _mm512_maskz_loadu_ps(sm, C + m * ldc + 16 * v));
-      r = _mm512_add_ps(r, bc);
-      if (ep.bias_row) r = _mm512_add_ps(r, _mm512_set1_ps(ep.bias_row[m]));
-      _mm512_mask_storeu_ps(C + m * ldc + 16 * v, sm, r);
-    }
-  }
+  store_tile<M, NV>(acc, C, ldc, st_tail, ep);
 }
 
 using UKern = void (*)(int64_t, const float*, int64_t, const float*, int64_t, float*, int64_t, __mmask16,
@@ -204,8 +220,16 @@ inline float dot(const float* a, const float* b, int64_t K) {
 
 void check_f32(const at::Tensor& t, const char* what) {
   TORCH_CHECK(t.device().is_cpu(), what, " must be on the CPU");
-  TORCH_CHECK(t.scalar_type() == at::kFloat, what, " must be float32 (this kernel is fp32-only)");
+  TORCH_CHECK(t.scalar_type() == at::kFloat, what, " must be float32");
   TORCH_CHECK(t.is_contiguous(), what, " must be contiguous");
+}
+
+// The mixed bias (B, numel / B) fp32, or nullptr where the layer has none.
+const float* bias_of(const c10::optional<at::Tensor>& bias_mix, int64_t numel, const char* what) {
+  if (!bias_mix || !bias_mix->defined()) return nullptr;
+  check_f32(*bias_mix, "bias");
+  TORCH_CHECK(bias_mix->numel() == numel, what, ": bias shape");
+  return bias_mix->data_ptr<float>();
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -266,12 +290,7 @@ at::Tensor pw_forward_cl(const at::Tensor& x, const at::Tensor& wp, const at::Te
   const int64_t B = x.size(0), P = x.size(1), K = x.size(2), E = wp.size(0), nblk = wp.size(1);
   TORCH_CHECK(wp.size(2) == K && wp.size(3) == kColBlock && nblk * kColBlock >= N && alpha.size(0) == B &&
                   alpha.size(1) == E, "pw_forward_cl: shape mismatch");
-  const float* bias_p = nullptr;
-  if (bias_mix && bias_mix->defined()) {
-    check_f32(*bias_mix, "bias");
-    TORCH_CHECK(bias_mix->numel() == B * nblk * kColBlock, "pw_forward_cl: bias shape");
-    bias_p = bias_mix->data_ptr<float>();
-  }
+  const float* bias_p = bias_of(bias_mix, B * nblk * kColBlock, "pw_forward_cl");
   auto out = at::empty({B, P, N}, x.options());
   const float* xp = x.data_ptr<float>();
   const float* wpp = wp.data_ptr<float>();
@@ -329,12 +348,7 @@ at::Tensor linear_forward(const at::Tensor& x, const at::Tensor& wp, const at::T
   const int64_t B = x.size(0), K = x.size(1), E = wp.size(0), nblk = wp.size(1);
   TORCH_CHECK(wp.size(2) == K && wp.size(3) == kColBlock && nblk * kColBlock >= N && alpha.size(0) == B &&
                   alpha.size(1) == E, "linear_forward: shape mismatch");
-  const float* bias_p = nullptr;
-  if (bias_mix && bias_mix->defined()) {
-    check_f32(*bias_mix, "bias");
-    TORCH_CHECK(bias_mix->numel() == B * nblk * kColBlock, "linear_forward: bias shape");
-    bias_p = bias_mix->data_ptr<float>();
-  }
+  const float* bias_p = bias_of(bias_mix, B * nblk * kColBlock, "linear_forward");
   auto out = at::empty({B, N}, x.options());
   const float* xp = x.data_ptr<float>();
   const float* wpp = wp.data_ptr<float>();
@@ -365,6 +379,177 @@ at::Tensor linear_forward(const at::Tensor& x, const at::Tensor& wp, const at::T
 }
 
 // ---------------------------------------------------------------------------------------------
+// bfloat16, channels-last 1x1 and linear: inputs and experts in bf16, every sum in fp32, the
+// output in fp32 (the caller rounds it to bf16 once, after the last K chunk or expert). vdpbf16ps
+// multiplies pairs of bf16 along K and adds both products into one fp32 lane, so the experts are
+// packed in pairs of K rows, (E, nblk, K/2, 64 columns x 2) ("VNNI" order), K even; mixing is
+// elementwise, so it runs on that order as it is and writes the mixed tile in it.
+#if FUSED_BF16
+inline __m512 bf16_low(__m512i v) {
+  return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm512_castsi512_si256(v)), 16));
+}
+inline __m512 bf16_high(__m512i v) {
+  return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm512_extracti64x4_epi64(v, 1)), 16));
+}
+
+// dst[g][i] = bf16(sum_e alpha[g, e] * src[e * e_stride + i]) for g < G; len a multiple of 32.
+// As in mix_group: each expert vector loaded feeds the G examples' sums.
+void mix_group_bf16(int64_t E, int G, const float* alpha, int64_t alpha_stride, const uint16_t* src, int64_t e_stride,
+                    int64_t len, uint16_t* const* dst) {
+  for (int64_t i = 0; i < len; i += 32) {
+    __m512 acc[kGroup][2];
+    for (int g = 0; g < kGroup; ++g) acc[g][0] = acc[g][1] = _mm512_setzero_ps();
+    for (int64_t e = 0; e < E; ++e) {
+      const __m512i w = _mm512_loadu_si512(src + e * e_stride + i);
+      const __m512 w0 = bf16_low(w), w1 = bf16_high(w);
+#pragma GCC unroll 4
+      for (int g = 0; g < kGroup; ++g) {
+        if (g < G) {
+          const __m512 a = _mm512_set1_ps(alpha[g * alpha_stride + e]);
+          acc[g][0] = _mm512_fmadd_ps(a, w0, acc[g][0]);
+          acc[g][1] = _mm512_fmadd_ps(a, w1, acc[g][1]);
+        }
+      }
+    }
+#pragma GCC unroll 4
+    for (int g = 0; g < kGroup; ++g)
+      if (g < G) _mm512_storeu_si512(dst[g] + i, (__m512i)_mm512_cvtne2ps_pbh(acc[g][1], acc[g][0]));
+  }
+}
+
+// C[M x 16*NV] (fp32, epilogue as ukern's) = A[M x 2*Kp] (bf16, row stride lda) * B (bf16 pairs,
+// Kp rows of 64 columns x 2). One step: NV loads of B, M broadcasts of an (x_k, x_k+1) pair.
+template <int M, int NV>
+void ukern_bf16(int64_t Kp, const uint16_t* __restrict A, int64_t lda, const uint16_t* __restrict B,
+                float* __restrict C, int64_t ldc, __mmask16 st_tail, const Epi& ep) {
+  __m512 acc[M][NV];
+#pragma GCC unroll 8
+  for (int m = 0; m < M; ++m)
+#pragma GCC unroll 4
+    for (int v = 0; v < NV; ++v) acc[m][v] = _mm512_setzero_ps();
+  for (int64_t p = 0; p < Kp; ++p) {
+    const uint16_t* bp = B + p * 2 * kColBlock;
+    __m512i b[NV];
+#pragma GCC unroll 4
+    for (int v = 0; v < NV; ++v) b[v] = _mm512_loadu_si512(bp + 32 * v);
+#pragma GCC unroll 8
+    for (int m = 0; m < M; ++m) {
+      int32_t pair;
+      std::memcpy(&pair, A + m * lda + 2 * p, sizeof(pair));
+      const __m512i a = _mm512_set1_epi32(pair);
+#pragma GCC unroll 4
+      for (int v = 0; v < NV; ++v) acc[m][v] = _mm512_dpbf16_ps(acc[m][v], (__m512bh)a, (__m512bh)b[v]);
+    }
+  }
+  store_tile<M, NV>(acc, C, ldc, st_tail, ep);
+}
+
+using UKernBf16 = void (*)(int64_t, const uint16_t*, int64_t, const uint16_t*, float*, int64_t, __mmask16, const Epi&);
+#define FUSED_ROW(M) {ukern_bf16<M, 1>, ukern_bf16<M, 2>, ukern_bf16<M, 3>, ukern_bf16<M, 4>}
+const UKernBf16 kUKernBf16[kMR][4] = {FUSED_ROW(1), FUSED_ROW(2), FUSED_ROW(3), FUSED_ROW(4), FUSED_ROW(5), FUSED_ROW(6)};
+#undef FUSED_ROW
+
+inline void gemm_stripe_bf16(int M, int64_t ncols, int64_t Kp, const uint16_t* A, int64_t lda, const uint16_t* B, float* C,
+                             int64_t ldc, const Epi& ep) {
+  kUKernBf16[M - 1][(ncols + 15) / 16 - 1](Kp, A, lda, B, C, ldc, tail_mask(ncols), ep);
+}
+#endif
+
+// x (B, P, K) bf16, K even; packed experts wp (E, nblk, K/2, 128) bf16; alpha (B, E) and
+// bias_mix (B, nblk*64) fp32. Returns (B, P, N) fp32. The loop of pw_forward_cl.
+void check_bf16_args(const at::Tensor& x, const at::Tensor& wp, const at::Tensor& alpha, const char* what) {
+  TORCH_CHECK(FUSED_BF16, what, ": this build has no bfloat16 kernel (it needs AVX512-BF16)");
+  for (const auto* t : {&x, &wp}) {
+    TORCH_CHECK(t->device().is_cpu() && t->scalar_type() == at::kBFloat16 && t->is_contiguous(), what,
+                ": x and the packed weight must be contiguous bfloat16 CPU tensors");
+  }
+  check_f32(alpha, "alpha");
+  TORCH_CHECK(x.size(-1) % 2 == 0 && wp.dim() == 4 && wp.size(2) * 2 == x.size(-1) && wp.size(3) == 2 * kColBlock &&
+                  alpha.size(1) == wp.size(0), what, ": shape mismatch (K must be even)");
+}
+
+at::Tensor pw_forward_cl_bf16(const at::Tensor& x, const at::Tensor& wp, const at::Tensor& alpha,
+                              const c10::optional<at::Tensor>& bias_mix, int64_t N) {
+  check_bf16_args(x, wp, alpha, "pw_forward_cl_bf16");
+  const int64_t B = x.size(0), P = x.size(1), K = x.size(2), E = wp.size(0), nblk = wp.size(1), Kp = K / 2;
+  TORCH_CHECK(x.dim() == 3 && alpha.size(0) == B && nblk * kColBlock >= N, "pw_forward_cl_bf16: shape mismatch");
+  const float* bias_p = bias_of(bias_mix, B * nblk * kColBlock, "pw_forward_cl_bf16");
+  auto out = at::empty({B, P, N}, x.options().dtype(at::kFloat));
+#if FUSED_BF16
+  const auto* xp = reinterpret_cast<const uint16_t*>(x.data_ptr<at::BFloat16>());
+  const auto* wpp = reinterpret_cast<const uint16_t*>(wp.data_ptr<at::BFloat16>());
+  const float* ap = alpha.data_ptr<float>();
+  float* op = out.data_ptr<float>();
+  const int64_t nkc = (Kp + kKChunk / 2 - 1) / (kKChunk / 2);
+  const int64_t kc_max = (Kp + nkc - 1) / nkc;  // pairs per chunk, chunks even
+  const int64_t ngrp = (B + kGroup - 1) / kGroup;
+  at::parallel_for(0, nblk * ngrp, 1, [&](int64_t begin, int64_t end) {
+    std::vector<uint16_t> tiles(kGroup * kc_max * 2 * kColBlock);
+    for (int64_t it = begin; it < end; ++it) {
+      const int64_t blk = it / ngrp, b0 = it % ngrp * kGroup;
+      const int G = (int)std::min<int64_t>(kGroup, B - b0);
+      const int64_t n0 = blk * kColBlock, ncols = std::min(kColBlock, N - n0);
+      uint16_t* dst[kGroup];
+      for (int g = 0; g < kGroup; ++g) dst[g] = tiles.data() + g * kc_max * 2 * kColBlock;
+      for (int64_t p0 = 0; p0 < Kp; p0 += kc_max) {
+        const int64_t kc = std::min(kc_max, Kp - p0);
+        mix_group_bf16(E, G, ap + b0 * E, E, wpp + (blk * Kp + p0) * 2 * kColBlock, nblk * Kp * 2 * kColBlock,
+                       kc * 2 * kColBlock, dst);
+        for (int g = 0; g < G; ++g) {
+          const int64_t b = b0 + g;
+          Epi ep;
+          ep.accumulate = p0 > 0;
+          ep.bias_col = (bias_p && p0 == 0) ? bias_p + b * nblk * kColBlock + n0 : nullptr;
+          for (int64_t r0 = 0; r0 < P; r0 += kMR) {
+            const int M = (int)std::min<int64_t>(kMR, P - r0);
+            gemm_stripe_bf16(M, ncols, kc, xp + (b * P + r0) * K + 2 * p0, K, dst[g], op + (b * P + r0) * N + n0, N, ep);
+          }
+        }
+      }
+    }
+  });
+#endif
+  return out;
+}
+
+// x (B, K) bf16, K even; experts packed as for pw_forward_cl_bf16. Returns (B, N) fp32. The loop
+// of linear_forward: no mixing, the expert outputs scaled by alpha in the epilogue.
+at::Tensor linear_forward_bf16(const at::Tensor& x, const at::Tensor& wp, const at::Tensor& alpha,
+                               const c10::optional<at::Tensor>& bias_mix, int64_t N) {
+  check_bf16_args(x, wp, alpha, "linear_forward_bf16");
+  const int64_t B = x.size(0), K = x.size(1), E = wp.size(0), nblk = wp.size(1), Kp = K / 2;
+  TORCH_CHECK(x.dim() == 2 && alpha.size(0) == B && nblk * kColBlock >= N, "linear_forward_bf16: shape mismatch");
+  const float* bias_p = bias_of(bias_mix, B * nblk * kColBlock, "linear_forward_bf16");
+  auto out = at::empty({B, N}, x.options().dtype(at::kFloat));
+#if FUSED_BF16
+  const auto* xp = reinterpret_cast<const uint16_t*>(x.data_ptr<at::BFloat16>());
+  const auto* wpp = reinterpret_cast<const uint16_t*>(wp.data_ptr<at::BFloat16>());
+  const float* ap = alpha.data_ptr<float>();
+  float* op = out.data_ptr<float>();
+  at::parallel_for(0, nblk, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t blk = begin; blk < end; ++blk) {
+      const int64_t n0 = blk * kColBlock, ncols = std::min(kColBlock, N - n0);
+      for (int64_t e = 0; e < E; ++e) {
+        const uint16_t* slab = wpp + (e * nblk + blk) * Kp * 2 * kColBlock;
+        for (int64_t b0 = 0; b0 < B; b0 += kMR) {
+          const int M = (int)std::min<int64_t>(kMR, B - b0);
+          Epi ep;
+          ep.row_scale = ap + b0 * E + e;
+          ep.row_scale_stride = E;
+          ep.accumulate = e > 0;
+          gemm_stripe_bf16(M, ncols, Kp, xp + b0 * K, K, slab, op + b0 * N + n0, N, ep);
+          if (bias_p && e == E - 1)
+            for (int m = 0; m < M; ++m)
+              for (int64_t n = 0; n < ncols; ++n) op[(b0 + m) * N + n0 + n] += bias_p[(b0 + m) * nblk * kColBlock + n0 + n];
+        }
+      }
+    }
+  });
+#endif
+  return out;
+}
+
+// ---------------------------------------------------------------------------------------------
 // 1x1 conv (or im2col'ed k x k), NCHW: x (B, K, P), experts w (E, N, K) in their natural layout,
 // alpha (B, E), bias_mix (B, N) or empty. Returns (B, N, P). Here out_b = K_b @ x_b: a block of
 // output channels is a contiguous slab of each expert, so no packing is needed.
@@ -376,12 +561,7 @@ at::Tensor pw_forward_nchw(const at::Tensor& x, const at::Tensor& w, const at::T
   TORCH_CHECK(x.dim() == 3 && w.dim() == 3 && alpha.dim() == 2, "pw_forward_nchw: bad ranks");
   const int64_t B = x.size(0), K = x.size(1), P = x.size(2), E = w.size(0), N = w.size(1);
   TORCH_CHECK(w.size(2) == K && alpha.size(0) == B && alpha.size(1) == E, "pw_forward_nchw: shape mismatch");
-  const float* bias_p = nullptr;
-  if (bias_mix && bias_mix->defined()) {
-    check_f32(*bias_mix, "bias");
-    TORCH_CHECK(bias_mix->numel() == B * N, "pw_forward_nchw: bias shape");
-    bias_p = bias_mix->data_ptr<float>();
-  }
+  const float* bias_p = bias_of(bias_mix, B * N, "pw_forward_nchw");
   auto out = at::empty({B, N, P}, x.options());
   const float* xp = x.data_ptr<float>();
   const float* wpp = w.data_ptr<float>();
@@ -614,12 +794,7 @@ at::Tensor dw_forward(const at::Tensor& x, const at::Tensor& wp, const at::Tenso
   const int64_t Ho = (H + 2 * ph - dh * (kh - 1) - 1) / sh + 1;
   const int64_t Wo = (W + 2 * pw - dw * (kw - 1) - 1) / sw + 1;
   TORCH_CHECK(Ho > 0 && Wo > 0, "dw_forward: empty output");
-  const float* bias_p = nullptr;
-  if (bias_mix && bias_mix->defined()) {
-    check_f32(*bias_mix, "bias");
-    TORCH_CHECK(bias_mix->numel() == B * C, "dw_forward: bias shape");
-    bias_p = bias_mix->data_ptr<float>();
-  }
+  const float* bias_p = bias_of(bias_mix, B * C, "dw_forward");
   auto out = planar ? at::empty({B, C, Ho, Wo}, x.options()) : at::empty({B, Ho, Wo, C}, x.options());
   const float* xp = x.data_ptr<float>();
   const float* wpp = wp.data_ptr<float>();
@@ -683,6 +858,9 @@ at::Tensor dw_forward(const at::Tensor& x, const at::Tensor& wp, const at::Tenso
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("isa", &isa_name, "instruction set the kernels were compiled for");
+  m.def("has_bf16", &has_bf16, "whether the bfloat16 kernels were built (AVX512-BF16)");
+  m.def("pw_forward_cl_bf16", &pw_forward_cl_bf16, "fused 1x1 CondConv, channels-last, bfloat16 in, fp32 out");
+  m.def("linear_forward_bf16", &linear_forward_bf16, "fused linear CondConv, bfloat16 in, fp32 out");
   m.def("pw_forward_cl", &pw_forward_cl, "fused 1x1 CondConv, channels-last");
   m.def("linear_forward", &linear_forward, "fused linear CondConv (expert outputs, alpha in the epilogue)");
   m.def("pw_forward_nchw", &pw_forward_nchw, "fused 1x1 (or im2col) CondConv, NCHW");

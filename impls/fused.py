@@ -21,15 +21,20 @@ Paths, by layer:
   channels-last in L2 and back (copying the whole tensor through DRAM each way had cost more
   than the convolution).
 - other k×k with groups 1 (and strided or padded 1×1): `F.unfold`, then the NCHW fused product.
-- backward: grad_x of a 1×1 layer is the same fused kernel on the transposed experts; the weight
-  and routing gradients go through one `bmm` of per-example `g_bᵀ x_b` (the size a mixed kernel
-  would have); linear backward is torch ops without any mixed kernel; depthwise and k×k backward
-  recompute the batch-as-groups conv under autograd (it materialises the kernels, in backward only).
+- backward, without running the forward again: grad_x of a 1×1 layer is the same fused kernel on
+  the transposed experts, of a stride-1 depthwise layer the depthwise kernel on the flipped taps;
+  the weight and routing gradients come from the per-example kernel gradients G_b (one `bmm` of
+  `g_bᵀ x_b` for 1×1, ATen's convolution backward of the batch-as-groups conv otherwise, which
+  also gives grad_x of strided and k×k layers); linear backward is torch ops without any mixed
+  kernel.
+- bfloat16, on CPUs with AVX512-BF16: the 1×1 and linear products take bf16 pairs (vdpbf16ps, the
+  experts packed in pairs of K rows) with every sum in fp32, the output rounded once; depthwise
+  and k×k layers run the float32 kernels on float32 copies.
 
 Refused, with one line (`unsupported_reason`, so suites skip those cases and `auto` never picks
-it there): devices other than the CPU, dtypes other than float32 (no bf16 kernel is built yet),
-grouped layers that are not depthwise (`unsuited_reason` too, so `convert()` runs another
-strategy there). A direct call on such a layer raises `ImplUnavailableError` with that line.
+it there): devices other than the CPU, dtypes other than float32 and bfloat16, bfloat16 without
+AVX512-BF16, grouped layers that are not depthwise (`unsuited_reason` too, so `convert()` runs
+another strategy there). A direct call on such a layer raises `ImplUnavailableError` with that line.
 
 Build. The C++ is compiled once per machine with `-march=native` (`machine.native_build`: cached
 under the user's cache folder, keyed by source, flags, torch, compiler and CPU features) at the
@@ -100,12 +105,22 @@ def _layer_refusal(spec: LayerSpec) -> str | None:
     return None
 
 
+def _dtype_refusal(dtype: torch.dtype) -> str | None:
+    if dtype == torch.float32:
+        return None
+    if dtype != torch.bfloat16:
+        return f"runs float32 and bfloat16 only (no {str(dtype).removeprefix('torch.')} kernel)"
+    if os.environ.get(_GENERIC_VARIABLE) == "1":
+        return "has no bfloat16 kernel in its portable build (CONDCONV_FUSED_GENERIC=1)"
+    if not torch.cpu._is_avx512_bf16_supported():
+        return "runs bfloat16 only on CPUs with AVX512-BF16 (vdpbf16ps), which this one lacks"
+    return None
+
+
 def _refusal(spec: LayerSpec, device: torch.device, dtype: torch.dtype) -> str | None:
     if device.type != "cpu":
         return f"is CPU-only (a C++ kernel built for this machine's CPU), not {device.type}"
-    if dtype != torch.float32:
-        return f"is float32-only (no {str(dtype).removeprefix('torch.')} kernel is built yet)"
-    return _layer_refusal(spec)
+    return _dtype_refusal(dtype) or _layer_refusal(spec)
 
 
 @register_impl("fused")
@@ -198,9 +213,9 @@ def fused_forward(layer: CondConvBase, x: torch.Tensor, routing_weights: torch.T
     tensors = (x, weight, bias, routing_weights)
     needs_grad = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
     reason = _refusal(spec, x.device, x.dtype) or next(
-        (f"got {name} in {t.dtype} on {t.device}: it must be float32 on the CPU like x"
+        (f"got {name} in {t.dtype} on {t.device}: it must be in x's dtype ({x.dtype}) on the CPU"
          for name, t in (("weights", weight), ("routing weights", routing_weights))
-         if t.dtype != torch.float32 or t.device.type != "cpu"), None)
+         if t.dtype != x.dtype or t.device.type != "cpu"), None)
     if seen_by_tracer():
         if torch.compiler.is_compiling() and not torch.compiler.is_exporting() and not needs_grad and reason is None:
             return fused_inference(x, weight, bias, routing_weights, _layer_fields(spec))
@@ -218,6 +233,8 @@ Layout = Callable[[str, Callable[[torch.Tensor], torch.Tensor]], torch.Tensor]  
 def _forward(spec: LayerSpec, layout: Layout, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
              alpha: torch.Tensor) -> torch.Tensor:
     """The native paths; `layout` gives the experts re-laid out (a layer's cache, or built afresh)."""
+    if x.dtype == torch.bfloat16:
+        return _forward_bf16(spec, layout, x, weight, bias, alpha)
     if spec.kind == "linear":
         return _forward_linear(x, layout("fused_pw_cl", _pack_pointwise_cl), bias, alpha, spec.out_channels)
     if _is_depthwise(spec):
@@ -227,6 +244,27 @@ def _forward(spec: LayerSpec, layout: Layout, x: torch.Tensor, weight: torch.Ten
             return _forward_pointwise_cl(x, layout("fused_pw_cl", _pack_pointwise_cl), bias, alpha, spec.out_channels)
         return _forward_pointwise_nchw(x, weight, bias, alpha)
     return _forward_unfolded(spec, x, weight, bias, alpha)
+
+
+def _forward_bf16(spec: LayerSpec, layout: Layout, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
+                  alpha: torch.Tensor) -> torch.Tensor:
+    """bfloat16: linear and 1×1 layers (stride 1) run the bf16 kernels, whose products take bf16
+    pairs (vdpbf16ps) and keep every sum in fp32 (an NCHW input is made channels-last first, and its
+    output NCHW again). Depthwise and k×k layers run the float32 kernels on float32 copies: their
+    time is in loads, not in multiply-adds, which bf16 does not make cheaper."""
+    alpha32 = alpha.float()
+    bias32 = None if bias is None else bias.float()
+    if spec.kind == "linear":
+        return _forward_linear(x, layout("fused_pw_cl", _pack_pointwise_cl), bias32, alpha32, spec.out_channels).to(x.dtype)
+    if spec.is_pointwise and spec.stride == (1, 1) and spec.groups == 1:
+        packed = layout("fused_pw_cl", _pack_pointwise_cl)
+        out = _forward_pointwise_cl(x.contiguous(memory_format=torch.channels_last), packed, bias32, alpha32, spec.out_channels)
+        return out.to(x.dtype, memory_format=torch.channels_last if _is_channels_last(x) else torch.contiguous_format)
+
+    def float_layout(name: str, build: Callable[[torch.Tensor], torch.Tensor]) -> torch.Tensor:
+        return layout(f"{name}_float32", lambda w: build(w.float()))
+
+    return _forward(spec, float_layout, x.float(), weight.float(), bias32, alpha32).to(x.dtype)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -257,7 +295,7 @@ def fused_inference(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.
     """The fused forward as one operator, so that a graph compiled by torch.compile calls the native
     kernel instead of tracing the composition. A compiled graph keeps no cache between calls, so
     the experts' re-laid-out copy (channels_last 1×1 and linear layers) is built on every call."""
-    return _forward(_spec_of(layer), lambda name, build: build(weight), x, weight, bias, alpha.contiguous())
+    return _forward(_spec_of(layer), _fresh_layout(weight), x, weight, bias, alpha.contiguous())
 
 
 @fused_inference.register_fake
@@ -276,13 +314,25 @@ def _is_channels_last(x: torch.Tensor) -> bool:
 
 def _pack_pointwise_cl(weight: torch.Tensor) -> torch.Tensor:
     """(E, N, K[, 1, 1]) → (E, nblk, K, 64): `W_eᵀ` in 64-column blocks, zero-padded, so that
-    mixing a block of `K_bᵀ` reads one contiguous slab per expert."""
+    mixing a block of `K_bᵀ` reads one contiguous slab per expert. bfloat16: K zero-padded to even
+    and each pair of K rows interleaved, (E, nblk, K/2, 64·2), the order vdpbf16ps reads."""
     experts, n = weight.shape[:2]
     w = weight.reshape(experts, n, -1)
     blocks = -(-n // _COL_BLOCK)
     if blocks * _COL_BLOCK != n:
         w = F.pad(w, (0, 0, 0, blocks * _COL_BLOCK - n))
-    return w.reshape(experts, blocks, _COL_BLOCK, -1).transpose(2, 3).contiguous()
+    packed = w.reshape(experts, blocks, _COL_BLOCK, -1).transpose(2, 3)
+    if weight.dtype != torch.bfloat16:
+        return packed.contiguous()
+    k = packed.shape[2]
+    if k % 2:
+        packed = F.pad(packed, (0, 0, 0, 1))
+    return packed.reshape(experts, blocks, -1, 2, _COL_BLOCK).transpose(3, 4).reshape(experts, blocks, -1, 2 * _COL_BLOCK).contiguous()
+
+
+def _even_channels(rows: torch.Tensor) -> torch.Tensor:
+    """bfloat16 rows (…, K) with K zero-padded to even, as the packed experts are."""
+    return F.pad(rows, (0, 1)) if rows.shape[-1] % 2 else rows
 
 
 def _pack_depthwise(weight: torch.Tensor) -> torch.Tensor:
@@ -300,9 +350,14 @@ def _mixed_bias(bias: torch.Tensor | None, alpha: torch.Tensor, padded_to: int |
 
 
 def _forward_pointwise_cl(x: torch.Tensor, packed: torch.Tensor, bias: torch.Tensor | None, alpha: torch.Tensor, n: int) -> torch.Tensor:
+    """Channels-last; for bfloat16 `x` the output is float32 (the caller rounds it once)."""
     batch, k, h, w = x.shape
     bias_mix = _mixed_bias(bias, alpha, packed.shape[1] * _COL_BLOCK)
-    out = _native().pw_forward_cl(x.permute(0, 2, 3, 1).reshape(batch, h * w, k), packed, alpha, bias_mix, n)
+    rows = x.permute(0, 2, 3, 1).reshape(batch, h * w, k)
+    if x.dtype == torch.bfloat16:
+        out = _native().pw_forward_cl_bf16(_even_channels(rows).contiguous(), packed, alpha, bias_mix, n)
+    else:
+        out = _native().pw_forward_cl(rows, packed, alpha, bias_mix, n)
     return out.view(batch, h, w, n).permute(0, 3, 1, 2)
 
 
@@ -341,7 +396,11 @@ def _forward_depthwise(spec: LayerSpec, x: torch.Tensor, packed: torch.Tensor, b
 
 
 def _forward_linear(x: torch.Tensor, packed: torch.Tensor, bias: torch.Tensor | None, alpha: torch.Tensor, n: int) -> torch.Tensor:
-    return _native().linear_forward(x.contiguous(), packed, alpha, _mixed_bias(bias, alpha, packed.shape[1] * _COL_BLOCK), n)
+    """For bfloat16 `x` the output is float32 (the caller rounds it once)."""
+    bias_mix = _mixed_bias(bias, alpha, packed.shape[1] * _COL_BLOCK)
+    if x.dtype == torch.bfloat16:
+        return _native().linear_forward_bf16(_even_channels(x).contiguous(), packed, alpha, bias_mix, n)
+    return _native().linear_forward(x.contiguous(), packed, alpha, bias_mix, n)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -384,12 +443,7 @@ class _FusedFunction(torch.autograd.Function):
             return (*linear_backward(x, weight, bias, alpha, grad, needs), None)
         if spec.is_pointwise and spec.stride == (1, 1) and spec.groups == 1:
             return (*_backward_pointwise(x, weight, bias, alpha, grad, needs), None)
-        with torch.enable_grad():
-            leaves = [None if t is None else t.detach().requires_grad_(need) for t, need in zip((x, weight, bias, alpha), needs)]
-            out = composition(spec, *leaves)
-            wanted = [t for t in leaves if t is not None and t.requires_grad]
-            grads = iter(torch.autograd.grad(out, wanted, grad))
-        return (*(next(grads) if t is not None and t.requires_grad else None for t in leaves), None)
+        return (*_backward_conv(spec, x, weight, bias, alpha, grad, needs), None)
 
 
 def linear_backward(x, weight, bias, alpha, grad, needs):
@@ -413,26 +467,68 @@ def linear_backward(x, weight, bias, alpha, grad, needs):
 
 def _backward_pointwise(x, weight, bias, alpha, grad, needs):
     """grad_x_b = g_b @ K_b is the forward kernel on the transposed experts (fused, native);
-    G_b = g_bᵀ x_b (one bmm) then gives grad_W = αᵀ G and grad_α = G · W (two GEMMs)."""
-    need_x, need_w, need_b, need_a = needs
+    G_b = g_bᵀ x_b (one bmm) gives the rest (`_expert_grads`)."""
+    need_x, need_w, _, need_a = needs
     batch, k, h, w = x.shape
     experts, n = weight.shape[:2]
-    experts_nk = weight.reshape(experts, n, k)
-    grad_x = grad_w = grad_b = grad_a = None
+    grad_x = None
     if need_x:
-        transposed = experts_nk.transpose(1, 2)
-        if _is_channels_last(grad):
-            grad_x = _forward_pointwise_cl(grad, _pack_pointwise_cl(transposed), None, alpha, k)
-        else:
-            grad_x = _forward_pointwise_nchw(grad, transposed, None, alpha)
+        transposed = weight.reshape(experts, n, k).transpose(1, 2)
+        grad_x = _forward(LayerSpec("conv2d", n, k, experts), _fresh_layout(transposed), grad, transposed, None, alpha)
+    per_example = None
     if need_w or need_a:
-        per_example = torch.bmm(grad.reshape(batch, n, h * w), x.reshape(batch, k, h * w).transpose(1, 2)).view(batch, n * k)
+        per_example = torch.bmm(grad.reshape(batch, n, h * w), x.reshape(batch, k, h * w).transpose(1, 2))
+    return (grad_x, *_expert_grads(per_example, weight, bias, alpha, grad, needs))
+
+
+def _backward_conv(spec, x, weight, bias, alpha, grad, needs):
+    """Depthwise and k×k layers, without running the forward again. The per-example kernel
+    gradients G_b (one tensor the size of the B mixed kernels: small for depthwise, (B, C·k²)) and,
+    for layers the native kernel cannot transpose, grad_x come from ATen's convolution backward of
+    the batch-as-groups conv; grad_x of a stride-1 depthwise layer is the fused forward kernel on the
+    flipped taps (a transposed stride-1 convolution is a convolution with the kernel flipped and
+    the padding d·(k−1)−p)."""
+    need_x, need_w, _, need_a = needs
+    batch, experts = alpha.shape
+    native_x = need_x and _is_depthwise(spec) and spec.stride == (1, 1) and all(
+        d * (k - 1) >= p for d, k, p in zip(spec.dilation, spec.kernel_size, spec.padding))
+    grad_x = per_example = None
+    if native_x:
+        flipped = weight.flip(-2, -1)
+        padding = tuple(d * (k - 1) - p for d, k, p in zip(spec.dilation, spec.kernel_size, spec.padding))
+        grad_x = _forward(replace(spec, padding=padding, bias=False), _fresh_layout(flipped), grad, flipped, None, alpha)
+    if (need_x and not native_x) or need_w or need_a:
+        kernels = (alpha @ weight.reshape(experts, -1)).view(batch * spec.out_channels, *weight.shape[2:])
+        grad_in, per_example, _ = torch.ops.aten.convolution_backward(
+            grad.reshape(1, -1, *grad.shape[2:]), x.reshape(1, -1, *x.shape[2:]), kernels, None, spec.stride, spec.padding,
+            spec.dilation, False, (0, 0), spec.groups * batch, (need_x and not native_x, need_w or need_a, False))
+        if grad_in is not None:
+            grad_x = grad_in.view_as(x)
+            grad_x = grad_x.contiguous(memory_format=torch.channels_last) if _is_channels_last(x) else grad_x
+    return (grad_x, *_expert_grads(per_example, weight, bias, alpha, grad, needs))
+
+
+def _fresh_layout(weight: torch.Tensor) -> Layout:
+    """A `Layout` that re-lays out `weight` (not a layer's own) on every call."""
+    return lambda name, build: build(weight)
+
+
+def _expert_grads(per_example, weight, bias, alpha, grad, needs):
+    """From G_b = ∂L/∂K_b (the per-example kernel gradients): grad_W = αᵀ G and grad_α = G · W (two
+    GEMMs), and the mixed bias's share of grad_b and grad_α."""
+    _, need_w, need_b, need_a = needs
+    batch, experts = alpha.shape
+    grad_w = grad_b = grad_a = None
+    if per_example is not None:
+        per_example = per_example.reshape(batch, -1)
         if need_w:
             grad_w = (alpha.t() @ per_example).view_as(weight)
         if need_a:
-            grad_a = per_example @ experts_nk.reshape(experts, n * k).t()
-            if bias is not None:
-                grad_a = grad_a + grad.sum((2, 3)) @ bias.t()
-    if need_b and bias is not None:
-        grad_b = alpha.t() @ grad.sum((2, 3))
-    return grad_x, grad_w, grad_b, grad_a
+            grad_a = per_example @ weight.reshape(experts, -1).t()
+    if bias is not None and (need_b or need_a):
+        summed = grad.sum((2, 3))
+        if need_b:
+            grad_b = alpha.t() @ summed
+        if need_a:
+            grad_a = grad_a + summed @ bias.t()
+    return grad_w, grad_b, grad_a

@@ -137,7 +137,14 @@ def check_backward(spec: LayerSpec, x: torch.Tensor) -> None:
     (LayerSpec("linear", 7, 13, 3, bias=True), (3, 7), "nchw"),
     (LayerSpec("conv2d", 7, 7, 3, kernel_size=3, stride=2, padding=1, groups=7, bias=True), (2, 7, 6, 6), "channels_last"),
     (LayerSpec("conv2d", 7, 5, 3, kernel_size=3, padding=1, bias=True), (2, 7, 6, 6), "nchw"),
-], ids=["pointwise_cl", "pointwise_b1", "linear", "depthwise_s2", "k3"])
+    # stride 1: grad_x is the native kernel on the flipped taps (the last two: an unpadded and an
+    # over-padded layer, where the transposed padding is d·(k−1)−p)
+    (LayerSpec("conv2d", 20, 20, 3, kernel_size=5, padding=2, groups=20, bias=True), (3, 20, 7, 6), "channels_last"),
+    (LayerSpec("conv2d", 70, 70, 4, kernel_size=3, padding=2, dilation=2, groups=70), (2, 70, 9, 9), "nchw"),
+    (LayerSpec("conv2d", 9, 9, 2, kernel_size=3, groups=9), (2, 9, 6, 5), "channels_last"),
+    (LayerSpec("conv2d", 9, 9, 2, kernel_size=3, padding=3, groups=9), (2, 9, 6, 5), "nchw"),
+], ids=["pointwise_cl", "pointwise_b1", "linear", "depthwise_s2", "k3", "depthwise_5x5_cl", "depthwise_dilated",
+        "depthwise_unpadded", "depthwise_overpadded"])
 def test_backward_with_routing_weight_gradients(spec, shape, layout) -> None:
     check_backward(spec, make_x(shape, layout) if len(shape) == 4 else torch.randn(shape))
 
@@ -157,8 +164,70 @@ def test_a_cached_layout_sees_in_place_updates_and_inference_mode_weights() -> N
         assert rel_err(made_there(x, alpha), reference(made_there, x, alpha)) < 1e-5
 
 
+BF16_REASON = get_impl("fused").unsupported_reason(LayerSpec("conv2d", 8, 8, 3), torch.device("cpu"), torch.bfloat16)
+needs_bf16 = pytest.mark.skipif(BF16_REASON is not None, reason=BF16_REASON or "")
+
+
+# bf16 products of bf16 inputs and a bf16 mixed kernel, summed in fp32, then rounded once: the
+# error is a few bf16 roundings (2^-8 each), far below what a wrong tile or pair order gives (~1).
+BF16_TOLERANCE = 2e-2
+
+
+@needs_bf16
+@pytest.mark.parametrize(("spec", "shape", "layout"), [
+    (LayerSpec("conv2d", 600, 130, 8, bias=True), (5, 600, 7, 7), "channels_last"),  # 3 K chunks, column tail, 4+1 examples
+    (LayerSpec("conv2d", 7, 13, 3), (1, 7, 5, 5), "channels_last"),  # odd K: padded to a whole pair
+    (LayerSpec("conv2d", 64, 70, 4, bias=True), (3, 64, 3, 3), "nchw"),
+    (LayerSpec("conv2d", 64, 70, 4), (2, 64, 4, 4), "noncontig"),
+    (LayerSpec("linear", 1281, 130, 8, bias=True), (7, 1281), "nchw"),  # odd K, two 6-row stripes
+    (LayerSpec("linear", 200, 33, 4), (1, 200), "nchw"),
+    (LayerSpec("conv2d", 70, 70, 4, kernel_size=5, stride=2, padding=2, groups=70, bias=True), (2, 70, 9, 9), "channels_last"),
+    (LayerSpec("conv2d", 8, 12, 3, kernel_size=3, padding=1), (3, 8, 7, 6), "nchw"),
+], ids=["pointwise_cl", "pointwise_odd_k", "pointwise_nchw", "pointwise_noncontig", "linear", "linear_b1", "depthwise", "k3"])
+def test_bfloat16_matches_the_float64_reference_in_the_input_layout(spec, shape, layout) -> None:
+    layer, alpha = layer_and_alpha(spec, shape[0])
+    x = make_x(shape, layout) if len(shape) == 4 else torch.randn(shape)
+    layer = layer.to(torch.bfloat16)
+    x, alpha = x.to(torch.bfloat16), alpha.to(torch.bfloat16)
+    with torch.no_grad():
+        out = layer(x, alpha)
+    expected = reference(layer, x, alpha)
+    assert out.dtype == torch.bfloat16 and out.shape == expected.shape
+    assert out.is_contiguous(memory_format=torch.channels_last) == (layout == "channels_last" and len(shape) == 4)
+    assert rel_err(out, expected) < BF16_TOLERANCE
+
+
+@needs_bf16
+@pytest.mark.parametrize("spec", [LayerSpec("conv2d", 24, 40, 4, bias=True), LayerSpec("linear", 24, 40, 4, bias=True),
+                                  LayerSpec("conv2d", 24, 24, 4, kernel_size=3, padding=1, groups=24, bias=True)],
+                         ids=["pointwise", "linear", "depthwise"])
+def test_bfloat16_gradients_match_the_float32_ones(spec) -> None:
+    """The backward is torch ops and the forward kernels on the gradient: in bf16 it must give
+    float32's gradients up to bf16's precision."""
+    torch.manual_seed(0)
+    shape = (3, 24, 6, 6) if spec.kind == "conv2d" else (3, 24)
+    x32 = torch.randn(shape).contiguous(memory_format=torch.channels_last) if len(shape) == 4 else torch.randn(shape)
+    grads = {}
+    for dtype in (torch.float32, torch.bfloat16):
+        torch.manual_seed(1)
+        layer = create_impl("fused", spec).to(dtype)
+        x = x32.to(dtype).detach().requires_grad_()
+        out = layer(x)
+        out.backward(torch.ones_like(out))
+        grads[dtype] = {"x": x.grad, "weight": layer.weight.grad, "bias": layer.bias.grad}
+    for name, expected in grads[torch.float32].items():
+        assert grads[torch.bfloat16][name].dtype == torch.bfloat16
+        assert rel_err(grads[torch.bfloat16][name], expected.double()) < 3e-2, name
+
+
+def test_without_avx512_bf16_bfloat16_is_refused_with_the_reason(monkeypatch) -> None:
+    monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: False)
+    reason = get_impl("fused").unsupported_reason(LayerSpec("conv2d", 8, 8, 3), torch.device("cpu"), torch.bfloat16)
+    assert reason is not None and "AVX512-BF16" in reason
+
+
 @pytest.mark.parametrize(("spec", "dtype", "device", "fragment"), [
-    (LayerSpec("conv2d", 8, 8, 3), torch.bfloat16, "cpu", "float32-only (no bfloat16 kernel"),
+    (LayerSpec("conv2d", 8, 8, 3), torch.float16, "cpu", "no float16 kernel"),
     (LayerSpec("conv2d", 8, 8, 3), torch.float32, "cuda", "CPU-only"),
     (LayerSpec("conv2d", 8, 12, 3, kernel_size=3, groups=4), torch.float32, "cpu", "no kernel for grouped layers (groups=4)"),
     (LayerSpec("conv2d", 8, 16, 3, kernel_size=3, groups=8), torch.float32, "cpu", "only groups 1 and depthwise"),
@@ -174,7 +243,7 @@ def test_a_call_it_refuses_raises_the_declared_reason_and_convert_is_told_groupe
     assert get_impl("fused").unsuited_reason(LayerSpec("conv2d", 8, 8, 3, kernel_size=3, groups=8)) is None
     with pytest.raises(ImplUnavailableError, match="grouped layers"):
         create_impl("fused", grouped)(torch.randn(2, 8, 5, 5))
-    with pytest.raises(ImplUnavailableError, match="float32-only"):
+    with pytest.raises(ImplUnavailableError, match="float32 and bfloat16 only"):
         create_impl("fused", LayerSpec("conv2d", 8, 8, 3)).double()(torch.randn(2, 8, 5, 5, dtype=torch.float64))
 
 
