@@ -379,8 +379,8 @@ at::Tensor linear_forward(const at::Tensor& x, const at::Tensor& wp, const at::T
 }
 
 // ---------------------------------------------------------------------------------------------
-// bfloat16, channels-last 1x1 and linear: inputs and experts in bf16, every sum in fp32, the
-// output in fp32 (the caller rounds it to bf16 once, after the last K chunk or expert). vdpbf16ps
+// bfloat16, 1x1 and linear: inputs and experts in bf16, every sum in fp32, rounded to bf16 once
+// (the linear kernel returns fp32: the caller rounds its small output). vdpbf16ps
 // multiplies pairs of bf16 along K and adds both products into one fp32 lane, so the experts are
 // packed in pairs of K rows, (E, nblk, K/2, 64 columns x 2) ("VNNI" order), K even; mixing is
 // elementwise, so it runs on that order as it is and writes the mixed tile in it.
@@ -392,15 +392,17 @@ inline __m512 bf16_high(__m512i v) {
   return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm512_extracti64x4_epi64(v, 1)), 16));
 }
 
-// dst[g][i] = bf16(sum_e alpha[g, e] * src[e * e_stride + i]) for g < G; len a multiple of 32.
+// dst[g][i] = bf16(sum_e alpha[g, e] * src[e * e_stride + i]) for g < G, i < len.
 // As in mix_group: each expert vector loaded feeds the G examples' sums.
 void mix_group_bf16(int64_t E, int G, const float* alpha, int64_t alpha_stride, const uint16_t* src, int64_t e_stride,
                     int64_t len, uint16_t* const* dst) {
   for (int64_t i = 0; i < len; i += 32) {
+    const int64_t n = std::min<int64_t>(32, len - i);
+    const __mmask32 m = n == 32 ? (__mmask32)0xFFFFFFFFu : (__mmask32)((1u << n) - 1u);
     __m512 acc[kGroup][2];
     for (int g = 0; g < kGroup; ++g) acc[g][0] = acc[g][1] = _mm512_setzero_ps();
     for (int64_t e = 0; e < E; ++e) {
-      const __m512i w = _mm512_loadu_si512(src + e * e_stride + i);
+      const __m512i w = _mm512_maskz_loadu_epi16(m, src + e * e_stride + i);
       const __m512 w0 = bf16_low(w), w1 = bf16_high(w);
 #pragma GCC unroll 4
       for (int g = 0; g < kGroup; ++g) {
@@ -413,25 +415,37 @@ void mix_group_bf16(int64_t E, int G, const float* alpha, int64_t alpha_stride, 
     }
 #pragma GCC unroll 4
     for (int g = 0; g < kGroup; ++g)
-      if (g < G) _mm512_storeu_si512(dst[g] + i, (__m512i)_mm512_cvtne2ps_pbh(acc[g][1], acc[g][0]));
+      if (g < G) _mm512_mask_storeu_epi16(dst[g] + i, m, (__m512i)_mm512_cvtne2ps_pbh(acc[g][1], acc[g][0]));
   }
 }
 
-// C[M x 16*NV] (fp32, epilogue as ukern's) = A[M x 2*Kp] (bf16, row stride lda) * B (bf16 pairs,
-// Kp rows of 64 columns x 2). One step: NV loads of B, M broadcasts of an (x_k, x_k+1) pair.
+// dst[r * ldd + c] = bf16(src[r * lds + c]) for r < rows, c < cols.
+void round_rows_bf16(const float* src, int64_t lds, int64_t rows, int64_t cols, uint16_t* dst, int64_t ldd) {
+  for (int64_t r = 0; r < rows; ++r)
+    for (int64_t c = 0; c < cols; c += 16) {
+      const __mmask16 m = tail_mask(std::min<int64_t>(16, cols - c));
+      const __m256bh v = _mm512_cvtneps_pbh(_mm512_maskz_loadu_ps(m, src + r * lds + c));
+      _mm256_mask_storeu_epi16(dst + r * ldd + c, m, (__m256i)v);
+    }
+}
+
+// C[M x 16*NV] (fp32, epilogue as ukern's) = A[M x 2*Kp] (bf16, row stride lda) * B (bf16 pairs:
+// Kp rows of (column, 2), row stride ldb). One step: NV loads of B (a column pair is one 32-bit
+// lane, so ld_tail masks columns), M broadcasts of an (a_k, a_k+1) pair.
 template <int M, int NV>
-void ukern_bf16(int64_t Kp, const uint16_t* __restrict A, int64_t lda, const uint16_t* __restrict B,
-                float* __restrict C, int64_t ldc, __mmask16 st_tail, const Epi& ep) {
+void ukern_bf16(int64_t Kp, const uint16_t* __restrict A, int64_t lda, const uint16_t* __restrict B, int64_t ldb,
+                float* __restrict C, int64_t ldc, __mmask16 ld_tail, __mmask16 st_tail, const Epi& ep) {
   __m512 acc[M][NV];
 #pragma GCC unroll 8
   for (int m = 0; m < M; ++m)
 #pragma GCC unroll 4
     for (int v = 0; v < NV; ++v) acc[m][v] = _mm512_setzero_ps();
   for (int64_t p = 0; p < Kp; ++p) {
-    const uint16_t* bp = B + p * 2 * kColBlock;
+    const uint16_t* bp = B + p * ldb;
     __m512i b[NV];
 #pragma GCC unroll 4
-    for (int v = 0; v < NV; ++v) b[v] = _mm512_loadu_si512(bp + 32 * v);
+    for (int v = 0; v < NV; ++v)
+      b[v] = (v == NV - 1) ? _mm512_maskz_loadu_epi32(ld_tail, bp + 32 * v) : _mm512_loadu_si512(bp + 32 * v);
 #pragma GCC unroll 8
     for (int m = 0; m < M; ++m) {
       int32_t pair;
@@ -444,19 +458,20 @@ void ukern_bf16(int64_t Kp, const uint16_t* __restrict A, int64_t lda, const uin
   store_tile<M, NV>(acc, C, ldc, st_tail, ep);
 }
 
-using UKernBf16 = void (*)(int64_t, const uint16_t*, int64_t, const uint16_t*, float*, int64_t, __mmask16, const Epi&);
+using UKernBf16 = void (*)(int64_t, const uint16_t*, int64_t, const uint16_t*, int64_t, float*, int64_t, __mmask16, __mmask16,
+                           const Epi&);
 #define FUSED_ROW(M) {ukern_bf16<M, 1>, ukern_bf16<M, 2>, ukern_bf16<M, 3>, ukern_bf16<M, 4>}
 const UKernBf16 kUKernBf16[kMR][4] = {FUSED_ROW(1), FUSED_ROW(2), FUSED_ROW(3), FUSED_ROW(4), FUSED_ROW(5), FUSED_ROW(6)};
 #undef FUSED_ROW
 
-inline void gemm_stripe_bf16(int M, int64_t ncols, int64_t Kp, const uint16_t* A, int64_t lda, const uint16_t* B, float* C,
-                             int64_t ldc, const Epi& ep) {
-  kUKernBf16[M - 1][(ncols + 15) / 16 - 1](Kp, A, lda, B, C, ldc, tail_mask(ncols), ep);
+// As gemm_stripe; `b_padded`: B rows may be read up to the next multiple of 16 columns.
+inline void gemm_stripe_bf16(int M, int64_t ncols, int64_t Kp, const uint16_t* A, int64_t lda, const uint16_t* B,
+                             int64_t ldb, bool b_padded, float* C, int64_t ldc, const Epi& ep) {
+  const __mmask16 st = tail_mask(ncols);
+  kUKernBf16[M - 1][(ncols + 15) / 16 - 1](Kp, A, lda, B, ldb, C, ldc, b_padded ? (__mmask16)0xFFFF : st, st, ep);
 }
 #endif
 
-// x (B, P, K) bf16, K even; packed experts wp (E, nblk, K/2, 128) bf16; alpha (B, E) and
-// bias_mix (B, nblk*64) fp32. Returns (B, P, N) fp32. The loop of pw_forward_cl.
 void check_bf16_args(const at::Tensor& x, const at::Tensor& wp, const at::Tensor& alpha, const char* what) {
   TORCH_CHECK(FUSED_BF16, what, ": this build has no bfloat16 kernel (it needs AVX512-BF16)");
   for (const auto* t : {&x, &wp}) {
@@ -468,23 +483,27 @@ void check_bf16_args(const at::Tensor& x, const at::Tensor& wp, const at::Tensor
                   alpha.size(1) == wp.size(0), what, ": shape mismatch (K must be even)");
 }
 
+// x (B, P, K) bf16, K even; packed experts wp (E, nblk, K/2, 128) bf16; alpha (B, E) and
+// bias_mix (B, nblk*64) fp32. Returns (B, P, N) bf16. The loop of pw_forward_cl.
 at::Tensor pw_forward_cl_bf16(const at::Tensor& x, const at::Tensor& wp, const at::Tensor& alpha,
                               const c10::optional<at::Tensor>& bias_mix, int64_t N) {
   check_bf16_args(x, wp, alpha, "pw_forward_cl_bf16");
   const int64_t B = x.size(0), P = x.size(1), K = x.size(2), E = wp.size(0), nblk = wp.size(1), Kp = K / 2;
   TORCH_CHECK(x.dim() == 3 && alpha.size(0) == B && nblk * kColBlock >= N, "pw_forward_cl_bf16: shape mismatch");
   const float* bias_p = bias_of(bias_mix, B * nblk * kColBlock, "pw_forward_cl_bf16");
-  auto out = at::empty({B, P, N}, x.options().dtype(at::kFloat));
+  auto out = at::empty({B, P, N}, x.options());
 #if FUSED_BF16
   const auto* xp = reinterpret_cast<const uint16_t*>(x.data_ptr<at::BFloat16>());
   const auto* wpp = reinterpret_cast<const uint16_t*>(wp.data_ptr<at::BFloat16>());
   const float* ap = alpha.data_ptr<float>();
-  float* op = out.data_ptr<float>();
+  auto* op = reinterpret_cast<uint16_t*>(out.data_ptr<at::BFloat16>());
   const int64_t nkc = (Kp + kKChunk / 2 - 1) / (kKChunk / 2);
   const int64_t kc_max = (Kp + nkc - 1) / nkc;  // pairs per chunk, chunks even
   const int64_t ngrp = (B + kGroup - 1) / kGroup;
   at::parallel_for(0, nblk * ngrp, 1, [&](int64_t begin, int64_t end) {
+    // The examples' output blocks (P x 64) summed over the K chunks in fp32, rounded to bf16 once.
     std::vector<uint16_t> tiles(kGroup * kc_max * 2 * kColBlock);
+    std::vector<float> sums(kGroup * P * kColBlock);
     for (int64_t it = begin; it < end; ++it) {
       const int64_t blk = it / ngrp, b0 = it % ngrp * kGroup;
       const int G = (int)std::min<int64_t>(kGroup, B - b0);
@@ -500,12 +519,16 @@ at::Tensor pw_forward_cl_bf16(const at::Tensor& x, const at::Tensor& wp, const a
           Epi ep;
           ep.accumulate = p0 > 0;
           ep.bias_col = (bias_p && p0 == 0) ? bias_p + b * nblk * kColBlock + n0 : nullptr;
+          float* sum = sums.data() + g * P * kColBlock;
           for (int64_t r0 = 0; r0 < P; r0 += kMR) {
             const int M = (int)std::min<int64_t>(kMR, P - r0);
-            gemm_stripe_bf16(M, ncols, kc, xp + (b * P + r0) * K + 2 * p0, K, dst[g], op + (b * P + r0) * N + n0, N, ep);
+            gemm_stripe_bf16(M, ncols, kc, xp + (b * P + r0) * K + 2 * p0, K, dst[g], 2 * kColBlock, true,
+                             sum + r0 * kColBlock, kColBlock, ep);
           }
         }
       }
+      for (int g = 0; g < G; ++g)
+        round_rows_bf16(sums.data() + g * P * kColBlock, kColBlock, P, ncols, op + (b0 + g) * P * N + n0, N);
     }
   });
 #endif
@@ -537,12 +560,60 @@ at::Tensor linear_forward_bf16(const at::Tensor& x, const at::Tensor& wp, const 
           ep.row_scale = ap + b0 * E + e;
           ep.row_scale_stride = E;
           ep.accumulate = e > 0;
-          gemm_stripe_bf16(M, ncols, Kp, xp + b0 * K, K, slab, op + b0 * N + n0, N, ep);
+          gemm_stripe_bf16(M, ncols, Kp, xp + b0 * K, K, slab, 2 * kColBlock, true, op + b0 * N + n0, N, ep);
           if (bias_p && e == E - 1)
             for (int m = 0; m < M; ++m)
               for (int64_t n = 0; n < ncols; ++n) op[(b0 + m) * N + n0 + n] += bias_p[(b0 + m) * nblk * kColBlock + n0 + n];
         }
       }
+    }
+  });
+#endif
+  return out;
+}
+
+// x (B, K/2, P*2) bf16: each example's columns in pairs of K rows (the caller interleaves them);
+// experts w (E, N, K) bf16, K even; alpha (B, E) and bias_mix (B, N) fp32. Returns (B, N, P) bf16.
+// The loop of pw_forward_nchw: out_b = K_b @ x_b, a block of output channels mixed from
+// contiguous slabs of each expert, its rows the broadcast operand.
+at::Tensor pw_forward_nchw_bf16(const at::Tensor& x, const at::Tensor& w, const at::Tensor& alpha,
+                                const c10::optional<at::Tensor>& bias_mix) {
+  TORCH_CHECK(FUSED_BF16, "pw_forward_nchw_bf16: this build has no bfloat16 kernel (it needs AVX512-BF16)");
+  for (const auto* t : {&x, &w})
+    TORCH_CHECK(t->device().is_cpu() && t->scalar_type() == at::kBFloat16 && t->is_contiguous(),
+                "pw_forward_nchw_bf16: x and the weight must be contiguous bfloat16 CPU tensors");
+  check_f32(alpha, "alpha");
+  TORCH_CHECK(x.dim() == 3 && w.dim() == 3 && alpha.dim() == 2 && x.size(2) % 2 == 0, "pw_forward_nchw_bf16: bad ranks");
+  const int64_t B = x.size(0), Kp = x.size(1), P = x.size(2) / 2, E = w.size(0), N = w.size(1), K = 2 * Kp;
+  TORCH_CHECK(w.size(2) == K && alpha.size(0) == B && alpha.size(1) == E, "pw_forward_nchw_bf16: shape mismatch");
+  const float* bias_p = bias_of(bias_mix, B * N, "pw_forward_nchw_bf16");
+  auto out = at::empty({B, N, P}, x.options());
+#if FUSED_BF16
+  const auto* xp = reinterpret_cast<const uint16_t*>(x.data_ptr<at::BFloat16>());
+  const auto* wpp = reinterpret_cast<const uint16_t*>(w.data_ptr<at::BFloat16>());
+  const float* ap = alpha.data_ptr<float>();
+  auto* op = reinterpret_cast<uint16_t*>(out.data_ptr<at::BFloat16>());
+  const int64_t nrb = (N + kRowBlock - 1) / kRowBlock;
+  at::parallel_for(0, nrb * B, 1, [&](int64_t begin, int64_t end) {
+    std::vector<uint16_t> tile(kRowBlock * K);
+    std::vector<float> sums(kRowBlock * P);
+    for (int64_t it = begin; it < end; ++it) {
+      const int64_t rb = it / B, b = it % B;
+      const int64_t n0 = rb * kRowBlock, rows = std::min(kRowBlock, N - n0);
+      uint16_t* dst = tile.data();
+      mix_group_bf16(E, 1, ap + b * E, E, wpp + n0 * K, N * K, rows * K, &dst);
+      const uint16_t* xb = xp + b * Kp * 2 * P;
+      const float* br = bias_p ? bias_p + b * N + n0 : nullptr;
+      for (int64_t pc = 0; pc < P; pc += kColBlock) {
+        const int64_t ncols = std::min(kColBlock, P - pc);
+        for (int64_t r0 = 0; r0 < rows; r0 += kMR) {
+          const int M = (int)std::min<int64_t>(kMR, rows - r0);
+          Epi ep;
+          ep.bias_row = br ? br + r0 : nullptr;
+          gemm_stripe_bf16(M, ncols, Kp, tile.data() + r0 * K, K, xb + 2 * pc, 2 * P, false, sums.data() + r0 * P + pc, P, ep);
+        }
+      }
+      round_rows_bf16(sums.data(), P, rows, P, op + (b * N + n0) * P, P);
     }
   });
 #endif
@@ -859,8 +930,9 @@ at::Tensor dw_forward(const at::Tensor& x, const at::Tensor& wp, const at::Tenso
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("isa", &isa_name, "instruction set the kernels were compiled for");
   m.def("has_bf16", &has_bf16, "whether the bfloat16 kernels were built (AVX512-BF16)");
-  m.def("pw_forward_cl_bf16", &pw_forward_cl_bf16, "fused 1x1 CondConv, channels-last, bfloat16 in, fp32 out");
+  m.def("pw_forward_cl_bf16", &pw_forward_cl_bf16, "fused 1x1 CondConv, channels-last, bfloat16");
   m.def("linear_forward_bf16", &linear_forward_bf16, "fused linear CondConv, bfloat16 in, fp32 out");
+  m.def("pw_forward_nchw_bf16", &pw_forward_nchw_bf16, "fused 1x1 CondConv, NCHW, bfloat16 (x in pairs of K rows)");
   m.def("pw_forward_cl", &pw_forward_cl, "fused 1x1 CondConv, channels-last");
   m.def("linear_forward", &linear_forward, "fused linear CondConv (expert outputs, alpha in the epilogue)");
   m.def("pw_forward_nchw", &pw_forward_nchw, "fused 1x1 (or im2col) CondConv, NCHW");

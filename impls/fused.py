@@ -249,17 +249,16 @@ def _forward(spec: LayerSpec, layout: Layout, x: torch.Tensor, weight: torch.Ten
 def _forward_bf16(spec: LayerSpec, layout: Layout, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
                   alpha: torch.Tensor) -> torch.Tensor:
     """bfloat16: linear and 1×1 layers (stride 1) run the bf16 kernels, whose products take bf16
-    pairs (vdpbf16ps) and keep every sum in fp32 (an NCHW input is made channels-last first, and its
-    output NCHW again). Depthwise and k×k layers run the float32 kernels on float32 copies: their
+    pairs (vdpbf16ps) and keep every sum in fp32. Depthwise and k×k layers run the float32 kernels on float32 copies: their
     time is in loads, not in multiply-adds, which bf16 does not make cheaper."""
     alpha32 = alpha.float()
     bias32 = None if bias is None else bias.float()
     if spec.kind == "linear":
         return _forward_linear(x, layout("fused_pw_cl", _pack_pointwise_cl), bias32, alpha32, spec.out_channels).to(x.dtype)
     if spec.is_pointwise and spec.stride == (1, 1) and spec.groups == 1:
-        packed = layout("fused_pw_cl", _pack_pointwise_cl)
-        out = _forward_pointwise_cl(x.contiguous(memory_format=torch.channels_last), packed, bias32, alpha32, spec.out_channels)
-        return out.to(x.dtype, memory_format=torch.channels_last if _is_channels_last(x) else torch.contiguous_format)
+        if _is_channels_last(x):
+            return _forward_pointwise_cl(x, layout("fused_pw_cl", _pack_pointwise_cl), bias32, alpha32, spec.out_channels)
+        return _forward_pointwise_nchw(x, layout("fused_pw_nchw", _even_channels), bias32, alpha32)
 
     def float_layout(name: str, build: Callable[[torch.Tensor], torch.Tensor]) -> torch.Tensor:
         return layout(f"{name}_float32", lambda w: build(w.float()))
@@ -331,7 +330,9 @@ def _pack_pointwise_cl(weight: torch.Tensor) -> torch.Tensor:
 
 
 def _even_channels(rows: torch.Tensor) -> torch.Tensor:
-    """bfloat16 rows (…, K) with K zero-padded to even, as the packed experts are."""
+    """bfloat16 rows (…, K) with K zero-padded to even, as the packed experts are; the experts
+    `(E, N, K[, 1, 1])` become `(E, N, K)`."""
+    rows = rows.reshape(*rows.shape[:3]) if rows.dim() == 5 else rows
     return F.pad(rows, (0, 1)) if rows.shape[-1] % 2 else rows
 
 
@@ -350,7 +351,6 @@ def _mixed_bias(bias: torch.Tensor | None, alpha: torch.Tensor, padded_to: int |
 
 
 def _forward_pointwise_cl(x: torch.Tensor, packed: torch.Tensor, bias: torch.Tensor | None, alpha: torch.Tensor, n: int) -> torch.Tensor:
-    """Channels-last; for bfloat16 `x` the output is float32 (the caller rounds it once)."""
     batch, k, h, w = x.shape
     bias_mix = _mixed_bias(bias, alpha, packed.shape[1] * _COL_BLOCK)
     rows = x.permute(0, 2, 3, 1).reshape(batch, h * w, k)
@@ -364,6 +364,10 @@ def _forward_pointwise_cl(x: torch.Tensor, packed: torch.Tensor, bias: torch.Ten
 def _forward_pointwise_nchw(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, alpha: torch.Tensor) -> torch.Tensor:
     batch, k, h, w = x.shape
     experts, n = weight.shape[:2]
+    if x.dtype == torch.bfloat16:  # the columns in pairs of K rows, (B, K/2, P·2), the order vdpbf16ps reads
+        columns = _even_channels(x.reshape(batch, k, h * w).transpose(1, 2)).transpose(1, 2)
+        pairs = columns.reshape(batch, -1, 2, h * w).transpose(2, 3).reshape(batch, -1, 2 * h * w).contiguous()
+        return _native().pw_forward_nchw_bf16(pairs, _even_channels(weight).contiguous(), alpha, _mixed_bias(bias, alpha)).view(batch, n, h, w)
     columns = x.contiguous().view(batch, k, h * w)
     out = _native().pw_forward_nchw(columns, weight.reshape(experts, n, k).contiguous(), alpha, _mixed_bias(bias, alpha))
     return out.view(batch, n, h, w)
