@@ -471,7 +471,7 @@ def linear_backward(x, weight, bias, alpha, grad, needs):
 
 def _backward_pointwise(x, weight, bias, alpha, grad, needs):
     """grad_x_b = g_b @ K_b is the forward kernel on the transposed experts (fused, native);
-    G_b = g_bᵀ x_b (one bmm) gives the rest (`_expert_grads`)."""
+    G_b = g_bᵀ x_b (one bmm) gives the rest (`expert_grads`)."""
     need_x, need_w, _, need_a = needs
     batch, k, h, w = x.shape
     experts, n = weight.shape[:2]
@@ -482,7 +482,7 @@ def _backward_pointwise(x, weight, bias, alpha, grad, needs):
     per_example = None
     if need_w or need_a:
         per_example = torch.bmm(grad.reshape(batch, n, h * w), x.reshape(batch, k, h * w).transpose(1, 2))
-    return (grad_x, *_expert_grads(per_example, weight, bias, alpha, grad, needs))
+    return (grad_x, *expert_grads(per_example, weight, bias, alpha, grad, needs))
 
 
 def _backward_conv(spec, x, weight, bias, alpha, grad, needs):
@@ -509,7 +509,7 @@ def _backward_conv(spec, x, weight, bias, alpha, grad, needs):
         if grad_in is not None:
             grad_x = grad_in.view_as(x)
             grad_x = grad_x.contiguous(memory_format=torch.channels_last) if _is_channels_last(x) else grad_x
-    return (grad_x, *_expert_grads(per_example, weight, bias, alpha, grad, needs))
+    return (grad_x, *expert_grads(per_example, weight, bias, alpha, grad, needs))
 
 
 def _fresh_layout(weight: torch.Tensor) -> Layout:
@@ -517,18 +517,19 @@ def _fresh_layout(weight: torch.Tensor) -> Layout:
     return lambda name, build: build(weight)
 
 
-def _expert_grads(per_example, weight, bias, alpha, grad, needs):
-    """From G_b = ∂L/∂K_b (the per-example kernel gradients): grad_W = αᵀ G and grad_α = G · W (two
-    GEMMs), and the mixed bias's share of grad_b and grad_α."""
+def expert_grads(per_example, weight, bias, alpha, grad, needs):
+    """From G_b = ∂L/∂K_b (the per-example kernel gradients, or None where neither grad_W nor
+    grad_α is needed): grad_W = αᵀ G and grad_α = G · W (two GEMMs, in G's dtype: a kernel may
+    give G in float32 for bf16 layers), and the mixed bias's share of grad_b and grad_α."""
     _, need_w, need_b, need_a = needs
     batch, experts = alpha.shape
     grad_w = grad_b = grad_a = None
     if per_example is not None:
         per_example = per_example.reshape(batch, -1)
         if need_w:
-            grad_w = (alpha.t() @ per_example).view_as(weight)
+            grad_w = (alpha.t().to(per_example.dtype) @ per_example).to(weight.dtype).view_as(weight)
         if need_a:
-            grad_a = per_example @ weight.reshape(experts, -1).t()
+            grad_a = (per_example @ weight.reshape(experts, -1).t().to(per_example.dtype)).to(alpha.dtype)
     if bias is not None and (need_b or need_a):
         summed = grad.sum((2, 3))
         if need_b:

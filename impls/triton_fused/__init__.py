@@ -55,7 +55,7 @@ from condconv_bench.core.registry import register_impl
 from condconv_bench.core.spec import LayerSpec, Pair
 from condconv_bench.core.traffic import Traffic, compulsory_traffic
 from condconv_bench.errors import ImplUnavailableError
-from condconv_bench.impls.fused import Fused, composition, linear_backward, seen_by_tracer
+from condconv_bench.impls.fused import Fused, composition, expert_grads, linear_backward, seen_by_tracer
 
 INTERPRET_VARIABLE = "TRITON_INTERPRET"
 _DTYPES = (torch.float32, torch.bfloat16, torch.float16)
@@ -217,31 +217,20 @@ class _TritonFusedFunction(torch.autograd.Function):
 def _conv_backward(spec: LayerSpec, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, alpha: torch.Tensor,
                    grad: torch.Tensor, needs: tuple[bool, ...]) -> tuple[torch.Tensor | None, ...]:
     """Gradients of (x, experts, bias, α) for a conv layer; the only kernel-sized buffer is G_b."""
-    need_x, need_w, need_b, need_a = needs
+    need_x, need_w, _, need_a = needs
     kernels = _kernels()
     geometry = _geometry(spec)
-    grad_x = grad_w = grad_b = grad_a = None
+    grad_x = None
     if need_x:
         grad_x = _empty_like_input(x, spec.in_channels, (x.shape[2], x.shape[3]))
         if _is_depthwise(spec):
             kernels.depthwise(grad, weight, alpha, None, grad_x, geometry, transposed=True)
         else:
             kernels.conv(grad, weight, alpha, None, grad_x, geometry, spec.groups, transposed=True)
+    per_example = None
     if need_w or need_a:
         if _is_depthwise(spec):
             per_example = kernels.depthwise_weight_grad(grad, x, geometry)
         else:
             per_example = kernels.conv_weight_grad(grad, x, weight, spec.groups, geometry)
-        per_example = per_example.view(x.shape[0], -1)
-        experts = weight.reshape(weight.shape[0], -1)
-        if need_w:
-            grad_w = (alpha.t().float() @ per_example).to(weight.dtype).view_as(weight)
-        if need_a:
-            grad_a = (per_example @ experts.t().float()).to(alpha.dtype)
-    if bias is not None and (need_b or need_a):
-        summed = grad.sum((2, 3))
-        if need_b:
-            grad_b = alpha.t() @ summed
-        if need_a:
-            grad_a = grad_a + summed @ bias.t()
-    return grad_x, grad_w, grad_b, grad_a
+    return (grad_x, *expert_grads(per_example, weight, bias, alpha, grad, needs))
