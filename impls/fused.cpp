@@ -572,10 +572,11 @@ at::Tensor linear_forward_bf16(const at::Tensor& x, const at::Tensor& wp, const 
   return out;
 }
 
-// x (B, K/2, P*2) bf16: each example's columns in pairs of K rows (the caller interleaves them);
-// experts w (E, N, K) bf16, K even; alpha (B, E) and bias_mix (B, N) fp32. Returns (B, N, P) bf16.
-// The loop of pw_forward_nchw: out_b = K_b @ x_b, a block of output channels mixed from
-// contiguous slabs of each expert, its rows the broadcast operand.
+// x (B, K, P) bf16; experts w (E, N, K rounded up to even) bf16, zero-padded; alpha (B, E) and
+// bias_mix (B, N) fp32. Returns (B, N, P) bf16. The loop of pw_forward_nchw: out_b = K_b @ x_b, a
+// block of output channels mixed from contiguous slabs of each expert, its rows the broadcast
+// operand; x's columns are first interleaved in pairs of K rows, one pass (in torch, the same
+// interleave took half as long as the whole product).
 at::Tensor pw_forward_nchw_bf16(const at::Tensor& x, const at::Tensor& w, const at::Tensor& alpha,
                                 const c10::optional<at::Tensor>& bias_mix) {
   TORCH_CHECK(FUSED_BF16, "pw_forward_nchw_bf16: this build has no bfloat16 kernel (it needs AVX512-BF16)");
@@ -583,13 +584,30 @@ at::Tensor pw_forward_nchw_bf16(const at::Tensor& x, const at::Tensor& w, const 
     TORCH_CHECK(t->device().is_cpu() && t->scalar_type() == at::kBFloat16 && t->is_contiguous(),
                 "pw_forward_nchw_bf16: x and the weight must be contiguous bfloat16 CPU tensors");
   check_f32(alpha, "alpha");
-  TORCH_CHECK(x.dim() == 3 && w.dim() == 3 && alpha.dim() == 2 && x.size(2) % 2 == 0, "pw_forward_nchw_bf16: bad ranks");
-  const int64_t B = x.size(0), Kp = x.size(1), P = x.size(2) / 2, E = w.size(0), N = w.size(1), K = 2 * Kp;
-  TORCH_CHECK(w.size(2) == K && alpha.size(0) == B && alpha.size(1) == E, "pw_forward_nchw_bf16: shape mismatch");
+  TORCH_CHECK(x.dim() == 3 && w.dim() == 3 && alpha.dim() == 2, "pw_forward_nchw_bf16: bad ranks");
+  const int64_t B = x.size(0), Kx = x.size(1), P = x.size(2), E = w.size(0), N = w.size(1), K = w.size(2), Kp = K / 2;
+  TORCH_CHECK(K % 2 == 0 && (Kx == K || Kx == K - 1) && alpha.size(0) == B && alpha.size(1) == E,
+              "pw_forward_nchw_bf16: shape mismatch");
   const float* bias_p = bias_of(bias_mix, B * N, "pw_forward_nchw_bf16");
   auto out = at::empty({B, N, P}, x.options());
 #if FUSED_BF16
-  const auto* xp = reinterpret_cast<const uint16_t*>(x.data_ptr<at::BFloat16>());
+  auto paired = at::empty({B, Kp, 2 * P}, x.options());
+  const auto* xs = reinterpret_cast<const uint16_t*>(x.data_ptr<at::BFloat16>());
+  auto* xp = reinterpret_cast<uint16_t*>(paired.data_ptr<at::BFloat16>());
+  at::parallel_for(0, B * Kp, 16, [&](int64_t begin, int64_t end) {
+    for (int64_t it = begin; it < end; ++it) {
+      const int64_t b = it / Kp, k = 2 * (it % Kp);
+      const uint16_t* even = xs + (b * Kx + k) * P;
+      const bool odd_row = k + 1 < Kx;
+      for (int64_t p = 0; p < P; p += 16) {
+        const __mmask16 m = tail_mask(std::min<int64_t>(16, P - p));
+        const __m512i lo = _mm512_cvtepu16_epi32(_mm256_maskz_loadu_epi16(m, even + p));
+        const __m512i hi = odd_row ? _mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_maskz_loadu_epi16(m, even + P + p)), 16)
+                                   : _mm512_setzero_si512();
+        _mm512_mask_storeu_epi32(xp + it * 2 * P + 2 * p, m, _mm512_or_si512(lo, hi));
+      }
+    }
+  });
   const auto* wpp = reinterpret_cast<const uint16_t*>(w.data_ptr<at::BFloat16>());
   const float* ap = alpha.data_ptr<float>();
   auto* op = reinterpret_cast<uint16_t*>(out.data_ptr<at::BFloat16>());
@@ -932,7 +950,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("has_bf16", &has_bf16, "whether the bfloat16 kernels were built (AVX512-BF16)");
   m.def("pw_forward_cl_bf16", &pw_forward_cl_bf16, "fused 1x1 CondConv, channels-last, bfloat16");
   m.def("linear_forward_bf16", &linear_forward_bf16, "fused linear CondConv, bfloat16 in, fp32 out");
-  m.def("pw_forward_nchw_bf16", &pw_forward_nchw_bf16, "fused 1x1 CondConv, NCHW, bfloat16 (x in pairs of K rows)");
+  m.def("pw_forward_nchw_bf16", &pw_forward_nchw_bf16, "fused 1x1 CondConv, NCHW, bfloat16");
   m.def("pw_forward_cl", &pw_forward_cl, "fused 1x1 CondConv, channels-last");
   m.def("linear_forward", &linear_forward, "fused linear CondConv (expert outputs, alpha in the epilogue)");
   m.def("pw_forward_nchw", &pw_forward_nchw, "fused 1x1 (or im2col) CondConv, NCHW");

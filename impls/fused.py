@@ -364,10 +364,10 @@ def _forward_pointwise_cl(x: torch.Tensor, packed: torch.Tensor, bias: torch.Ten
 def _forward_pointwise_nchw(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, alpha: torch.Tensor) -> torch.Tensor:
     batch, k, h, w = x.shape
     experts, n = weight.shape[:2]
-    if x.dtype == torch.bfloat16:  # the columns in pairs of K rows, (B, K/2, P·2), the order vdpbf16ps reads
-        columns = _even_channels(x.reshape(batch, k, h * w).transpose(1, 2)).transpose(1, 2)
-        pairs = columns.reshape(batch, -1, 2, h * w).transpose(2, 3).reshape(batch, -1, 2 * h * w).contiguous()
-        return _native().pw_forward_nchw_bf16(pairs, _even_channels(weight).contiguous(), alpha, _mixed_bias(bias, alpha)).view(batch, n, h, w)
+    if x.dtype == torch.bfloat16:
+        out = _native().pw_forward_nchw_bf16(x.contiguous().view(batch, k, h * w), _even_channels(weight).contiguous(), alpha,
+                                             _mixed_bias(bias, alpha))
+        return out.view(batch, n, h, w)
     columns = x.contiguous().view(batch, k, h * w)
     out = _native().pw_forward_nchw(columns, weight.reshape(experts, n, k).contiguous(), alpha, _mixed_bias(bias, alpha))
     return out.view(batch, n, h, w)
