@@ -257,8 +257,9 @@ def _forward_bf16(spec: LayerSpec, layout: Layout, x: torch.Tensor, weight: torc
         return _forward_linear(x, layout("fused_pw_cl", _pack_pointwise_cl), bias32, alpha32, spec.out_channels).to(x.dtype)
     if spec.is_pointwise and spec.stride == (1, 1) and spec.groups == 1:
         if _is_channels_last(x):
-            return _forward_pointwise_cl(x, layout("fused_pw_cl", _pack_pointwise_cl), bias32, alpha32, spec.out_channels)
-        return _forward_pointwise_nchw(x, layout("fused_pw_nchw", _even_channels), bias32, alpha32)
+            packed = layout("fused_pw_cl_pairs", lambda w: _pair_experts(_pack_pointwise_cl(w)))
+            return _forward_pointwise_cl(x, packed, bias32, alpha32, spec.out_channels)
+        return _forward_pointwise_nchw(x, layout("fused_pw_nchw_pairs", lambda w: _pair_experts(_even_channels(w))), bias32, alpha32)
 
     def float_layout(name: str, build: Callable[[torch.Tensor], torch.Tensor]) -> torch.Tensor:
         return layout(f"{name}_float32", lambda w: build(w.float()))
@@ -314,7 +315,8 @@ def _is_channels_last(x: torch.Tensor) -> bool:
 def _pack_pointwise_cl(weight: torch.Tensor) -> torch.Tensor:
     """(E, N, K[, 1, 1]) → (E, nblk, K, 64): `W_eᵀ` in 64-column blocks, zero-padded, so that
     mixing a block of `K_bᵀ` reads one contiguous slab per expert. bfloat16: K zero-padded to even
-    and each pair of K rows interleaved, (E, nblk, K/2, 64·2), the order vdpbf16ps reads."""
+    and each pair of K rows interleaved, (E, nblk, K/2, 64·2), the order vdpbf16ps reads (the
+    linear kernel reads that; the 1×1 kernel's mixing wants `_pair_experts` of it)."""
     experts, n = weight.shape[:2]
     w = weight.reshape(experts, n, -1)
     blocks = -(-n // _COL_BLOCK)
@@ -327,6 +329,16 @@ def _pack_pointwise_cl(weight: torch.Tensor) -> torch.Tensor:
     if k % 2:
         packed = F.pad(packed, (0, 0, 0, 1))
     return packed.reshape(experts, blocks, -1, 2, _COL_BLOCK).transpose(3, 4).reshape(experts, blocks, -1, 2 * _COL_BLOCK).contiguous()
+
+
+def _pair_experts(packed: torch.Tensor) -> torch.Tensor:
+    """bfloat16 experts `(E, …, L)` → `(E/2, …, 2L)`: each value beside the same value of the next
+    expert (a zero expert pads an odd E), so that mixing two experts is one vdpbf16ps."""
+    experts = packed.shape[0]
+    if experts % 2:
+        packed = torch.cat([packed, packed.new_zeros(1, *packed.shape[1:])])
+    pairs = packed.reshape(-1, 2, packed[0].numel()).transpose(1, 2)
+    return pairs.reshape(-1, *packed.shape[1:-1], 2 * packed.shape[-1]).contiguous()
 
 
 def _even_channels(rows: torch.Tensor) -> torch.Tensor:
