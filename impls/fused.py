@@ -248,9 +248,9 @@ def _forward(spec: LayerSpec, layout: Layout, x: torch.Tensor, weight: torch.Ten
 
 def _forward_bf16(spec: LayerSpec, layout: Layout, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
                   alpha: torch.Tensor) -> torch.Tensor:
-    """bfloat16: linear and 1×1 layers (stride 1) run the bf16 kernels, whose products take bf16
-    pairs (vdpbf16ps) and keep every sum in fp32. Depthwise and k×k layers run the float32 kernels on float32 copies: their
-    time is in loads, not in multiply-adds, which bf16 does not make cheaper."""
+    """bfloat16: linear and 1×1 layers (stride 1) run the bf16 kernels, whose products and mixing
+    take bf16 pairs (vdpbf16ps) and keep every sum in fp32. Depthwise and k×k layers have no bf16
+    kernel yet: they run the float32 kernels on float32 copies."""
     alpha32 = alpha.float()
     bias32 = None if bias is None else bias.float()
     if spec.kind == "linear":
