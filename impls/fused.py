@@ -264,7 +264,7 @@ def _forward_bf16(spec: LayerSpec, layout: Layout, x: torch.Tensor, weight: torc
     def float_layout(name: str, build: Callable[[torch.Tensor], torch.Tensor]) -> torch.Tensor:
         return layout(f"{name}_float32", lambda w: build(w.float()))
 
-    return _forward(spec, float_layout, x.float(), weight.float(), bias32, alpha32).to(x.dtype)
+    return _forward(spec, float_layout, x.float(), float_layout("experts", lambda w: w), bias32, alpha32).to(x.dtype)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -374,11 +374,11 @@ def _forward_pointwise_cl(x: torch.Tensor, packed: torch.Tensor, bias: torch.Ten
 
 
 def _forward_pointwise_nchw(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, alpha: torch.Tensor) -> torch.Tensor:
+    """`weight`: the experts `(E, N, K[, 1, 1])`; for bfloat16 `x`, `_pair_experts(_even_channels(…))` of them."""
     batch, k, h, w = x.shape
     experts, n = weight.shape[:2]
     if x.dtype == torch.bfloat16:
-        out = _native().pw_forward_nchw_bf16(x.contiguous().view(batch, k, h * w), _even_channels(weight).contiguous(), alpha,
-                                             _mixed_bias(bias, alpha))
+        out = _native().pw_forward_nchw_bf16(x.contiguous().view(batch, k, h * w), weight, alpha, _mixed_bias(bias, alpha))
         return out.view(batch, n, h, w)
     columns = x.contiguous().view(batch, k, h * w)
     out = _native().pw_forward_nchw(columns, weight.reshape(experts, n, k).contiguous(), alpha, _mixed_bias(bias, alpha))
