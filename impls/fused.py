@@ -22,11 +22,12 @@ Paths, by layer:
   than the convolution).
 - other k×k with groups 1 (and strided or padded 1×1): `F.unfold`, then the NCHW fused product.
 - backward, without running the forward again: grad_x of a 1×1 layer is the same fused kernel on
-  the transposed experts, of a stride-1 depthwise layer the depthwise kernel on the flipped taps;
-  the weight and routing gradients come from the per-example kernel gradients G_b (one `bmm` of
-  `g_bᵀ x_b` for 1×1, ATen's convolution backward of the batch-as-groups conv otherwise, which
-  also gives grad_x of strided and k×k layers); linear backward is torch ops without any mixed
-  kernel.
+  the transposed experts, of a stride-1 depthwise layer the depthwise kernel on the flipped taps,
+  of any other depthwise layer a native scatter through the mixed taps; the weight and routing
+  gradients come from the per-example kernel gradients G_b (one `bmm` of `g_bᵀ x_b` for 1×1, a
+  native pass over the output gradient for depthwise, ATen's convolution backward of the
+  batch-as-groups conv for k×k, which also gives their grad_x); linear backward is torch ops
+  without any mixed kernel.
 - bfloat16, on CPUs with AVX512-BF16: the 1×1 and linear products take bf16 pairs (vdpbf16ps, the
   experts packed in pairs of K rows) with every sum in fp32, the output rounded once; depthwise
   and k×k layers run the float32 kernels on float32 copies.
@@ -498,30 +499,60 @@ def _backward_pointwise(x, weight, bias, alpha, grad, needs):
 
 
 def _backward_conv(spec, x, weight, bias, alpha, grad, needs):
-    """Depthwise and k×k layers, without running the forward again. The per-example kernel
-    gradients G_b (one tensor the size of the B mixed kernels: small for depthwise, (B, C·k²)) and,
-    for layers the native kernel cannot transpose, grad_x come from ATen's convolution backward of
-    the batch-as-groups conv; grad_x of a stride-1 depthwise layer is the fused forward kernel on the
-    flipped taps (a transposed stride-1 convolution is a convolution with the kernel flipped and
-    the padding d·(k−1)−p)."""
+    """Depthwise and k×k layers, without running the forward again.
+
+    Depthwise layers are native throughout. The per-example kernel gradients G_b (B·C·k²
+    floats) are one pass over the output gradient (`dw_kernel_grad`); ATen's weight gradient of
+    the batch-as-groups conv, used before, took 30–40× the forward for 5×5 taps. grad_x of a
+    stride-1 layer is the fused forward kernel on the flipped taps (a transposed stride-1
+    convolution is a convolution with the kernel flipped and the padding d·(k−1)−p), faster than
+    the scatter (`dw_input_grad`) that every other stride and padding takes: ATen's input gradient
+    of the batch-as-groups conv took 16× the static layer's at stride 2. k×k layers still take G_b
+    and grad_x from ATen's convolution backward of the batch-as-groups conv."""
     need_x, need_w, _, need_a = needs
     batch, experts = alpha.shape
-    native_x = need_x and _is_depthwise(spec) and spec.stride == (1, 1) and all(
+    if not _is_depthwise(spec):
+        kernels = (alpha @ weight.reshape(experts, -1)).view(batch * spec.out_channels, *weight.shape[2:])
+        grad_x, per_example, _ = torch.ops.aten.convolution_backward(
+            grad.reshape(1, -1, *grad.shape[2:]), x.reshape(1, -1, *x.shape[2:]), kernels, None, spec.stride, spec.padding,
+            spec.dilation, False, (0, 0), spec.groups * batch, (need_x, need_w or need_a, False))
+        if grad_x is not None:
+            grad_x = grad_x.view_as(x)
+            grad_x = grad_x.contiguous(memory_format=torch.channels_last) if _is_channels_last(x) else grad_x
+        return (grad_x, *expert_grads(per_example, weight, bias, alpha, grad, needs))
+    grad_x = _depthwise_input_grad(spec, x, weight, alpha, grad) if need_x else None
+    per_example = _depthwise_kernel_grads(spec, x, grad) if need_w or need_a else None
+    return (grad_x, *expert_grads(per_example, weight, bias, alpha, grad, needs))
+
+
+def _depthwise_input_grad(spec: LayerSpec, x: torch.Tensor, weight: torch.Tensor, alpha: torch.Tensor,
+                          grad: torch.Tensor) -> torch.Tensor:
+    flippable = spec.stride == (1, 1) and all(
         d * (k - 1) >= p for d, k, p in zip(spec.dilation, spec.kernel_size, spec.padding))
-    grad_x = per_example = None
-    if native_x:
+    if flippable:
         flipped = weight.flip(-2, -1)
         padding = tuple(d * (k - 1) - p for d, k, p in zip(spec.dilation, spec.kernel_size, spec.padding))
-        grad_x = _forward(replace(spec, padding=padding, bias=False), _fresh_layout(flipped), grad, flipped, None, alpha)
-    if (need_x and not native_x) or need_w or need_a:
-        kernels = (alpha @ weight.reshape(experts, -1)).view(batch * spec.out_channels, *weight.shape[2:])
-        grad_in, per_example, _ = torch.ops.aten.convolution_backward(
-            grad.reshape(1, -1, *grad.shape[2:]), x.reshape(1, -1, *x.shape[2:]), kernels, None, spec.stride, spec.padding,
-            spec.dilation, False, (0, 0), spec.groups * batch, (need_x and not native_x, need_w or need_a, False))
-        if grad_in is not None:
-            grad_x = grad_in.view_as(x)
-            grad_x = grad_x.contiguous(memory_format=torch.channels_last) if _is_channels_last(x) else grad_x
-    return (grad_x, *expert_grads(per_example, weight, bias, alpha, grad, needs))
+        return _forward(replace(spec, padding=padding, bias=False), _fresh_layout(flipped), grad, flipped, None, alpha)
+    (kh, kw), (sh, sw), (ph, pw), (dh, dw) = spec.kernel_size, spec.stride, spec.padding, spec.dilation
+    planar = not _is_channels_last(x)
+    rows = grad.float().contiguous() if planar else grad.float().permute(0, 2, 3, 1).contiguous()
+    out = _native().dw_input_grad(rows, _pack_depthwise(weight.float()), alpha.float(), x.shape[2], x.shape[3],
+                                  kh, kw, sh, sw, ph, pw, dh, dw, planar)
+    return (out if planar else out.permute(0, 3, 1, 2)).to(x.dtype)
+
+
+def _depthwise_kernel_grads(spec: LayerSpec, x: torch.Tensor, grad: torch.Tensor) -> torch.Tensor:
+    """G (B, C·k²) in float32, the gradient sums in the layout the input came in (bfloat16 is
+    widened first: there is no bfloat16 depthwise kernel)."""
+    (kh, kw), (sh, sw), (ph, pw), (dh, dw) = spec.kernel_size, spec.stride, spec.padding, spec.dilation
+    planar = not _is_channels_last(x)
+    x, grad = x.float(), grad.float()
+    if planar:
+        x_rows, grad_rows = x.contiguous(), grad.contiguous()
+    else:
+        x_rows = x.permute(0, 2, 3, 1).contiguous()
+        grad_rows = grad.permute(0, 2, 3, 1).contiguous()
+    return _native().dw_kernel_grad(x_rows, grad_rows, kh, kw, sh, sw, ph, pw, dh, dw, planar).view(x.shape[0], -1)
 
 
 def _fresh_layout(weight: torch.Tensor) -> Layout:

@@ -137,14 +137,19 @@ def check_backward(spec: LayerSpec, x: torch.Tensor) -> None:
     (LayerSpec("linear", 7, 13, 3, bias=True), (3, 7), "nchw"),
     (LayerSpec("conv2d", 7, 7, 3, kernel_size=3, stride=2, padding=1, groups=7, bias=True), (2, 7, 6, 6), "channels_last"),
     (LayerSpec("conv2d", 7, 5, 3, kernel_size=3, padding=1, bias=True), (2, 7, 6, 6), "nchw"),
-    # stride 1: grad_x is the native kernel on the flipped taps (the last two: an unpadded and an
-    # over-padded layer, where the transposed padding is d·(k−1)−p)
+    # stride 1: grad_x is the native kernel on the flipped taps (the next two: an unpadded layer,
+    # where the transposed padding is d·(k−1)−p, and an over-padded one, which takes the scatter)
     (LayerSpec("conv2d", 20, 20, 3, kernel_size=5, padding=2, groups=20, bias=True), (3, 20, 7, 6), "channels_last"),
     (LayerSpec("conv2d", 70, 70, 4, kernel_size=3, padding=2, dilation=2, groups=70), (2, 70, 9, 9), "nchw"),
     (LayerSpec("conv2d", 9, 9, 2, kernel_size=3, groups=9), (2, 9, 6, 5), "channels_last"),
     (LayerSpec("conv2d", 9, 9, 2, kernel_size=3, padding=3, groups=9), (2, 9, 6, 5), "nchw"),
+    # other strides and paddings: grad_x is the native scatter through the mixed taps (3×3 and 5×5
+    # in registers, other sizes in memory; 70 channels leave a tail in the 64-channel blocks)
+    (LayerSpec("conv2d", 70, 70, 3, kernel_size=5, stride=2, padding=2, groups=70, bias=True), (2, 70, 9, 9), "nchw"),
+    (LayerSpec("conv2d", 18, 18, 2, kernel_size=7, stride=(2, 1), padding=(3, 1), dilation=(2, 1), groups=18), (2, 18, 11, 8),
+     "channels_last"),
 ], ids=["pointwise_cl", "pointwise_b1", "linear", "depthwise_s2", "k3", "depthwise_5x5_cl", "depthwise_dilated",
-        "depthwise_unpadded", "depthwise_overpadded"])
+        "depthwise_unpadded", "depthwise_overpadded", "depthwise_5x5_s2_nchw", "depthwise_7x7_asymmetric"])
 def test_backward_with_routing_weight_gradients(spec, shape, layout) -> None:
     check_backward(spec, make_x(shape, layout) if len(shape) == 4 else torch.randn(shape))
 
