@@ -134,10 +134,40 @@ def test_every_ceiling_has_a_sentinel_that_runs(kind) -> None:
     assert torch.isfinite(step()).all()
 
 
-def test_a_working_set_beyond_the_llc_streams_its_excess_from_dram() -> None:
+def test_without_a_stream_curve_a_working_set_beyond_the_llc_streams_its_excess_from_dram() -> None:
     assert memory_seconds(800, 800, CEILINGS) == (pytest.approx(800 / 1e11), "llc")
     seconds, level = memory_seconds(3000, 1500, CEILINGS)  # 500 bytes cannot stay in a 1000-byte LLC
     assert level == "dram" and seconds == pytest.approx(500 / 1e10 + 2500 / 1e11)
+
+
+# An LLC of 1000 bytes; re-read rates measured at 125 (the LLC buffer), 500, 1000, 2000 and 4000 (DRAM) bytes.
+STREAM = ((125, 1e11), (500, 9e10), (1000, 4e10), (2000, 2e10), (4000, 1e10))
+
+
+@pytest.mark.parametrize(("working_set", "rate", "level"), [
+    (100, 1e11, "llc"), (400, 1e11, "llc"), (800, 9e10, "llc"), (1000, 4e10, "llc"), (1500, 4e10, "dram"),
+    (3000, 2e10, "dram"), (10**6, 1e10, "dram")])
+def test_a_working_set_is_re_read_at_the_rate_of_the_largest_measured_buffer_no_larger(working_set, rate, level) -> None:
+    with_stream = Ceilings(1e11, 1e10, 1e10, 1e11, 1000, STREAM)
+    assert memory_seconds(working_set, working_set, with_stream) == (pytest.approx(working_set / rate), level)
+    seconds, _ = memory_seconds(working_set + 700, working_set, with_stream)  # bytes beyond the working set: LLC rate
+    assert seconds == pytest.approx(working_set / rate + 700 / 1e11)
+
+
+def test_the_stream_curve_is_read_from_run_json_with_the_llc_and_dram_buffers_as_its_ends() -> None:
+    metadata = {"matmul_peaks": [{"device": "cpu", "dtype": "float32", "threads": 2, "dense_flops_per_s": 1e11, "depthwise_flops_per_s": 1e10}],
+                "memory_bandwidths": [{"device": "cpu", "threads": 2, "dram_bytes_per_s": 1e10, "llc_bytes_per_s": 1e11,
+                                       "llc_bytes": 1000, "llc_buffer_bytes": 125, "dram_buffer_bytes": 4000,
+                                       "stream_bytes_per_s": [[2000, 2e10], [500, 9e10], [1000, 4e10]]}]}
+    assert Ceilings.from_metadata(metadata, "cpu", "float32", 2).stream == STREAM
+    del metadata["memory_bandwidths"][0]["stream_bytes_per_s"]  # a run before the curve: the two-level model
+    assert Ceilings.from_metadata(metadata, "cpu", "float32", 2).stream == ()
+
+
+def test_stream_curves_keep_the_best_rate_per_buffer_across_measurements() -> None:
+    first = [{"device": "cpu", "threads": 2, "dram_bytes_per_s": 1e10, "stream_bytes_per_s": [[500, 9e10], [1000, 3e10]]}]
+    later = [{"device": "cpu", "threads": 2, "dram_bytes_per_s": 1e10, "stream_bytes_per_s": [[500, 7e10], [1000, 4e10], [2000, 2e10]]}]
+    assert best_ceilings(first, later)[0]["stream_bytes_per_s"] == [[500, 9e10], [1000, 4e10], [2000, 2e10]]
 
 
 def _suite(tmp_path: Path, layers: list[dict], impls: list[str], batch_sizes: list[int], budget: float = 0.3) -> Path:
@@ -260,6 +290,10 @@ def test_bandwidths_are_measured_for_the_cpu() -> None:
     assert measured["dram_bytes_per_s"] > 1e8 and measured["llc_bytes_per_s"] > 1e8
     assert measured["dram_buffer_bytes"] >= 4 * (measured["llc_bytes"] or 0)
     assert measured["llc_buffer_bytes"] <= (measured["llc_bytes"] or measured["llc_buffer_bytes"])
+    if measured["llc_bytes"]:
+        sizes = [size for size, _ in measured["stream_bytes_per_s"]]
+        assert measured["llc_buffer_bytes"] < sizes[0] < sizes[-1] < measured["dram_buffer_bytes"]
+        assert all(rate > 1e8 for _, rate in measured["stream_bytes_per_s"])
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")

@@ -16,10 +16,14 @@ Ceilings, and which one applies:
   depthwise conv's reach). Compute seconds are summed over the two kinds of MACs.
 - Memory: in a layer benchmark the same input and experts are used call after call, so they stay
   in the last-level cache when they fit. The rule: the compulsory working set (input, output,
-  experts, routing) up to the LLC's size is read at LLC bandwidth; what exceeds the LLC streams
-  from DRAM at DRAM bandwidth; every other byte moves at LLC bandwidth. `limit_memory` says `llc` when the
-  working set fits, `dram` when part of it cannot. Inside a model the experts stream from DRAM
-  between layers, so a model's limit is higher than its layers' limits.
+  experts, routing) is re-read at the bandwidth measured on the largest buffer no larger than it
+  (`Ceilings.stream`: the LLC buffer, half, one and two LLCs, the DRAM buffer), so a set that
+  fits moves at LLC bandwidth and one beyond it at what re-reading that much memory reaches
+  here; every other byte moves at LLC bandwidth. `limit_memory` says `llc` when the working set
+  fits, `dram` when it does not. Runs that measured no curve keep the model they were written
+  with: up to the LLC's size at LLC bandwidth, the rest at DRAM bandwidth (optimistic between one
+  and two LLCs, where a re-read set already runs near DRAM speed). Inside a model the experts
+  stream from DRAM between layers, so a model's limit is higher than its layers' limits.
 
 Limits are modelled for one layer's forward pass (inference rows); training steps and block stacks
 have none yet. A case beating its compulsory limit by more than measurement error means a
@@ -44,6 +48,8 @@ class Ceilings:
     dram_bytes_per_s: float
     llc_bytes_per_s: float
     llc_bytes: int | None  # None where the system does not say: everything is taken to fit
+    # (buffer bytes, bytes/s) re-read rates from the LLC buffer to the DRAM buffer, by size; () when not measured
+    stream: tuple[tuple[int, float], ...] = ()
 
     @classmethod
     def from_metadata(cls, metadata: dict[str, Any], device: str, dtype: str, threads: int) -> Ceilings | None:
@@ -59,8 +65,13 @@ class Ceilings:
             return None
         sentinel = max((float(s["per_s"]) for s in metadata.get("sentinels", [])
                         if (s["device"], s["dtype"], int(s["threads"]), s["sentinel"]) == (device, dtype, threads, "dense")), default=0.0)
+        stream = ()
+        if memory.get("stream_bytes_per_s"):
+            stream = tuple(sorted([(int(memory["llc_buffer_bytes"]), float(memory["llc_bytes_per_s"])),
+                                   *((int(size), float(rate)) for size, rate in memory["stream_bytes_per_s"]),
+                                   (int(memory["dram_buffer_bytes"]), float(memory["dram_bytes_per_s"]))]))
         return cls(max(float(peak["dense_flops_per_s"]), sentinel), float(peak["depthwise_flops_per_s"]), float(memory["dram_bytes_per_s"]),
-                   float(memory["llc_bytes_per_s"]), memory.get("llc_bytes"))
+                   float(memory["llc_bytes_per_s"]), memory.get("llc_bytes"), stream)
 
 
 @dataclass(frozen=True)
@@ -79,10 +90,16 @@ class Limit:
 
 
 def memory_seconds(moved_bytes: int, working_set_bytes: int, ceilings: Ceilings) -> tuple[float, str]:
-    """Seconds to move `moved_bytes` when `working_set_bytes` stay resident between calls, and the level."""
-    spill = 0 if ceilings.llc_bytes is None else max(0, min(moved_bytes, working_set_bytes - ceilings.llc_bytes))
-    seconds = spill / ceilings.dram_bytes_per_s + (moved_bytes - spill) / ceilings.llc_bytes_per_s
-    return seconds, "dram" if spill else "llc"
+    """Seconds to move `moved_bytes` when `working_set_bytes` are re-read call after call, and the level."""
+    if ceilings.llc_bytes is None:
+        return moved_bytes / ceilings.llc_bytes_per_s, "llc"
+    level = "dram" if working_set_bytes > ceilings.llc_bytes else "llc"
+    if not ceilings.stream:
+        spill = max(0, min(moved_bytes, working_set_bytes - ceilings.llc_bytes))
+        return spill / ceilings.dram_bytes_per_s + (moved_bytes - spill) / ceilings.llc_bytes_per_s, level
+    rate = next((r for size, r in reversed(ceilings.stream) if size <= working_set_bytes), ceilings.llc_bytes_per_s)
+    resident = min(moved_bytes, working_set_bytes)
+    return resident / rate + (moved_bytes - resident) / ceilings.llc_bytes_per_s, level
 
 
 def limit(macs: AnalyticMacs, traffic: Traffic, working_set_bytes: int, depthwise: bool, ceilings: Ceilings) -> Limit:

@@ -11,10 +11,11 @@ whose every weight is used only H'·W' times, reaches neither (a static depthwis
 2–4.5× a limit from the matmul peak), so its own peak is measured: the best of a 3×3 and two 5×5
 depthwise convs at EfficientNet-like widths.
 
-Memory bandwidth is measured twice per device and thread count, with TF32 off like the peak:
+Memory bandwidth is measured per device and thread count, with TF32 off like the peak:
 `dram` on buffers well beyond the last-level cache (at least 256 MiB on CPU, 1 GiB on CUDA, and
 at least four times the LLC), `llc` on buffers that fit in it (an eighth of the LLC, at most
-4 MiB). Each is the better of a copy (read + write) and a read-only reduction, because a read
+4 MiB), and the `stream` curve on buffers of half, one and two LLCs, where a re-read working set
+stops fitting (`memory_bandwidths`). Each is the better of a copy (read + write) and a read-only reduction, because a read
 stream can outrun a copy (write-allocate traffic is invisible to the count): a ceiling must be
 an upper bound, or a case would beat its limit. Bandwidth does not depend on the cases' dtype.
 
@@ -68,6 +69,8 @@ _BLOCK_S = 0.03
 _BLOCKS = 7
 _DRAM_MIN_BYTES = {"cpu": 256 * 2**20, "cuda": 2**30}
 _LLC_MAX_BUFFER = 4 * 2**20
+# Buffers between the two, as multiples of the LLC's size: where a re-read working set stops fitting.
+_STREAM_LLC_MULTIPLES = (0.5, 1, 2)
 # (batch, C_in, H, W, C_out) of the 1x1 conv that joins the matmul in the dense peak.
 _DENSE_CONV = {"cpu": (16, 256, 14, 14, 512), "cuda": (64, 1024, 28, 28, 1024)}
 # (batch, channels, H, W, k) depthwise convs; the best of them is the depthwise peak.
@@ -146,20 +149,37 @@ def _bandwidth(device: torch.device, threads: int, nbytes: int) -> float:
     return max(2 * nbytes / copy_s, nbytes / read_s)
 
 
-def memory_bandwidths(device: torch.device, threads: int) -> dict[str, float | int | None]:
+def memory_bandwidths(device: torch.device, threads: int) -> dict[str, Any]:
     """Sustained DRAM and last-level-cache bandwidth (bytes/s) of `device` at `threads` threads,
-    with the buffer sizes used and the LLC size the limits compare working sets with."""
+    with the buffer sizes used, the LLC size the limits compare working sets with, and
+    `stream_bytes_per_s`: `[buffer bytes, bytes/s]` of buffers from half to twice the LLC.
+
+    Why the curve: a working set re-read call after call does not step from the LLC's bandwidth to
+    DRAM's at the LLC's size. On a 2-core slice of an AMD EPYC (32 MiB L3, shared with other
+    tenants), re-reading a buffer ran at 150 GB/s at 16 MiB, 70–86 at 24, 48–52 at 32 and 37–40
+    at 41 MiB (a CondConv classifier's experts): the model "up to the LLC's size from the LLC, the
+    rest from DRAM" put that 41 MiB layer's limit at 2.5× the time a plain read of its bytes took."""
     use_exact_float32(device)
     llc = last_level_cache_bytes(device)
     dram_buffer = max(_DRAM_MIN_BYTES.get(device.type, 2**30), 4 * (llc or 0))
     llc_buffer = min(_LLC_MAX_BUFFER, llc // 8) if llc else _LLC_MAX_BUFFER
+    stream_buffers = sorted({int(llc * m) // 4 * 4 for m in _STREAM_LLC_MULTIPLES}) if llc else []
     return {
         "dram_bytes_per_s": _bandwidth(device, threads, dram_buffer),
         "llc_bytes_per_s": _bandwidth(device, threads, llc_buffer),
         "llc_bytes": llc,
         "dram_buffer_bytes": dram_buffer,
         "llc_buffer_bytes": llc_buffer,
+        "stream_bytes_per_s": [[size, _bandwidth(device, threads, size)] for size in stream_buffers],
     }
+
+
+def best_stream(earlier: list[list[float]], later: list[list[float]]) -> list[list[float]]:
+    """Two `stream_bytes_per_s` curves merged, the higher rate at each buffer size."""
+    rates = {int(size): rate for size, rate in earlier}
+    for size, rate in later:
+        rates[int(size)] = max(rates.get(int(size), 0.0), rate)
+    return [[size, rates[size]] for size in sorted(rates)]
 
 
 def sentinel_step(kind: str, device: torch.device, dtype: torch.dtype) -> Step:
@@ -211,7 +231,10 @@ def memory_bandwidths_of(cases: list[Case], passes: int = CEILING_PASSES) -> lis
         if device_unavailable_reason(torch.device(device)) is None:
             each = [memory_bandwidths(torch.device(device), threads) for _ in range(passes)]
             best = {key: max(p[key] for p in each) for key in ("dram_bytes_per_s", "llc_bytes_per_s")}
-            measured.append({"device": device, "threads": threads, **each[0], **best})
+            stream: list[list[float]] = []
+            for p in each:
+                stream = best_stream(stream, p.get("stream_bytes_per_s", []))
+            measured.append({"device": device, "threads": threads, **each[0], **best, "stream_bytes_per_s": stream})
     return measured
 
 
@@ -258,5 +281,7 @@ def best_ceilings(earlier: list[dict[str, Any]], later: list[dict[str, Any]]) ->
         for field in CEILING_FIELDS:
             if field in entry:
                 kept[field] = max(kept.get(field) or 0.0, entry[field])
+        if "stream_bytes_per_s" in entry:
+            kept["stream_bytes_per_s"] = best_stream(kept.get("stream_bytes_per_s", []), entry["stream_bytes_per_s"])
         kept["measurements"] = kept.get("measurements", 1) + 1
     return list(merged.values())

@@ -41,6 +41,7 @@ class MemoryBandwidth(BaseModel):
     dram_bytes_per_s: float = Field(gt=0)
     llc_bytes_per_s: float = Field(gt=0)
     llc_bytes: int | None = None
+    stream_bytes_per_s: list[tuple[int, float]] = []  # [buffer bytes, bytes/s]; empty in runs that did not measure it
     measurements: int = Field(default=1, ge=1)
 
 
