@@ -33,12 +33,7 @@ within a budget (`DEFAULT_BUDGET_S` per signature, ended by `BUDGET_SLACK`× it 
   overrun the deadline first drops the slowest contenders (down to two), else is not started;
   candidates not reached when the first calls of two or more have spent the budget are skipped;
 - every strategy within `TIE_TOLERANCE` of the fastest median is tied, and the choice among the
-  tied is fixed rather than left to noise, so two processes agree: the one that moves the fewest
-  bytes by its traffic model (`analytic_bytes`), then the first by name. Timed alone, a layer
-  keeps its experts and input in the LLC call after call; inside a model every byte a strategy
-  writes (B per-example kernels) also evicts what the next layers read. Picking by name, autotune
-  ran `batched_matmul` in 8–13 of `efficientnet_cc_b0_8e`'s 24 layers in a training step at
-  batch 8, and the model ran at 1.06–1.08× its floor where `fused` everywhere ran at 0.98–0.99×.
+  tied is fixed by name rather than by noise, so two processes agree.
 
 A measurement whose rounds disagree about the comparison by over `NOISY_SPREAD` (interquartile
 range / median of the runner-up's time over the choice's, round by round) could not separate the
@@ -183,7 +178,7 @@ def measure(layer: torch.nn.Module, x: torch.Tensor, routing_weights: torch.Tens
         rounds = planned_rounds(steps, race, random.Random(0), clock, sync)
     estimate, contenders = race.estimate, race.contenders
     medians = {key: estimate[key] for key in contenders}
-    strategy, tied = pick(medians, moved_bytes(candidates, layer, x))
+    strategy, tied = pick(medians)
     rivals = tuple(sorted((k for k in estimate if k != strategy), key=estimate.__getitem__)[:RIVALS])
     return Tuning(
         strategy=strategy, seconds=clock() - started, medians_s=medians,
@@ -264,7 +259,7 @@ def confirm(layer: torch.nn.Module, x: torch.Tensor, routing_weights: torch.Tens
     best = min(medians.values())
     holds = medians[cached] <= best * (1 + TIE_TOLERANCE)
     strategy, tied = (cached, tuple(sorted(k for k, m in medians.items() if m <= medians[cached] * (1 + TIE_TOLERANCE)))) \
-        if holds else pick(medians, moved_bytes(racing, layer, x))
+        if holds else pick(medians)
     others = tuple(sorted((k for k in medians if k != strategy), key=medians.__getitem__))
     return Tuning(
         strategy=strategy, seconds=clock() - started, medians_s=medians, pruned=(), tied=tied, rounds=len(rounds),
@@ -333,17 +328,9 @@ def cheap_enough(candidates: dict[str, type], spec: LayerSpec, batch_size: int, 
     return {key: cls for key, cls in candidates.items() if macs[key] <= MACS_FACTOR * least}
 
 
-def moved_bytes(candidates: dict[str, type], layer: torch.nn.Module, x: torch.Tensor) -> dict[str, int]:
-    """Each candidate's bytes moved per call by its traffic model, on this call's input."""
-    input_size = tuple(x.shape[2:4]) if x.dim() == 4 else (1, 1)
-    return {key: cls.analytic_bytes(layer.spec, x.shape[0], input_size, x.element_size()).moved
-            for key, cls in candidates.items()}
-
-
-def pick(medians_s: dict[str, float], moved: Mapping[str, int]) -> tuple[str, tuple[str, ...]]:
+def pick(medians_s: dict[str, float]) -> tuple[str, tuple[str, ...]]:
     """The choice and the tied set: every strategy within TIE_TOLERANCE of the fastest median is
-    tied, and the one of them moving the fewest bytes (`moved`), then the first by name, is
-    chosen, so noise inside the tie cannot flip the choice."""
+    tied, and the first of them by name is chosen, so noise inside the tie cannot flip the choice."""
     best = min(medians_s.values())
     tied = tuple(sorted(key for key, median in medians_s.items() if median <= best * (1 + TIE_TOLERANCE)))
-    return min(tied, key=lambda key: (moved[key], key)), tied
+    return tied[0], tied
