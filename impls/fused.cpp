@@ -961,6 +961,19 @@ at::Tensor dw_forward(const at::Tensor& x, const at::Tensor& wp, const at::Tenso
   return out;
 }
 
+// The (example b, channels c0..c0+cols) block of a channels-last (B, HW, C) tensor in place, or of
+// a planar (B, C, HW) one transposed into `scratch` (HW x kDwBlock); `stride` gets its pixel stride.
+const float* channels_last_block(const float* base, int64_t b, int64_t c0, int64_t cols, int64_t C, int64_t HW,
+                                 bool planar, std::vector<float>& scratch, int64_t& stride) {
+  if (!planar) {
+    stride = C;
+    return base + b * HW * C + c0;
+  }
+  transpose(base + (b * C + c0) * HW, HW, cols, HW, scratch.data(), kDwBlock);
+  stride = kDwBlock;
+  return scratch.data();
+}
+
 // ---------------------------------------------------------------------------------------------
 // Depthwise backward: the per-example kernel gradients G[b, c, i*kw + j] =
 //   sum over (oh, ow) of g[b, c, oh, ow] * x[b, c, oh*sh - ph + i*dh, ow*sw - pw + j*dw],
@@ -1041,16 +1054,9 @@ at::Tensor dw_kernel_grad(const at::Tensor& x, const at::Tensor& grad, int64_t k
 #endif
     for (int64_t it = begin; it < end; ++it) {
       const int64_t b = it / ncb, c0 = it % ncb * kDwBlock, cols = std::min(kDwBlock, C - c0);
-      const float* xb = xp + b * H * W * C + c0;
-      const float* gb = gp + b * Ho * Wo * C + c0;
-      int64_t cs = C;
-      if (planar) {
-        transpose(xp + (b * C + c0) * H * W, H * W, cols, H * W, x_cl.data(), kDwBlock);
-        transpose(gp + (b * C + c0) * Ho * Wo, Ho * Wo, cols, Ho * Wo, g_cl.data(), kDwBlock);
-        xb = x_cl.data();
-        gb = g_cl.data();
-        cs = kDwBlock;
-      }
+      int64_t cs;
+      const float* xb = channels_last_block(xp, b, c0, cols, C, H * W, planar, x_cl, cs);
+      const float* gb = channels_last_block(gp, b, c0, cols, C, Ho * Wo, planar, g_cl, cs);
 #if FUSED_AVX512
       for (int64_t v = 0; v < cols; v += 16) {
         const __mmask16 tail = tail_mask(std::min<int64_t>(16, cols - v));
@@ -1175,15 +1181,9 @@ at::Tensor dw_input_grad(const at::Tensor& grad, const at::Tensor& wp, const at:
     for (int64_t it = begin; it < end; ++it) {
       const int64_t b = it / ncb, c0 = it % ncb * kDwBlock, cols = std::min(kDwBlock, C - c0);
       for (int64_t t = 0; t < T; ++t) mix(E, ap + b * E, wpp + t * C + c0, T * C, cols, wt.data() + t * kDwBlock);
-      const float* gb = gp + b * Ho * Wo * C + c0;
-      float* ob = op + b * H * W * C + c0;
-      int64_t cs = C;
-      if (planar) {
-        transpose(gp + (b * C + c0) * Ho * Wo, Ho * Wo, cols, Ho * Wo, g_cl.data(), kDwBlock);
-        gb = g_cl.data();
-        ob = out_cl.data();
-        cs = kDwBlock;
-      }
+      int64_t cs;
+      const float* gb = channels_last_block(gp, b, c0, cols, C, Ho * Wo, planar, g_cl, cs);
+      float* ob = planar ? out_cl.data() : op + b * H * W * C + c0;
 #if FUSED_AVX512
       for (int64_t v = 0; v < cols; v += 16) {
         const __mmask16 tail = tail_mask(std::min<int64_t>(16, cols - v));
