@@ -656,18 +656,69 @@ at::Tensor pw_forward_nchw_bf16(const at::Tensor& x, const at::Tensor& w, const 
   return out;
 }
 
+// dst[j * ld_d + i] = src[i * ld_s + j] for i < rows, j < cols. The depthwise kernels turn an NCHW
+// block (64 channel planes) into channels-last in L2 and back with it: a copy of the whole tensor
+// to channels-last and back, through DRAM, took longer than the convolution itself. The NCHW 1x1
+// kernel turns a tile mixed from transposed experts (an input gradient) into rows with it.
+#if FUSED_AVX512
+inline void transpose16(const float* src, int64_t ld_s, float* dst, int64_t ld_d) {
+  __m512 r[16], t[16];
+#pragma GCC unroll 16
+  for (int i = 0; i < 16; ++i) r[i] = _mm512_loadu_ps(src + i * ld_s);
+#pragma GCC unroll 8
+  for (int i = 0; i < 8; ++i) {  // pairs of rows interleaved
+    t[2 * i] = _mm512_unpacklo_ps(r[2 * i], r[2 * i + 1]);
+    t[2 * i + 1] = _mm512_unpackhi_ps(r[2 * i], r[2 * i + 1]);
+  }
+#pragma GCC unroll 4
+  for (int g = 0; g < 4; ++g) {  // 4x4 transposes within each 128-bit lane
+    r[4 * g + 0] = _mm512_shuffle_ps(t[4 * g + 0], t[4 * g + 2], 0x44);
+    r[4 * g + 1] = _mm512_shuffle_ps(t[4 * g + 0], t[4 * g + 2], 0xEE);
+    r[4 * g + 2] = _mm512_shuffle_ps(t[4 * g + 1], t[4 * g + 3], 0x44);
+    r[4 * g + 3] = _mm512_shuffle_ps(t[4 * g + 1], t[4 * g + 3], 0xEE);
+  }
+#pragma GCC unroll 4
+  for (int k = 0; k < 4; ++k) {  // then the 128-bit lanes of the four row groups
+    const __m512 u0 = _mm512_shuffle_f32x4(r[k], r[4 + k], 0x44), u1 = _mm512_shuffle_f32x4(r[k], r[4 + k], 0xEE);
+    const __m512 u2 = _mm512_shuffle_f32x4(r[8 + k], r[12 + k], 0x44), u3 = _mm512_shuffle_f32x4(r[8 + k], r[12 + k], 0xEE);
+    _mm512_storeu_ps(dst + k * ld_d, _mm512_shuffle_f32x4(u0, u2, 0x88));
+    _mm512_storeu_ps(dst + (4 + k) * ld_d, _mm512_shuffle_f32x4(u0, u2, 0xDD));
+    _mm512_storeu_ps(dst + (8 + k) * ld_d, _mm512_shuffle_f32x4(u1, u3, 0x88));
+    _mm512_storeu_ps(dst + (12 + k) * ld_d, _mm512_shuffle_f32x4(u1, u3, 0xDD));
+  }
+}
+#endif
+
+void transpose(const float* src, int64_t ld_s, int64_t rows, int64_t cols, float* dst, int64_t ld_d) {
+  int64_t i0 = 0;
+#if FUSED_AVX512
+  for (; i0 + 16 <= rows; i0 += 16) {
+    int64_t j0 = 0;
+    for (; j0 + 16 <= cols; j0 += 16) transpose16(src + i0 * ld_s + j0, ld_s, dst + j0 * ld_d + i0, ld_d);
+    for (int64_t j = j0; j < cols; ++j)
+      for (int64_t i = i0; i < i0 + 16; ++i) dst[j * ld_d + i] = src[i * ld_s + j];
+  }
+#endif
+  for (int64_t i = i0; i < rows; ++i)
+    for (int64_t j = 0; j < cols; ++j) dst[j * ld_d + i] = src[i * ld_s + j];
+}
+
 // ---------------------------------------------------------------------------------------------
 // 1x1 conv (or im2col'ed k x k), NCHW: x (B, K, P), experts w (E, N, K) in their natural layout,
 // alpha (B, E), bias_mix (B, N) or empty. Returns (B, N, P). Here out_b = K_b @ x_b: a block of
-// output channels is a contiguous slab of each expert, so no packing is needed.
+// output channels is a contiguous slab of each expert, so no packing is needed. `transposed`: w is
+// (E, K, N), a layer's own experts, and out_b = K_b^T @ x_b (that layer's input gradient); each
+// expert row gives a contiguous run of the block's columns, mixed, then transposed in cache (a
+// transposed copy of all experts per call had been 44% of a 192->1152 layer's step at batch 1).
 at::Tensor pw_forward_nchw(const at::Tensor& x, const at::Tensor& w, const at::Tensor& alpha,
-                           const c10::optional<at::Tensor>& bias_mix) {
+                           const c10::optional<at::Tensor>& bias_mix, bool transposed) {
   check_f32(x, "x");
   check_f32(w, "weight");
   check_f32(alpha, "alpha");
   TORCH_CHECK(x.dim() == 3 && w.dim() == 3 && alpha.dim() == 2, "pw_forward_nchw: bad ranks");
-  const int64_t B = x.size(0), K = x.size(1), P = x.size(2), E = w.size(0), N = w.size(1);
-  TORCH_CHECK(w.size(2) == K && alpha.size(0) == B && alpha.size(1) == E, "pw_forward_nchw: shape mismatch");
+  const int64_t B = x.size(0), K = x.size(1), P = x.size(2), E = w.size(0), N = w.size(transposed ? 2 : 1);
+  TORCH_CHECK(w.size(transposed ? 1 : 2) == K && alpha.size(0) == B && alpha.size(1) == E,
+              "pw_forward_nchw: shape mismatch");
   const float* bias_p = bias_of(bias_mix, B * N, "pw_forward_nchw");
   auto out = at::empty({B, N, P}, x.options());
   const float* xp = x.data_ptr<float>();
@@ -681,11 +732,16 @@ at::Tensor pw_forward_nchw(const at::Tensor& x, const at::Tensor& w, const at::T
   const int64_t last = P % 16;
   const int64_t split = last > 0 && last <= kDotColumns && P > last ? P - last : P;
   at::parallel_for(0, nrb * B, 1, [&](int64_t begin, int64_t end) {
-    std::vector<float> tile(kRowBlock * K), x_columns((P - split) * K);
+    std::vector<float> tile(kRowBlock * K), x_columns((P - split) * K), mixed_t(transposed ? K * kRowBlock : 0);
     for (int64_t it = begin; it < end; ++it) {
       const int64_t rb = it / B, b = it % B;
       const int64_t n0 = rb * kRowBlock, rows = std::min(kRowBlock, N - n0);
-      mix(E, ap + b * E, wpp + n0 * K, N * K, rows * K, tile.data());
+      if (transposed) {  // each row k of the experts holds a contiguous run of the block's columns
+        for (int64_t k = 0; k < K; ++k) mix(E, ap + b * E, wpp + k * N + n0, K * N, rows, mixed_t.data() + k * kRowBlock);
+        transpose(mixed_t.data(), kRowBlock, K, rows, tile.data(), K);
+      } else {
+        mix(E, ap + b * E, wpp + n0 * K, N * K, rows * K, tile.data());
+      }
       const float* xb = xp + b * K * P;
       float* ob = op + b * N * P;
       const float* br = bias_p ? bias_p + b * N + n0 : nullptr;
@@ -839,52 +895,6 @@ void dw_row(const DwGeom& g, const float* xb, const float* wt, int64_t wstride, 
   for (ow = std::max(g.owb, g.owa); ow < g.Wo; ++ow) edge(ow);
 }
 #endif
-
-// dst[j * ld_d + i] = src[i * ld_s + j] for i < rows, j < cols. The depthwise kernel turns an NCHW
-// block (64 channel planes) into channels-last in L2 and back with it: a copy of the whole tensor
-// to channels-last and back, through DRAM, took longer than the convolution itself.
-#if FUSED_AVX512
-inline void transpose16(const float* src, int64_t ld_s, float* dst, int64_t ld_d) {
-  __m512 r[16], t[16];
-#pragma GCC unroll 16
-  for (int i = 0; i < 16; ++i) r[i] = _mm512_loadu_ps(src + i * ld_s);
-#pragma GCC unroll 8
-  for (int i = 0; i < 8; ++i) {  // pairs of rows interleaved
-    t[2 * i] = _mm512_unpacklo_ps(r[2 * i], r[2 * i + 1]);
-    t[2 * i + 1] = _mm512_unpackhi_ps(r[2 * i], r[2 * i + 1]);
-  }
-#pragma GCC unroll 4
-  for (int g = 0; g < 4; ++g) {  // 4x4 transposes within each 128-bit lane
-    r[4 * g + 0] = _mm512_shuffle_ps(t[4 * g + 0], t[4 * g + 2], 0x44);
-    r[4 * g + 1] = _mm512_shuffle_ps(t[4 * g + 0], t[4 * g + 2], 0xEE);
-    r[4 * g + 2] = _mm512_shuffle_ps(t[4 * g + 1], t[4 * g + 3], 0x44);
-    r[4 * g + 3] = _mm512_shuffle_ps(t[4 * g + 1], t[4 * g + 3], 0xEE);
-  }
-#pragma GCC unroll 4
-  for (int k = 0; k < 4; ++k) {  // then the 128-bit lanes of the four row groups
-    const __m512 u0 = _mm512_shuffle_f32x4(r[k], r[4 + k], 0x44), u1 = _mm512_shuffle_f32x4(r[k], r[4 + k], 0xEE);
-    const __m512 u2 = _mm512_shuffle_f32x4(r[8 + k], r[12 + k], 0x44), u3 = _mm512_shuffle_f32x4(r[8 + k], r[12 + k], 0xEE);
-    _mm512_storeu_ps(dst + k * ld_d, _mm512_shuffle_f32x4(u0, u2, 0x88));
-    _mm512_storeu_ps(dst + (4 + k) * ld_d, _mm512_shuffle_f32x4(u0, u2, 0xDD));
-    _mm512_storeu_ps(dst + (8 + k) * ld_d, _mm512_shuffle_f32x4(u1, u3, 0x88));
-    _mm512_storeu_ps(dst + (12 + k) * ld_d, _mm512_shuffle_f32x4(u1, u3, 0xDD));
-  }
-}
-#endif
-
-void transpose(const float* src, int64_t ld_s, int64_t rows, int64_t cols, float* dst, int64_t ld_d) {
-  int64_t i0 = 0;
-#if FUSED_AVX512
-  for (; i0 + 16 <= rows; i0 += 16) {
-    int64_t j0 = 0;
-    for (; j0 + 16 <= cols; j0 += 16) transpose16(src + i0 * ld_s + j0, ld_s, dst + j0 * ld_d + i0, ld_d);
-    for (int64_t j = j0; j < cols; ++j)
-      for (int64_t i = i0; i < i0 + 16; ++i) dst[j * ld_d + i] = src[i * ld_s + j];
-  }
-#endif
-  for (int64_t i = i0; i < rows; ++i)
-    for (int64_t j = 0; j < cols; ++j) dst[j * ld_d + i] = src[i * ld_s + j];
-}
 
 // x: (B, H, W, C) channels-last, or (B, C, H, W) when `planar`; the output in the same layout.
 at::Tensor dw_forward(const at::Tensor& x, const at::Tensor& wp, const at::Tensor& alpha,

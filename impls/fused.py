@@ -382,7 +382,7 @@ def _forward_pointwise_nchw(x: torch.Tensor, weight: torch.Tensor, bias: torch.T
         out = _native().pw_forward_nchw_bf16(x.contiguous().view(batch, k, h * w), weight, alpha, _mixed_bias(bias, alpha))
         return out.view(batch, n, h, w)
     columns = x.contiguous().view(batch, k, h * w)
-    out = _native().pw_forward_nchw(columns, weight.reshape(experts, n, k).contiguous(), alpha, _mixed_bias(bias, alpha))
+    out = _native().pw_forward_nchw(columns, weight.reshape(experts, n, k).contiguous(), alpha, _mixed_bias(bias, alpha), False)
     return out.view(batch, n, h, w)
 
 
@@ -397,7 +397,7 @@ def _forward_unfolded(spec: LayerSpec, x: torch.Tensor, weight: torch.Tensor, bi
         columns = F.unfold(x, spec.kernel_size, spec.dilation, spec.padding, spec.stride).contiguous()
     experts = weight.shape[0]
     out = _native().pw_forward_nchw(columns, weight.reshape(experts, spec.out_channels, -1).contiguous(), alpha,
-                                    _mixed_bias(bias, alpha))
+                                    _mixed_bias(bias, alpha), False)
     out = out.view(batch, spec.out_channels, out_h, out_w)
     return out.contiguous(memory_format=torch.channels_last) if _is_channels_last(x) else out
 
@@ -483,13 +483,17 @@ def linear_backward(x, weight, bias, alpha, grad, needs):
 
 
 def _backward_pointwise(x, weight, bias, alpha, grad, needs):
-    """grad_x_b = g_b @ K_b is the forward kernel on the transposed experts (fused, native);
+    """grad_x_b = K_bᵀ g_b is the forward kernel on the transposed experts (fused, native: an NCHW
+    float32 gradient reads the experts as they are, others take a transposed copy);
     G_b = g_bᵀ x_b (one bmm) gives the rest (`expert_grads`)."""
     need_x, need_w, _, need_a = needs
     batch, k, h, w = x.shape
     experts, n = weight.shape[:2]
     grad_x = None
-    if need_x:
+    if need_x and grad.dtype == torch.float32 and not _is_channels_last(grad):
+        rows = grad.contiguous().view(batch, n, h * w)
+        grad_x = _native().pw_forward_nchw(rows, weight.reshape(experts, n, k).contiguous(), alpha, None, True).view_as(x)
+    elif need_x:
         transposed = weight.reshape(experts, n, k).transpose(1, 2)
         grad_x = _forward(LayerSpec("conv2d", n, k, experts), _fresh_layout(transposed), grad, transposed, None, alpha)
     per_example = None
