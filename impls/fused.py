@@ -483,19 +483,14 @@ def linear_backward(x, weight, bias, alpha, grad, needs):
 
 
 def _backward_pointwise(x, weight, bias, alpha, grad, needs):
-    """grad_x_b = K_bᵀ g_b is the forward kernel on the transposed experts (fused, native), and
-    G_b = g_bᵀ x_b (one bmm) gives the rest (`expert_grads`).
-
-    The transposed experts: a transposed copy of all E of them per call, or, for an NCHW float32
-    gradient at a batch below E, mixed from the experts as they are, transposing each mixed tile
-    in cache. The copy's cost is fixed and the in-kernel transposition's grows with the batch: in a
-    192→1152 layer at 7×7 (E = 8) the in-kernel way made a training step 0.67–0.69× as long at
-    batch 1 and 1.04–1.07× at batch 8."""
+    """grad_x_b = K_bᵀ g_b is the forward kernel on the transposed experts (fused, native: an NCHW
+    float32 gradient reads the experts as they are, others take a transposed copy);
+    G_b = g_bᵀ x_b (one bmm) gives the rest (`expert_grads`)."""
     need_x, need_w, _, need_a = needs
     batch, k, h, w = x.shape
     experts, n = weight.shape[:2]
     grad_x = None
-    if need_x and batch < experts and grad.dtype == torch.float32 and not _is_channels_last(grad):
+    if need_x and grad.dtype == torch.float32 and not _is_channels_last(grad):
         rows = grad.contiguous().view(batch, n, h * w)
         grad_x = _native().pw_forward_nchw(rows, weight.reshape(experts, n, k).contiguous(), alpha, None, True).view_as(x)
     elif need_x:
