@@ -60,6 +60,17 @@ def test_lookup_falls_back_to_the_shape_class_then_the_rule_of_thumb() -> None:
     assert trained.choose(query(8, mode="training")) == "stacked_moe"
 
 
+def test_an_entry_whose_strategy_cannot_run_here_gives_way_to_the_nearest_that_can(monkeypatch) -> None:
+    """A table measured where fused was built, read where it cannot be (no C++ compiler)."""
+    table = DispatchTable([entry("fused", 8), entry("grouped_conv", 32)])
+    assert table.choose(query(8)) == "fused"
+    monkeypatch.setattr(get_impl("fused"), "unavailable_reason", classmethod(lambda cls: "needs a C++ compiler"))
+    assert table.choose(query(8)) == "grouped_conv"
+    assert DispatchTable([entry("fused", 8)]).choose(query(8)) == rule_of_thumb(SPEC)
+    half = DispatchTable([entry("fused", 8, dtype="float16"), entry("grouped_conv", 32, dtype="float16")])
+    assert half.choose(query(8, dtype="float16")) == "grouped_conv"  # fused refuses float16
+
+
 def test_table_round_trips_and_refuses_garbage(tmp_path) -> None:
     table = DispatchTable([entry("grouped_conv", 8)])
     path = table.save(tmp_path / "t.json")

@@ -73,6 +73,19 @@ def rule_of_thumb(spec: LayerSpec) -> str:
     return "grouped_conv" if spec.groups > 1 else "batched_matmul"
 
 
+def _runs_here(key: str, query: Query) -> bool:
+    """Whether strategy `key` can run the query's layer in this process: a table measured where a
+    native strategy was built (`fused`) is also read where it cannot be (no C++ compiler), and its
+    entries then give way to the nearest runnable ones."""
+    import torch
+
+    from condconv_bench.core.registry import dispatchable_impls
+
+    cls = dispatchable_impls().get(key)
+    return cls is not None and cls.unavailable_reason() is None and \
+        cls.unsupported_reason(query.spec, torch.device(query.device), getattr(torch, query.dtype)) is None
+
+
 @dataclass(frozen=True)
 class Entry:
     device: str  # device type: cpu, cuda, mps
@@ -197,7 +210,10 @@ class DispatchTable:
                 for (device, dtype, allocator, threads), n in sorted(counts.items())]
 
     def choose(self, query: Query) -> str:
+        """The nearest entry's strategy among those that run here (see `_runs_here`), else the rule of thumb."""
         candidates = [e for e in self.entries if e.device == query.device and e.dtype == query.dtype]
+        runnable = {key for key in {e.strategy for e in candidates} if _runs_here(key, query)}
+        candidates = [e for e in candidates if e.strategy in runnable]
         if not candidates:
             return rule_of_thumb(query.spec)
         exact = signature(query.spec, query.input_size)
