@@ -17,7 +17,7 @@ Ceilings, and which one applies:
 - Memory: in a layer benchmark the same input and experts are used call after call, so they stay
   in the last-level cache when they fit. The rule: the compulsory working set (input, output,
   experts, routing) is re-read at the bandwidth measured on the largest buffer no larger than it
-  (`Ceilings.stream`: the LLC buffer, half, one and two LLCs, the DRAM buffer), so a set that
+  (`Ceilings.stream`: the LLC buffer, buffers from half to twice the LLC, the DRAM buffer), so a set that
   fits moves at LLC bandwidth and one beyond it at what re-reading that much memory reaches
   here; every other byte moves at LLC bandwidth. `limit_memory` says `llc` when the working set
   fits, `dram` when it does not. Runs that measured no curve keep the model they were written

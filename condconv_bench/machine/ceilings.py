@@ -14,7 +14,7 @@ depthwise convs at EfficientNet-like widths.
 Memory bandwidth is measured per device and thread count, with TF32 off like the peak:
 `dram` on buffers well beyond the last-level cache (at least 256 MiB on CPU, 1 GiB on CUDA, and
 at least four times the LLC), `llc` on buffers that fit in it (an eighth of the LLC, at most
-4 MiB), and the `stream` curve on buffers of half, one and two LLCs, where a re-read working set
+4 MiB), and the `stream` curve on buffers from half to twice the LLC, where a re-read working set
 stops fitting (`memory_bandwidths`). Each is the better of a copy (read + write) and a read-only reduction, because a read
 stream can outrun a copy (write-allocate traffic is invisible to the count): a ceiling must be
 an upper bound, or a case would beat its limit. Bandwidth does not depend on the cases' dtype.
@@ -69,8 +69,11 @@ _BLOCK_S = 0.03
 _BLOCKS = 7
 _DRAM_MIN_BYTES = {"cpu": 256 * 2**20, "cuda": 2**30}
 _LLC_MAX_BUFFER = 4 * 2**20
-# Buffers between the two, as multiples of the LLC's size: where a re-read working set stops fitting.
-_STREAM_LLC_MULTIPLES = (0.5, 1, 2)
+# Buffers between the two, as multiples of the LLC's size, from half to twice it in steps of 2^(1/4):
+# where a re-read working set stops fitting, the rate falls steeply (on a 2-core EPYC with a 32 MiB
+# L3, 48-52 GB/s at 32 MiB and 37-40 at 41 MiB), so a limit read at the nearest smaller buffer of a
+# coarser grid (one LLC for a 41 MiB set) is far below what the machine can do.
+_STREAM_LLC_MULTIPLES = tuple(2 ** (step / 4) for step in range(-4, 5))
 # (batch, C_in, H, W, C_out) of the 1x1 conv that joins the matmul in the dense peak.
 _DENSE_CONV = {"cpu": (16, 256, 14, 14, 512), "cuda": (64, 1024, 28, 28, 1024)}
 # (batch, channels, H, W, k) depthwise convs; the best of them is the depthwise peak.
