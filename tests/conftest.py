@@ -81,19 +81,33 @@ def private_autotune(tmp_path, monkeypatch) -> None:
     monkeypatch.setattr(switch, "_switch", {"enabled": False, "budget_s": 0.05, "compiled": False})
 
 
-@pytest.fixture(autouse=True)
-def fixed_ceilings(request, monkeypatch) -> None:
-    """Runs measure memory bandwidth and the dense and depthwise peaks in about two seconds; tests that do not
-    read them get fixed figures (the test suite runs dozens of suites). `real_ceilings` measures."""
-    if request.node.get_closest_marker("real_ceilings"):
-        return
+@pytest.fixture(scope="session", autouse=True)
+def fixed_ceilings():
+    """Runs measure memory bandwidth and the dense and depthwise peaks in several seconds a pass; tests
+    that do not read them get fixed figures (the test suite runs dozens of suites, module fixtures
+    too, so this holds from the session's start). Yields the measuring functions it replaced, which
+    `real_ceilings` restores."""
     from condconv_bench.machine import ceilings
 
-    monkeypatch.setattr(ceilings, "memory_bandwidths", lambda device, threads: {
-        "dram_bytes_per_s": 3e10, "llc_bytes_per_s": 1.5e11, "llc_bytes": 32 * 2**20})
-    monkeypatch.setattr(ceilings, "depthwise_peak_flops", lambda device, dtype, threads: 3e10)
-    monkeypatch.setattr(ceilings, "dense_peak_flops", lambda device, dtype, threads: 1e11)
-    monkeypatch.setattr(ceilings, "sentinel_work", lambda kind, device: 1.0)  # no sentinel's rate raises the fixed figures
+    fixed = {"memory_bandwidths": lambda device, threads: {"dram_bytes_per_s": 3e10, "llc_bytes_per_s": 1.5e11, "llc_bytes": 32 * 2**20},
+             "depthwise_peak_flops": lambda device, dtype, threads: 3e10,
+             "dense_peak_flops": lambda device, dtype, threads: 1e11,
+             "sentinel_work": lambda kind, device: 1.0}  # no sentinel's rate raises the fixed figures
+    measuring = {name: getattr(ceilings, name) for name in fixed}
+    with pytest.MonkeyPatch.context() as patch:
+        for name, replacement in fixed.items():
+            patch.setattr(ceilings, name, replacement)
+        yield measuring
+
+
+@pytest.fixture(autouse=True)
+def measured_ceilings_where_marked(request, fixed_ceilings, monkeypatch) -> None:
+    """A test marked `real_ceilings` measures the machine's ceilings."""
+    if request.node.get_closest_marker("real_ceilings"):
+        from condconv_bench.machine import ceilings
+
+        for name, measuring in fixed_ceilings.items():
+            monkeypatch.setattr(ceilings, name, measuring)
 
 
 def _cpp_compiler_missing() -> str | None:
