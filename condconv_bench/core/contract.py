@@ -100,6 +100,12 @@ class CondConvBase(nn.Module, ABC):
         return None
 
     @classmethod
+    def runs(cls, spec: LayerSpec, device: torch.device, dtype: torch.dtype) -> bool:
+        """Whether this implementation can run this layer here: available on the machine, and the
+        layer, device and dtype supported (what a dispatcher may pick among)."""
+        return cls.unavailable_reason() is None and cls.unsupported_reason(spec, device, dtype) is None
+
+    @classmethod
     def unsuited_reason(cls, spec: LayerSpec) -> str | None:
         """Why this strategy, though exact there, is not an algorithm for this kind of layer (`convert()`
         asked for it runs another in such a layer, and says so), or None."""

@@ -148,8 +148,7 @@ class Auto(CondConvBase):
     def _candidates(self, x: torch.Tensor, first: str) -> dict[str, type[CondConvBase]]:
         """The strategies worth measuring for an input like `x`, `first` (the table's pick) first."""
         supported = {k: cls for k, cls in dispatchable_impls().items()
-                     if cls.unavailable_reason() is None and cls.unsupported_reason(self.spec, x.device, x.dtype) is None
-                     and _prepared(cls)}
+                     if cls.runs(self.spec, x.device, x.dtype) and _prepared(cls)}
         ordered = dict(sorted(supported.items(), key=lambda item: item[0] != first))
         input_size = tuple(x.shape[2:4]) if x.dim() == 4 else (1, 1)
         return autotuning.cheap_enough(ordered, self.spec, x.shape[0], input_size)  # type: ignore[arg-type]

@@ -82,8 +82,7 @@ def _runs_here(key: str, query: Query) -> bool:
     from condconv_bench.core.registry import dispatchable_impls
 
     cls = dispatchable_impls().get(key)
-    return cls is not None and cls.unavailable_reason() is None and \
-        cls.unsupported_reason(query.spec, torch.device(query.device), getattr(torch, query.dtype)) is None
+    return cls is not None and cls.runs(query.spec, torch.device(query.device), getattr(torch, query.dtype))
 
 
 @dataclass(frozen=True)
