@@ -12,7 +12,8 @@ Paths, by layer:
 - 1×1 (stride 1, no padding), channels_last input: experts re-laid out once as `W_eᵀ` in
   64-column blocks (a cached layout, `expert_layout("fused_pw_cl")`); an own AVX-512 micro-kernel
   (6×64, K cut into ≤256-wide chunks so the E expert slabs of a chunk stay in L2). NCHW input:
-  the same mixing over contiguous slabs of each expert, no packing.
+  the same mixing over contiguous slabs of each expert, no packing; at 7×7 (where mixing is
+  E/49 of the product's work) K is chunked likewise when the batch has more than one group.
 - linear: with one pixel per example, mixing a kernel costs as much as the E expert outputs, so
   the kernel computes `Σ_e α_be (W_e x_b)` with α in the micro-kernel's epilogue, streaming the
   experts once (E× the static layer's MACs at batch > 1, as every exact linear CondConv).

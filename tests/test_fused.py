@@ -61,15 +61,16 @@ def check_forward(spec: LayerSpec, x: torch.Tensor) -> torch.Tensor:
     return out
 
 
-# C_in 600 takes three K-chunks of the channels-last kernel; C_out 70 and 130 leave column tails;
+# C_in 600 takes three K-chunks (the last with a tail past whole 32-float runs; in NCHW because
+# batch 5 is two groups of examples and 8 experts at 7x7 are worth it); C_out 70 and 130 leave column tails;
 # batch 5 is a group of 4 examples and one more; 7x7 and 9x9 leave one pixel past whole vectors
 # (NCHW computes it as dot products), 14x14 four.
 @pytest.mark.parametrize("layout", ["nchw", "channels_last", "noncontig"])
 @pytest.mark.parametrize(("cin", "cout", "hw", "batch", "bias"), [(7, 13, 5, 1, True), (64, 70, 3, 5, False),
-                                                                  (600, 67, 3, 2, True), (3, 130, 9, 3, False),
+                                                                  (600, 67, 7, 5, True), (3, 130, 9, 3, False),
                                                                   (56, 50, 7, 3, True), (37, 20, 14, 2, False)])
 def test_pointwise_forward(layout, cin, cout, hw, batch, bias) -> None:
-    out = check_forward(LayerSpec("conv2d", cin, cout, 3, bias=bias), make_x((batch, cin, hw, hw), layout))
+    out = check_forward(LayerSpec("conv2d", cin, cout, 8, bias=bias), make_x((batch, cin, hw, hw), layout))
     if layout == "channels_last":
         assert out.is_contiguous(memory_format=torch.channels_last)
 
@@ -136,6 +137,8 @@ def check_backward(spec: LayerSpec, x: torch.Tensor) -> None:
     (LayerSpec("conv2d", 7, 13, 3), (1, 7, 5, 5), "nchw"),
     # NCHW grad_x mixes the experts transposed: 50 input channels are a 48-row block and a tail
     (LayerSpec("conv2d", 50, 70, 3, bias=True), (2, 50, 5, 5), "nchw"),
+    # ... and 300 output channels are two K chunks of that product at batch 5
+    (LayerSpec("conv2d", 20, 300, 3), (5, 20, 3, 3), "nchw"),
     (LayerSpec("linear", 7, 13, 3, bias=True), (3, 7), "nchw"),
     (LayerSpec("conv2d", 7, 7, 3, kernel_size=3, stride=2, padding=1, groups=7, bias=True), (2, 7, 6, 6), "channels_last"),
     (LayerSpec("conv2d", 7, 5, 3, kernel_size=3, padding=1, bias=True), (2, 7, 6, 6), "nchw"),
@@ -150,7 +153,7 @@ def check_backward(spec: LayerSpec, x: torch.Tensor) -> None:
     (LayerSpec("conv2d", 70, 70, 3, kernel_size=5, stride=2, padding=2, groups=70, bias=True), (2, 70, 9, 9), "nchw"),
     (LayerSpec("conv2d", 18, 18, 2, kernel_size=7, stride=(2, 1), padding=(3, 1), dilation=(2, 1), groups=18), (2, 18, 11, 8),
      "channels_last"),
-], ids=["pointwise_cl", "pointwise_b1", "pointwise_nchw_tails", "linear", "depthwise_s2", "k3", "depthwise_5x5_cl", "depthwise_dilated",
+], ids=["pointwise_cl", "pointwise_b1", "pointwise_nchw_tails", "pointwise_nchw_chunked", "linear", "depthwise_s2", "k3", "depthwise_5x5_cl", "depthwise_dilated",
         "depthwise_unpadded", "depthwise_overpadded", "depthwise_5x5_s2_nchw", "depthwise_7x7_asymmetric"])
 def test_backward_with_routing_weight_gradients(spec, shape, layout) -> None:
     check_backward(spec, make_x(shape, layout) if len(shape) == 4 else torch.randn(shape))
