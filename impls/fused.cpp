@@ -47,7 +47,7 @@ constexpr int64_t kColBlock = 64;
 constexpr int kMR = 6;
 // Pixels of a last, partly filled vector that the NCHW kernel computes as dot products.
 constexpr int64_t kDotColumns = 4;
-// Output-channel rows per NCHW work item (8 micro-kernel stripes share one mixed tile).
+// Output-channel rows per NCHW work item at most (8 micro-kernel stripes share one mixed tile).
 constexpr int64_t kRowBlock = 48;
 // Depthwise channel block: the mixed taps (k*k x 64) stay in L1 for a whole output plane.
 constexpr int64_t kDwBlock = 64;
@@ -208,6 +208,23 @@ std::unique_ptr<T[]> scratch(int64_t n) {
 }
 
 // sum_k a[k] * b[k].
+// The NCHW kernels' output-channel row blocks: at most kRowBlock rows, all of one even size (the
+// last may be shorter), and as many as make the (block, example group) items a multiple of the
+// thread count, so that at::parallel_for's contiguous shares give every thread the same rows.
+// Blocks of 48 and a remainder left 112 output channels as 48 + 48 + 16: at batch 8 one thread
+// took 144 of the 224 row-items, at batch 1 96 of 112.
+struct RowBlocks {
+  int64_t count, size;
+};
+
+RowBlocks row_blocks(int64_t N, int64_t groups) {
+  const int64_t threads = at::get_num_threads();
+  int64_t count = (N + kRowBlock - 1) / kRowBlock;
+  while ((count * groups) % threads != 0 && count < N) ++count;
+  const int64_t size = std::min(kRowBlock, ((N + count - 1) / count + 1) / 2 * 2);
+  return {(N + size - 1) / size, size};
+}
+
 inline float dot(const float* a, const float* b, int64_t K) {
 #if FUSED_AVX512
   __m512 acc0 = _mm512_setzero_ps(), acc1 = _mm512_setzero_ps();
@@ -637,13 +654,13 @@ at::Tensor pw_forward_nchw_bf16(const at::Tensor& x, const at::Tensor& w, const 
   const auto* wpp = reinterpret_cast<const uint16_t*>(w.data_ptr<at::BFloat16>());
   const std::vector<int32_t> apairs = alpha_pairs(alpha.data_ptr<float>(), B, alpha.size(1));
   auto* op = reinterpret_cast<uint16_t*>(out.data_ptr<at::BFloat16>());
-  const int64_t nrb = (N + kRowBlock - 1) / kRowBlock;
-  at::parallel_for(0, nrb * B, 1, [&](int64_t begin, int64_t end) {
-    std::vector<uint16_t> tile(kRowBlock * K);
-    std::vector<float> sums(kRowBlock * P);
+  const RowBlocks blocks = row_blocks(N, B);
+  at::parallel_for(0, blocks.count * B, 1, [&](int64_t begin, int64_t end) {
+    std::vector<uint16_t> tile(blocks.size * K);
+    std::vector<float> sums(blocks.size * P);
     for (int64_t it = begin; it < end; ++it) {
       const int64_t rb = it / B, b = it % B;
-      const int64_t n0 = rb * kRowBlock, rows = std::min(kRowBlock, N - n0);
+      const int64_t n0 = rb * blocks.size, rows = std::min(blocks.size, N - n0);
       uint16_t* dst = tile.data();
       mix_group_bf16(Ep, 1, apairs.data() + b * Ep, wpp + n0 * K * 2, N * K * 2, rows * K, &dst);
       const uint16_t* xb = xp + b * Kp * 2 * P;
@@ -733,7 +750,6 @@ at::Tensor pw_forward_nchw(const at::Tensor& x, const at::Tensor& w, const at::T
   const float* wpp = w.data_ptr<float>();
   const float* ap = alpha.data_ptr<float>();
   float* op = out.data_ptr<float>();
-  const int64_t nrb = (N + kRowBlock - 1) / kRowBlock;
   // A last vector of at most kDotColumns pixels (49 = 3 x 16 + 1 at 7x7) would cost the micro-kernel
   // a whole FMA per row and k for those few lanes (a quarter of its work at 7x7): those columns are
   // dot products of the tile's rows instead, 16 k at a time.
@@ -749,16 +765,18 @@ at::Tensor pw_forward_nchw(const at::Tensor& x, const at::Tensor& w, const at::T
   // no 14x14 one (chunked, 672->112 and 480->112 took 1.02-1.08x). One group reads each expert
   // once anyway.
   const int64_t ngrp = (B + kGroup - 1) / kGroup;
+  const RowBlocks blocks = row_blocks(N, ngrp);
   const int64_t chunks = (K + kKChunk - 1) / kKChunk;
   const bool chunked = ngrp > 1 && E * K > 8 * kGroup * P * (chunks - 1);
   const int64_t kc_max = chunked ? std::min(K, ((K + chunks - 1) / chunks + 31) / 32 * 32) : K;
-  at::parallel_for(0, nrb * ngrp, 1, [&](int64_t begin, int64_t end) {
-    const auto tiles = scratch<float>(std::min<int64_t>(kGroup, B) * kRowBlock * kc_max);
+  const int64_t rb_size = blocks.size;
+  at::parallel_for(0, blocks.count * ngrp, 1, [&](int64_t begin, int64_t end) {
+    const auto tiles = scratch<float>(std::min<int64_t>(kGroup, B) * rb_size * kc_max);
     const auto x_columns = scratch<float>((P - split) * kc_max);
-    const auto mixed_t = scratch<float>(transposed ? kc_max * kRowBlock : 0);
+    const auto mixed_t = scratch<float>(transposed ? kc_max * rb_size : 0);
     for (int64_t run = begin; run < end;) {
       const int64_t rb = run / ngrp, run_end = std::min(end, (rb + 1) * ngrp);
-      const int64_t n0 = rb * kRowBlock, rows = std::min(kRowBlock, N - n0);
+      const int64_t n0 = rb * rb_size, rows = std::min(rb_size, N - n0);
       for (int64_t k0 = 0; k0 < K; k0 += kc_max) {
         const int64_t kc = std::min(kc_max, K - k0);
         for (int64_t it = run; it < run_end; ++it) {
@@ -767,21 +785,21 @@ at::Tensor pw_forward_nchw(const at::Tensor& x, const at::Tensor& w, const at::T
           if (transposed) {  // each row k of the experts holds a contiguous run of the block's columns
             for (int g = 0; g < G; ++g) {
               for (int64_t k = 0; k < kc; ++k)
-                mix(E, ap + (b0 + g) * E, wpp + (k0 + k) * N + n0, K * N, rows, mixed_t.get() + k * kRowBlock);
-              transpose(mixed_t.get(), kRowBlock, kc, rows, tiles.get() + g * kRowBlock * kc, kc);
+                mix(E, ap + (b0 + g) * E, wpp + (k0 + k) * N + n0, K * N, rows, mixed_t.get() + k * rb_size);
+              transpose(mixed_t.get(), rb_size, kc, rows, tiles.get() + g * rb_size * kc, kc);
             }
           } else {
             // Without chunks a tile's rows are one contiguous run of each expert: one call mixes all.
             const int64_t runs = kc == K ? 1 : rows, len = kc == K ? rows * K : kc;
             float* dst[kGroup];
             for (int64_t r = 0; r < runs; ++r) {
-              for (int g = 0; g < G; ++g) dst[g] = tiles.get() + g * kRowBlock * kc + r * kc;
+              for (int g = 0; g < G; ++g) dst[g] = tiles.get() + g * rb_size * kc + r * kc;
               mix_group(E, G, ap + b0 * E, E, wpp + (n0 + r) * K + k0, N * K, len, dst);
             }
           }
           for (int g = 0; g < G; ++g) {
             const int64_t b = b0 + g;
-            const float* tile = tiles.get() + g * kRowBlock * kc;
+            const float* tile = tiles.get() + g * rb_size * kc;
             const float* xb = xp + (b * K + k0) * P;
             float* ob = op + b * N * P;
             const float* br = bias_p && k0 == 0 ? bias_p + b * N + n0 : nullptr;
