@@ -20,7 +20,6 @@
 #include <algorithm>
 #include <cstdint>
 #include <cstring>
-#include <memory>
 #include <vector>
 
 #if defined(__AVX512F__) && !defined(FUSED_FORCE_GENERIC)
@@ -199,12 +198,23 @@ inline void gemm_stripe(int M, int64_t ncols, int64_t K, const float* A, int64_t
 #endif
 }
 
-// Per-thread scratch that is always written before it is read: left uninitialised, and sized for
-// the examples there are (a zero-filled buffer for four examples is a memset of up to 0.9 MB per
-// thread and call, which batch 1 pays for nothing).
-template <typename T>
-std::unique_ptr<T[]> scratch(int64_t n) {
-  return std::unique_ptr<T[]>(new T[n]);
+// Per-thread scratch that is always written before it is read, kept from call to call (grown when
+// a call needs more; `Slot` tells apart the buffers one work item holds at once). A buffer
+// allocated per call is, past glibc's mmap threshold, a fresh mapping whose pages fault in again
+// on every call: in a process with glibc's default thresholds a 32-channel 112x112 depthwise
+// layer took 4-7 ms that way, against 0.27 ms for ATen's convolution; and a zero-filled buffer
+// for four examples was a memset of up to 0.9 MB per thread and call, which batch 1 paid for
+// nothing.
+template <typename T, int Slot>
+T* thread_scratch(int64_t n) {
+  // Cache-line aligned (so no vector load spans two lines), and each slot starts 17 lines further
+  // past a page boundary than the last, so that buffers walked in step (the depthwise kernels'
+  // input and output blocks) do not alias in L1.
+  constexpr int64_t line = 64 / sizeof(T), offset = (Slot * 17 + 1) * line;
+  thread_local std::vector<T> buffer;
+  if (static_cast<int64_t>(buffer.size()) < n + offset) buffer = std::vector<T>(n + offset);
+  const auto address = reinterpret_cast<std::uintptr_t>(buffer.data());
+  return reinterpret_cast<T*>((address + 63) / 64 * 64) + offset - line;
 }
 
 // sum_k a[k] * b[k].
@@ -328,14 +338,14 @@ at::Tensor pw_forward_cl(const at::Tensor& x, const at::Tensor& wp, const at::Te
   // Block-major order: a thread's consecutive items reuse one expert block for every example
   // group before moving on; at batch 1 the blocks split the expert stream between threads.
   at::parallel_for(0, nblk * ngrp, 1, [&](int64_t begin, int64_t end) {
-    std::vector<float> tiles(kGroup * kc_max * kColBlock);
+    float* const tiles = thread_scratch<float, 0>(kGroup * kc_max * kColBlock);
     for (int64_t it = begin; it < end; ++it) {
       const int64_t blk = it / ngrp, grp = it % ngrp;
       const int64_t b0 = grp * kGroup;
       const int G = (int)std::min<int64_t>(kGroup, B - b0);
       const int64_t n0 = blk * kColBlock, ncols = std::min(kColBlock, N - n0);
       float* dst[kGroup];
-      for (int g = 0; g < kGroup; ++g) dst[g] = tiles.data() + g * kc_max * kColBlock;
+      for (int g = 0; g < kGroup; ++g) dst[g] = tiles + g * kc_max * kColBlock;
       for (int64_t k0 = 0; k0 < K; k0 += kc_max) {
         const int64_t kc = std::min(kc_max, K - k0);
         mix_group(E, G, ap + b0 * E, E, wpp + (blk * K + k0) * kColBlock, nblk * K * kColBlock, kc * kColBlock, dst);
@@ -544,14 +554,14 @@ at::Tensor pw_forward_cl_bf16(const at::Tensor& x, const at::Tensor& wp, const a
   const int64_t ngrp = (B + kGroup - 1) / kGroup;
   at::parallel_for(0, nblk * ngrp, 1, [&](int64_t begin, int64_t end) {
     // The examples' output blocks (P x 64) summed over the K chunks in fp32, rounded to bf16 once.
-    std::vector<uint16_t> tiles(kGroup * kc_max * 2 * kColBlock);
-    std::vector<float> sums(kGroup * P * kColBlock);
+    uint16_t* const tiles = thread_scratch<uint16_t, 0>(kGroup * kc_max * 2 * kColBlock);
+    float* const sums = thread_scratch<float, 1>(kGroup * P * kColBlock);
     for (int64_t it = begin; it < end; ++it) {
       const int64_t blk = it / ngrp, b0 = it % ngrp * kGroup;
       const int G = (int)std::min<int64_t>(kGroup, B - b0);
       const int64_t n0 = blk * kColBlock, ncols = std::min(kColBlock, N - n0);
       uint16_t* dst[kGroup];
-      for (int g = 0; g < kGroup; ++g) dst[g] = tiles.data() + g * kc_max * 2 * kColBlock;
+      for (int g = 0; g < kGroup; ++g) dst[g] = tiles + g * kc_max * 2 * kColBlock;
       for (int64_t p0 = 0; p0 < Kp; p0 += kc_max) {
         const int64_t kc = std::min(kc_max, Kp - p0);
         mix_group_bf16(Ep, G, apairs.data() + b0 * Ep, wpp + (blk * Kp + p0) * 4 * kColBlock, nblk * Kp * 4 * kColBlock,
@@ -561,7 +571,7 @@ at::Tensor pw_forward_cl_bf16(const at::Tensor& x, const at::Tensor& wp, const a
           Epi ep;
           ep.accumulate = p0 > 0;
           ep.bias_col = (bias_p && p0 == 0) ? bias_p + b * nblk * kColBlock + n0 : nullptr;
-          float* sum = sums.data() + g * P * kColBlock;
+          float* sum = sums + g * P * kColBlock;
           for (int64_t r0 = 0; r0 < P; r0 += kMR) {
             const int M = (int)std::min<int64_t>(kMR, P - r0);
             gemm_stripe_bf16(M, ncols, kc, xp + (b * P + r0) * K + 2 * p0, K, dst[g], 2 * kColBlock, true,
@@ -570,7 +580,7 @@ at::Tensor pw_forward_cl_bf16(const at::Tensor& x, const at::Tensor& wp, const a
         }
       }
       for (int g = 0; g < G; ++g)
-        round_rows_bf16(sums.data() + g * P * kColBlock, kColBlock, P, ncols, op + (b0 + g) * P * N + n0, N);
+        round_rows_bf16(sums + g * P * kColBlock, kColBlock, P, ncols, op + (b0 + g) * P * N + n0, N);
     }
   });
 #endif
@@ -656,12 +666,12 @@ at::Tensor pw_forward_nchw_bf16(const at::Tensor& x, const at::Tensor& w, const 
   auto* op = reinterpret_cast<uint16_t*>(out.data_ptr<at::BFloat16>());
   const RowBlocks blocks = row_blocks(N, B);
   at::parallel_for(0, blocks.count * B, 1, [&](int64_t begin, int64_t end) {
-    std::vector<uint16_t> tile(blocks.size * K);
-    std::vector<float> sums(blocks.size * P);
+    uint16_t* const tile = thread_scratch<uint16_t, 0>(blocks.size * K);
+    float* const sums = thread_scratch<float, 1>(blocks.size * P);
     for (int64_t it = begin; it < end; ++it) {
       const int64_t rb = it / B, b = it % B;
       const int64_t n0 = rb * blocks.size, rows = std::min(blocks.size, N - n0);
-      uint16_t* dst = tile.data();
+      uint16_t* dst = tile;
       mix_group_bf16(Ep, 1, apairs.data() + b * Ep, wpp + n0 * K * 2, N * K * 2, rows * K, &dst);
       const uint16_t* xb = xp + b * Kp * 2 * P;
       const float* br = bias_p ? bias_p + b * N + n0 : nullptr;
@@ -671,10 +681,10 @@ at::Tensor pw_forward_nchw_bf16(const at::Tensor& x, const at::Tensor& w, const 
           const int M = (int)std::min<int64_t>(kMR, rows - r0);
           Epi ep;
           ep.bias_row = br ? br + r0 : nullptr;
-          gemm_stripe_bf16(M, ncols, Kp, tile.data() + r0 * K, K, xb + 2 * pc, 2 * P, false, sums.data() + r0 * P + pc, P, ep);
+          gemm_stripe_bf16(M, ncols, Kp, tile + r0 * K, K, xb + 2 * pc, 2 * P, false, sums + r0 * P + pc, P, ep);
         }
       }
-      round_rows_bf16(sums.data(), P, rows, P, op + (b * N + n0) * P, P);
+      round_rows_bf16(sums, P, rows, P, op + (b * N + n0) * P, P);
     }
   });
 #endif
@@ -771,9 +781,9 @@ at::Tensor pw_forward_nchw(const at::Tensor& x, const at::Tensor& w, const at::T
   const int64_t kc_max = chunked ? std::min(K, ((K + chunks - 1) / chunks + 31) / 32 * 32) : K;
   const int64_t rb_size = blocks.size;
   at::parallel_for(0, blocks.count * ngrp, 1, [&](int64_t begin, int64_t end) {
-    const auto tiles = scratch<float>(std::min<int64_t>(kGroup, B) * rb_size * kc_max);
-    const auto x_columns = scratch<float>((P - split) * kc_max);
-    const auto mixed_t = scratch<float>(transposed ? kc_max * rb_size : 0);
+    float* const tiles = thread_scratch<float, 0>(std::min<int64_t>(kGroup, B) * rb_size * kc_max);
+    float* const x_columns = thread_scratch<float, 1>((P - split) * kc_max);
+    float* const mixed_t = thread_scratch<float, 2>(transposed ? kc_max * rb_size : 0);
     for (int64_t run = begin; run < end;) {
       const int64_t rb = run / ngrp, run_end = std::min(end, (rb + 1) * ngrp);
       const int64_t n0 = rb * rb_size, rows = std::min(rb_size, N - n0);
@@ -785,21 +795,21 @@ at::Tensor pw_forward_nchw(const at::Tensor& x, const at::Tensor& w, const at::T
           if (transposed) {  // each row k of the experts holds a contiguous run of the block's columns
             for (int g = 0; g < G; ++g) {
               for (int64_t k = 0; k < kc; ++k)
-                mix(E, ap + (b0 + g) * E, wpp + (k0 + k) * N + n0, K * N, rows, mixed_t.get() + k * rb_size);
-              transpose(mixed_t.get(), rb_size, kc, rows, tiles.get() + g * rb_size * kc, kc);
+                mix(E, ap + (b0 + g) * E, wpp + (k0 + k) * N + n0, K * N, rows, mixed_t + k * rb_size);
+              transpose(mixed_t, rb_size, kc, rows, tiles + g * rb_size * kc, kc);
             }
           } else {
             // Without chunks a tile's rows are one contiguous run of each expert: one call mixes all.
             const int64_t runs = kc == K ? 1 : rows, len = kc == K ? rows * K : kc;
             float* dst[kGroup];
             for (int64_t r = 0; r < runs; ++r) {
-              for (int g = 0; g < G; ++g) dst[g] = tiles.get() + g * rb_size * kc + r * kc;
+              for (int g = 0; g < G; ++g) dst[g] = tiles + g * rb_size * kc + r * kc;
               mix_group(E, G, ap + b0 * E, E, wpp + (n0 + r) * K + k0, N * K, len, dst);
             }
           }
           for (int g = 0; g < G; ++g) {
             const int64_t b = b0 + g;
-            const float* tile = tiles.get() + g * rb_size * kc;
+            const float* tile = tiles + g * rb_size * kc;
             const float* xb = xp + (b * K + k0) * P;
             float* ob = op + b * N * P;
             const float* br = bias_p && k0 == 0 ? bias_p + b * N + n0 : nullptr;
@@ -814,7 +824,7 @@ at::Tensor pw_forward_nchw(const at::Tensor& x, const at::Tensor& w, const at::T
               }
             }
             for (int64_t p = split; p < P; ++p) {
-              float* column = x_columns.get() + (p - split) * kc;
+              float* column = x_columns + (p - split) * kc;
               for (int64_t k = 0; k < kc; ++k) column[k] = xb[k * P + p];
               for (int64_t r = 0; r < rows; ++r) {
                 float* o = ob + (n0 + r) * P + p;
@@ -961,6 +971,39 @@ void dw_row(const DwGeom& g, const float* xb, const float* wt, int64_t wstride, 
 }
 #endif
 
+// Channel blocks of the depthwise kernels, whose items are (example, block), example-major: the
+// multiple of 16 channels, at most kDwBlock, whose items at::parallel_for's contiguous shares
+// spread most evenly over the threads (the largest of equals). At batch 1, blocks of 64 gave
+// one of two threads all of a 32-channel layer, and 128 of 144 channels (64 + 64 | 16).
+// With a whole number of examples per thread any size is even.
+struct DwBlocks {
+  int64_t count, size;
+};
+
+DwBlocks dw_blocks(int64_t C, int64_t B) {
+  const int64_t threads = at::get_num_threads();
+  const auto blocks_of = [C](int64_t size) { return DwBlocks{(C + size - 1) / size, size}; };
+  if (B % threads == 0) return blocks_of(kDwBlock);
+  DwBlocks best = blocks_of(kDwBlock);
+  int64_t best_load = INT64_MAX;
+  for (int64_t size = kDwBlock; size >= 16; size -= 16) {
+    const DwBlocks blocks = blocks_of(size);
+    const int64_t items = B * blocks.count, share = (items + threads - 1) / threads;
+    int64_t load = 0;
+    for (int64_t first = 0; first < items; first += share) {
+      int64_t channels = 0;
+      for (int64_t it = first; it < std::min(items, first + share); ++it)
+        channels += std::min(size, C - it % blocks.count * size);
+      load = std::max(load, channels);
+    }
+    if (load < best_load) {
+      best = blocks;
+      best_load = load;
+    }
+  }
+  return best;
+}
+
 // x: (B, H, W, C) channels-last, or (B, C, H, W) when `planar`; the output in the same layout.
 at::Tensor dw_forward(const at::Tensor& x, const at::Tensor& wp, const at::Tensor& alpha,
                       const c10::optional<at::Tensor>& bias_mix, int64_t kh, int64_t kw, int64_t sh, int64_t sw,
@@ -982,25 +1025,26 @@ at::Tensor dw_forward(const at::Tensor& x, const at::Tensor& wp, const at::Tenso
   const float* wpp = wp.data_ptr<float>();
   const float* ap = alpha.data_ptr<float>();
   float* op = out.data_ptr<float>();
-  const int64_t ncb = (C + kDwBlock - 1) / kDwBlock;
+  const DwBlocks blocks = dw_blocks(C, B);
   // Planar blocks are computed in channels-last scratch whose channel stride is the block's.
   DwGeom g{H, W, planar ? kDwBlock : C, kh, kw, sh, sw, ph, pw, dh, dw, Ho, Wo, 0, Wo};
   while (g.owa < Wo && g.owa * sw - pw < 0) ++g.owa;
   while (g.owb > g.owa && (g.owb - 1) * sw - pw + (kw - 1) * dw >= W) --g.owb;
-  at::parallel_for(0, B * ncb, 1, [&](int64_t begin, int64_t end) {
+  at::parallel_for(0, B * blocks.count, 1, [&](int64_t begin, int64_t end) {
     // Mixed taps of the item's channel block, zero-padded so loads need no mask.
     std::vector<float> wt(T * kDwBlock, 0.f), bias(kDwBlock, 0.f);
-    std::vector<float> x_cl(planar ? H * W * kDwBlock : 0), out_cl(planar ? Ho * Wo * kDwBlock : 0);
+    float* const x_cl = thread_scratch<float, 0>(planar ? H * W * kDwBlock : 0);
+    float* const out_cl = thread_scratch<float, 1>(planar ? Ho * Wo * kDwBlock : 0);
     for (int64_t it = begin; it < end; ++it) {
-      const int64_t b = it / ncb, c0 = it % ncb * kDwBlock, cols = std::min(kDwBlock, C - c0);
+      const int64_t b = it / blocks.count, c0 = it % blocks.count * blocks.size, cols = std::min(blocks.size, C - c0);
       for (int64_t t = 0; t < T; ++t) mix(E, ap + b * E, wpp + t * C + c0, T * C, cols, wt.data() + t * kDwBlock);
       for (int64_t c = 0; c < cols; ++c) bias[c] = bias_p ? bias_p[b * C + c0 + c] : 0.f;
       const float* xb = xp + b * H * W * C + c0;
       float* ob = op + b * Ho * Wo * C + c0;
       if (planar) {
-        transpose(xp + (b * C + c0) * H * W, H * W, cols, H * W, x_cl.data(), kDwBlock);
-        xb = x_cl.data();
-        ob = out_cl.data();
+        transpose(xp + (b * C + c0) * H * W, H * W, cols, H * W, x_cl, kDwBlock);
+        xb = x_cl;
+        ob = out_cl;
       }
       const int64_t cs = g.C;
 #if FUSED_AVX512
@@ -1030,7 +1074,7 @@ at::Tensor dw_forward(const at::Tensor& x, const at::Tensor& wp, const at::Tenso
         }
       }
 #endif
-      if (planar) transpose(out_cl.data(), kDwBlock, Ho * Wo, cols, op + (b * C + c0) * Ho * Wo, Ho * Wo);
+      if (planar) transpose(out_cl, kDwBlock, Ho * Wo, cols, op + (b * C + c0) * Ho * Wo, Ho * Wo);
     }
   });
   return out;
@@ -1039,14 +1083,14 @@ at::Tensor dw_forward(const at::Tensor& x, const at::Tensor& wp, const at::Tenso
 // The (example b, channels c0..c0+cols) block of a channels-last (B, HW, C) tensor in place, or of
 // a planar (B, C, HW) one transposed into `scratch` (HW x kDwBlock); `stride` gets its pixel stride.
 const float* channels_last_block(const float* base, int64_t b, int64_t c0, int64_t cols, int64_t C, int64_t HW,
-                                 bool planar, std::vector<float>& scratch, int64_t& stride) {
+                                 bool planar, float* scratch, int64_t& stride) {
   if (!planar) {
     stride = C;
     return base + b * HW * C + c0;
   }
-  transpose(base + (b * C + c0) * HW, HW, cols, HW, scratch.data(), kDwBlock);
+  transpose(base + (b * C + c0) * HW, HW, cols, HW, scratch, kDwBlock);
   stride = kDwBlock;
-  return scratch.data();
+  return scratch;
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -1118,17 +1162,18 @@ at::Tensor dw_kernel_grad(const at::Tensor& x, const at::Tensor& grad, int64_t k
   const float* xp = x.data_ptr<float>();
   const float* gp = grad.data_ptr<float>();
   float* op = out.data_ptr<float>();
-  const int64_t ncb = (C + kDwBlock - 1) / kDwBlock;
-  at::parallel_for(0, B * ncb, 1, [&](int64_t begin, int64_t end) {
+  const DwBlocks blocks = dw_blocks(C, B);
+  at::parallel_for(0, B * blocks.count, 1, [&](int64_t begin, int64_t end) {
     std::vector<float> sums(T * kDwBlock);
-    std::vector<float> x_cl(planar ? H * W * kDwBlock : 0), g_cl(planar ? Ho * Wo * kDwBlock : 0);
+    float* const x_cl = thread_scratch<float, 0>(planar ? H * W * kDwBlock : 0);
+    float* const g_cl = thread_scratch<float, 1>(planar ? Ho * Wo * kDwBlock : 0);
 #if FUSED_AVX512
     // Rows and columns the taps reach, zero where they fall in the padding.
     const int64_t Hp = (Ho - 1) * sh + (kh - 1) * dh + 1, Wp = (Wo - 1) * sw + (kw - 1) * dw + 1;
-    std::vector<float> xpad(Hp * Wp * 16);
+    float* const xpad = thread_scratch<float, 2>(Hp * Wp * 16);
 #endif
     for (int64_t it = begin; it < end; ++it) {
-      const int64_t b = it / ncb, c0 = it % ncb * kDwBlock, cols = std::min(kDwBlock, C - c0);
+      const int64_t b = it / blocks.count, c0 = it % blocks.count * blocks.size, cols = std::min(blocks.size, C - c0);
       int64_t cs;
       const float* xb = channels_last_block(xp, b, c0, cols, C, H * W, planar, x_cl, cs);
       const float* gb = channels_last_block(gp, b, c0, cols, C, Ho * Wo, planar, g_cl, cs);
@@ -1140,17 +1185,17 @@ at::Tensor dw_kernel_grad(const at::Tensor& x, const at::Tensor& grad, int64_t k
           for (int64_t q = 0; q < Wp; ++q) {
             const int64_t iw = q - pw;
             const bool inside = ih >= 0 && ih < H && iw >= 0 && iw < W;
-            _mm512_storeu_ps(xpad.data() + (r * Wp + q) * 16,
+            _mm512_storeu_ps(xpad + (r * Wp + q) * 16,
                              inside ? _mm512_maskz_loadu_ps(tail, xb + (ih * W + iw) * cs + v) : _mm512_setzero_ps());
           }
         }
         float* acc = sums.data() + v * T;  // (T, 16) for this vector
         if (kh == 3 && kw == 3)
-          dw_grad_vector<3, 3>(xpad.data(), Wp, gb + v, cs, Ho, Wo, sh, sw, dh, dw, tail, acc);
+          dw_grad_vector<3, 3>(xpad, Wp, gb + v, cs, Ho, Wo, sh, sw, dh, dw, tail, acc);
         else if (kh == 5 && kw == 5)
-          dw_grad_vector<5, 5>(xpad.data(), Wp, gb + v, cs, Ho, Wo, sh, sw, dh, dw, tail, acc);
+          dw_grad_vector<5, 5>(xpad, Wp, gb + v, cs, Ho, Wo, sh, sw, dh, dw, tail, acc);
         else
-          dw_grad_vector_any(kh, kw, xpad.data(), Wp, gb + v, cs, Ho, Wo, sh, sw, dh, dw, tail, acc);
+          dw_grad_vector_any(kh, kw, xpad, Wp, gb + v, cs, Ho, Wo, sh, sw, dh, dw, tail, acc);
       }
       for (int64_t c = 0; c < cols; ++c)
         for (int64_t t = 0; t < T; ++t) op[(b * C + c0 + c) * T + t] = sums[(c / 16 * T + t) * 16 + c % 16];
@@ -1241,56 +1286,54 @@ at::Tensor dw_input_grad(const at::Tensor& grad, const at::Tensor& wp, const at:
   const float* wpp = wp.data_ptr<float>();
   const float* ap = alpha.data_ptr<float>();
   float* op = out.data_ptr<float>();
-  const int64_t ncb = (C + kDwBlock - 1) / kDwBlock;
+  const DwBlocks blocks = dw_blocks(C, B);
   // The scratch covers every position a tap reaches and the whole image, in padded coordinates.
   const int64_t Hp = std::max((Ho - 1) * sh + (kh - 1) * dh + 1, H + ph);
   const int64_t Wp = std::max((Wo - 1) * sw + (kw - 1) * dw + 1, W + pw);
-  at::parallel_for(0, B * ncb, 1, [&](int64_t begin, int64_t end) {
+  at::parallel_for(0, B * blocks.count, 1, [&](int64_t begin, int64_t end) {
     std::vector<float> wt(T * kDwBlock, 0.f);
-    std::vector<float> g_cl(planar ? Ho * Wo * kDwBlock : 0), out_cl(planar ? H * W * kDwBlock : 0);
-#if FUSED_AVX512
-    std::vector<float> xpad(Hp * Wp * 16);
-#else
-    std::vector<float> xpad(Hp * Wp * kDwBlock);
-#endif
+    float* const g_cl = thread_scratch<float, 0>(planar ? Ho * Wo * kDwBlock : 0);
+    float* const out_cl = thread_scratch<float, 1>(planar ? H * W * kDwBlock : 0);
+    const int64_t xpad_size = Hp * Wp * (FUSED_AVX512 ? 16 : kDwBlock);
+    float* const xpad = thread_scratch<float, 2>(xpad_size);
     for (int64_t it = begin; it < end; ++it) {
-      const int64_t b = it / ncb, c0 = it % ncb * kDwBlock, cols = std::min(kDwBlock, C - c0);
+      const int64_t b = it / blocks.count, c0 = it % blocks.count * blocks.size, cols = std::min(blocks.size, C - c0);
       for (int64_t t = 0; t < T; ++t) mix(E, ap + b * E, wpp + t * C + c0, T * C, cols, wt.data() + t * kDwBlock);
       int64_t cs;
       const float* gb = channels_last_block(gp, b, c0, cols, C, Ho * Wo, planar, g_cl, cs);
-      float* ob = planar ? out_cl.data() : op + b * H * W * C + c0;
+      float* ob = planar ? out_cl : op + b * H * W * C + c0;
 #if FUSED_AVX512
       for (int64_t v = 0; v < cols; v += 16) {
         const __mmask16 tail = tail_mask(std::min<int64_t>(16, cols - v));
-        std::fill(xpad.begin(), xpad.end(), 0.f);
+        std::fill_n(xpad, xpad_size, 0.f);
         if (kh == 3 && kw == 3)
-          dw_scatter_vector<3, 3>(xpad.data(), Wp, gb + v, cs, Ho, Wo, sh, sw, dh, dw, wt.data() + v, kDwBlock, tail);
+          dw_scatter_vector<3, 3>(xpad, Wp, gb + v, cs, Ho, Wo, sh, sw, dh, dw, wt.data() + v, kDwBlock, tail);
         else if (kh == 5 && kw == 5)
-          dw_scatter_vector<5, 5>(xpad.data(), Wp, gb + v, cs, Ho, Wo, sh, sw, dh, dw, wt.data() + v, kDwBlock, tail);
+          dw_scatter_vector<5, 5>(xpad, Wp, gb + v, cs, Ho, Wo, sh, sw, dh, dw, wt.data() + v, kDwBlock, tail);
         else
-          dw_scatter_vector_any(kh, kw, xpad.data(), Wp, gb + v, cs, Ho, Wo, sh, sw, dh, dw, wt.data() + v, kDwBlock,
+          dw_scatter_vector_any(kh, kw, xpad, Wp, gb + v, cs, Ho, Wo, sh, sw, dh, dw, wt.data() + v, kDwBlock,
                                 tail);
         for (int64_t ih = 0; ih < H; ++ih)
           for (int64_t iw = 0; iw < W; ++iw)
             _mm512_mask_storeu_ps(ob + (ih * W + iw) * cs + v, tail,
-                                  _mm512_loadu_ps(xpad.data() + ((ih + ph) * Wp + iw + pw) * 16));
+                                  _mm512_loadu_ps(xpad + ((ih + ph) * Wp + iw + pw) * 16));
       }
 #else
-      std::fill(xpad.begin(), xpad.end(), 0.f);
+      std::fill_n(xpad, xpad_size, 0.f);
       for (int64_t oh = 0; oh < Ho; ++oh)
         for (int64_t ow = 0; ow < Wo; ++ow)
           for (int64_t i = 0; i < kh; ++i)
             for (int64_t j = 0; j < kw; ++j) {
               const float* gq = gb + (oh * Wo + ow) * cs;
               const float* wq = wt.data() + (i * kw + j) * kDwBlock;
-              float* xq = xpad.data() + ((oh * sh + i * dh) * Wp + ow * sw + j * dw) * kDwBlock;
+              float* xq = xpad + ((oh * sh + i * dh) * Wp + ow * sw + j * dw) * kDwBlock;
               for (int64_t c = 0; c < cols; ++c) xq[c] += gq[c] * wq[c];
             }
       for (int64_t ih = 0; ih < H; ++ih)
         for (int64_t iw = 0; iw < W; ++iw)
-          std::copy_n(xpad.data() + ((ih + ph) * Wp + iw + pw) * kDwBlock, cols, ob + (ih * W + iw) * cs);
+          std::copy_n(xpad + ((ih + ph) * Wp + iw + pw) * kDwBlock, cols, ob + (ih * W + iw) * cs);
 #endif
-      if (planar) transpose(out_cl.data(), kDwBlock, H * W, cols, op + (b * C + c0) * H * W, H * W);
+      if (planar) transpose(out_cl, kDwBlock, H * W, cols, op + (b * C + c0) * H * W, H * W);
     }
   });
   return out;
