@@ -207,6 +207,8 @@ def seen_by_tracer() -> bool:
     """Whether the call is being traced or counted by something that sees only torch ops."""
     if torch.compiler.is_compiling() or torch.compiler.is_exporting() or torch.jit.is_tracing():
         return True
+    if torch._C._len_torch_dispatch_stack() == 0:  # the usual case, answered without listing modes
+        return False
     from torch.utils._python_dispatch import _get_current_dispatch_mode_stack
 
     return any(type(mode).__name__ in ("_FlopCounterMode", "FlopCounterMode", "ProxyTorchDispatchMode", "FakeTensorMode")
@@ -219,10 +221,7 @@ def fused_forward(layer: CondConvBase, x: torch.Tensor, routing_weights: torch.T
     weight, bias = layer.weight, layer.bias
     tensors = (x, weight, bias, routing_weights)
     needs_grad = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
-    reason = _refusal(spec, x.device, x.dtype) or next(
-        (f"got {name} in {t.dtype} on {t.device}: it must be in x's dtype ({x.dtype}) on the CPU"
-         for name, t in (("weights", weight), ("routing weights", routing_weights))
-         if t.dtype != x.dtype or t.device.type != "cpu"), None)
+    reason = _refusal(spec, x.device, x.dtype) or _operand_refusal(x, weight, routing_weights)
     if seen_by_tracer():
         if torch.compiler.is_compiling() and not torch.compiler.is_exporting() and not needs_grad and reason is None:
             return fused_inference(x, weight, bias, routing_weights, _layer_fields(spec))
@@ -232,6 +231,13 @@ def fused_forward(layer: CondConvBase, x: torch.Tensor, routing_weights: torch.T
     if needs_grad:
         return _FusedFunction.apply(x, weight, bias, routing_weights, layer)
     return _forward(spec, layer.expert_layout, x, weight, bias, routing_weights.contiguous())
+
+
+def _operand_refusal(x: torch.Tensor, weight: torch.Tensor, routing_weights: torch.Tensor) -> str | None:
+    for name, t in (("weights", weight), ("routing weights", routing_weights)):
+        if t.dtype != x.dtype or not t.is_cpu:
+            return f"got {name} in {t.dtype} on {t.device}: it must be in x's dtype ({x.dtype}) on the CPU"
+    return None
 
 
 Layout = Callable[[str, Callable[[torch.Tensor], torch.Tensor]], torch.Tensor]  # CondConvBase.expert_layout
