@@ -46,8 +46,11 @@ constexpr int64_t kColBlock = 64;
 constexpr int kMR = 6;
 // Pixels of a last, partly filled vector that the NCHW kernel computes as dot products.
 constexpr int64_t kDotColumns = 4;
-// Output-channel rows per NCHW work item at most (8 micro-kernel stripes share one mixed tile).
+// Output-channel rows per NCHW work item at most (8 micro-kernel stripes share one mixed tile),
+// and where the input an example group streams per row block outgrows half an L2 (see
+// pw_forward_nchw), kWideRowBlock.
 constexpr int64_t kRowBlock = 48;
+constexpr int64_t kWideRowBlock = 64;
 // Depthwise channel block: the mixed taps (k*k x 64) stay in L1 for a whole output plane.
 constexpr int64_t kDwBlock = 64;
 
@@ -217,8 +220,7 @@ T* thread_scratch(int64_t n) {
   return reinterpret_cast<T*>((address + 63) / 64 * 64) + offset - line;
 }
 
-// sum_k a[k] * b[k].
-// The NCHW kernels' output-channel row blocks: at most kRowBlock rows, all of one even size (the
+// The NCHW kernels' output-channel row blocks: at most max_rows rows, all of one even size (the
 // last may be shorter), and as many as make the (block, example group) items a multiple of the
 // thread count, so that at::parallel_for's contiguous shares give every thread the same rows.
 // Blocks of 48 and a remainder left 112 output channels as 48 + 48 + 16: at batch 8 one thread
@@ -227,14 +229,15 @@ struct RowBlocks {
   int64_t count, size;
 };
 
-RowBlocks row_blocks(int64_t N, int64_t groups) {
+RowBlocks row_blocks(int64_t N, int64_t groups, int64_t max_rows) {
   const int64_t threads = at::get_num_threads();
-  int64_t count = (N + kRowBlock - 1) / kRowBlock;
+  int64_t count = (N + max_rows - 1) / max_rows;
   while ((count * groups) % threads != 0 && count < N) ++count;
-  const int64_t size = std::min(kRowBlock, ((N + count - 1) / count + 1) / 2 * 2);
+  const int64_t size = ((N + count - 1) / count + 1) / 2 * 2;
   return {(N + size - 1) / size, size};
 }
 
+// sum_k a[k] * b[k].
 inline float dot(const float* a, const float* b, int64_t K) {
 #if FUSED_AVX512
   __m512 acc0 = _mm512_setzero_ps(), acc1 = _mm512_setzero_ps();
@@ -664,7 +667,7 @@ at::Tensor pw_forward_nchw_bf16(const at::Tensor& x, const at::Tensor& w, const 
   const auto* wpp = reinterpret_cast<const uint16_t*>(w.data_ptr<at::BFloat16>());
   const std::vector<int32_t> apairs = alpha_pairs(alpha.data_ptr<float>(), B, alpha.size(1));
   auto* op = reinterpret_cast<uint16_t*>(out.data_ptr<at::BFloat16>());
-  const RowBlocks blocks = row_blocks(N, B);
+  const RowBlocks blocks = row_blocks(N, B, kRowBlock);
   at::parallel_for(0, blocks.count * B, 1, [&](int64_t begin, int64_t end) {
     uint16_t* const tile = thread_scratch<uint16_t, 0>(blocks.size * K);
     float* const sums = thread_scratch<float, 1>(blocks.size * P);
@@ -775,10 +778,15 @@ at::Tensor pw_forward_nchw(const at::Tensor& x, const at::Tensor& w, const at::T
   // no 14x14 one (chunked, 672->112 and 480->112 took 1.02-1.08x). One group reads each expert
   // once anyway.
   const int64_t ngrp = (B + kGroup - 1) / kGroup;
-  const RowBlocks blocks = row_blocks(N, ngrp);
   const int64_t chunks = (K + kKChunk - 1) / kKChunk;
   const bool chunked = ngrp > 1 && E * K > 8 * kGroup * P * (chunks - 1);
   const int64_t kc_max = chunked ? std::min(K, ((K + chunks - 1) / chunks + 31) / 32 * 32) : K;
+  // Every row block streams its example group's input (up to kGroup x kc x P floats) once more.
+  // Past half an L2 that comes from L3, and fewer, wider blocks pay: at 14x14 with 672 and 480
+  // input channels (2.1 and 1.5 MB for four examples) 64-row blocks took 0.79-0.96x the time of
+  // 48-row ones; where the input stays in L2 (the expanding layers, at most 350 KB) 1.02x.
+  const int64_t group_input = std::min<int64_t>(kGroup, B) * kc_max * P * static_cast<int64_t>(sizeof(float));
+  const RowBlocks blocks = row_blocks(N, ngrp, group_input > (512 << 10) ? kWideRowBlock : kRowBlock);
   const int64_t rb_size = blocks.size;
   at::parallel_for(0, blocks.count * ngrp, 1, [&](int64_t begin, int64_t end) {
     float* const tiles = thread_scratch<float, 0>(std::min<int64_t>(kGroup, B) * rb_size * kc_max);
