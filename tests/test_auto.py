@@ -60,7 +60,7 @@ def test_lookup_falls_back_to_the_shape_class_then_the_rule_of_thumb() -> None:
     assert trained.choose(query(8, mode="training")) == "stacked_moe"
 
 
-def test_an_entry_whose_strategy_cannot_run_here_gives_way_to_the_nearest_that_can(monkeypatch) -> None:
+def test_an_entry_whose_strategy_cannot_run_here_gives_way_to_its_rivals_then_the_nearest(monkeypatch) -> None:
     """A table measured where fused was built, read where it cannot be (no C++ compiler)."""
     table = DispatchTable([entry("fused", 8), entry("grouped_conv", 32)])
     monkeypatch.setattr(get_impl("fused"), "unavailable_reason", classmethod(lambda cls: None))  # built here
@@ -70,6 +70,9 @@ def test_an_entry_whose_strategy_cannot_run_here_gives_way_to_the_nearest_that_c
     assert DispatchTable([entry("fused", 8)]).choose(query(8)) == rule_of_thumb(SPEC)
     half = DispatchTable([entry("fused", 8, dtype="float16"), entry("grouped_conv", 32, dtype="float16")])
     assert half.choose(query(8, dtype="float16")) == "grouped_conv"  # fused refuses float16
+    # an entry's own runner-ups come before a farther entry's choice
+    ranked = DispatchTable([entry("fused", 8, rivals=("batched_matmul", "grouped_conv")), entry("grouped_conv", 32)])
+    assert ranked.choose(query(8)) == "batched_matmul"
 
 
 def test_table_round_trips_and_refuses_garbage(tmp_path) -> None:

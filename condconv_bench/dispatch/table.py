@@ -76,7 +76,7 @@ def rule_of_thumb(spec: LayerSpec) -> str:
 def _runs_here(key: str, query: Query) -> bool:
     """Whether strategy `key` can run the query's layer in this process: a table measured where a
     native strategy was built (`fused`) is also read where it cannot be (no C++ compiler), and its
-    entries then give way to the nearest runnable ones."""
+    entries then fall back to their fastest measured rival that can run."""
     import torch
 
     from condconv_bench.core.registry import dispatchable_impls
@@ -209,10 +209,13 @@ class DispatchTable:
                 for (device, dtype, allocator, threads), n in sorted(counts.items())]
 
     def choose(self, query: Query) -> str:
-        """The nearest entry's strategy among those that run here (see `_runs_here`), else the rule of thumb."""
+        """The nearest entry's strategy, or its fastest rival, that runs here (see `_runs_here`), else the rule of thumb."""
         candidates = [e for e in self.entries if e.device == query.device and e.dtype == query.dtype]
-        runnable = {key for key in {e.strategy for e in candidates} if _runs_here(key, query)}
-        candidates = [e for e in candidates if e.strategy in runnable]
+        runs = functools.cache(lambda key: _runs_here(key, query))
+        # An entry whose strategy cannot run here answers with its fastest rival that can (the same
+        # measurement's runner-up); one with none gives way to the nearest entry that has one.
+        answer = {id(e): next((key for key in (e.strategy, *e.rivals) if runs(key)), None) for e in candidates}
+        candidates = [e for e in candidates if answer[id(e)] is not None]
         if not candidates:
             return rule_of_thumb(query.spec)
         exact = signature(query.spec, query.input_size)
@@ -227,7 +230,7 @@ class DispatchTable:
         def distance(entry: Entry) -> float:
             return abs(math.log2(query.batch_size / entry.batch_size)) + abs(math.log2(macs / max(1, entry.conv_macs_per_example)))
 
-        return min(candidates, key=distance).strategy
+        return answer[id(min(candidates, key=distance))]
 
     def to_json(self) -> str:
         document = {"format": TABLE_FORMAT, "version": TABLE_VERSION, "measured_on": self.measured_on,
