@@ -3,6 +3,7 @@ auto's guesses labelled, devices warmed once, and the environment a GPU run reco
 
 from __future__ import annotations
 
+import shlex
 import subprocess
 from pathlib import Path
 
@@ -57,12 +58,24 @@ def test_a_compiling_implementation_that_runs_eager_is_an_error_row(tmp_path: Pa
     assert frame.loc["static", "status"] == "ok"
 
 
-def test_smoke_names_cuda_so_a_gpu_machine_can_run_it() -> None:
-    result = CliRunner().invoke(main, ["run", "smoke", "--device", "cuda", "-o", "unused", "--no-report"])
-    if torch.cuda.is_available():
-        pytest.skip("this machine has CUDA: the GPU check runs smoke for real")
-    assert result.exit_code == 2
-    assert result.stderr.strip() == "error: --device cuda: CUDA is not available on this machine"
+def _gpu_check_runs() -> list[list[str]]:
+    """The `condconv-bench run` arguments of each step of `.ci/gpu`, its shell variables left as they are."""
+    script = (Path(__file__).parent.parent / ".ci" / "gpu").read_text().replace("\\\n", " ")
+    steps = [shlex.split(line)[3:] for line in script.splitlines() if line.startswith("step ")]
+    return [words[2:] for words in steps if words[:2] == ["condconv-bench", "run"]]
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has CUDA: the GPU check runs them for real")
+def test_the_gpu_checks_runs_name_what_their_suites_have(tmp_path: Path, monkeypatch) -> None:
+    """Every filter a step of `.ci/gpu` passes is checked against its suite before the device, so on
+    a machine without a GPU the missing GPU is each run's only error: a renamed layer or a strategy
+    missing from a suite shows here, not on a GPU lent for minutes."""
+    monkeypatch.chdir(tmp_path)
+    runs = _gpu_check_runs()
+    assert len(runs) >= 2 and all("--device" in args for args in runs)
+    for args in runs:
+        result = CliRunner().invoke(main, ["run", *args])
+        assert (result.exit_code, result.stderr.strip()) == (2, "error: --device cuda: CUDA is not available on this machine"), args
 
 
 def test_auto_marks_a_choice_no_measurement_backed() -> None:
