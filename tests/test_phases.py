@@ -98,7 +98,7 @@ def test_profile_command_prints_one_case_per_strategy() -> None:
 def test_profile_command_rejects_an_unknown_layer_in_one_line() -> None:
     result = CliRunner().invoke(main, ["profile", str(TINY), "--layer", "nope", "--batch-size", "2"])
     assert result.exit_code == 2
-    assert result.output.strip().splitlines() == [f"error: --layer nope: not in {TINY} (it has: pw, dw3, fc)"]
+    assert result.output.strip().splitlines() == [f"error: --layer nope: not in {TINY} with --batch-size 2 (it has: pw, dw3, fc)"]
 
 
 def test_trace_diff_compares_two_profiled_strategies_with_hta(tmp_path: Path) -> None:

@@ -129,6 +129,12 @@ def test_runtimes_are_narrowed_like_dtypes_and_filtered_on_the_command_line(tmp_
     result = CliRunner().invoke(main, ["run", str(suite), "--runtime", "tensorrt", "-o", str(tmp_path / "out")])
     assert result.exit_code == 2
     assert result.output.strip().splitlines() == [f"error: --runtime tensorrt: not in {suite} (it has: onnxruntime, eager)"]
+    # A value the suite has, but not under the filters before it, names those filters.
+    result = CliRunner().invoke(main, ["run", str(suite), "--device", "cuda", "--layer", "fc", "--runtime", "onnxruntime",
+                                       "-o", str(tmp_path / "out")])
+    assert result.exit_code == 2
+    assert result.output.strip().splitlines() == [
+        f"error: --runtime onnxruntime: not in {suite} with --device cuda --layer fc (it has: eager)"]
 
 
 @pytest.mark.parametrize("description, expected", [

@@ -52,6 +52,7 @@ class CaseFilter:
     runtimes: tuple[str, ...] = ()
 
     def apply(self, cases: list[Case], suite: Suite) -> list[Case]:
+        applied: list[str] = []  # the filters already applied, named in an error (a suite's dtypes can differ per device)
         for option, values, attribute in (
             ("--impl", self.impls, "impl"),
             ("--device", self.devices, "device"),
@@ -64,11 +65,13 @@ class CaseFilter:
             known = list(dict.fromkeys(getattr(case, attribute) for case in cases))
             for value in values:
                 if value not in known:
+                    where = f" with {' '.join(applied)}" if applied else ""
                     raise CondConvBenchError(
-                        f"{option} {value}: not in {suite.path} (it has: {', '.join(map(str, known))})"
+                        f"{option} {value}: not in {suite.path}{where} (it has: {', '.join(map(str, known))})"
                     )
             if values:
                 cases = [case for case in cases if getattr(case, attribute) in values]
+                applied.extend(f"{option} {value}" for value in values)
         for device in self.devices:
             reason = device_unavailable_reason(torch.device(device))
             if reason:
