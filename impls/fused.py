@@ -137,6 +137,7 @@ class Fused(CondConvBase):
     batch_fixed_export = "under a tracer it runs the batch as a grouped conv's groups, which ONNX's Conv takes as a fixed attribute"
     materialises_kernels = False
     dispatchable = True
+    native = True
 
     def __init__(self, spec: LayerSpec) -> None:
         super().__init__(spec)

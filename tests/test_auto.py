@@ -75,6 +75,35 @@ def test_an_entry_whose_strategy_cannot_run_here_gives_way_to_its_rivals_then_th
     assert ranked.choose(query(8)) == "batched_matmul"
 
 
+def test_a_native_strategys_entry_holds_only_where_its_build_targets_the_same_vector_extension(monkeypatch) -> None:
+    """fused's AVX-512 micro-kernels and its portable loops are two programs: a table measured on
+    one speaks for the other's build in nothing, so there the entry answers with its rivals."""
+    from condconv_bench.dispatch import table as table_module
+
+    monkeypatch.setattr(get_impl("fused"), "unavailable_reason", classmethod(lambda cls: None))
+    measured = DispatchTable([entry("fused", 8, rivals=("batched_matmul",), vector_isa="AVX-512"),
+                              entry("grouped_conv", 8, spec=LayerSpec("conv2d", 8, 16, 4, kernel_size=1), vector_isa="AVX-512")])
+    monkeypatch.setattr(table_module, "vector_isa", lambda: "AVX-512")
+    assert measured.choose(query(8)) == "fused"
+    monkeypatch.setattr(table_module, "vector_isa", lambda: "AVX2")
+    assert measured.choose(query(8)) == "batched_matmul"
+    # strategies made of torch operators keep their entries; an entry that recorded no ISA holds everywhere
+    assert measured.choose(query(8, LayerSpec("conv2d", 8, 16, 4, kernel_size=1))) == "grouped_conv"
+    assert DispatchTable([entry("fused", 8)]).choose(query(8)) == "fused"
+    # with tables measured on both kinds of CPU (the shipped ones merge), each CPU reads its own
+    both = DispatchTable([entry("fused", 8, vector_isa="AVX-512"), entry("pixel_major_matmul", 8, vector_isa="AVX2")])
+    assert both.choose(query(8)) == "pixel_major_matmul"
+    monkeypatch.setattr(table_module, "vector_isa", lambda: "AVX-512")
+    assert both.choose(query(8)) == "fused"
+
+
+def test_the_shipped_cpu_table_records_where_its_native_entries_hold() -> None:
+    shipped = DispatchTable.load(Path(__file__).parent.parent / "condconv_bench" / "dispatch_tables" / "cpu.json")
+    native = [e for e in shipped.entries if e.strategy == "fused"]
+    assert native and {e.vector_isa for e in native} == {"AVX-512"} and "AVX-512" in shipped.measured_on
+    assert all(e.rivals and "fused" not in e.rivals for e in native)  # each has a rival to answer with elsewhere
+
+
 def test_table_round_trips_and_refuses_garbage(tmp_path) -> None:
     table = DispatchTable([entry("grouped_conv", 8)])
     path = table.save(tmp_path / "t.json")

@@ -19,7 +19,7 @@ def row(impl: str, median_s: float, status: str = "ok", equivalent: bool | None 
 
 
 def entries(rows: list[dict[str, object]], eligible=("a", "b", "c", "d", "fast_but_wrong")):
-    return entries_from_results(pd.DataFrame(rows), {"c": (SPEC, (6, 6))}, set(eligible), "system")
+    return entries_from_results(pd.DataFrame(rows), {"c": (SPEC, (6, 6))}, set(eligible), "system", "AVX2")
 
 
 def test_the_fastest_verified_eligible_strategy_wins_with_its_rivals_and_margin() -> None:
@@ -35,6 +35,7 @@ def test_the_fastest_verified_eligible_strategy_wins_with_its_rivals_and_margin(
     assert entry.medians_s == {"b": 1e-3, "a": 2e-3, "c": 3e-3}
     assert entry.spread == 0.1
     assert (entry.device, entry.allocator, entry.batch_size, entry.signature) == ("cpu", "system", 8, signature(SPEC, (6, 6)))
+    assert entry.vector_isa == "AVX2"  # the run's CPU: a native strategy's entry holds only for builds for it
 
 
 def test_each_group_is_one_entry_and_unknown_layers_are_skipped() -> None:

@@ -53,6 +53,9 @@ class CondConvBase(nn.Module, ABC):
     compiles: ClassVar[bool] = False  # its first call must build a torch.compile graph, or it ran eager
     is_dispatcher: ClassVar[bool] = False  # runs one of the strategies (auto): judged against the fastest, never races
     materialises_kernels: ClassVar[bool] = True  # builds B per-sample kernels (memory B·P)
+    # Compiled here for this CPU (`-march=native`): its speed depends on the vector extension it
+    # was built for, so a dispatch table's measurement of it holds only where that is the same.
+    native: ClassVar[bool] = False
     # Its conditional_forward uses only the shared parameters and this base's helpers, so the
     # dispatching layer (`auto`) may run it on its own parameters. Only a class's own declaration
     # counts (see `registry.dispatchable_impls`): a subclass may override the helpers it calls.

@@ -36,6 +36,7 @@ from condconv_bench.dispatch.table import DispatchTable, Query, resolve_table
 from condconv_bench.errors import ImplUnavailableError, UnknownImplError
 from condconv_bench.core.contract import CondConvBase
 from condconv_bench.machine import allocators
+from condconv_bench.machine.environment import vector_isa
 from condconv_bench.core.registry import dispatchable_impls, register_impl
 from condconv_bench.core.spec import LayerSpec
 
@@ -180,7 +181,7 @@ class Auto(CondConvBase):
             changed = True
         self.last_tuning = measured
         cache.add([query.entry(measured.strategy, measured.margin, "autotune", measured.rivals, measured.evidence,
-                               measured.spread, measured.load)], persist=changed and not measured.noisy)
+                               measured.spread, measured.load, vector_isa())], persist=changed and not measured.noisy)
         return measured.strategy
 
     def _resolve(self, x: torch.Tensor, routing_weights: torch.Tensor) -> tuple[str, Forward]:

@@ -9,10 +9,13 @@ tables measured on the machines this project was benchmarked on; `CONDCONV_BENCH
 layer's `dispatch_table` argument points at another.
 
 Lookup narrows the entries step by step, keeping the previous set when a step would leave none:
-same device type and dtype (else the rule of thumb below); same mode (training falls back to
+same device type and dtype (else the rule of thumb below); measured on a CPU with the same widest
+vector extension (`vector_isa`: AVX-512, AVX2, NEON); same mode (training falls back to
 inference entries); same thread count; same memory format; same allocator; the exact layer (signature) or else
 the same shape class. Among what is left it takes the entry nearest in batch size and cost on a
-log scale. With no entry for the device and dtype at all it falls back to a rule of thumb.
+log scale. With no entry for the device and dtype at all it falls back to a rule of thumb. An entry
+whose strategy cannot run here, or is native code built here for another vector extension than it
+was measured with, answers with its fastest measured rival.
 """
 
 from __future__ import annotations
@@ -31,6 +34,7 @@ from condconv_bench.errors import ResultsError
 from condconv_bench.core.flops import conv_macs
 from condconv_bench.set_aside import set_aside
 from condconv_bench.core.spec import LayerSpec, Pair
+from condconv_bench.machine.environment import vector_isa
 
 TABLE_FORMAT = "condconv-bench-dispatch"
 TABLE_VERSION = 3  # 2 added the allocator to every entry; 3 the evidence fields and the table's machine
@@ -85,6 +89,16 @@ def _runs_here(key: str, query: Query) -> bool:
     return cls is not None and cls.runs(query.spec, torch.device(query.device), getattr(torch, query.dtype))
 
 
+def _as_measured(key: str, entry: Entry) -> bool:
+    """Whether `key` here is what `entry` measured: a native strategy built for another vector
+    extension is another program (fused's portable loops ran 2.5–4.7× the static layer on mobile's
+    1×1 layers on an AVX2 EPYC, where its AVX-512 kernels run at 1.0–1.3× it)."""
+    from condconv_bench.core.registry import dispatchable_impls
+
+    cls = dispatchable_impls().get(key)
+    return not (cls is not None and cls.native and entry.vector_isa and entry.vector_isa != vector_isa())
+
+
 @dataclass(frozen=True)
 class Entry:
     device: str  # device type: cpu, cuda, mps
@@ -104,6 +118,9 @@ class Entry:
     medians_s: dict[str, float] = field(default_factory=dict)  # per-call median of the strategy and its rivals
     spread: float = 0.0  # IQR / median of the runner-up / choice ratio over the rounds (0: not recorded)
     load: float = -1.0  # the machine's 1-minute load average per CPU while it was measured (-1: not recorded)
+    # The widest vector extension of the CPU it was measured on (`environment.vector_isa`; empty:
+    # not recorded). A native strategy's entry holds only where its build targets the same one.
+    vector_isa: str = ""
 
     @classmethod
     def from_json(cls, raw: object) -> Entry:
@@ -166,16 +183,16 @@ class Query:
         return self.entry("", 1.0, "").identity()
 
     def entry(self, strategy: str, margin: float, layer: str, rivals: tuple[str, ...] = (),
-              medians_s: dict[str, float] | None = None, spread: float = 0.0, load: float = -1.0) -> Entry:
+              medians_s: dict[str, float] | None = None, spread: float = 0.0, load: float = -1.0, vector_isa: str = "") -> Entry:
         """The entry recording `strategy` as measured fastest for this query (by `margin`), with
-        the evidence of that measurement (see `Entry`)."""
+        the evidence of that measurement (see `Entry`), on a CPU with `vector_isa`."""
         return Entry(
             device=self.device, dtype=self.dtype, mode=self.mode, threads=self.threads, memory_format=self.memory_format,
             allocator=self.allocator, signature=signature(self.spec, self.input_size),
             shape_class=shape_class(self.spec, self.input_size), batch_size=self.batch_size,
             conv_macs_per_example=conv_macs(self.spec, 1, self.input_size), strategy=strategy, margin=round(margin, 4),
             layer=layer, rivals=tuple(rivals), medians_s={k: float(f"{v:.4g}") for k, v in (medians_s or {}).items()},
-            spread=round(spread, 4), load=round(load, 3),
+            spread=round(spread, 4), load=round(load, 3), vector_isa=vector_isa,
         )
 
 
@@ -201,25 +218,29 @@ class DispatchTable:
         return {(e.allocator, e.threads) for e in self.entries if e.device == device and e.dtype == dtype}
 
     def provenance(self) -> list[str]:
-        """Where the table's entries come from, a line per device, dtype, allocator and thread count."""
-        counts: dict[tuple[str, str, str, int], int] = {}
+        """Where the table's entries come from, a line per device, dtype, CPU vector extension, allocator and thread count."""
+        counts: dict[tuple[str, str, str, str, int], int] = {}
         for e in self.entries:
-            counts[(e.device, e.dtype, e.allocator, e.threads)] = counts.get((e.device, e.dtype, e.allocator, e.threads), 0) + 1
-        return [f"{n} entries for {device} {dtype}, measured under allocator {allocator} with {threads} threads"
-                for (device, dtype, allocator, threads), n in sorted(counts.items())]
+            key = (e.device, e.dtype, e.vector_isa, e.allocator, e.threads)
+            counts[key] = counts.get(key, 0) + 1
+        return [f"{n} entries for {device} {dtype}, measured{f' on {isa}' if isa else ''} under allocator {allocator} with {threads} threads"
+                for (device, dtype, isa, allocator, threads), n in sorted(counts.items())]
 
     def choose(self, query: Query) -> str:
         """The nearest entry's strategy, or its fastest rival, that runs here (see `_runs_here`), else the rule of thumb."""
         candidates = [e for e in self.entries if e.device == query.device and e.dtype == query.dtype]
         runs = functools.cache(lambda key: _runs_here(key, query))
-        # An entry whose strategy cannot run here answers with its fastest rival that can (the same
+        # An entry whose strategy cannot run here, or not as it was measured (a native build for
+        # another vector extension), answers with its fastest rival that can (the same
         # measurement's runner-up); one with none gives way to the nearest entry that has one.
-        answer = {id(e): next((key for key in (e.strategy, *e.rivals) if runs(key)), None) for e in candidates}
+        answer = {id(e): next((key for key in (e.strategy, *e.rivals) if runs(key) and _as_measured(key, e)), None)
+                  for e in candidates}
         candidates = [e for e in candidates if answer[id(e)] is not None]
         if not candidates:
             return rule_of_thumb(query.spec)
         exact = signature(query.spec, query.input_size)
         family = shape_class(query.spec, query.input_size)
+        candidates = _narrow(candidates, lambda e: e.vector_isa == vector_isa())  # measured on a CPU like this one
         candidates = _narrow(candidates, lambda e: e.mode == query.mode)
         candidates = _narrow(candidates, lambda e: e.threads == query.threads)
         candidates = _narrow(candidates, lambda e: e.memory_format == query.memory_format)

@@ -8,6 +8,7 @@ about a second in subprocesses of every process that keys the autotune cache; ps
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import os
 import platform
@@ -57,6 +58,21 @@ def _read(path: str) -> str | None:
 def cpu_flags() -> list[str]:
     """The instruction sets the kernel enabled (x86's `flags`, Arm's `Features`), sorted."""
     return sorted((_cpuinfo("flags", "Features") or "").split())
+
+
+@functools.cache
+def vector_isa() -> str:
+    """The widest vector extension a `-march=native` build targets here, in words. A native
+    strategy's speed depends on it (`fused` has AVX-512 micro-kernels, elsewhere portable loops),
+    so runs record it (`run.json`'s environment) and dispatch tables key native strategies' entries by it."""
+    flags = set(cpu_flags())
+    if "avx512f" in flags:
+        return "AVX-512"
+    if "avx2" in flags:
+        return "AVX2"
+    if "asimd" in flags:
+        return "NEON"
+    return platform.machine() or "unknown ISA"
 
 
 def _caches() -> dict[str, str]:
@@ -188,6 +204,7 @@ def describe_environment() -> dict[str, Any]:
         "cudnn": torch.backends.cudnn.version() if cuda else None,
         "cpu_model": _cpu_model(),
         "cpu_count": os.cpu_count(),
+        "vector_isa": vector_isa(),  # what native strategies were built for (dispatch tables key them by it)
         "torch_threads": torch.get_num_threads(),
         "torch_interop_threads": torch.get_num_interop_threads(),
         "mkldnn": torch.backends.mkldnn.is_available(),

@@ -31,7 +31,7 @@ from types import ModuleType
 import torch
 
 from condconv_bench.errors import ImplUnavailableError
-from condconv_bench.machine.environment import cpu_flags
+from condconv_bench.machine.environment import cpu_flags, vector_isa
 
 # Compilers `torch.utils.cpp_extension` uses on Linux and macOS: `$CXX`, else `c++` (g++ where
 # `c++` is missing). Windows needs MSVC and other flags, which the native strategies do not pass.
@@ -89,18 +89,6 @@ def compiler() -> str | None:
     if configured:
         return shutil.which(configured)
     return next(filter(None, (shutil.which(name) for name in _COMPILERS)), None)
-
-
-def vector_isa() -> str:
-    """The widest vector extension a `-march=native` build targets here, in words."""
-    flags = set(cpu_flags())
-    if "avx512f" in flags:
-        return "AVX-512"
-    if "avx2" in flags:
-        return "AVX2"
-    if "asimd" in flags:
-        return "NEON"
-    return platform.machine() or "unknown ISA"
 
 
 def toolchain_missing() -> str | None:

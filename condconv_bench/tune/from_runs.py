@@ -24,7 +24,7 @@ from condconv_bench.dispatch.cache import machine_cache
 from condconv_bench.conversion.swap import convert
 from condconv_bench.dispatch.dispatching_layers import Auto
 from condconv_bench.dispatch.table import DispatchTable
-from condconv_bench.machine.environment import describe_environment, machine_differences
+from condconv_bench.machine.environment import describe_environment, machine_differences, vector_isa
 from condconv_bench.errors import CondConvBenchError, ModelError, ResultsError
 from condconv_bench.cases.models.sources import build_model
 from condconv_bench.core.registry import dispatchable_impls
@@ -58,13 +58,17 @@ def tune(suite: Suite, output: Path, run_dir: Path, *, reuse_run: bool = False, 
     run = RunDirectory.open(run_dir)
     metadata = run.metadata()
     measured_under = (metadata.get("allocator") or {}).get("name", "not recorded")
-    entries = entries_from_results(run.results(), workloads, eligible, measured_under)
+    environment = metadata.get("environment") or {}
+    same_machine = not machine_differences(environment, describe_environment())
+    # Runs before `vector_isa` was recorded: this CPU's, when the run's machine fingerprint is this one's.
+    isa = environment.get("vector_isa") or (vector_isa() if same_machine else "")
+    entries = entries_from_results(run.results(), workloads, eligible, measured_under, isa)
     if not entries:
         raise CondConvBenchError(f"{run_dir}: no layer case passed equivalence with a dispatchable strategy; nothing to tune")
     table = DispatchTable(entries, str(output))
     table.save(output)
     cache = machine_cache()
-    if machine_differences(metadata.get("environment") or {}, describe_environment()) or cache.path is None:
+    if not same_machine or cache.path is None:
         return table, None
     cache.add(entries)
     return table, cache.path

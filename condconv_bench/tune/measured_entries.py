@@ -16,8 +16,9 @@ from condconv_bench.runtimes.catalog import EAGER
 
 
 def entries_from_results(frame: pd.DataFrame, workloads: dict[str, tuple[LayerSpec, Pair]], eligible: set[str],
-                         allocator: str) -> list[Entry]:
-    """One entry per measured group of a run (whose workers ran under `allocator`): the fastest
+                         allocator: str, vector_isa: str) -> list[Entry]:
+    """One entry per measured group of a run (whose workers ran under `allocator`, on a CPU with
+    `vector_isa`, empty where the run did not record it): the fastest
     eligible strategy that passed equivalence. Only eager rows: the table serves the eager layers,
     and a runtime's speeds are the runtime's."""
     rows = frame[(frame["status"] == "ok") & frame["impl"].isin(eligible) & frame["equivalent"].fillna(False).astype(bool)
@@ -37,5 +38,6 @@ def entries_from_results(frame: pd.DataFrame, workloads: dict[str, tuple[LayerSp
             str(best["impl"]), margin, str(layer), rivals=tuple(str(i) for i in raced["impl"].iloc[1:]),
             medians_s={str(r["impl"]): float(r["latency_median_s"]) for _, r in raced.iterrows()},
             spread=float(best["latency_iqr_s"] / best["latency_median_s"]),  # the run's rows keep no per-round ratios
+            vector_isa=vector_isa,
         ))
     return entries
