@@ -95,6 +95,10 @@ def test_a_native_strategys_entry_holds_only_where_its_build_targets_the_same_ve
     assert both.choose(query(8)) == "pixel_major_matmul"
     monkeypatch.setattr(table_module, "vector_isa", lambda: "AVX-512")
     assert both.choose(query(8)) == "fused"
+    # a GPU's entries are not narrowed by their host CPU: the nearer measurement wins
+    gpu = DispatchTable([entry("grouped_conv", 8, device="cuda", vector_isa="AVX2"),
+                         entry("batched_matmul", 32, device="cuda", vector_isa="AVX-512")])
+    assert gpu.choose(query(8, device="cuda")) == "grouped_conv"
 
 
 def test_the_shipped_cpu_table_records_where_its_native_entries_hold() -> None:

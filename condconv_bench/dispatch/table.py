@@ -9,8 +9,8 @@ tables measured on the machines this project was benchmarked on; `CONDCONV_BENCH
 layer's `dispatch_table` argument points at another.
 
 Lookup narrows the entries step by step, keeping the previous set when a step would leave none:
-same device type and dtype (else the rule of thumb below); measured on a CPU with the same widest
-vector extension (`vector_isa`: AVX-512, AVX2, NEON); same mode (training falls back to
+same device type and dtype (else the rule of thumb below); on the CPU, measured on one with the same
+widest vector extension (`vector_isa`: AVX-512, AVX2, NEON); same mode (training falls back to
 inference entries); same thread count; same memory format; same allocator; the exact layer (signature) or else
 the same shape class. Among what is left it takes the entry nearest in batch size and cost on a
 log scale. With no entry for the device and dtype at all it falls back to a rule of thumb. An entry
@@ -240,7 +240,8 @@ class DispatchTable:
             return rule_of_thumb(query.spec)
         exact = signature(query.spec, query.input_size)
         family = shape_class(query.spec, query.input_size)
-        candidates = _narrow(candidates, lambda e: e.vector_isa == vector_isa())  # measured on a CPU like this one
+        if query.device == "cpu":  # measured on a CPU like this one (a GPU's speed does not depend on its host's)
+            candidates = _narrow(candidates, lambda e: e.vector_isa == vector_isa())
         candidates = _narrow(candidates, lambda e: e.mode == query.mode)
         candidates = _narrow(candidates, lambda e: e.threads == query.threads)
         candidates = _narrow(candidates, lambda e: e.memory_format == query.memory_format)
