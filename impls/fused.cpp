@@ -6,8 +6,10 @@
 // away, while the tile is hot. Materialising B kernels first (the bmm strategies) writes and
 // re-reads B * C_out * C_in floats through L3/DRAM, which is what made them slow.
 //
-// The build is per machine (-march=native), so the AVX-512 path is compiled only where the
-// compiler's target has it; everywhere else the portable loops below are used instead.
+// The build is per machine (-march=native), so each vector path is compiled only where the
+// compiler's target has it: AVX-512 (16 floats a register, 32 registers), else AVX2 with FMA3
+// (8 floats, 16 registers: the forward 1x1, linear and depthwise kernels, and mixing), else the
+// portable loops below.
 
 // Only what the kernels use: tensors, at::empty, at::parallel_for and the pybind11 casters for
 // tensors. <torch/extension.h> (all of libtorch's C++ API) took 2.2x as long to compile here.
@@ -24,9 +26,15 @@
 
 #if defined(__AVX512F__) && !defined(FUSED_FORCE_GENERIC)
 #define FUSED_AVX512 1
+#define FUSED_AVX2 0
+#include <immintrin.h>
+#elif defined(__AVX2__) && defined(__FMA__) && !defined(FUSED_FORCE_GENERIC)
+#define FUSED_AVX512 0
+#define FUSED_AVX2 1
 #include <immintrin.h>
 #else
 #define FUSED_AVX512 0
+#define FUSED_AVX2 0
 #endif
 
 // The bfloat16 kernels need vdpbf16ps (AVX512-BF16: AMD Zen 4, Intel Cooper Lake and Sapphire
@@ -59,10 +67,20 @@ bool has_bf16() { return FUSED_BF16; }
 const char* isa_name() {
 #if FUSED_AVX512
   return "avx512";
+#elif FUSED_AVX2
+  return "avx2";
 #else
   return "generic";
 #endif
 }
+
+#if FUSED_AVX2
+// AVX2 has no mask registers: vmaskmovps takes a vector whose lanes' sign bits say which to
+// touch. The first n lanes (n <= 8) of a vector.
+inline __m256i first_lanes(int64_t n) {
+  return _mm256_cmpgt_epi32(_mm256_set1_epi32(static_cast<int>(n)), _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7));
+}
+#endif
 
 // ---------------------------------------------------------------------------------------------
 // dst[i] = sum_e alpha[e] * src[e * e_stride + i], i < len.
@@ -93,6 +111,30 @@ void mix(int64_t E, const float* alpha, const float* src, int64_t e_stride, int6
     for (int64_t e = 0; e < E; ++e)
       acc = _mm512_fmadd_ps(_mm512_set1_ps(alpha[e]), _mm512_maskz_loadu_ps(m, src + e * e_stride + i), acc);
     _mm512_mask_storeu_ps(dst + i, m, acc);
+  }
+#elif FUSED_AVX2
+  int64_t i = 0;
+  for (; i + 32 <= len; i += 32) {
+    __m256 a0 = _mm256_setzero_ps(), a1 = a0, a2 = a0, a3 = a0;
+    for (int64_t e = 0; e < E; ++e) {
+      const float* s = src + e * e_stride + i;
+      const __m256 w = _mm256_set1_ps(alpha[e]);
+      a0 = _mm256_fmadd_ps(w, _mm256_loadu_ps(s), a0);
+      a1 = _mm256_fmadd_ps(w, _mm256_loadu_ps(s + 8), a1);
+      a2 = _mm256_fmadd_ps(w, _mm256_loadu_ps(s + 16), a2);
+      a3 = _mm256_fmadd_ps(w, _mm256_loadu_ps(s + 24), a3);
+    }
+    _mm256_storeu_ps(dst + i, a0);
+    _mm256_storeu_ps(dst + i + 8, a1);
+    _mm256_storeu_ps(dst + i + 16, a2);
+    _mm256_storeu_ps(dst + i + 24, a3);
+  }
+  for (; i < len; i += 8) {
+    const __m256i m = first_lanes(std::min<int64_t>(8, len - i));
+    __m256 acc = _mm256_setzero_ps();
+    for (int64_t e = 0; e < E; ++e)
+      acc = _mm256_fmadd_ps(_mm256_set1_ps(alpha[e]), _mm256_maskload_ps(src + e * e_stride + i, m), acc);
+    _mm256_maskstore_ps(dst + i, m, acc);
   }
 #else
   for (int64_t i = 0; i < len; ++i) dst[i] = 0.f;
@@ -171,6 +213,55 @@ inline __mmask16 tail_mask(int64_t ncols) {
 }
 #endif
 
+#if FUSED_AVX2
+// 6 rows x 2 vectors (16 columns): 12 accumulators, 2 B vectors and 1 broadcast fill the 16
+// registers. Wider stripes are cut into these, each re-reading the A rows from L1. `tail`: the
+// lanes of the last vector that are columns of C; with LOAD_TAIL, B's loads are masked by it too
+// (B rows not zero-padded past the columns).
+template <int M, int NV, bool LOAD_TAIL>
+void ukern_avx2(int64_t K, const float* __restrict A, int64_t lda, const float* __restrict B, int64_t ldb,
+                float* __restrict C, int64_t ldc, __m256i tail, const Epi& ep) {
+  __m256 acc[M][NV];
+#pragma GCC unroll 8
+  for (int m = 0; m < M; ++m)
+#pragma GCC unroll 2
+    for (int v = 0; v < NV; ++v) acc[m][v] = _mm256_setzero_ps();
+  for (int64_t k = 0; k < K; ++k) {
+    const float* bk = B + k * ldb;
+    __m256 b[NV];
+#pragma GCC unroll 2
+    for (int v = 0; v < NV; ++v)
+      b[v] = (LOAD_TAIL && v == NV - 1) ? _mm256_maskload_ps(bk + 8 * v, tail) : _mm256_loadu_ps(bk + 8 * v);
+#pragma GCC unroll 8
+    for (int m = 0; m < M; ++m) {
+      const __m256 a = _mm256_broadcast_ss(A + m * lda + k);
+#pragma GCC unroll 2
+      for (int v = 0; v < NV; ++v) acc[m][v] = _mm256_fmadd_ps(a, b[v], acc[m][v]);
+    }
+  }
+  const __m256i all = _mm256_set1_epi32(-1);
+#pragma GCC unroll 2
+  for (int v = 0; v < NV; ++v) {
+    const __m256i lanes = v == NV - 1 ? tail : all;
+    const __m256 bc = ep.bias_col ? _mm256_maskload_ps(ep.bias_col + 8 * v, lanes) : _mm256_setzero_ps();
+#pragma GCC unroll 8
+    for (int m = 0; m < M; ++m) {
+      __m256 r = acc[m][v];
+      if (ep.row_scale) r = _mm256_mul_ps(r, _mm256_set1_ps(ep.row_scale[m * ep.row_scale_stride]));
+      if (ep.accumulate) r = _mm256_add_ps(r, _mm256_maskload_ps(C + m * ldc + 8 * v, lanes));
+      r = _mm256_add_ps(r, bc);
+      if (ep.bias_row) r = _mm256_add_ps(r, _mm256_set1_ps(ep.bias_row[m]));
+      _mm256_maskstore_ps(C + m * ldc + 8 * v, lanes, r);
+    }
+  }
+}
+
+using UKernAvx2 = void (*)(int64_t, const float*, int64_t, const float*, int64_t, float*, int64_t, __m256i, const Epi&);
+#define FUSED_ROW(M) {{ukern_avx2<M, 1, false>, ukern_avx2<M, 1, true>}, {ukern_avx2<M, 2, false>, ukern_avx2<M, 2, true>}}
+const UKernAvx2 kUKernAvx2[kMR][2][2] = {FUSED_ROW(1), FUSED_ROW(2), FUSED_ROW(3), FUSED_ROW(4), FUSED_ROW(5), FUSED_ROW(6)};
+#undef FUSED_ROW
+#endif
+
 // C[M x ncols] = A * B (+biases), M <= kMR, ncols <= 64. `b_padded`: B rows may be read up to the
 // next multiple of 16 columns (zero padding), so its loads need no mask.
 inline void gemm_stripe(int M, int64_t ncols, int64_t K, const float* A, int64_t lda, const float* B, int64_t ldb,
@@ -179,6 +270,13 @@ inline void gemm_stripe(int M, int64_t ncols, int64_t K, const float* A, int64_t
   const int nv = (int)((ncols + 15) / 16);
   const __mmask16 st = tail_mask(ncols);
   kUKern[M - 1][nv - 1](K, A, lda, B, ldb, C, ldc, b_padded ? (__mmask16)0xFFFF : st, st, ep);
+#elif FUSED_AVX2
+  for (int64_t c0 = 0; c0 < ncols; c0 += 16) {
+    const int64_t n = std::min<int64_t>(16, ncols - c0), last = n - 8 * ((n - 1) / 8);
+    Epi chunk = ep;
+    if (chunk.bias_col) chunk.bias_col += c0;
+    kUKernAvx2[M - 1][(n - 1) / 8][!b_padded && last < 8](K, A, lda, B + c0, ldb, C + c0, ldc, first_lanes(last), chunk);
+  }
 #else
   (void)b_padded;
   float acc[kMR][kColBlock];
@@ -251,6 +349,21 @@ inline float dot(const float* a, const float* b, int64_t K) {
     acc0 = _mm512_fmadd_ps(_mm512_maskz_loadu_ps(m, a + k), _mm512_maskz_loadu_ps(m, b + k), acc0);
   }
   return _mm512_reduce_add_ps(_mm512_add_ps(acc0, acc1));
+#elif FUSED_AVX2
+  __m256 acc0 = _mm256_setzero_ps(), acc1 = _mm256_setzero_ps();
+  int64_t k = 0;
+  for (; k + 16 <= K; k += 16) {
+    acc0 = _mm256_fmadd_ps(_mm256_loadu_ps(a + k), _mm256_loadu_ps(b + k), acc0);
+    acc1 = _mm256_fmadd_ps(_mm256_loadu_ps(a + k + 8), _mm256_loadu_ps(b + k + 8), acc1);
+  }
+  for (; k < K; k += 8) {
+    const __m256i m = first_lanes(std::min<int64_t>(8, K - k));
+    acc0 = _mm256_fmadd_ps(_mm256_maskload_ps(a + k, m), _mm256_maskload_ps(b + k, m), acc0);
+  }
+  const __m256 sum = _mm256_add_ps(acc0, acc1);
+  __m128 half = _mm_add_ps(_mm256_castps256_ps128(sum), _mm256_extractf128_ps(sum, 1));
+  half = _mm_add_ps(half, _mm_movehl_ps(half, half));
+  return _mm_cvtss_f32(_mm_add_ss(half, _mm_movehdup_ps(half)));
 #else
   float sum = 0.f;
   for (int64_t k = 0; k < K; ++k) sum += a[k] * b[k];
@@ -310,6 +423,33 @@ void mix_group(int64_t E, int G, const float* alpha, int64_t alpha_stride, const
       if (g < G) {
         _mm512_storeu_ps(dst[g] + i, acc[g][0]);
         _mm512_storeu_ps(dst[g] + i + 16, acc[g][1]);
+      }
+    }
+  }
+  if (grouped < len)
+    for (int g = 0; g < G; ++g) mix(E, alpha + g * alpha_stride, src + grouped, e_stride, len - grouped, dst[g] + grouped);
+#elif FUSED_AVX2
+  const int64_t grouped = G == 1 ? 0 : len - len % 16;
+  for (int64_t i = 0; i < grouped; i += 16) {
+    __m256 acc[kGroup][2];
+    for (int g = 0; g < kGroup; ++g) acc[g][0] = acc[g][1] = _mm256_setzero_ps();
+    for (int64_t e = 0; e < E; ++e) {
+      const float* s = src + e * e_stride + i;
+      const __m256 w0 = _mm256_loadu_ps(s), w1 = _mm256_loadu_ps(s + 8);
+#pragma GCC unroll 4
+      for (int g = 0; g < kGroup; ++g) {
+        if (g < G) {
+          const __m256 a = _mm256_set1_ps(alpha[g * alpha_stride + e]);
+          acc[g][0] = _mm256_fmadd_ps(a, w0, acc[g][0]);
+          acc[g][1] = _mm256_fmadd_ps(a, w1, acc[g][1]);
+        }
+      }
+    }
+#pragma GCC unroll 4
+    for (int g = 0; g < kGroup; ++g) {
+      if (g < G) {
+        _mm256_storeu_ps(dst[g] + i, acc[g][0]);
+        _mm256_storeu_ps(dst[g] + i + 8, acc[g][1]);
       }
     }
   }
@@ -727,14 +867,46 @@ inline void transpose16(const float* src, int64_t ld_s, float* dst, int64_t ld_d
 }
 #endif
 
+#if FUSED_AVX2
+inline void transpose8(const float* src, int64_t ld_s, float* dst, int64_t ld_d) {
+  __m256 r[8], t[8];
+#pragma GCC unroll 8
+  for (int i = 0; i < 8; ++i) r[i] = _mm256_loadu_ps(src + i * ld_s);
+#pragma GCC unroll 4
+  for (int i = 0; i < 4; ++i) {  // pairs of rows interleaved
+    t[2 * i] = _mm256_unpacklo_ps(r[2 * i], r[2 * i + 1]);
+    t[2 * i + 1] = _mm256_unpackhi_ps(r[2 * i], r[2 * i + 1]);
+  }
+#pragma GCC unroll 2
+  for (int g = 0; g < 2; ++g) {  // 4x4 transposes within each 128-bit lane
+    r[4 * g + 0] = _mm256_shuffle_ps(t[4 * g + 0], t[4 * g + 2], 0x44);
+    r[4 * g + 1] = _mm256_shuffle_ps(t[4 * g + 0], t[4 * g + 2], 0xEE);
+    r[4 * g + 2] = _mm256_shuffle_ps(t[4 * g + 1], t[4 * g + 3], 0x44);
+    r[4 * g + 3] = _mm256_shuffle_ps(t[4 * g + 1], t[4 * g + 3], 0xEE);
+  }
+#pragma GCC unroll 4
+  for (int k = 0; k < 4; ++k) {  // then the 128-bit lanes of the two row groups
+    _mm256_storeu_ps(dst + k * ld_d, _mm256_permute2f128_ps(r[k], r[4 + k], 0x20));
+    _mm256_storeu_ps(dst + (4 + k) * ld_d, _mm256_permute2f128_ps(r[k], r[4 + k], 0x31));
+  }
+}
+#endif
+
 void transpose(const float* src, int64_t ld_s, int64_t rows, int64_t cols, float* dst, int64_t ld_d) {
   int64_t i0 = 0;
-#if FUSED_AVX512
-  for (; i0 + 16 <= rows; i0 += 16) {
+#if FUSED_AVX512 || FUSED_AVX2
+  constexpr int64_t S = FUSED_AVX512 ? 16 : 8;  // the square a vector transpose takes
+  for (; i0 + S <= rows; i0 += S) {
     int64_t j0 = 0;
-    for (; j0 + 16 <= cols; j0 += 16) transpose16(src + i0 * ld_s + j0, ld_s, dst + j0 * ld_d + i0, ld_d);
+    for (; j0 + S <= cols; j0 += S) {
+#if FUSED_AVX512
+      transpose16(src + i0 * ld_s + j0, ld_s, dst + j0 * ld_d + i0, ld_d);
+#else
+      transpose8(src + i0 * ld_s + j0, ld_s, dst + j0 * ld_d + i0, ld_d);
+#endif
+    }
     for (int64_t j = j0; j < cols; ++j)
-      for (int64_t i = i0; i < i0 + 16; ++i) dst[j * ld_d + i] = src[i * ld_s + j];
+      for (int64_t i = i0; i < i0 + S; ++i) dst[j * ld_d + i] = src[i * ld_s + j];
   }
 #endif
   for (int64_t i = i0; i < rows; ++i)
@@ -863,6 +1035,24 @@ struct DwGeom {
   int64_t owa, owb;  // columns whose taps are all inside the image
 };
 
+#if FUSED_AVX512 || FUSED_AVX2
+// Output row oh reads input rows ih0 + i * dh for taps i in [ilo, ihi): those inside the image.
+struct TapRows {
+  int64_t ih0, ilo, ihi;
+};
+
+TapRows tap_rows(const DwGeom& g, int64_t oh) {
+  const int64_t ih0 = oh * g.sh - g.ph;
+  int64_t ilo = 0, ihi = g.kh;
+  while (ilo < g.kh && ih0 + ilo * g.dh < 0) ++ilo;
+  while (ihi > ilo && ih0 + (ihi - 1) * g.dh >= g.H) --ihi;
+  return {ih0, ilo, ihi};
+}
+
+// The sliding-window kernels (below) take taps 3 or 5 wide at stride 1 or 2, undilated across.
+bool window_shape(const DwGeom& g) { return (g.sw == 1 || g.sw == 2) && g.dw == 1 && (g.kw == 3 || g.kw == 5); }
+#endif
+
 #if FUSED_AVX512
 // Any stride/dilation: PX output pixels share each tap's weight load.
 template <int PX>
@@ -948,12 +1138,9 @@ void dw_row_window(int64_t W, int64_t C, int64_t Wo, int64_t pw, const float* xb
 // One output row of one 16-channel vector (wt: its taps, tap stride wstride).
 void dw_row(const DwGeom& g, const float* xb, const float* wt, int64_t wstride, const float* bias, __mmask16 tail,
             int64_t oh, float* orow) {
-  const int64_t ih0 = oh * g.sh - g.ph;
-  int64_t ilo = 0, ihi = g.kh;
-  while (ilo < g.kh && ih0 + ilo * g.dh < 0) ++ilo;
-  while (ihi > ilo && ih0 + (ihi - 1) * g.dh >= g.H) --ihi;
+  const auto [ih0, ilo, ihi] = tap_rows(g, oh);
   const int64_t C = g.C;
-  if ((g.sw == 1 || g.sw == 2) && g.dw == 1 && (g.kw == 3 || g.kw == 5)) {
+  if (window_shape(g)) {
     const auto row = g.sw == 1 ? (g.kw == 5 ? dw_row_window<5, 1> : dw_row_window<3, 1>)
                                : (g.kw == 5 ? dw_row_window<5, 2> : dw_row_window<3, 2>);
     row(g.W, C, g.Wo, g.pw, xb, wt, wstride, ilo, ihi, ih0, g.dh, bias, tail, orow);
@@ -976,6 +1163,102 @@ void dw_row(const DwGeom& g, const float* xb, const float* wt, int64_t wstride, 
     dw_pixels<1>(xb, g.W, C, wt, wstride, g.kw, ilo, ihi, 0, g.kw, ih0, ow * g.sw - g.pw, g.sw, g.dh, g.dw, bias,
                  tail, orow + ow * C);
   for (ow = std::max(g.owb, g.owa); ow < g.Wo; ++ow) edge(ow);
+}
+#endif
+
+#if FUSED_AVX2
+// dw_pixels_window in 8-channel vectors. With 16 registers PX is 4 at stride 1 and 3 at stride 2
+// (for 5x5 taps: 4 accumulators + 8 window vectors + 1 weight, or 3 + 9 + 1). MASKED: a window
+// column outside the image or a channel tail, so every load and store goes through `masks`
+// (vmaskmovps, which does not fault on the lanes it leaves out); interior blocks of whole vectors,
+// the common case, load plainly.
+template <int PX, int KW, int SW, bool MASKED>
+inline void dw_window_avx2(const float* xb, int64_t W, int64_t C, const float* wt, int64_t wstride, int64_t ilo,
+                           int64_t ihi, int64_t ih0, int64_t iw0, int64_t dh, const float* bias, __m256i lanes,
+                           float* op) {
+  constexpr int NX = (PX - 1) * SW + KW;
+  __m256 acc[PX];
+  const __m256 b0 = _mm256_loadu_ps(bias);
+#pragma GCC unroll 4
+  for (int p = 0; p < PX; ++p) acc[p] = b0;
+  __m256i masks[NX];
+  if constexpr (MASKED) {
+#pragma GCC unroll 16
+    for (int q = 0; q < NX; ++q) masks[q] = iw0 + q >= 0 && iw0 + q < W ? lanes : _mm256_setzero_si256();
+  }
+  for (int64_t i = ilo; i < ihi; ++i) {
+    const float* xr = xb + ((ih0 + i * dh) * W + iw0) * C;
+    const float* wrow = wt + i * KW * wstride;
+    __m256 xw[NX];
+#pragma GCC unroll 16
+    for (int q = 0; q < NX; ++q) xw[q] = MASKED ? _mm256_maskload_ps(xr + q * C, masks[q]) : _mm256_loadu_ps(xr + q * C);
+#pragma GCC unroll 8
+    for (int j = 0; j < KW; ++j) {
+      const __m256 w = _mm256_loadu_ps(wrow + j * wstride);
+#pragma GCC unroll 4
+      for (int p = 0; p < PX; ++p) acc[p] = _mm256_fmadd_ps(xw[p * SW + j], w, acc[p]);
+    }
+  }
+#pragma GCC unroll 4
+  for (int p = 0; p < PX; ++p) {
+    if constexpr (MASKED)
+      _mm256_maskstore_ps(op + p * C, lanes, acc[p]);
+    else
+      _mm256_storeu_ps(op + p * C, acc[p]);
+  }
+}
+
+// One output row of one vector of `width` channels (<= 8): blocks of PX pixels, then single ones.
+template <int KW, int SW>
+void dw_row_avx2(const DwGeom& g, const float* xb, const float* wt, int64_t wstride, const float* bias, int64_t width,
+                 int64_t oh, float* orow) {
+  constexpr int PX = SW == 1 ? 4 : 3, NX = (PX - 1) * SW + KW;
+  const auto [ih0, ilo, ihi] = tap_rows(g, oh);
+  const __m256i lanes = first_lanes(width);
+  int64_t ow = 0;
+  for (; ow + PX <= g.Wo; ow += PX) {
+    const int64_t iw0 = ow * SW - g.pw;
+    if (width == 8 && iw0 >= 0 && iw0 + NX <= g.W)
+      dw_window_avx2<PX, KW, SW, false>(xb, g.W, g.C, wt, wstride, ilo, ihi, ih0, iw0, g.dh, bias, lanes, orow + ow * g.C);
+    else
+      dw_window_avx2<PX, KW, SW, true>(xb, g.W, g.C, wt, wstride, ilo, ihi, ih0, iw0, g.dh, bias, lanes, orow + ow * g.C);
+  }
+  // The last Wo % PX pixels as one block (at 7x7, 4 + 3).
+  const int64_t iw0 = ow * SW - g.pw;
+  float* const op = orow + ow * g.C;
+  switch (g.Wo - ow) {
+    case 3: dw_window_avx2<3, KW, SW, true>(xb, g.W, g.C, wt, wstride, ilo, ihi, ih0, iw0, g.dh, bias, lanes, op); break;
+    case 2: dw_window_avx2<2, KW, SW, true>(xb, g.W, g.C, wt, wstride, ilo, ihi, ih0, iw0, g.dh, bias, lanes, op); break;
+    case 1: dw_window_avx2<1, KW, SW, true>(xb, g.W, g.C, wt, wstride, ilo, ihi, ih0, iw0, g.dh, bias, lanes, op); break;
+    default: break;
+  }
+}
+#endif
+
+#if !FUSED_AVX512
+// Any taps, stride and dilation, one pixel at a time: the portable kernel, and AVX2's for shapes
+// outside the sliding window's.
+void dw_plane_portable(const DwGeom& g, const float* xb, const float* wt, const float* bias, int64_t cols, float* ob) {
+  const int64_t cs = g.C;
+  for (int64_t oh = 0; oh < g.Ho; ++oh) {
+    float* orow = ob + oh * g.Wo * cs;
+    for (int64_t ow = 0; ow < g.Wo; ++ow) {
+      float acc[kDwBlock];
+      for (int64_t c = 0; c < cols; ++c) acc[c] = bias[c];
+      for (int64_t i = 0; i < g.kh; ++i) {
+        const int64_t ih = oh * g.sh - g.ph + i * g.dh;
+        if (ih < 0 || ih >= g.H) continue;
+        for (int64_t j = 0; j < g.kw; ++j) {
+          const int64_t iw = ow * g.sw - g.pw + j * g.dw;
+          if (iw < 0 || iw >= g.W) continue;
+          const float* xq = xb + (ih * g.W + iw) * cs;
+          const float* wq = wt + (i * g.kw + j) * kDwBlock;
+          for (int64_t c = 0; c < cols; ++c) acc[c] += xq[c] * wq[c];
+        }
+      }
+      for (int64_t c = 0; c < cols; ++c) orow[ow * cs + c] = acc[c];
+    }
+  }
 }
 #endif
 
@@ -1054,33 +1337,24 @@ at::Tensor dw_forward(const at::Tensor& x, const at::Tensor& wp, const at::Tenso
         xb = x_cl;
         ob = out_cl;
       }
-      const int64_t cs = g.C;
 #if FUSED_AVX512
       for (int64_t v = 0; v < cols; v += 16) {
         const __mmask16 tail = tail_mask(std::min<int64_t>(16, cols - v));
         for (int64_t oh = 0; oh < Ho; ++oh)
-          dw_row(g, xb + v, wt.data() + v, kDwBlock, bias.data() + v, tail, oh, ob + oh * Wo * cs + v);
+          dw_row(g, xb + v, wt.data() + v, kDwBlock, bias.data() + v, tail, oh, ob + oh * Wo * g.C + v);
+      }
+#elif FUSED_AVX2
+      if (window_shape(g)) {
+        const auto row = sw == 1 ? (kw == 5 ? dw_row_avx2<5, 1> : dw_row_avx2<3, 1>)
+                                 : (kw == 5 ? dw_row_avx2<5, 2> : dw_row_avx2<3, 2>);
+        for (int64_t v = 0; v < cols; v += 8)
+          for (int64_t oh = 0; oh < Ho; ++oh)
+            row(g, xb + v, wt.data() + v, kDwBlock, bias.data() + v, std::min<int64_t>(8, cols - v), oh, ob + oh * Wo * g.C + v);
+      } else {
+        dw_plane_portable(g, xb, wt.data(), bias.data(), cols, ob);
       }
 #else
-      for (int64_t oh = 0; oh < Ho; ++oh) {
-        float* orow = ob + oh * Wo * cs;
-        for (int64_t ow = 0; ow < Wo; ++ow) {
-          float acc[kDwBlock];
-          for (int64_t c = 0; c < cols; ++c) acc[c] = bias[c];
-          for (int64_t i = 0; i < kh; ++i) {
-            const int64_t ih = oh * sh - ph + i * dh;
-            if (ih < 0 || ih >= H) continue;
-            for (int64_t j = 0; j < kw; ++j) {
-              const int64_t iw = ow * sw - pw + j * dw;
-              if (iw < 0 || iw >= W) continue;
-              const float* xq = xb + (ih * W + iw) * cs;
-              const float* wq = wt.data() + (i * kw + j) * kDwBlock;
-              for (int64_t c = 0; c < cols; ++c) acc[c] += xq[c] * wq[c];
-            }
-          }
-          for (int64_t c = 0; c < cols; ++c) orow[ow * cs + c] = acc[c];
-        }
-      }
+      dw_plane_portable(g, xb, wt.data(), bias.data(), cols, ob);
 #endif
       if (planar) transpose(out_cl, kDwBlock, Ho * Wo, cols, op + (b * C + c0) * Ho * Wo, Ho * Wo);
     }

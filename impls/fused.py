@@ -10,8 +10,9 @@ kernel-sized is written. Mixing still costs B·E·P multiply-adds (the analytic 
 
 Paths, by layer:
 - 1×1 (stride 1, no padding), channels_last input: experts re-laid out once as `W_eᵀ` in
-  64-column blocks (a cached layout, `expert_layout("fused_pw_cl")`); an own AVX-512 micro-kernel
-  (6×64, K cut into ≤256-wide chunks so the E expert slabs of a chunk stay in L2). NCHW input:
+  64-column blocks (a cached layout, `expert_layout("fused_pw_cl")`); an own micro-kernel (6×64
+  on AVX-512, 6×16 on AVX2 with FMA3; K cut into ≤256-wide chunks so the E expert slabs of a chunk
+  stay in L2). NCHW input:
   the same mixing over contiguous slabs of each expert, no packing; at 7×7 (where mixing is
   E/49 of the product's work) K is chunked likewise when the batch has more than one group.
 - linear: with one pixel per example, mixing a kernel costs as much as the E expert outputs, so
@@ -52,7 +53,10 @@ cross-check the analytic count, an exported graph is exact (and portable to othe
 compiled training step differentiates the composition.
 
 Source: own work (issue 25); no public CondConv has a fused CPU kernel. `CONDCONV_FUSED_GENERIC=1`
-builds the portable C++ loops instead of the AVX-512 intrinsics (a separate cache entry), to test them.
+builds the portable C++ loops instead of the AVX-512 or AVX2 intrinsics (a separate cache entry), to
+test them. On AVX2 the forward 1×1, linear and depthwise kernels, mixing and the NCHW↔channels-last
+transposes have intrinsics; the backward's own loops (depthwise kernel gradients and scatter) are
+the portable ones there.
 """
 
 from __future__ import annotations
