@@ -74,6 +74,25 @@ const char* isa_name() {
 #endif
 }
 
+// One vector of floats in the build's extension, for loops written once for both (mixing groups).
+#if FUSED_AVX512
+using VecF = __m512;
+constexpr int64_t kLanes = 16;
+inline VecF vzero() { return _mm512_setzero_ps(); }
+inline VecF vset1(float a) { return _mm512_set1_ps(a); }
+inline VecF vload(const float* p) { return _mm512_loadu_ps(p); }
+inline void vstore(float* p, VecF v) { _mm512_storeu_ps(p, v); }
+inline VecF vfmadd(VecF a, VecF b, VecF c) { return _mm512_fmadd_ps(a, b, c); }
+#elif FUSED_AVX2
+using VecF = __m256;
+constexpr int64_t kLanes = 8;
+inline VecF vzero() { return _mm256_setzero_ps(); }
+inline VecF vset1(float a) { return _mm256_set1_ps(a); }
+inline VecF vload(const float* p) { return _mm256_loadu_ps(p); }
+inline void vstore(float* p, VecF v) { _mm256_storeu_ps(p, v); }
+inline VecF vfmadd(VecF a, VecF b, VecF c) { return _mm256_fmadd_ps(a, b, c); }
+#endif
+
 #if FUSED_AVX2
 // AVX2 has no mask registers: vmaskmovps takes a vector whose lanes' sign bits say which to
 // touch. The first n lanes (n <= 8) of a vector.
@@ -435,55 +454,28 @@ constexpr int64_t kKChunk = 256;
 
 void mix_group(int64_t E, int G, const float* alpha, int64_t alpha_stride, const float* src, int64_t e_stride,
                int64_t len, float* const* dst) {
-#if FUSED_AVX512
-  const int64_t grouped = G == 1 ? 0 : len - len % 32;
-  for (int64_t i = 0; i < grouped; i += 32) {
-    __m512 acc[kGroup][2];
-    for (int g = 0; g < kGroup; ++g) acc[g][0] = acc[g][1] = _mm512_setzero_ps();
+#if FUSED_AVX512 || FUSED_AVX2
+  const int64_t grouped = G == 1 ? 0 : len - len % (2 * kLanes);
+  for (int64_t i = 0; i < grouped; i += 2 * kLanes) {
+    VecF acc[kGroup][2];
+    for (int g = 0; g < kGroup; ++g) acc[g][0] = acc[g][1] = vzero();
     for (int64_t e = 0; e < E; ++e) {
       const float* s = src + e * e_stride + i;
-      const __m512 w0 = _mm512_loadu_ps(s), w1 = _mm512_loadu_ps(s + 16);
+      const VecF w0 = vload(s), w1 = vload(s + kLanes);
 #pragma GCC unroll 4
       for (int g = 0; g < kGroup; ++g) {
         if (g < G) {
-          const __m512 a = _mm512_set1_ps(alpha[g * alpha_stride + e]);
-          acc[g][0] = _mm512_fmadd_ps(a, w0, acc[g][0]);
-          acc[g][1] = _mm512_fmadd_ps(a, w1, acc[g][1]);
+          const VecF a = vset1(alpha[g * alpha_stride + e]);
+          acc[g][0] = vfmadd(a, w0, acc[g][0]);
+          acc[g][1] = vfmadd(a, w1, acc[g][1]);
         }
       }
     }
 #pragma GCC unroll 4
     for (int g = 0; g < kGroup; ++g) {
       if (g < G) {
-        _mm512_storeu_ps(dst[g] + i, acc[g][0]);
-        _mm512_storeu_ps(dst[g] + i + 16, acc[g][1]);
-      }
-    }
-  }
-  if (grouped < len)
-    for (int g = 0; g < G; ++g) mix(E, alpha + g * alpha_stride, src + grouped, e_stride, len - grouped, dst[g] + grouped);
-#elif FUSED_AVX2
-  const int64_t grouped = G == 1 ? 0 : len - len % 16;
-  for (int64_t i = 0; i < grouped; i += 16) {
-    __m256 acc[kGroup][2];
-    for (int g = 0; g < kGroup; ++g) acc[g][0] = acc[g][1] = _mm256_setzero_ps();
-    for (int64_t e = 0; e < E; ++e) {
-      const float* s = src + e * e_stride + i;
-      const __m256 w0 = _mm256_loadu_ps(s), w1 = _mm256_loadu_ps(s + 8);
-#pragma GCC unroll 4
-      for (int g = 0; g < kGroup; ++g) {
-        if (g < G) {
-          const __m256 a = _mm256_set1_ps(alpha[g * alpha_stride + e]);
-          acc[g][0] = _mm256_fmadd_ps(a, w0, acc[g][0]);
-          acc[g][1] = _mm256_fmadd_ps(a, w1, acc[g][1]);
-        }
-      }
-    }
-#pragma GCC unroll 4
-    for (int g = 0; g < kGroup; ++g) {
-      if (g < G) {
-        _mm256_storeu_ps(dst[g] + i, acc[g][0]);
-        _mm256_storeu_ps(dst[g] + i + 8, acc[g][1]);
+        vstore(dst[g] + i, acc[g][0]);
+        vstore(dst[g] + i + kLanes, acc[g][1]);
       }
     }
   }
