@@ -76,8 +76,8 @@ def test_an_entry_whose_strategy_cannot_run_here_gives_way_to_its_rivals_then_th
 
 
 def test_a_native_strategys_entry_holds_only_where_its_build_targets_the_same_vector_extension(monkeypatch) -> None:
-    """fused's AVX-512 micro-kernels and its portable loops are two programs: a table measured on
-    one speaks for the other's build in nothing, so there the entry answers with its rivals."""
+    """fused built for AVX-512 and for AVX2 are two programs: a table measured on one speaks for
+    the other's build in nothing, so there the entry answers with its rivals."""
     from condconv_bench.dispatch import table as table_module
 
     monkeypatch.setattr(get_impl("fused"), "unavailable_reason", classmethod(lambda cls: None))

@@ -91,8 +91,8 @@ def _runs_here(key: str, query: Query) -> bool:
 
 def _as_measured(key: str, entry: Entry) -> bool:
     """Whether `key` here is what `entry` measured: a native strategy built for another vector
-    extension is another program (fused's portable loops ran 2.5–4.7× the static layer on mobile's
-    1×1 layers on an AVX2 EPYC, where its AVX-512 kernels run at 1.0–1.3× it)."""
+    extension is another program (on an AVX2 EPYC, fused's portable loops ran 2.5–4.7× the static
+    layer on mobile's 1×1 layers, its AVX2 kernels 1.1–1.9×; its AVX-512 kernels 1.0–1.3× on an AVX-512 one)."""
     from condconv_bench.core.registry import dispatchable_impls
 
     cls = dispatchable_impls().get(key)

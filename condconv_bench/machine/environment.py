@@ -63,7 +63,7 @@ def cpu_flags() -> list[str]:
 @functools.cache
 def vector_isa() -> str:
     """The widest vector extension a `-march=native` build targets here, in words. A native
-    strategy's speed depends on it (`fused` has AVX-512 micro-kernels, elsewhere portable loops),
+    strategy's speed depends on it (`fused` has AVX-512 and AVX2 kernels, elsewhere portable loops),
     so runs record it (`run.json`'s environment) and dispatch tables key native strategies' entries by it."""
     flags = set(cpu_flags())
     if "avx512f" in flags:
