@@ -49,6 +49,23 @@ def configure_compiler() -> None:
     inductor_config.compile_threads = 1
 
 
+def _build_reason(device_type: str) -> str | None:
+    """Why inductor cannot build code for `device_type` here, or None."""
+    if device_type == "cpu":
+        from torch._inductor.cpp_builder import get_cpp_compiler
+
+        try:
+            get_cpp_compiler()
+        except Exception as exc:  # inductor raises its own types, none of them public
+            return f"inductor needs a C++ compiler for CPU: {exc}"
+    if device_type == "cuda":
+        from torch.utils._triton import has_triton
+
+        if not has_triton():
+            return "inductor needs Triton for CUDA, and it is not installed"
+    return None
+
+
 @register_impl("compiled")
 class Compiled(GroupedConv):
     """torch.compile (inductor, dynamic=False) of grouped_conv; compile timed apart."""
@@ -62,25 +79,17 @@ class Compiled(GroupedConv):
 
     @classmethod
     def unavailable_reason(cls) -> str | None:
+        """Unavailable machine-wide only where inductor can build for none of this machine's devices
+        (`list` says so up front); where it can build for one, the other's cases are skipped alone."""
         if not torch._dynamo.is_dynamo_supported():
             return "torch.compile is not supported on this Python/platform"
-        return None
+        devices = ["cpu", "cuda"] if torch.cuda.is_available() else ["cpu"]
+        reasons = [_build_reason(device) for device in devices]
+        return None if None in reasons else "; ".join(reasons)  # type: ignore[arg-type]
 
     @classmethod
     def unsupported_reason(cls, spec: LayerSpec, device: torch.device, dtype: torch.dtype) -> str | None:
-        if device.type == "cpu":
-            from torch._inductor.cpp_builder import get_cpp_compiler
-
-            try:
-                get_cpp_compiler()
-            except Exception as exc:  # inductor raises its own types, none of them public
-                return f"inductor needs a C++ compiler for CPU: {exc}"
-        if device.type == "cuda":
-            from torch.utils._triton import has_triton
-
-            if not has_triton():
-                return "inductor needs Triton for CUDA, and it is not installed"
-        return None
+        return _build_reason(device.type)
 
     def eager_module(self) -> GroupedConv:
         eager = GroupedConv(self.spec).to(device=self.weight.device, dtype=self.weight.dtype)

@@ -96,3 +96,24 @@ def test_an_entry_point_that_fails_to_import_is_named_when_the_registry_loads(mo
     monkeypatch.setattr(registry, "_loaded", False)
     with pytest.raises(UnknownImplError, match="^entry point broken = 'no_such_module_xyz:Impl' of group 'condconv_bench.impls' cannot be loaded"):
         list_impls()
+
+
+@pytest.mark.parametrize("cuda_builds", [None, False, True], ids=["no-gpu", "gpu-without-triton", "gpu-with-triton"])
+def test_compiled_without_a_cpp_compiler_is_listed_by_where_inductor_can_still_build(monkeypatch, cuda_builds: bool | None) -> None:
+    import torch
+    import torch._inductor.cpp_builder as cpp_builder
+    import torch.utils._triton as triton_check
+
+    def no_compiler() -> None:
+        raise RuntimeError("no C++ compiler on PATH")
+
+    monkeypatch.setattr(cpp_builder, "get_cpp_compiler", no_compiler)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: cuda_builds is not None)
+    monkeypatch.setattr(triton_check, "has_triton", lambda: bool(cuda_builds))
+    info = next(i for i in list_impls() if i.key == "compiled")
+    if cuda_builds:
+        assert info.available  # its CUDA cases run; its CPU cases are skipped one by one
+        assert "needs a C++ compiler" in get_impl("compiled").unsupported_reason(LayerSpec("conv2d", 4, 4, 1), torch.device("cpu"), torch.float32)
+    else:
+        assert not info.available and "inductor needs a C++ compiler for CPU: no C++ compiler on PATH" in info.unavailable_reason
+        assert ("needs Triton" in info.unavailable_reason) == (cuda_builds is False)
