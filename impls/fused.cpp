@@ -24,6 +24,8 @@
 #include <cstring>
 #include <vector>
 
+#include <unistd.h>
+
 #if defined(__AVX512F__) && !defined(FUSED_FORCE_GENERIC)
 #define FUSED_AVX512 1
 #define FUSED_AVX2 0
@@ -369,6 +371,17 @@ T* thread_scratch(int64_t n) {
   if (static_cast<int64_t>(buffer.size()) < n + offset) buffer = std::vector<T>(n + offset);
   const auto address = reinterpret_cast<std::uintptr_t>(buffer.data());
   return reinterpret_cast<T*>((address + 63) / 64 * 64) + offset - line;
+}
+
+// This core's L2 in bytes, as glibc reads it from the CPU (cpuid); 0 where it is not known (another
+// C library), which makes the blocking that needs a large L2 stand aside.
+int64_t l2_bytes() {
+#ifdef _SC_LEVEL2_CACHE_SIZE
+  static const int64_t bytes = std::max<long>(0, sysconf(_SC_LEVEL2_CACHE_SIZE));
+  return bytes;
+#else
+  return 0;
+#endif
 }
 
 // The NCHW kernels' output-channel row blocks: at most max_rows rows, all of one even size (the
@@ -971,14 +984,18 @@ at::Tensor pw_forward_nchw(const at::Tensor& x, const at::Tensor& w, const at::T
   // block mixes from them; unchunked, each group re-reads the row block's experts from L3 (1.8 MB
   // at K = 1152). Chunks cost passes over the groups' outputs instead (read and written once more
   // per extra chunk), so they are taken where the experts a group re-reads (E*K floats per row)
-  // exceed four times the output it re-reads and re-writes (2 * kGroup * P * (chunks - 1)): by
-  // that rule every 7x7 layer of EfficientNet-B0 is chunked (0.91-0.96x the time at batch 8),
-  // no 14x14 one (chunked, 672->112 and 480->112 took 1.02-1.08x). One group reads each expert
-  // once anyway.
+  // exceed four times the output it re-reads and re-writes (2 * kGroup * P * (chunks - 1)), and
+  // where a chunk's expert slabs and the group's mixed tiles fit in this core's L2 together.
+  // On an AVX-512 EPYC (1 MB L2) that chunks every 7x7 layer of EfficientNet-B0 (0.91-0.96x the
+  // time at batch 8) and no 14x14 one (chunked, 672->112 and 480->112 took 1.02-1.08x). On a
+  // 2-core AVX2 EPYC (512 KB L2, 590 KB wanted) chunking the 7x7 layers took 1.19-1.26x the time
+  // at batch 8 and 32, so there none is. One group reads each expert once anyway.
   const int64_t ngrp = (B + kGroup - 1) / kGroup;
   const int64_t chunks = (K + kKChunk - 1) / kKChunk;
-  const bool chunked = ngrp > 1 && E * K > 8 * kGroup * P * (chunks - 1);
-  const int64_t kc_max = chunked ? std::min(K, ((K + chunks - 1) / chunks + 31) / 32 * 32) : K;
+  const int64_t kc_chunk = std::min(K, ((K + chunks - 1) / chunks + 31) / 32 * 32);
+  const bool chunked = ngrp > 1 && E * K > 8 * kGroup * P * (chunks - 1) &&
+                       (E + kGroup) * kRowBlock * kc_chunk * static_cast<int64_t>(sizeof(float)) <= l2_bytes();
+  const int64_t kc_max = chunked ? kc_chunk : K;
   // Every row block streams its example group's input (up to kGroup x kc x P floats) once more.
   // Past half an L2 that comes from L3, and fewer, wider blocks pay: at 14x14 with 672 and 480
   // input channels (2.1 and 1.5 MB for four examples) 64-row blocks took 0.79-0.96x the time of

@@ -61,14 +61,14 @@ def check_forward(spec: LayerSpec, x: torch.Tensor) -> torch.Tensor:
     return out
 
 
-# C_in 600 takes three K-chunks (the last with a tail past whole 32-float runs; in NCHW because
-# batch 5 is two groups of examples and 8 experts at 7x7 are worth it); C_out 70 and 130 leave column tails;
+# C_in 520 takes three K-chunks (the last with a tail past whole 32-float runs; in NCHW because
+# batch 5 is two groups of examples, 8 experts at 7x7 are worth it and a chunk's 442 KB fit a 512 KB L2); C_out 70 and 130 leave column tails;
 # batch 5 is a group of 4 examples and one more; 7x7 and 9x9 leave one pixel past whole vectors
 # (NCHW computes it as dot products), 14x14 four; 4 examples of 168 channels at 14x14 are more
 # than 512 KB of input, which NCHW takes in its wider row blocks.
 @pytest.mark.parametrize("layout", ["nchw", "channels_last", "noncontig"])
 @pytest.mark.parametrize(("cin", "cout", "hw", "batch", "bias"), [(7, 13, 5, 1, True), (64, 70, 3, 5, False),
-                                                                  (600, 67, 7, 5, True), (3, 130, 9, 3, False),
+                                                                  (520, 67, 7, 5, True), (3, 130, 9, 3, False),
                                                                   (56, 50, 7, 3, True), (37, 20, 14, 2, False),
                                                                   (168, 70, 14, 4, True)])
 def test_pointwise_forward(layout, cin, cout, hw, batch, bias) -> None:
