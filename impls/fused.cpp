@@ -245,23 +245,23 @@ void ukern_avx2(int64_t K, const float* __restrict A, int64_t lda, const float* 
   __m256 acc[M][NV];
 #pragma GCC unroll 8
   for (int m = 0; m < M; ++m)
-#pragma GCC unroll 2
+#pragma GCC unroll 8
     for (int v = 0; v < NV; ++v) acc[m][v] = _mm256_setzero_ps();
   for (int64_t k = 0; k < K; ++k) {
     const float* bk = B + k * ldb;
     __m256 b[NV];
-#pragma GCC unroll 2
+#pragma GCC unroll 8
     for (int v = 0; v < NV; ++v)
       b[v] = (LOAD_TAIL && v == NV - 1) ? _mm256_maskload_ps(bk + 8 * v, tail) : _mm256_loadu_ps(bk + 8 * v);
 #pragma GCC unroll 8
     for (int m = 0; m < M; ++m) {
       const __m256 a = _mm256_broadcast_ss(A + m * lda + k);
-#pragma GCC unroll 2
+#pragma GCC unroll 8
       for (int v = 0; v < NV; ++v) acc[m][v] = _mm256_fmadd_ps(a, b[v], acc[m][v]);
     }
   }
   const __m256i all = _mm256_set1_epi32(-1);
-#pragma GCC unroll 2
+#pragma GCC unroll 8
   for (int v = 0; v < NV; ++v) {
     const __m256i lanes = v == NV - 1 ? tail : all;
     const __m256 bc = ep.bias_col ? _mm256_maskload_ps(ep.bias_col + 8 * v, lanes) : _mm256_setzero_ps();
@@ -292,6 +292,22 @@ inline void gemm_stripe(int M, int64_t ncols, int64_t K, const float* A, int64_t
   const __mmask16 st = tail_mask(ncols);
   kUKern[M - 1][nv - 1](K, A, lda, B, ldb, C, ldc, b_padded ? (__mmask16)0xFFFF : st, st, ep);
 #elif FUSED_AVX2
+  // One or two rows (the linear layer at batch 1 and 2) take a whole padded 64-column stripe in one
+  // and two passes over K: cut into 16-column chunks, each pass would read a quarter of every B
+  // row (one line of four, from memory), and one row's 2 accumulators would wait on the FMA latency.
+  if (b_padded && ncols == kColBlock && M <= 2) {
+    const __m256i all = _mm256_set1_epi32(-1);
+    if (M == 1) {
+      ukern_avx2<1, 8, false>(K, A, lda, B, ldb, C, ldc, all, ep);
+      return;
+    }
+    Epi half = ep;
+    for (int64_t c0 = 0; c0 < kColBlock; c0 += 32) {
+      if (ep.bias_col) half.bias_col = ep.bias_col + c0;
+      ukern_avx2<2, 4, false>(K, A, lda, B + c0, ldb, C + c0, ldc, all, half);
+    }
+    return;
+  }
   for (int64_t c0 = 0; c0 < ncols; c0 += 16) {
     const int64_t n = std::min<int64_t>(16, ncols - c0), last = n - 8 * ((n - 1) / 8);
     Epi chunk = ep;

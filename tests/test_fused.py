@@ -70,14 +70,17 @@ def check_forward(spec: LayerSpec, x: torch.Tensor) -> torch.Tensor:
 @pytest.mark.parametrize(("cin", "cout", "hw", "batch", "bias"), [(7, 13, 5, 1, True), (64, 70, 3, 5, False),
                                                                   (520, 67, 7, 5, True), (3, 130, 9, 3, False),
                                                                   (56, 50, 7, 3, True), (37, 20, 14, 2, False),
-                                                                  (168, 70, 14, 4, True)])
+                                                                  (168, 70, 14, 4, True), (16, 70, 7, 2, True)])
 def test_pointwise_forward(layout, cin, cout, hw, batch, bias) -> None:
     out = check_forward(LayerSpec("conv2d", cin, cout, 8, bias=bias), make_x((batch, cin, hw, hw), layout))
     if layout == "channels_last":
         assert out.is_contiguous(memory_format=torch.channels_last)
 
 
-@pytest.mark.parametrize(("cin", "cout", "batch", "bias"), [(7, 13, 1, True), (200, 33, 7, False), (600, 130, 3, True)])
+# One and two examples take whole 64-column blocks in one and two passes over K (70 and 129 outputs:
+# whole blocks and a tail); a channels-last 7x7 image leaves one pixel row past stripes of 6 the same way.
+@pytest.mark.parametrize(("cin", "cout", "batch", "bias"), [(7, 13, 1, True), (200, 33, 7, False), (600, 130, 3, True),
+                                                           (130, 70, 1, False), (64, 129, 2, True)])
 def test_linear_forward(cin, cout, batch, bias) -> None:
     check_forward(LayerSpec("linear", cin, cout, 3, bias=bias), torch.randn(batch, cin))
 
