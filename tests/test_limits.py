@@ -268,7 +268,9 @@ def test_a_device_error_while_measuring_the_ceilings_again_keeps_the_sweeps_rows
 def test_no_strategy_beats_its_limit_on_shipped_mobile_shapes(tmp_path: Path) -> None:
     """A latency below the compulsory limit would mean a ceiling or a traffic model is wrong."""
     mobile = yaml.safe_load(MOBILE.read_text())
-    wanted = {"s6_expand_192_1152", "s5_dw5_672", "mbv2_classifier_1280_1000"}
+    # the depthwise 3x3 at 7x7 is the cheapest depthwise shape: the slowest strategies here take
+    # 0.1 s a call on 5x5 at 14x14, and this test is about the models, not the shapes
+    wanted = {"s6_expand_192_1152", "s7_dw3_1152", "mbv2_classifier_1280_1000"}
     layers = [{**mobile["layer_defaults"], **layer} for layer in mobile["layers"] if layer["name"] in wanted]
     for layer in layers:
         layer.pop("count", None)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import signal
 import sys
 from dataclasses import asdict
 from pathlib import Path
@@ -70,6 +71,10 @@ def run(suite: str, output: Path | None, resume: bool, shard: str | None, impls:
             processes=processes, allocator=allocator,
         )
     except KeyboardInterrupt:
+        # The run has stopped and says so: from here on a SIGINT changes nothing. Ignored rather than
+        # left to Python, whose shutdown puts SIGINT back to the default action, so that a late one
+        # would end the process by the signal after the message, not with 130 (seen once in CI).
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
         raise RunInterruptedError(
             f"interrupted: the finished cases are in {output}; continue with: condconv-bench run {suite} -o {output} --resume"
         ) from None
