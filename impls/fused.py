@@ -14,7 +14,8 @@ Paths, by layer:
   on AVX-512, 6×16 on AVX2 with FMA3; K cut into ≤256-wide chunks so the E expert slabs of a chunk
   stay in L2). NCHW input:
   the same mixing over contiguous slabs of each expert, no packing; at 7×7 (where mixing is
-  E/49 of the product's work) K is chunked likewise when the batch has more than one group.
+  E/49 of the product's work) K is chunked likewise when the batch has more than one group and a
+  chunk's expert slabs and mixed tiles fit the core's L2 (a 512 KB L2 takes none).
 - linear: with one pixel per example, mixing a kernel costs as much as the E expert outputs, so
   the kernel computes `Σ_e α_be (W_e x_b)` with α in the micro-kernel's epilogue, streaming the
   experts once (E× the static layer's MACs at batch > 1, as every exact linear CondConv).
