@@ -1004,8 +1004,9 @@ at::Tensor pw_forward_nchw(const at::Tensor& x, const at::Tensor& w, const at::T
   // where a chunk's expert slabs and the group's mixed tiles fit in this core's L2 together.
   // On an AVX-512 EPYC (1 MB L2) that chunks every 7x7 layer of EfficientNet-B0 (0.91-0.96x the
   // time at batch 8) and no 14x14 one (chunked, 672->112 and 480->112 took 1.02-1.08x). On a
-  // 2-core AVX2 EPYC (512 KB L2, 590 KB wanted) chunking the 7x7 layers took 1.19-1.26x the time
-  // at batch 8 and 32, so there none is. One group reads each expert once anyway.
+  // 2-core AVX2 EPYC (512 KB L2, 590 KB wanted) the chunked 1152->192 and 1152->320 layers took
+  // 1.11-1.20x the time of unchunked ones at batch 8 and 32 (672->192 about the same; chunks of
+  // K = 128, which fit, 1.19-1.26x), so there none is. One group reads each expert once anyway.
   const int64_t ngrp = (B + kGroup - 1) / kGroup;
   const int64_t chunks = (K + kKChunk - 1) / kKChunk;
   const int64_t kc_chunk = std::min(K, ((K + chunks - 1) / chunks + 31) / 32 * 32);
