@@ -101,6 +101,14 @@ def test_depthwise_forward(layout, case) -> None:
     assert out.is_contiguous(memory_format=torch.channels_last if layout == "channels_last" else torch.contiguous_format)
 
 
+def test_depthwise_forward_mixes_the_examples_of_a_block_in_groups() -> None:
+    """Batch 9 over the threads: a share mixes a group of 4 examples of a block, then the rest, and
+    shares start and end inside an example's channel blocks (70 channels: a block and a tail)."""
+    spec = LayerSpec("conv2d", 70, 70, 3, kernel_size=5, padding=2, groups=70, bias=True)
+    check_forward(spec, make_x((9, 70, 7, 7), "nchw"))
+    check_forward(spec, make_x((9, 70, 7, 7), "channels_last"))
+
+
 # cin, cout, hw, k, stride, padding, dilation: k×k, strided, a strided 1×1, a padded 1×1, dilated.
 KXK = [(7, 13, 5, 3, 1, 1, 1), (6, 9, 8, 3, 2, 0, 1), (5, 70, 7, 1, 2, 0, 1), (5, 8, 4, 1, 1, 1, 1), (4, 6, 9, 3, 1, 2, 2)]
 
