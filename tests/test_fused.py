@@ -78,9 +78,10 @@ def test_pointwise_forward(layout, cin, cout, hw, batch, bias) -> None:
 
 
 # One and two examples take whole 64-column blocks in one and two passes over K (70 and 129 outputs:
-# whole blocks and a tail); a channels-last 7x7 image leaves one pixel row past stripes of 6 the same way.
+# whole blocks and a tail); a channels-last 7x7 image leaves one pixel row past stripes of 6 the same way;
+# 7 examples are a stripe of 6, whose first chunk of a whole block also prefetches the block's rows, and one.
 @pytest.mark.parametrize(("cin", "cout", "batch", "bias"), [(7, 13, 1, True), (200, 33, 7, False), (600, 130, 3, True),
-                                                           (130, 70, 1, False), (64, 129, 2, True)])
+                                                           (130, 70, 1, False), (64, 129, 2, True), (96, 70, 7, True)])
 def test_linear_forward(cin, cout, batch, bias) -> None:
     check_forward(LayerSpec("linear", cin, cout, 3, bias=bias), torch.randn(batch, cin))
 
