@@ -86,11 +86,13 @@ def test_linear_forward(cin, cout, batch, bias) -> None:
     check_forward(LayerSpec("linear", cin, cout, 3, bias=bias), torch.randn(batch, cin))
 
 
-# C, H, W, k, stride, padding, dilation: the sliding-window paths (k 3 and 5, stride 1 and 2, rows
-# of more and fewer than its 8 pixels), dilated, padding beyond the taps' reach, channel tails past
-# a 16-channel vector and a 64-channel block.
+# C, H, W, k, stride, padding, dilation: k 3 and 5 at stride 1 and 2 (and 3), rows of 7 and 14
+# pixels (blocks of 7), of 11 and 9 (blocks of 8 whose last runs into the next row, and past the last
+# row), of 3 and 5 (blocks of 4), dilated, padding beyond the taps' reach, channel tails past an
+# 8- and a 16-channel vector and a 64-channel block.
 DEPTHWISE = [(7, 5, 5, 3, 1, 1, 1), (13, 5, 6, 5, 2, 2, 1), (70, 9, 7, 5, 1, 2, 1), (33, 8, 8, 3, 2, 1, 2),
-             (5, 6, 3, 3, 1, 3, 1), (20, 10, 11, 3, 1, 1, 1), (40, 9, 19, 3, 2, 1, 1), (17, 14, 14, 5, 1, 2, 1)]
+             (5, 6, 3, 3, 1, 3, 1), (20, 10, 11, 3, 1, 1, 1), (40, 9, 19, 3, 2, 1, 1), (17, 14, 14, 5, 1, 2, 1),
+             (24, 11, 26, 3, 3, 1, 1)]
 
 
 @pytest.mark.parametrize("layout", ["nchw", "channels_last", "noncontig"])
